@@ -1,0 +1,44 @@
+"""Settings the DAGs share: storage defaults, Spark configuration, task defaults.
+
+Cheap to import (stdlib only). Deployment-specific values come from environment variables set
+for the Airflow workers, never from code edits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+
+# Where runs, prepared data and models live; a Param of every DAG, defaulting to this.
+DEFAULT_WORKSPACE_URI = os.environ.get("SPARKTF_WORKSPACE_URI", "s3://ml-pipeline").rstrip("/")
+DEFAULT_MODEL_NAME = os.environ.get("SPARKTF_MODEL_NAME", "mnist-cnn")
+
+# One task = one trial = spark.task.cpus cores; TensorFlow and OpenMP are pinned to the same.
+TASK_CPUS = os.environ.get("SPARKTF_TASK_CPUS", "1")
+SPARK_CONF = {
+    "spark.task.cpus": TASK_CPUS,
+    "spark.python.worker.reuse": "true",  # the model/data caches live in reused Python workers
+    "spark.executorEnv.OMP_NUM_THREADS": TASK_CPUS,
+    "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
+    "spark.task.maxFailures": "4",
+    "spark.ui.showConsoleProgress": "false",
+}
+DRIVER_MEMORY = os.environ.get("SPARKTF_DRIVER_MEMORY", "2g")
+EXECUTOR_MEMORY = os.environ.get("SPARKTF_EXECUTOR_MEMORY", "2g")
+
+OWNER = "ml-platform"
+TAGS = {"ml", "spark", "tensorflow", "tuning", "inference"}
+
+DEFAULT_ARGS = {
+    "owner": OWNER,
+    "retries": 1,
+    "retry_delay": dt.timedelta(minutes=1),
+    "execution_timeout": dt.timedelta(hours=1),
+}
+
+
+def path_safe(value: str) -> str:
+    """A run id made safe for an object key: ``manual__2026-11-24T10:00:00+00:00`` ->
+    ``manual__2026-11-24T100000_0000``."""
+    return re.sub(r"[^A-Za-z0-9_.=-]", "", str(value).replace("+", "_"))

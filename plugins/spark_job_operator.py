@@ -1,0 +1,104 @@
+"""SparkJobOperator: spark-submit one of this package's jobs and push its JSON result to XCom.
+
+Spark applications cannot return values to Airflow. This operator gives the job a result
+location (``--result-uri``, an object in the bucket), runs it through the Spark provider's
+SparkSubmitOperator, then reads that small JSON document back and returns it, so it lands in
+XCom. XCom therefore carries summaries and URIs, never data or models.
+
+It also ships the ``sparktf`` package to the driver and executors as a ``--py-files`` zip built
+from the plugins folder (how code reaches a real cluster), and passes S3 settings from the
+``aws_default`` connection to the job as the standard AWS environment variables, outside any
+templated field so they are never rendered into the UI or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+import airflow_s3
+
+PACKAGE_DIR = Path(__file__).resolve().parent / "sparktf"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+JOBS_DIR = PROJECT_DIR / "jobs"
+
+
+def package_zip(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
+    """Build (once per content) a zip of the ``sparktf`` package for ``--py-files``.
+
+    Returns:
+        ``(zip_path, sha256 of the sources)``; the zip's name carries the hash, so a changed
+        package never reuses a stale zip.
+    """
+    sources = sorted(p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.relative_to(package_dir.parent).as_posix().encode())
+        digest.update(path.read_bytes())
+    sha = digest.hexdigest()
+    out_dir = Path(tempfile.gettempdir()) / "sparktf-pyfiles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"sparktf-{sha[:16]}.zip"
+    if not target.exists():
+        partial = out_dir / f".{target.name}.{os.getpid()}.tmp"
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sources:
+                archive.write(path, path.relative_to(package_dir.parent).as_posix())
+        os.replace(partial, target)  # atomic: concurrent tasks never see half a zip
+    return str(target), sha
+
+
+def job_path(name: str) -> str:
+    """Absolute path of a job script in ``jobs/`` (DAGs reference jobs by file)."""
+    return str(JOBS_DIR / name)
+
+
+class SparkJobOperator(SparkSubmitOperator):
+    """Run a ``jobs/`` application with spark-submit and return its JSON result (to XCom).
+
+    Args:
+        result_uri: S3 URI where the job writes its result (templated). Deleted before the job
+            starts, so a retry never reads an earlier attempt's result.
+        aws_conn_id: Airflow connection with the S3 endpoint and credentials. If it does not
+            exist, the job uses the standard AWS chain of the machine it runs on.
+        **kwargs: passed to SparkSubmitOperator (``application``, ``application_args``, ``conf``...).
+    """
+
+    template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "result_uri")
+
+    def __init__(self, *, result_uri: str, aws_conn_id: str = "aws_default", **kwargs: Any) -> None:
+        kwargs.setdefault("conn_id", "spark_default")
+        super().__init__(**kwargs)
+        self.result_uri = result_uri
+        self.aws_conn_id = aws_conn_id
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from sparktf import storage
+
+        zip_path, code_sha = package_zip()
+        self.py_files = ",".join(p for p in (self.py_files, zip_path) if p)
+        self.application_args = [*(self.application_args or []), "--result-uri", self.result_uri]
+        aws_env = airflow_s3.job_environment(self.aws_conn_id)
+        self.env_vars = {**(self.env_vars or {}), **aws_env, "SPARKTF_CODE_SHA256": code_sha,
+                         "PYTHONHASHSEED": "0"}
+        client = airflow_s3.s3_client(self.aws_conn_id)
+        result_loc = storage.parse_uri(self.result_uri)
+        client.delete_object(Bucket=result_loc.bucket, Key=result_loc.key)
+        self._hook = None  # rebuild the hook with the arguments set above
+
+        super().execute(context)
+
+        try:
+            body = client.get_object(Bucket=result_loc.bucket, Key=result_loc.key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise RuntimeError(f"the Spark job finished without writing its result to {self.result_uri}") from None
+        result = json.loads(body)
+        self.log.info("job result: %s", json.dumps(result, sort_keys=True)[:2000])
+        return result

@@ -1,0 +1,120 @@
+"""Defensive image decoding: bytes in, a fixed-shape uint8 array or a reason out.
+
+Content decides the format (never the file extension), Pillow's decompression-bomb guard is
+enforced, and every failure becomes an :class:`ImageRejected` with a short machine-readable
+reason, so callers can set the image aside and go on with the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+# Formats we accept; anything else is rejected before Pillow tries its other plugins.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Default cap on decoded pixels (width * height): far above any real photo we score.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used. ``reason`` is one of a small set of codes."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(
+    data: bytes,
+    *,
+    height: int = 28,
+    width: int = 28,
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode image bytes into a ``(height, width, channels)`` uint8 array.
+
+    Any Pillow mode is accepted (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK, ...). Transparent
+    pixels are composited onto black, matching MNIST's white-on-black digits. Images of another
+    size are resized with bilinear filtering.
+
+    Raises:
+        ImageRejected: with reason ``empty``, ``not_an_image``, ``too_large``, ``truncated`` or
+            ``corrupt``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageRejected("empty", "zero bytes")
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        with warnings.catch_warnings():
+            # Pillow only warns between max_pixels and 2 * max_pixels: make that an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
+                    if img.width * img.height > max_pixels:
+                        raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
+                    img.load()
+                    array = _to_array(img, height=height, width=width, channels=channels)
+            except ImageRejected:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise ImageRejected("too_large", str(err)) from None
+            except UnidentifiedImageError:
+                raise ImageRejected("not_an_image", "content is not a supported image format") from None
+            except (OSError, SyntaxError, EOFError) as err:
+                message = str(err)
+                reason = "truncated" if "truncat" in message.lower() else "corrupt"
+                raise ImageRejected(reason, message) from None
+            except (ValueError, TypeError, IndexError, MemoryError) as err:
+                # Pillow raises plain ValueErrors from several decoders (and its bomb guard).
+                raise ImageRejected("corrupt", f"{type(err).__name__}: {err}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+    return array
+
+
+def _to_array(img, *, height: int, width: int, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    target_mode = "L" if channels == 1 else "RGB"
+    img = img.convert(target_mode)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
+    if channels == 1:
+        array = array[:, :, None]
+    return array
+
+
+def _to_8bit(img):
+    """Scale 16/32-bit integer and float images to 8 bits (Pillow's convert clips instead)."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    return img
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Encode a ``(h, w)`` or ``(h, w, c)`` uint8 array as PNG bytes."""
+    from PIL import Image
+
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,121 @@
+"""Keras model builders: pure functions from hyperparameters to a compiled model.
+
+Preprocessing (rescaling, optional augmentation) lives inside the model, so an exported
+artifact needs no separate preprocessing step: it takes uint8 pixels in ``[0, 255]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+# Hyperparameters every family understands, with their defaults (the seed's MNIST settings).
+DEFAULT_HYPERPARAMETERS = {
+    "learning_rate": 1e-3,
+    "hidden_units": 1024,
+    "dropout": 0.5,
+    "batch_size": 128,
+    "optimizer": "adam",
+    "augment": 0.0,
+}
+
+
+def build_mnist_cnn(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    learning_rate: float = 1e-3,
+    hidden_units: int = 1024,
+    dropout: float = 0.5,
+    optimizer: str = "adam",
+    augment: float = 0.0,
+    conv_filters: tuple[int, int] = (32, 64),
+    kernel_size: int = 5,
+    **_ignored,
+):
+    """The seed's MNIST network: two 5x5 conv + max-pool blocks, one dense layer, dropout, softmax.
+
+    Args:
+        input_shape: ``(height, width, channels)`` of the uint8 input.
+        num_classes: number of output classes.
+        learning_rate: optimizer step size.
+        hidden_units: width of the fully connected layer.
+        dropout: dropout rate before the output layer.
+        optimizer: ``adam`` or ``sgd`` (momentum 0.9).
+        augment: if > 0, random translation by this fraction of the size and small rotations,
+            active only in training.
+        conv_filters: filters of the two conv layers.
+        kernel_size: conv kernel size.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    if augment and augment > 0:
+        x = layers.RandomTranslation(augment, augment, fill_mode="constant", name="shift")(x)
+        x = layers.RandomRotation(augment / 2.0, fill_mode="constant", name="rotate")(x)
+    for index, filters in enumerate(conv_filters):
+        x = layers.Conv2D(filters, kernel_size, padding="same", activation="relu", name=f"conv{index + 1}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{index + 1}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
+    x = layers.Dropout(float(dropout), name="dropout")(x)
+    outputs = layers.Dense(int(num_classes), activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="mnist_cnn")
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def build_mlp(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    learning_rate: float = 1e-3,
+    hidden_units: int = 256,
+    dropout: float = 0.2,
+    optimizer: str = "adam",
+    **_ignored,
+):
+    """A one-hidden-layer perceptron: a cheap family for quick experiments."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
+    x = layers.Dropout(float(dropout), name="dropout")(x)
+    outputs = layers.Dense(int(num_classes), activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="mlp")
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def make_optimizer(name: str, learning_rate: float):
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=float(learning_rate))
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=float(learning_rate), momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+
+
+MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mlp": build_mlp}
+
+
+def build_model(family: str, input_shape, num_classes: int, **hyperparameters):
+    """Build and compile a model of a registered family."""
+    try:
+        builder = MODEL_FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(MODEL_FAMILIES)}") from None
+    return builder(tuple(input_shape), num_classes, **hyperparameters)

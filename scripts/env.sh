@@ -1,0 +1,26 @@
+# Sourced by the other scripts: the embedded local stack's environment (project-local, no Docker).
+# Override any of these in your shell before running a script.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export ROOT
+export VENV="${VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"
+export SPARKTF_STATE_DIR="${SPARKTF_STATE_DIR:-$ROOT/.stack}"
+export SPARKTF_S3_PORT="${SPARKTF_S3_PORT:-5055}"
+export SPARKTF_S3_ENDPOINT="${SPARKTF_S3_ENDPOINT:-http://127.0.0.1:$SPARKTF_S3_PORT}"
+export SPARKTF_WORKSPACE_URI="${SPARKTF_WORKSPACE_URI:-s3://ml-pipeline}"
+export SPARKTF_SPARK_MASTER="${SPARKTF_SPARK_MASTER:-local[2]}"
+
+export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/.airflow}"
+export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
+export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=True
+export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-INFO}"
+# The embedded S3 server (moto) accepts any key pair: these are local placeholders, not secrets.
+# On a real deployment, define aws_default in Airflow (or use the instance's role) instead.
+export AIRFLOW_CONN_AWS_DEFAULT="${AIRFLOW_CONN_AWS_DEFAULT:-{\"conn_type\": \"aws\", \"login\": \"local-access-key\", \"password\": \"local-secret-key\", \"extra\": {\"endpoint_url\": \"$SPARKTF_S3_ENDPOINT\", \"region_name\": \"us-east-1\"}}}"
+export AIRFLOW_CONN_SPARK_DEFAULT="${AIRFLOW_CONN_SPARK_DEFAULT:-{\"conn_type\": \"spark\", \"host\": \"$SPARKTF_SPARK_MASTER\"}}"
+export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$VENV/bin/python}"
+export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$VENV/bin/python}"
+export TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONPATH="$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment from requirements.txt. Idempotent: it
+# reinstalls only when requirements.txt changed since the last successful install.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+stamp="$VENV/.requirements.sha256"
+want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating virtual environment in $VENV"
+  python3 -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing requirements (a few minutes the first time)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  echo "$want" > "$stamp"
+fi
+if ! command -v java >/dev/null 2>&1; then
+  echo "Java 17 is required by Spark: install it (e.g. apt-get install openjdk-17-jre-headless)" >&2
+  exit 1
+fi
