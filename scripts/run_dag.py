@@ -20,7 +20,7 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    bag = DagBag(include_examples=False)
+    bag = DagBag()
     if bag.import_errors:
         raise SystemExit(f"DAG import errors: {bag.import_errors}")
     dag = bag.get_dag(dag_id)
@@ -31,8 +31,9 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
     summary = {"dag_id": dag_id, "run_id": dag_run.run_id, "state": str(dag_run.state), "tasks": {}}
     with create_session() as session:
         for ti in dag_run.get_task_instances(session=session):
-            rows = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id, task_ids=ti.task_id,
-                                      key="return_value", session=session).all()
+            query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id, task_ids=ti.task_id,
+                                       key="return_value")
+            rows = session.scalars(query).all()
             value = XComModel.deserialize_value(rows[0]) if rows else None
             summary["tasks"][ti.task_id] = {"state": str(ti.state), "xcom": value}
     return summary
