@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -30,6 +31,11 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Airflow reads its configuration at import: point it at a throwaway home and this repo's folders.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="sparktf-airflow-"))
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(PLUGINS)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 TEST_ACCESS_KEY = "test-access-key"  # moto accepts any pair; not a secret
 TEST_SECRET_KEY = "test-secret-key"

@@ -1,0 +1,95 @@
+"""decode_image: every Pillow mode and format decodes to the model's input spec; bad bytes get a reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparktf.images import ImageRejected, decode_image
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digit(mnist_subset) -> np.ndarray:
+    return mnist_subset[0][0]  # a real 28x28 uint8 digit
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1", "I;16", "I", "F", "LA", "CMYK"])
+def test_every_mode_decodes_to_28x28x1(digit, mode):
+    base = Image.fromarray(digit)
+    if mode == "I;16":
+        img = Image.fromarray(digit.astype(np.uint16) * 257)  # 16-bit with the full range
+    elif mode in ("I", "F"):
+        img = Image.fromarray(digit.astype(np.int32 if mode == "I" else np.float32), mode=mode)
+    else:
+        img = base.convert(mode)
+    fmt = "TIFF" if mode in ("I;16", "I", "F", "CMYK", "LA") else "PNG"
+    array = decode_image(encode(img, fmt))
+    assert array.shape == (28, 28, 1) and array.dtype == np.uint8
+    if mode in ("L", "RGB", "RGBA", "P", "I;16", "I", "F", "LA"):
+        # Lossless modes keep the digit (within rounding).
+        assert np.abs(array[:, :, 0].astype(int) - digit.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"])
+def test_formats_and_sizes(digit, fmt):
+    big = Image.fromarray(digit).resize((112, 84))
+    array = decode_image(encode(big.convert("RGB") if fmt == "JPEG" else big, fmt))
+    assert array.shape == (28, 28, 1)
+    assert np.corrcoef(array.ravel(), digit.ravel())[0, 1] > 0.8  # still the same digit
+
+
+def test_rgb_output_and_transparency_on_black(digit):
+    rgba = Image.fromarray(np.stack([digit] * 3 + [digit], axis=2), mode="RGBA")
+    array = decode_image(encode(rgba, "PNG"), channels=3)
+    assert array.shape == (28, 28, 3)
+    assert array[digit == 0].max() == 0  # transparent background composited onto black
+
+
+def test_content_decides_not_extension(digit):
+    # The caller never passes a file name: a PNG named "x.jpg" is still decoded as PNG.
+    assert decode_image(encode(Image.fromarray(digit), "PNG")).shape == (28, 28, 1)
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"", "empty"),
+        (b"hello, I am plain text\n", "not_an_image"),
+        (b"<html><body>404 Not Found</body></html>", "not_an_image"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not_an_image"),
+    ],
+)
+def test_garbage_is_rejected_with_reason(payload, reason):
+    with pytest.raises(ImageRejected) as err:
+        decode_image(payload)
+    assert err.value.reason == reason
+
+
+def test_truncated_png_is_rejected(digit):
+    data = encode(Image.fromarray(digit), "PNG")
+    with pytest.raises(ImageRejected) as err:
+        decode_image(data[: len(data) // 2])
+    assert err.value.reason in ("truncated", "corrupt")
+
+
+def test_decompression_bomb_is_rejected():
+    bomb = encode(Image.new("L", (6000, 6000)), "PNG")  # 36 Mpx of zeros: a few KB compressed
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageRejected) as err:
+        decode_image(bomb, max_pixels=1_000_000)
+    assert err.value.reason == "too_large"
+
+
+def test_unsupported_format_is_rejected(digit):
+    with pytest.raises(ImageRejected) as err:
+        decode_image(encode(Image.fromarray(digit), "PCX"))
+    assert err.value.reason == "not_an_image"
