@@ -7,6 +7,7 @@ Tests never use ../shared: their data comes from the demo subset shipped in data
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import socket
 import subprocess
@@ -37,8 +38,7 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(PLUGINS)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
-TEST_ACCESS_KEY = "test-access-key"  # moto accepts any pair; not a secret
-TEST_SECRET_KEY = "test-secret-key"
+from support import TEST_ACCESS_KEY, TEST_SECRET_KEY  # noqa: E402
 
 
 def free_port() -> int:
@@ -119,3 +119,30 @@ def mnist_subset():
 
     return (load("train-images-idx3-ubyte.gz"), load("train-labels-idx1-ubyte.gz"),
             load("t10k-images-idx3-ubyte.gz"), load("t10k-labels-idx1-ubyte.gz"))
+
+
+@pytest.fixture(scope="session")
+def airflow_env(s3_endpoint, tmp_path_factory) -> dict[str, str]:
+    """Environment for ``airflow`` subprocesses: own metadata DB, the repo's DAGs, real connections."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
+            "conn_type": "aws", "login": TEST_ACCESS_KEY, "password": TEST_SECRET_KEY,
+            "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}),
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        "PYTHONPATH": str(ROOT / "plugins"),
+    }
+    # The jobs must get S3 settings from the connection, as on a real deployment, not from the
+    # test process's own AWS variables.
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        env.pop(name, None)
+    subprocess.run([os.path.join(venv_bin, "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    return env
