@@ -10,7 +10,8 @@ export SPARKTF_S3_ENDPOINT="${SPARKTF_S3_ENDPOINT:-http://127.0.0.1:$SPARKTF_S3_
 export SPARKTF_WORKSPACE_URI="${SPARKTF_WORKSPACE_URI:-s3://ml-pipeline}"
 export SPARKTF_SPARK_MASTER="${SPARKTF_SPARK_MASTER:-local[2]}"
 
-export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/.airflow}"
+# Project-local Airflow home and metadata DB (SQLite), whatever AIRFLOW_HOME your shell has.
+export AIRFLOW_HOME="${SPARKTF_AIRFLOW_HOME:-$ROOT/.airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
