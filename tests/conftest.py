@@ -32,6 +32,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # Spark listens on loopback only
 # Airflow reads its configuration at import: point it at a throwaway home and this repo's folders.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="sparktf-airflow-"))
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
