@@ -130,3 +130,23 @@ def test_mnist_idx_pairs_keep_the_official_test_set(spark, s3_prefix, mnist_subs
 def test_empty_input_fails_with_clear_message(spark, s3_prefix):
     with pytest.raises(FileNotFoundError, match="no objects under"):
         prepare_data.run(spark, args_for(s3_prefix + "/nothing/", s3_prefix + "/out/"))
+
+
+def test_transform_split_is_stratified_and_seeded(spark):
+    from pyspark.sql import functions as F
+    from pyspark.testing import assertDataFrameEqual
+
+    rows = [(f"img-{label}-{n:03d}", label, None) for label in range(3) for n in range(50)]
+    df = spark.createDataFrame(rows, "id string, label int, source_split string")
+    split = prepare_data.transform_split(df, validation_fraction=0.2, test_fraction=0.1, seed=1)
+    counts = split.groupBy("label", "split").count()
+    expected = spark.createDataFrame(
+        [(label, name, n) for label in range(3) for name, n in (("train", 35), ("validation", 10), ("test", 5))],
+        "label int, split string, count long")
+    assertDataFrameEqual(counts, expected)
+    assertDataFrameEqual(split, prepare_data.transform_split(df, validation_fraction=0.2, test_fraction=0.1, seed=1))
+    other = prepare_data.transform_split(df, validation_fraction=0.2, test_fraction=0.1, seed=2)
+    def test_ids(frame):
+        return {row["id"] for row in frame.where(F.col("split") == "test").select("id").collect()}
+
+    assert test_ids(split) != test_ids(other) and len(test_ids(other)) == 15
