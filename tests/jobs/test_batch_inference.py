@@ -1,0 +1,182 @@
+"""batch_inference job on local Spark and a real S3 server: a tiny real Keras model, a partition
+of images in every mode/format/size mixed with corrupt files, atomic re-runs, and failure modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batch_inference
+from inference_support import LABEL_NAMES, land_partition, register_model, train_tiny_model
+from sparktf import inference, registry, storage
+from sparktf.images import decode_image
+
+DATE = "2026-11-20"
+PROCESSED_AT = "2026-11-21T02:30:00+00:00"
+VALID = 50
+
+
+@pytest.fixture(scope="module")
+def workspace(bucket, mnist_subset) -> dict:
+    """A registry with one champion (v1) and an incoming partition of 50 valid + 8 bad files."""
+    ws = f"s3://{bucket}/inference-job/ws"
+    record = train_tiny_model(ws + "/scratch", mnist_subset)
+    metadata = register_model(ws + "/models/", "digits", record)
+    _train_x, _train_y, test_x, test_y = mnist_subset
+    landed = land_partition(ws + "/incoming/", DATE, test_x[:VALID], test_y[:VALID])
+    return {"ws": ws, "metadata": metadata, "landed": landed}
+
+
+def job_args(ws: str, date: str = DATE, *extra: str, models: str | None = None):
+    return batch_inference.parse_args([
+        "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
+        "--models-uri", models or ws + "/models/", "--model-name", "digits", "--processed-at", PROCESSED_AT,
+        "--batch-size", "16", "--max-keys-per-task", "10", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(spark, workspace) -> dict:
+    return batch_inference.run(spark, job_args(workspace["ws"], DATE, "--attempt-id", "first"))
+
+
+@pytest.fixture(scope="module")
+def reference(workspace) -> dict:
+    """The model's own output on each valid image, decoded in this process."""
+    metadata = workspace["metadata"]
+    model = registry.load_verified_model(metadata["model_uri"], metadata["model_sha256"])
+    valid = {k: v for k, v in workspace["landed"].items() if "label" in v}
+    keys = sorted(valid)
+    batch = np.stack([decode_image(valid[k]["bytes"]) for k in keys])
+    probabilities = np.asarray(model(batch, training=False))
+    return {k: probabilities[i] for i, k in enumerate(keys)}
+
+
+def test_every_image_is_scored_or_set_aside(first_run, workspace):
+    landed = workspace["landed"]
+    assert first_run["listed"] == len(landed) == VALID + 8
+    assert first_run["scored"] == VALID and first_run["set_aside"] == 8
+    assert first_run["scored"] + first_run["set_aside"] == first_run["listed"]
+    assert first_run["model_version"] == 1 and first_run["tasks"] == 6  # 58 keys, <= 10 per task, 2 slots
+    assert sum(first_run["label_histogram"].values()) == VALID
+    assert not first_run["failure_ratio_exceeded"]
+
+
+def test_predictions_match_the_model_on_the_decoded_array(first_run, workspace, reference):
+    predictions, _errors = inference.read_predictions(first_run["output_uri"])
+    by_key = {row["key"]: row for row in predictions}
+    assert set(by_key) == set(reference)  # every valid image, nothing else, no duplicates
+    assert len(predictions) == len(by_key)
+    for key, probabilities in reference.items():
+        row = by_key[key]
+        order = np.argsort(-probabilities, kind="stable")[:5]
+        assert [t["label"] for t in row["top_k"]] == [LABEL_NAMES[i] for i in order], key
+        assert np.allclose([t["score"] for t in row["top_k"]], probabilities[order], atol=1e-5), key
+        assert row["predicted_label"] == LABEL_NAMES[order[0]] and row["score"] == row["top_k"][0]["score"]
+        assert row["model_name"] == "digits" and row["model_version"] == 1 and row["partition_date"] == DATE
+        assert row["processed_at"].isoformat() == PROCESSED_AT
+    landed = workspace["landed"]
+    correct = np.mean([by_key[k]["predicted_label"] == landed[k]["label"] for k in by_key])
+    assert correct >= 0.7, f"only {correct:.0%} of the digits recognised"
+
+
+def test_every_bad_file_is_listed_with_its_reason(first_run, workspace):
+    _predictions, errors = inference.read_predictions(first_run["output_uri"])
+    bad = {k: v["reasons"] for k, v in workspace["landed"].items() if "reasons" in v}
+    by_key = {row["key"]: row for row in errors}
+    assert set(by_key) == set(bad) and len(errors) == len(bad)
+    for key, reasons in bad.items():
+        assert by_key[key]["reason"] in reasons, (key, by_key[key])
+    assert sum(first_run["reasons"].values()) == 8
+    assert {e["key"] for e in first_run["errors_sample"]} == set(bad)
+
+
+def test_partition_is_published_with_manifest_last_and_staging_cleaned(first_run, workspace):
+    ws = workspace["ws"]
+    manifest = inference.read_published(first_run["output_uri"])
+    assert manifest["format"] == inference.MANIFEST_FORMAT
+    assert (manifest["listed"], manifest["scored"], manifest["set_aside"]) == (VALID + 8, VALID, 8)
+    assert manifest["model_version"] == 1 and manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
+    assert first_run["output_uri"] == f"{ws}/predictions/{DATE}/"
+    listed = storage.list_keys(first_run["output_uri"])
+    prefix = storage.parse_uri(first_run["output_uri"]).key
+    expected = set(manifest["files"]["predictions"] + manifest["files"]["errors"] + [inference.MANIFEST_NAME])
+    assert {k[len(prefix):] for k in listed} == expected
+    assert sum(manifest["rows"].values()) == VALID
+    assert storage.list_keys(f"{ws}/predictions/_staging/") == []
+
+
+def test_model_is_loaded_once_per_python_worker(first_run):
+    # 6 tasks ran on at most 2 reused Python workers: the model was loaded once per worker at most.
+    assert first_run["python_workers"] <= 2
+    assert 1 <= first_run["model_loads"] <= first_run["python_workers"]
+
+
+def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, workspace):
+    ws = workspace["ws"]
+    before_rows, before_errors = inference.read_predictions(first_run["output_uri"])
+    # Leftovers that a re-run must not keep: a stray file in the partition, an abandoned attempt.
+    storage.write_bytes(first_run["output_uri"] + "part-99999.parquet", b"stale")
+    storage.write_bytes(f"{ws}/predictions/_staging/{DATE}/crashed/part-00000.parquet", b"half")
+    again = batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "second", "--max-keys-per-task", "20"))
+    after_rows, after_errors = inference.read_predictions(again["output_uri"])
+
+    def canonical(rows):
+        return sorted((r["key"], r["predicted_label"], round(r["score"], 5), str(r["processed_at"])) for r in rows)
+
+    assert canonical(after_rows) == canonical(before_rows)
+    assert sorted((e["key"], e["reason"]) for e in after_errors) == sorted((e["key"], e["reason"]) for e in before_errors)
+    assert not storage.exists(first_run["output_uri"] + "part-99999.parquet")
+    assert storage.list_keys(f"{ws}/predictions/_staging/") == []
+    assert again["tasks"] == 4 and inference.read_published(again["output_uri"])["attempt_id"] == "second"
+
+
+def test_pinned_version_is_used(spark, workspace, first_run):
+    record = train_tiny_model("", None)  # already trained in this process
+    register_model(workspace["ws"] + "/models/", "digits", record, version=2, champion=False)
+    result = batch_inference.run(spark, job_args(workspace["ws"], DATE, "--model-version", "2"))
+    assert result["model_version"] == 2
+    rows, _ = inference.read_predictions(result["output_uri"])
+    assert {r["model_version"] for r in rows} == {2}
+
+
+def test_empty_partition_publishes_an_empty_partition(spark, workspace):
+    result = batch_inference.run(spark, job_args(workspace["ws"], "2026-11-19"))
+    assert (result["listed"], result["scored"], result["set_aside"]) == (0, 0, 0)
+    assert result["model_loads"] == 0  # nothing to score: the model is not even loaded
+    manifest = inference.read_published(result["output_uri"])
+    assert manifest["listed"] == 0 and not manifest["failure_ratio_exceeded"]
+    rows, errors = inference.read_predictions(result["output_uri"])
+    assert rows == [] and errors == []
+
+
+def test_missing_champion_fails_with_a_clear_message(spark, workspace, s3_prefix):
+    with pytest.raises(registry.ModelNotFound, match="has no champion"):
+        batch_inference.run(spark, job_args(workspace["ws"], DATE, models=s3_prefix + "/models/"))
+    with pytest.raises(registry.ModelNotFound, match="version 7 does not exist"):
+        batch_inference.run(spark, job_args(workspace["ws"], DATE, "--model-version", "7"))
+
+
+def test_failure_ratio_breach_fails_after_writing(spark, workspace, s3_prefix, mnist_subset):
+    ws = s3_prefix
+    record = train_tiny_model("", None)
+    register_model(ws + "/models/", "digits", record)
+    _tx, _ty, test_x, test_y = mnist_subset
+    landed = land_partition(ws + "/incoming/", DATE, test_x[:3], test_y[:3])  # 3 valid, 8 bad
+    with pytest.raises(Exception, match="set aside, more than --max-failure-ratio"):
+        batch_inference.run(spark, job_args(ws, DATE))
+    rows, errors = inference.read_predictions(f"{ws}/predictions/{DATE}/")
+    assert len(rows) == 3 and len(errors) == 8 and len(landed) == 11
+    manifest = inference.read_published(f"{ws}/predictions/{DATE}/")
+    assert manifest["failure_ratio_exceeded"] is True and manifest["set_aside_ratio"] == pytest.approx(8 / 11, abs=1e-4)
+
+
+def test_top_k_and_task_planning():
+    probabilities = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]], np.float32)
+    order, scores = inference.top_k(probabilities, 5)
+    assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and np.allclose(scores[1], [0.5, 0.25, 0.25])
+    assert inference.plan_tasks(0, 2, 10) == 1 and inference.plan_tasks(58, 2, 10) == 6
+    assert inference.plan_tasks(5000, 2, 2000) == 4 and inference.plan_tasks(3, 8, 10) == 3
+    groups = inference.assign_keys([str(i) for i in range(7)], 3)
+    assert groups == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
+    with pytest.raises(ValueError):
+        inference.check_date("2026-13-01")
