@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-name", required=True, help="registered model name")
     parser.add_argument("--model-version", default="champion",
                         help="'champion' or a version number (the DAG passes the exact version it resolved)")
+    parser.add_argument("--expected-sha256", default=None,
+                        help="refuse to run unless the version's model sha256 is this (what the DAG checked)")
     parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
     parser.add_argument("--processed-at", default=None,
                         help="timestamp written in every row (ISO 8601; the run's logical date, so re-runs "
@@ -112,6 +114,10 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     """Score the partition, publish it, and return the job result."""
     client = storage.s3_client()
     model = registry.resolve(args.models_uri, args.model_name, args.model_version, client)
+    if args.expected_sha256 and model["model_sha256"] != args.expected_sha256:
+        raise registry.ModelIntegrityError(
+            f"{args.model_name} v{model['version']} now has sha256 {model['model_sha256']}, not the "
+            f"{args.expected_sha256} resolved before the job started")
     source = inference.partition_uri(args.incoming_uri, args.date)
     bucket = storage.parse_uri(source).bucket
     objects = inference.list_partition(args.incoming_uri, args.date, client)

@@ -1,0 +1,223 @@
+"""
+# Nightly inference: score the images that landed for a day with the champion model
+
+Every night at 02:30 UTC, scores the images of the day that just ended with a registered model,
+on Spark, and publishes one predictions partition per day.
+
+* **Which images:** `<workspace_uri>/incoming/<YYYY-MM-DD>/` (any names, nested folders). The date
+  is the UTC date of the run's **data interval start**: the run at 2026-11-21 02:30 covers
+  2026-11-20 02:30 → 2026-11-21 02:30 and scores partition `2026-11-20` (2.5 h of grace for late
+  uploads). A backfill of N days is N runs, N independent partitions. The `date` Param overrides
+  this for a manual run (leave it empty otherwise).
+* **Which model:** the champion of `model_name`, or the version the `model_version` Param names.
+  The exact version is resolved once and recorded in the `resolve_model` XCom; the job uses that
+  version even if the champion moves meanwhile.
+
+| task | what it does | XCom |
+|---|---|---|
+| `find_new_images` | lists the partition; **no images → every later task is skipped** (the run succeeds) | date, images, bytes, data interval |
+| `resolve_model` | champion or pinned version; checks the `.keras` artifact against its sha256; missing or unreadable → fails with the reason | version, model URI, sha256, labels |
+| `batch_inference` | Spark job `jobs/batch_inference.py`: concurrent GETs per task, decode, one model call per batch, model loaded once per Python worker; atomic publish | counts, reasons, label histogram, throughput |
+| `publish` | checks the published `_SUCCESS` manifest; emits the predictions **Asset** event (extra: date, URI, counts, model version) | the run summary |
+
+**Output** — `<workspace_uri>/predictions/<YYYY-MM-DD>/`: `part-*.parquet` (key, predicted_label,
+score, top_k [label, score] x 5, model_name, model_version, partition_date, processed_at),
+`_errors/part-*.parquet` (key, reason, detail for every image set aside) and `_SUCCESS` (a JSON
+manifest, written last). **Reader contract:** trust a partition only when `_SUCCESS` exists; read
+the files it lists. A re-run (clear the task, or trigger with the same `date`) deletes `_SUCCESS`
+first, replaces the files, then writes `_SUCCESS`: the same rows (`processed_at` is the run's
+logical date), never duplicates, never a half-written partition that looks complete.
+
+**Failures:** more than `max_failure_ratio` of the images set aside fails `batch_inference` after
+the partition (with its `_errors`) is published, flagged `failure_ratio_exceeded` in `_SUCCESS`;
+no Asset event is emitted for it. Downstream DAGs schedule on the Asset
+`s3://<default workspace>/predictions` and read the date from the event's extra.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pendulum
+from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from pipeline_settings import (
+    DEFAULT_ARGS, DEFAULT_MODEL_NAME, DEFAULT_WORKSPACE_URI, DRIVER_MEMORY, EXECUTOR_MEMORY, SPARK_CONF, path_safe,
+)
+from spark_job_operator import SparkJobOperator, job_path
+
+PREDICTIONS = Asset(name="nightly_predictions", uri=f"{DEFAULT_WORKSPACE_URI}/predictions",
+                    extra={"layout": "<date>/part-*.parquet + _errors/ + _SUCCESS manifest (written last)"})
+RESULT_URI = "{{ params.workspace_uri }}/runs/{{ dag.dag_id }}/{{ run_id | path_safe }}/_results/{{ ti.task_id }}.json"
+FOUND = "ti.xcom_pull(task_ids='find_new_images')"
+RESOLVED = "ti.xcom_pull(task_ids='resolve_model')"
+
+PARAMS = {
+    "workspace_uri": Param(DEFAULT_WORKSPACE_URI, type="string", pattern=r"^s3a?://[^/]+(/.*[^/])?$",
+                           title="Workspace",
+                           description="S3 prefix (no trailing slash) with incoming/, predictions/ and models/."),
+    "model_name": Param(DEFAULT_MODEL_NAME, type="string", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                        title="Model name"),
+    "model_version": Param("champion", type="string", pattern=r"^(champion|[1-9][0-9]{0,8})$",
+                           title="Model version", description="'champion', or a version number to pin."),
+    "date": Param("", type="string", pattern=r"^(\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01]))?$",
+                  title="Partition date (manual runs)",
+                  description="YYYY-MM-DD to score that partition; empty = the run's data interval decides."),
+    "max_failure_ratio": Param(0.2, type="number", minimum=0, maximum=1, title="Maximum share set aside",
+                               description="Fail the run (after publishing) when more images are set aside."),
+    "batch_size": Param(256, type="integer", minimum=1, maximum=8192, title="Images per model call"),
+    "fetch_threads": Param(16, type="integer", minimum=1, maximum=128, title="Concurrent GETs per Spark task"),
+}
+
+
+def partition_date(params: dict, data_interval_start) -> tuple[str, str]:
+    """The partition to score and where that came from: the ``date`` Param, else the data interval."""
+    if params.get("date"):
+        return params["date"], "param"
+    if data_interval_start is None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("this run has no data interval (triggered without a logical date): "
+                                   "set the 'date' Param to the partition to score")
+    return data_interval_start.astimezone(dt.timezone.utc).date().isoformat(), "data_interval"
+
+
+@dag(
+    dag_id="nightly_inference",
+    schedule=CronTriggerTimetable("30 2 * * *", timezone="UTC", interval=dt.timedelta(days=1)),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=3,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["ml", "spark", "tensorflow", "inference"],
+    doc_md=__doc__,
+    user_defined_filters={"path_safe": path_safe},
+    render_template_as_native_obj=False,
+)
+def nightly_inference():
+    @task.short_circuit(retries=2)
+    def find_new_images() -> dict | bool:
+        """List the day's partition; with nothing in it, skip everything downstream (not a failure)."""
+        import airflow_s3
+        from sparktf import inference
+
+        context = get_current_context()
+        params, ti = context["params"], context["ti"]
+        date, source = partition_date(params, context.get("data_interval_start"))
+        stamp = context.get("logical_date") or context["dag_run"].run_after
+        interval = [str(context.get("data_interval_start")), str(context.get("data_interval_end"))]
+        incoming = inference.partition_uri(params["workspace_uri"] + "/incoming", date)
+        objects = inference.list_partition(params["workspace_uri"] + "/incoming", date, airflow_s3.s3_client())
+        summary = {
+            "date": date, "date_from": source, "data_interval": interval, "incoming_uri": incoming,
+            "images": len(objects), "bytes": sum(o["size"] for o in objects),
+            "processed_at": stamp.astimezone(dt.timezone.utc).isoformat(),
+        }
+        if objects:
+            return summary
+        # A falsy result skips the downstream tasks and is not pushed to XCom: push the summary
+        # explicitly so the run still says "0 images for <date>".
+        summary["skipped_reason"] = f"no images under {incoming}"
+        ti.xcom_push(key="return_value", value=summary)
+        print(f"0 images for {date} under {incoming}: nothing to score, downstream tasks skipped")
+        return False
+
+    @task
+    def resolve_model() -> dict:
+        """Resolve champion (or the pinned version) and check its artifact before Spark starts."""
+        import hashlib
+
+        from airflow.sdk.exceptions import AirflowFailException
+        from botocore.exceptions import ClientError
+
+        import airflow_s3
+        from sparktf import registry, storage
+
+        params = get_current_context()["params"]
+        client = airflow_s3.s3_client()
+        models_uri = params["workspace_uri"] + "/models/"
+        try:
+            metadata = registry.resolve(models_uri, params["model_name"], params["model_version"], client)
+        except registry.ModelNotFound as err:
+            raise AirflowFailException(f"cannot resolve the model: {err}") from None
+        missing = [k for k in ("version", "model_uri", "model_sha256", "input_shape", "label_names") if not metadata.get(k)]
+        if missing:
+            raise AirflowFailException(f"model {params['model_name']!r} version {metadata.get('version')} has "
+                                       f"unreadable metadata (missing {missing})")
+        location = storage.parse_uri(metadata["model_uri"])
+        digest = hashlib.sha256()
+        try:
+            body = client.get_object(Bucket=location.bucket, Key=location.key)["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                digest.update(chunk)
+        except ClientError as err:
+            raise AirflowFailException(f"model {params['model_name']!r} version {metadata['version']}: cannot read "
+                                       f"{metadata['model_uri']} ({err.response.get('Error', {}).get('Code')})") from None
+        if digest.hexdigest() != metadata["model_sha256"]:
+            raise AirflowFailException(f"model {params['model_name']!r} version {metadata['version']}: "
+                                       f"{metadata['model_uri']} does not match its recorded sha256")
+        return {
+            "model_name": params["model_name"], "version": int(metadata["version"]),
+            "requested": params["model_version"], "model_uri": metadata["model_uri"],
+            "model_sha256": metadata["model_sha256"], "input_shape": metadata["input_shape"],
+            "label_names": metadata["label_names"], "metrics": metadata.get("metrics"),
+        }
+
+    batch_inference = SparkJobOperator(
+        task_id="batch_inference",
+        name="batch_inference",
+        application=job_path("batch_inference.py"),
+        application_args=[
+            "--incoming-uri", "{{ params.workspace_uri }}/incoming/",
+            "--output-uri", "{{ params.workspace_uri }}/predictions/",
+            "--date", "{{ %s['date'] }}" % FOUND,
+            "--models-uri", "{{ params.workspace_uri }}/models/",
+            "--model-name", "{{ params.model_name }}",
+            "--model-version", "{{ %s['version'] }}" % RESOLVED,
+            "--expected-sha256", "{{ %s['model_sha256'] }}" % RESOLVED,
+            "--processed-at", "{{ %s['processed_at'] }}" % FOUND,
+            "--attempt-id", "{{ run_id | path_safe }}-{{ ti.try_number }}",
+            "--batch-size", "{{ params.batch_size }}",
+            "--fetch-threads", "{{ params.fetch_threads }}",
+            "--max-failure-ratio", "{{ params.max_failure_ratio }}",
+        ],
+        result_uri=RESULT_URI,
+        conf=SPARK_CONF,
+        driver_memory=DRIVER_MEMORY,
+        executor_memory=EXECUTOR_MEMORY,
+        execution_timeout=pendulum.duration(hours=3),
+    )
+
+    @task(outlets=[PREDICTIONS])
+    def publish(job: dict, model: dict, found: dict) -> dict:
+        """Check the published partition and announce it (Asset event) with the run summary."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        import airflow_s3
+        from sparktf import inference
+
+        manifest = inference.read_published(job["output_uri"], airflow_s3.s3_client())
+        if manifest is None or manifest.get("attempt_id") != job["attempt_id"]:
+            raise AirflowFailException(f"{job['output_uri']} has no _SUCCESS manifest from this run's job "
+                                       f"(attempt {job['attempt_id']}): the partition was replaced or removed")
+        summary = {
+            "date": job["date"], "images_listed": job["listed"], "images_scored": job["scored"],
+            "images_set_aside": job["set_aside"], "set_aside_reasons": job["reasons"],
+            "label_histogram": job["label_histogram"], "model_name": model["model_name"],
+            "model_version": job["model_version"], "output_uri": job["output_uri"],
+            "success_uri": job["success_uri"], "images_per_second": job["images_per_second"],
+            "job_seconds": job["seconds"], "spark_tasks": job["tasks"], "date_from": found["date_from"],
+        }
+        get_current_context()["outlet_events"][PREDICTIONS].extra = {
+            k: summary[k] for k in ("date", "output_uri", "success_uri", "model_name", "model_version",
+                                    "images_scored", "images_set_aside")}
+        return summary
+
+    found = find_new_images()
+    resolved = resolve_model()
+    found >> resolved >> batch_inference
+    publish(batch_inference.output, resolved, found)
+
+
+nightly_inference()

@@ -1,0 +1,110 @@
+"""The nightly_inference DAG through Airflow: two dates scored by real spark-submit jobs, an empty
+date that short-circuits, a pinned and a missing model version, and the predictions Asset event."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from inference_support import land_partition, register_model, train_tiny_model
+from support import run_dag
+from sparktf import inference, storage
+
+pytestmark = pytest.mark.e2e
+DATES = {  # logical date of the 02:30 run -> the partition its data interval covers
+    "2026-11-21T02:30:00+00:00": "2026-11-20",
+    "2026-11-22T02:30:00+00:00": "2026-11-21",
+    "2026-11-23T02:30:00+00:00": "2026-11-22",  # nothing landed that day
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(bucket, mnist_subset) -> str:
+    ws = f"s3://{bucket}/e2e-nightly/ws"
+    register_model(ws + "/models/", "digits", train_tiny_model(ws + "/scratch", mnist_subset))
+    _tx, _ty, test_x, test_y = mnist_subset
+    land_partition(ws + "/incoming/", "2026-11-20", test_x[100:116], test_y[100:116], with_bad=False)
+    storage.write_bytes(f"{ws}/incoming/2026-11-20/late/empty file.png", b"")
+    storage.write_bytes(f"{ws}/incoming/2026-11-20/late/index.png", b"<html>404</html>")
+    land_partition(ws + "/incoming/", "2026-11-21", test_x[200:210], test_y[200:210], with_bad=False)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def runs(airflow_env, workspace, tmp_path_factory) -> dict:
+    results = {}
+    for logical_date, date in DATES.items():
+        conf = {"workspace_uri": workspace, "model_name": "digits"}
+        if date == "2026-11-21":
+            conf["model_version"] = "1"  # pinned instead of the champion
+        code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("run"), "nightly_inference",
+                                        conf, logical_date=logical_date)
+        assert code == 0, output[-6000:]
+        results[date] = summary
+    return results
+
+
+def states(summary: dict) -> dict:
+    return {task: info["state"] for task, info in summary["tasks"].items()}
+
+
+@pytest.mark.parametrize("date, scored, set_aside", [("2026-11-20", 16, 2), ("2026-11-21", 10, 0)])
+def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_aside):
+    summary = runs[date]
+    assert summary["state"].endswith("success")
+    assert set(states(summary).values()) == {"success"}
+    found = summary["tasks"]["find_new_images"]["xcom"]
+    assert found["date"] == date and found["date_from"] == "data_interval" and found["images"] == scored + set_aside
+    model = summary["tasks"]["resolve_model"]["xcom"]
+    assert model["version"] == 1 and model["requested"] == ("1" if date == "2026-11-21" else "champion")
+    published = summary["tasks"]["publish"]["xcom"]
+    assert published["date"] == date and published["model_version"] == 1
+    assert (published["images_scored"], published["images_set_aside"]) == (scored, set_aside)
+    assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
+    assert published["output_uri"] == f"{workspace}/predictions/{date}/"
+    rows, errors = inference.read_predictions(published["output_uri"])
+    assert len(rows) == scored and len({r["key"] for r in rows}) == scored and len(errors) == set_aside
+    # processed_at is the run's logical timestamp, so re-running the run writes identical rows
+    assert {r["processed_at"].isoformat() for r in rows} == {found["processed_at"]}
+    if set_aside:
+        assert {e["reason"] for e in errors} == {"empty", "not_an_image"}
+
+
+def test_empty_date_short_circuits_with_a_summary(runs):
+    summary = runs["2026-11-22"]
+    assert summary["state"].endswith("success")
+    assert states(summary) == {"find_new_images": "success", "resolve_model": "skipped",
+                               "batch_inference": "skipped", "publish": "skipped"}
+    found = summary["tasks"]["find_new_images"]["xcom"]
+    assert found["images"] == 0 and found["date"] == "2026-11-22" and "no images" in found["skipped_reason"]
+
+
+def test_predictions_asset_events_carry_the_partition(runs, airflow_env):
+    query = (
+        "import json\n"
+        "from airflow.models.asset import AssetEvent, AssetModel\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
+        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
+    out = subprocess.run([sys.executable, "-c", query], env=airflow_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1]) if name == "nightly_predictions"]
+    assert sorted(e["date"] for e in events) == ["2026-11-20", "2026-11-21"]  # none for the empty day
+    assert all(e["output_uri"].endswith(f"/predictions/{e['date']}/") for e in events)
+
+
+def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace, runs, tmp_path):
+    conf = {"workspace_uri": workspace, "model_name": "digits", "model_version": "9", "date": "2026-11-20"}
+    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf,
+                                    logical_date="2026-11-25T02:30:00+00:00")
+    assert code == 1
+    assert summary["tasks"]["find_new_images"]["xcom"]["date_from"] == "param"
+    assert states(summary)["resolve_model"] == "failed"
+    assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
+    assert "version 9 does not exist" in output
+    # the partition scored earlier is untouched
+    assert inference.read_published(f"{workspace}/predictions/2026-11-20/")["model_version"] == 1
