@@ -15,5 +15,15 @@ python scripts/run_dag.py tuning_pipeline --conf "$DEMO_GRID" --json-out "$SPARK
   > "$SPARKTF_STATE_DIR/tuning_pipeline.log" 2>&1 || { tail -n 80 "$SPARKTF_STATE_DIR/tuning_pipeline.log"; exit 1; }
 python scripts/print_summary.py "$SPARKTF_STATE_DIR/tuning_pipeline.json"
 echo
+echo "==> nightly_inference: demo digits landed for 2026-11-20 and 2026-11-21, scored by the champion"
+python scripts/seed_incoming.py --dates 2026-11-20,2026-11-21
+# The 02:30 run of day D+1 covers D's data interval and scores partition incoming/D/.
+for LOGICAL in 2026-11-21T02:30:00+00:00 2026-11-22T02:30:00+00:00; do
+  OUT="$SPARKTF_STATE_DIR/nightly_inference_${LOGICAL:0:10}"
+  python scripts/run_dag.py nightly_inference --logical-date "$LOGICAL" --json-out "$OUT.json" \
+    > "$OUT.log" 2>&1 || { tail -n 80 "$OUT.log"; exit 1; }
+  python scripts/print_summary.py "$OUT.json"
+done
+echo
 echo "The S3 server keeps running (objects stay, so a second run competes with this champion)."
 echo "Stop it with: source scripts/env.sh && python scripts/stack.py stop"
