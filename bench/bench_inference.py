@@ -1,0 +1,358 @@
+"""Throughput of the batch inference job against its ceiling, the seed's per-image pattern and
+``pyspark.ml.functions.predict_batch_udf``, on the same images, side by side in one run.
+
+Setup: the first ``--images`` MNIST t10k digits (``../shared/datasets/mnist``, or
+``SPARKTF_MNIST_DIR``) uploaded as PNG files to a private moto S3 server on 127.0.0.1 (free port),
+under ``incoming/<date>/``; a registered ``--family`` model (default ``mnist_cnn``, the seed's
+network with 1024 hidden units; weights untrained: the cost of a forward pass does not depend on
+them). Each measurement runs in a fresh interpreter (own TensorFlow thread settings, own JVM):
+
+* ``ceiling``: (a) raw concurrent GET rate: ``--slots`` processes x ``--fetch-threads`` threads of
+  boto3 GETs over all images (bytes only), and (b) in-process batched model calls
+  (``model(batch)``, batches of ``--batch-size``) on the already decoded arrays, TensorFlow on
+  ``--slots`` threads. Ceiling = min(a, b).
+* ``seed``: the seed's per-image pattern on a sample (``--seed-sample``): for every image, GET,
+  decode, deserialize the ``.keras`` model, ``model.predict`` on one image; extrapolated.
+* ``job``: ``jobs/batch_inference.py``'s ``run(spark, args)`` in ``local[1]`` and ``local[2]``,
+  twice each in the same SparkSession: ``cold`` (Python workers start, import TensorFlow and load
+  the model) and ``warm`` (reused workers with the model cached). Images/s = images / wall time
+  of ``run`` (listing, scoring, Parquet parts, publish).
+* ``predict_batch_udf``: the same images in ``local[2]``: a pandas UDF fetches and decodes with the
+  same concurrent fetch helper, then ``predict_batch_udf`` (model loaded per worker by its
+  ``make_predict_fn``) scores ``--batch-size`` images per call; results collected. Cold and warm.
+
+Prints ratios: job (warm, local[2]) / ceiling (goal >= 0.8), job / seed pattern (goal >= 20x),
+job / predict_batch_udf (goal >= 1.0), local[2] / local[1] (scaling). Nothing is asserted.
+
+Usage::
+
+    .venv/bin/python bench/bench_inference.py                       # 5,000 images, mnist_cnn
+    .venv/bin/python bench/bench_inference.py --images 500 --seed-sample 20 --family mlp   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402  (sets sys.path/PYTHONPATH for plugins/ and jobs/)
+
+DATE = "2026-11-20"
+MODEL_NAME = "bench-digits"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=5000, help="MNIST t10k digits uploaded as PNG")
+    p.add_argument("--family", default="mnist_cnn", choices=("mnist_cnn", "mlp"), help="model family")
+    p.add_argument("--hidden-units", type=int, default=1024, help="hidden units of the model")
+    p.add_argument("--slots", type=int, default=2, help="task slots of the main configuration")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    p.add_argument("--fetch-threads", type=int, default=16, help="concurrent GETs per task/process")
+    p.add_argument("--seed-sample", type=int, default=100, help="images timed with the per-image pattern")
+    p.add_argument("--json-out", default=None, help="also write every measurement to this JSON file")
+    # Internal: one step in a fresh interpreter.
+    p.add_argument("--worker", choices=("setup", "ceiling", "seed", "job", "pbudf"), help=argparse.SUPPRESS)
+    p.add_argument("--ws", help=argparse.SUPPRESS)
+    p.add_argument("--worker-slots", type=int, default=1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def incoming_keys(ws: str) -> tuple[str, list[str]]:
+    from sparktf import inference, storage
+
+    objects = inference.list_partition(ws + "/incoming/", DATE)
+    return storage.parse_uri(ws).bucket, [o["key"] for o in objects]
+
+
+def model_metadata(ws: str) -> dict:
+    from sparktf import registry
+
+    return registry.resolve(ws + "/models/", MODEL_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_setup(args) -> dict:
+    """Build and register the model (champion v1)."""
+    import tempfile
+
+    from sparktf import models, registry, runtime, storage
+
+    runtime.pin_threads(1)
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = models.build_model(args.family, (28, 28, 1), 10, hidden_units=args.hidden_units)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        blob = open(path, "rb").read()
+    base = registry.version_uri(args.ws + "/models/", MODEL_NAME, 1)
+    model_uri = storage.join_uri(base, "model.keras")
+    storage.write_bytes(model_uri, blob)
+    sha = storage.sha256_hex(blob)
+    storage.write_json(storage.join_uri(base, "metadata.json"), {
+        "name": MODEL_NAME, "version": 1, "model_uri": model_uri, "model_sha256": sha, "family": args.family,
+        "input_shape": [28, 28, 1], "label_names": [str(d) for d in range(10)]})
+    registry.set_champion(args.ws + "/models/", MODEL_NAME, {"name": MODEL_NAME, "version": 1,
+                                                             "model_uri": model_uri, "model_sha256": sha})
+    return {"model_bytes": len(blob), "params": int(model.count_params())}
+
+
+def _get_share(payload: tuple[str, list[str], int]) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparktf import storage
+
+    bucket, keys, threads = payload
+    client = storage.s3_client()
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(len(b) for b in pool.map(
+            lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].read(), keys))
+
+
+def worker_ceiling(args) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    bucket, keys = incoming_keys(args.ws)
+    out = {}
+    for procs in sorted({1, args.worker_slots}):
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_get_share, [(bucket, keys[i:200:procs], 4) for i in range(procs)]))  # warm up
+            started = time.perf_counter()
+            total = sum(pool.map(_get_share, [(bucket, keys[i::procs], args.fetch_threads) for i in range(procs)]))
+            seconds = time.perf_counter() - started
+        out[f"get_rate_{procs}proc"] = len(keys) / seconds
+        out["bytes"] = total
+
+    from sparktf import inference, registry, runtime
+    from sparktf.images import decode_image
+
+    runtime.pin_threads(args.worker_slots)
+    meta = model_metadata(args.ws)
+    model = registry.load_verified_model(meta["model_uri"], meta["model_sha256"])
+    arrays = np.stack([a for _k, a, _r, _d in inference.fetch_decoded(
+        bucket, keys, height=28, width=28, channels=1, max_pixels=40_000_000, fetch_threads=args.fetch_threads)])
+    inference.predict_batch(model, arrays[: args.batch_size])  # warm up
+    started = time.perf_counter()
+    for start in range(0, len(arrays), args.batch_size):
+        inference.predict_batch(model, arrays[start:start + args.batch_size])
+    out["model_rate"] = len(arrays) / (time.perf_counter() - started)
+    out["get_rate"] = max(v for k, v in out.items() if k.startswith("get_rate_"))
+    out["ceiling"] = min(out["get_rate"], out["model_rate"])
+    return out
+
+
+def worker_seed(args) -> dict:
+    """The seed's pattern: per image, GET + decode + deserialize the model + model.predict."""
+    import tempfile
+
+    from sparktf import runtime, storage
+    from sparktf.images import decode_image
+
+    runtime.pin_threads(args.worker_slots)
+    import keras
+
+    bucket, keys = incoming_keys(args.ws)
+    meta = model_metadata(args.ws)
+    sample = keys[: args.seed_sample]
+    client = storage.s3_client()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        with open(path, "wb") as fh:
+            fh.write(storage.read_bytes(meta["model_uri"]))
+        started = time.perf_counter()
+        for key in sample:
+            pixels = decode_image(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            model = keras.saving.load_model(path, compile=False)
+            model.predict(pixels[None], verbose=0)
+        seconds = time.perf_counter() - started
+    return {"images": len(sample), "seconds": seconds, "rate": len(sample) / seconds,
+            "extrapolated_seconds": seconds / len(sample) * len(keys)}
+
+
+def worker_job(args) -> dict:
+    import batch_inference
+
+    spark = _harness.spark_session(args.worker_slots, "bench-inference-job")
+    try:
+        runs = {}
+        for label in ("cold", "warm"):
+            job_args = batch_inference.parse_args([
+                "--incoming-uri", args.ws + "/incoming/", "--output-uri", args.ws + f"/predictions-{args.worker_slots}/",
+                "--date", DATE, "--models-uri", args.ws + "/models/", "--model-name", MODEL_NAME,
+                "--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads)])
+            started = time.perf_counter()
+            result = batch_inference.run(spark, job_args)
+            seconds = time.perf_counter() - started
+            runs[label] = {"seconds": seconds, "rate": result["listed"] / seconds, "stage_rate": result["images_per_second"],
+                           "scored": result["scored"], "tasks": result["tasks"], "model_loads": result["model_loads"],
+                           "model_seconds": result["model_seconds"]}
+        return runs
+    finally:
+        spark.stop()
+
+
+def worker_pbudf(args) -> dict:
+    import numpy as np
+    import pandas as pd
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from sparktf import inference
+
+    bucket, keys = incoming_keys(args.ws)
+    meta = model_metadata(args.ws)
+    fetch_threads, batch_size = args.fetch_threads, args.batch_size
+
+    def fetch(batch):
+        decoded = {k: a for k, a, _r, _d in inference.fetch_decoded(
+            bucket, batch.tolist(), height=28, width=28, channels=1, max_pixels=40_000_000,
+            fetch_threads=fetch_threads)}
+        return pd.Series([None if decoded[k] is None else decoded[k].astype(np.float32).ravel() for k in batch])
+
+    from pyspark.sql.functions import PandasUDFType
+
+    fetch_pixels = F.pandas_udf(fetch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
+
+    def make_predict_fn():
+        from sparktf import registry, runtime
+
+        runtime.pin_threads(runtime.task_cpus())
+        model = registry.load_verified_model(meta["model_uri"], meta["model_sha256"])
+
+        def predict(inputs):
+            return np.asarray(model(inputs, training=False))
+        return predict
+
+    classify = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=batch_size,
+                                 input_tensor_shapes=[[28, 28, 1]])
+    spark = _harness.spark_session(args.worker_slots, "bench-inference-pbudf")
+    try:
+        num_tasks = inference.plan_tasks(len(keys), args.worker_slots, 2000)
+        runs = {}
+        for label in ("cold", "warm"):
+            started = time.perf_counter()
+            frame = (spark.createDataFrame([(k,) for k in keys], "key string").repartition(num_tasks)
+                     .withColumn("pixels", fetch_pixels("key")).where(F.col("pixels").isNotNull())
+                     .withColumn("probabilities", classify("pixels")))
+            rows = frame.select("key", "probabilities").collect()
+            seconds = time.perf_counter() - started
+            runs[label] = {"seconds": seconds, "rate": len(keys) / seconds, "scored": len(rows)}
+        return runs
+    finally:
+        spark.stop()
+
+
+WORKERS = {"setup": worker_setup, "ceiling": worker_ceiling, "seed": worker_seed, "job": worker_job,
+           "pbudf": worker_pbudf}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def upload_images(ws: str, count: int) -> int:
+    import gzip
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparktf import idx, storage
+    from sparktf.images import encode_png
+
+    path = _harness.MNIST_DIR / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        raise SystemExit(f"MNIST t10k not found at {path} (set SPARKTF_MNIST_DIR)")
+    digits = idx.parse_idx(gzip.decompress(path.read_bytes()))[:count]
+    client = storage.s3_client()
+
+    def put(n: int) -> None:
+        uri = storage.join_uri(ws, "incoming", DATE, f"cam-{n % 4}", f"digit {n:05d}.png")
+        storage.write_bytes(uri, encode_png(digits[n]), client)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(len(digits))))
+    return len(digits)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        _harness.emit_result(WORKERS[args.worker](args))
+        return 0
+
+    common = ["--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads),
+              "--family", args.family, "--hidden-units", str(args.hidden_units),
+              "--seed-sample", str(args.seed_sample)]
+    me = str(Path(__file__).resolve())
+    report: dict = {"machine": _harness.machine(), "images": args.images, "family": args.family,
+                    "batch_size": args.batch_size, "fetch_threads": args.fetch_threads, "load": {}}
+    with _harness.MotoServer(log_path="/tmp/sparktf-bench-inference-moto.log") as server:
+        ws = f"s3://{server.bucket}/ws"
+
+        def step(name: str, slots: int = 1) -> dict:
+            report["load"][f"{name}-{slots}"] = _harness.load_average()
+            started = time.perf_counter()
+            out = _harness.run_worker([me, "--worker", name, "--ws", ws, "--worker-slots", str(slots), *common],
+                                      log_path=f"/tmp/sparktf-bench-inference-{name}-{slots}.log")
+            print(f"  {name} (slots={slots}) done in {time.perf_counter() - started:.1f} s: "
+                  f"{json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
+            return out
+
+        started = time.perf_counter()
+        report["uploaded"] = upload_images(ws, args.images)
+        print(f"uploaded {report['uploaded']} PNG digits in {time.perf_counter() - started:.1f} s", flush=True)
+        report["model"] = step("setup")
+        report["ceiling"] = step("ceiling", args.slots)
+        report["seed"] = step("seed", 1)
+        report["job_1"] = step("job", 1)
+        report["job_n"] = step("job", args.slots)
+        report["pbudf"] = step("pbudf", args.slots)
+
+    job = report["job_n"]["warm"]["rate"]
+    ratios = {
+        "job_warm_vs_ceiling": job / report["ceiling"]["ceiling"],
+        "job_cold_vs_ceiling": report["job_n"]["cold"]["rate"] / report["ceiling"]["ceiling"],
+        "job_vs_seed_pattern": job / report["seed"]["rate"],
+        "job_vs_predict_batch_udf_warm": job / report["pbudf"]["warm"]["rate"],
+        "job_vs_predict_batch_udf_cold": report["job_n"]["cold"]["rate"] / report["pbudf"]["cold"]["rate"],
+        "scaling_warm": job / report["job_1"]["warm"]["rate"],
+        "scaling_cold": report["job_n"]["cold"]["rate"] / report["job_1"]["cold"]["rate"],
+    }
+    report["ratios"] = ratios
+    c = report["ceiling"]
+    print(f"\n{report['machine']}; {args.images} images, {args.family}, batch {args.batch_size}, "
+          f"{args.fetch_threads} GET threads per task")
+    print(f"ceiling: GETs {c['get_rate']:.0f}/s (1 proc {c['get_rate_1proc']:.0f}/s), model calls "
+          f"{c['model_rate']:.0f}/s on {args.slots} threads -> {c['ceiling']:.0f} images/s")
+    print(f"seed per-image pattern: {report['seed']['rate']:.2f} images/s "
+          f"({report['seed']['images']} timed; {report['seed']['extrapolated_seconds']:.0f} s extrapolated)")
+    for name, key in (("job local[1]", "job_1"), (f"job local[{args.slots}]", "job_n"),
+                      (f"predict_batch_udf local[{args.slots}]", "pbudf")):
+        r = report[key]
+        print(f"{name}: cold {r['cold']['rate']:.0f} images/s ({r['cold']['seconds']:.1f} s), "
+              f"warm {r['warm']['rate']:.0f} images/s ({r['warm']['seconds']:.1f} s)")
+    for name, value in ratios.items():
+        print(f"  {name}: {value:.2f}")
+    print(f"load average per step: {report['load']}")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(report, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
