@@ -33,8 +33,9 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # Spark listens on loopback only
-# Airflow reads its configuration at import: point it at a throwaway home and this repo's folders.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="sparktf-airflow-"))
+# Airflow reads its configuration at import: point it at a throwaway home (never the demo's
+# .airflow, which a fresh clone does not have) and this repo's folders.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="sparktf-airflow-")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(PLUGINS)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"

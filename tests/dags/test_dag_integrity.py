@@ -96,7 +96,7 @@ def test_bad_trigger_params_are_refused(dag_bag, change):
     from airflow.sdk import Param
     from airflow.sdk.definitions.param import ParamsDict
 
-    dag = dag_bag.get_dag("tuning_pipeline")
+    dag = dag_bag.dags["tuning_pipeline"]  # get_dag() would query the metadata DB
     values = {key: change.get(key, dag.params[key]) for key in dag.params}
     params = ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()})
     with pytest.raises(Exception) as err:
