@@ -22,6 +22,10 @@ from support import TEST_SECRET_KEY
 
 pytestmark = pytest.mark.e2e
 VENV_BIN = Path(sys.executable).parent
+REST_WORKSPACE = "rest/ws"
+# Backfill of three nightly runs (run_after 02:30 UTC); each scores the UTC day its data interval starts on.
+BACKFILL_RUNS = {"2026-11-10T02:30:00+00:00": "2026-11-09", "2026-11-11T02:30:00+00:00": "2026-11-10",
+                 "2026-11-12T02:30:00+00:00": "2026-11-11"}
 
 
 class AirflowServer:
@@ -119,8 +123,11 @@ class AirflowServer:
 
 
 @pytest.fixture(scope="module")
-def airflow_server(airflow_env, tmp_path_factory):
-    server = AirflowServer(airflow_env, tmp_path_factory.mktemp("airflow-server"))
+def airflow_server(airflow_env, bucket, tmp_path_factory):
+    # The deployment's defaults, as an operator would set them for the Airflow services: runs that
+    # carry no conf (scheduled runs, backfills) use this workspace and model name.
+    env = {**airflow_env, "SPARKTF_WORKSPACE_URI": f"s3://{bucket}/{REST_WORKSPACE}", "SPARKTF_MODEL_NAME": "digits"}
+    server = AirflowServer(env, tmp_path_factory.mktemp("airflow-server"))
     try:
         server.start()
         yield server
@@ -144,30 +151,90 @@ def tiny_mnist(bucket, mnist_subset) -> str:
 
 def test_invalid_param_is_refused_with_a_clear_message(airflow_server):
     airflow_server.wait_for_dag("tuning_pipeline")
+    # The metadata DB is shared with other tests of the session: compare with the runs before.
+    runs_before = airflow_server.get("/api/v2/dags/tuning_pipeline/dagRuns")["total_entries"]
     status, body = airflow_server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns",
                                           {"logical_date": None, "conf": {"learning_rates": [0.01, 0]}})
     assert status == 400, body
     assert "learning_rates" in json.dumps(body) or "exclusiveMinimum" in json.dumps(body)
-    runs = airflow_server.get("/api/v2/dags/tuning_pipeline/dagRuns")
-    assert runs["total_entries"] == 0  # nothing was started
+    runs_after = airflow_server.get("/api/v2/dags/tuning_pipeline/dagRuns")["total_entries"]
+    assert runs_after == runs_before  # nothing was started
 
 
-def test_trigger_tuning_with_params_and_read_xcoms(airflow_server, tiny_mnist, bucket):
+@pytest.fixture(scope="module")
+def tuning_run(airflow_server, tiny_mnist, bucket) -> str:
+    """The tuning DAG unpaused and triggered with a conf of Params, as the UI's trigger form does."""
     airflow_server.wait_for_dag("tuning_pipeline")
     status, body = airflow_server.request("PATCH", "/api/v2/dags/tuning_pipeline", {"is_paused": False})
     assert status == 200 and body["is_paused"] is False
-    conf = {"dataset_uri": tiny_mnist, "workspace_uri": f"s3://{bucket}/rest/ws", "model_name": "digits",
+    conf = {"dataset_uri": tiny_mnist, "workspace_uri": f"s3://{bucket}/{REST_WORKSPACE}", "model_name": "digits",
             "learning_rates": [0.001, 0.003], "hidden_units": [32], "epochs": 1, "batch_sizes": [32],
             "model_family": "mlp"}
     status, run = airflow_server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns",
                                          {"logical_date": None, "conf": conf})
     assert status == 200, run
-    final = airflow_server.wait_for_run("tuning_pipeline", run["dag_run_id"])
+    return run["dag_run_id"]
+
+
+def test_trigger_tuning_with_params_and_read_xcoms(airflow_server, tuning_run):
+    final = airflow_server.wait_for_run("tuning_pipeline", tuning_run)
     assert final["state"] == "success", final
-    prepared = airflow_server.xcom("tuning_pipeline", run["dag_run_id"], "prepare_data")
-    tuned = airflow_server.xcom("tuning_pipeline", run["dag_run_id"], "tune")
-    exported = airflow_server.xcom("tuning_pipeline", run["dag_run_id"], "export_best_model")
+    prepared = airflow_server.xcom("tuning_pipeline", tuning_run, "prepare_data")
+    tuned = airflow_server.xcom("tuning_pipeline", tuning_run, "tune")
+    exported = airflow_server.xcom("tuning_pipeline", tuning_run, "export_best_model")
     assert prepared["counts"]["test"] == 100
     assert tuned["trials"] == 2 and tuned["succeeded"] == 2
     assert exported["version"] == 1 and exported["promoted"] is True
     assert TEST_SECRET_KEY not in json.dumps([prepared, tuned, exported])
+
+
+def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bucket, mnist_subset):
+    """A backfill created through the API (as the UI's backfill dialog does) over three past nights,
+    scored with the champion the tuning run above exported: three runs, three partitions."""
+    from inference_support import land_partition
+    from sparktf import inference
+
+    assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
+    workspace = f"s3://{bucket}/{REST_WORKSPACE}"
+    _tx, _ty, test_x, test_y = mnist_subset
+    landed = {}
+    for n, date in enumerate(BACKFILL_RUNS.values()):
+        count = 6 + 2 * n  # a different number per day, so a mixed-up partition shows
+        land_partition(workspace + "/incoming/", date, test_x[300 + 10 * n:][:count],
+                       test_y[300 + 10 * n:][:count], with_bad=False)
+        landed[date] = count
+    airflow_server.wait_for_dag("nightly_inference")
+    # Running runs of a paused DAG are not scheduled: unpause, as the UI asks before a backfill.
+    status, body = airflow_server.request("PATCH", "/api/v2/dags/nightly_inference", {"is_paused": False})
+    assert status == 200 and body["is_paused"] is False
+    # No dag_run_conf: a backfill's inputs come from each run's data interval and the deployment's defaults.
+    status, backfill = airflow_server.request("POST", "/api/v2/backfills", {
+        "dag_id": "nightly_inference", "from_date": "2026-11-10T00:00:00Z", "to_date": "2026-11-12T23:00:00Z",
+        "max_active_runs": 2})
+    assert status == 200, backfill
+    runs: list[dict] = []
+
+    def backfill_finished() -> bool:
+        listing = airflow_server.get("/api/v2/dags/nightly_inference/dagRuns?run_type=backfill&limit=50")
+        runs[:] = listing["dag_runs"]  # this server's only backfill
+        return len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs)
+
+    airflow_server.wait_for(backfill_finished, "backfill of nightly_inference", 1200)
+    def utc(stamp: str) -> str:
+        return stamp.replace("Z", "+00:00")
+
+    assert sorted(utc(r["run_after"]) for r in runs) == sorted(BACKFILL_RUNS), runs
+    assert [r["state"] for r in runs] == ["success"] * 3, runs
+    for run in runs:
+        date = BACKFILL_RUNS[utc(run["run_after"])]
+        assert utc(run["data_interval_start"]).startswith(date + "T02:30")
+        found = airflow_server.xcom("nightly_inference", run["dag_run_id"], "find_new_images")
+        published = airflow_server.xcom("nightly_inference", run["dag_run_id"], "publish")
+        assert (found["date"], found["date_from"]) == (date, "data_interval")
+        assert published["date"] == date and published["model_version"] == 1
+        assert (published["images_scored"], published["images_set_aside"]) == (landed[date], 0)
+        assert published["output_uri"] == f"{workspace}/predictions/{date}/"
+        rows, errors = inference.read_predictions(published["output_uri"])
+        assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
+        assert all(r["key"].startswith(f"{REST_WORKSPACE}/incoming/{date}/") for r in rows)
+        assert TEST_SECRET_KEY not in json.dumps([found, published])
