@@ -106,6 +106,7 @@ def _score_partition(*, bucket: str, staged_uri: str, model: dict[str, Any], arg
                 "reasons": dict(Counter(e["reason"] for e in scored["errors"])),
                 "errors": scored["errors"][:50],
                 "stats": scored["stats"],
+                "executor": str(runtime.executor_identity().get("executor_id", "driver")),
             }
     return run_task
 
@@ -181,6 +182,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "images_per_second": round(len(keys) / seconds, 1) if seconds > 0 and keys else 0.0,
         "model_loads": sum(1 for s in stats if s["model_loaded_now"]),
         "python_workers": len({s["pid"] for s in stats}),
+        "executors": sorted({r["executor"] for r in task_results}),
         "model_seconds": round(sum(s["model_seconds"] for s in stats), 3),
         "processed_at": processed_at.isoformat(), "attempt_id": attempt_id,
     }

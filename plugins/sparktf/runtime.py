@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from sparktf import storage
@@ -71,3 +72,27 @@ def code_version() -> str:
 
     shipped = os.environ.get("SPARKTF_CODE_SHA256", "")
     return f"{__version__}+{shipped[:12]}" if shipped else __version__
+
+
+def executor_identity() -> dict[str, Any]:
+    """Where this task runs: host, pid and the executor's work directory (unique per executor)."""
+    identity = {"host": socket.gethostname(), "pid": os.getpid(), "task_cpus": task_cpus()}
+    try:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        if context is not None:
+            identity["partition"] = context.partitionId()
+            identity["attempt"] = context.attemptNumber()
+            identity["executor_id"] = context.getLocalProperty("sparktf.executor") or _executor_id_from_cwd()
+    except Exception:  # noqa: BLE001 - not in a Spark task
+        pass
+    return identity
+
+
+def _executor_id_from_cwd() -> str:
+    # Standalone and YARN start Python workers in the executor's own directory
+    # (.../app-<id>/<executor-id>); local mode runs everything in the driver ("driver").
+    cwd = os.getcwd()
+    parent = os.path.basename(os.path.dirname(cwd))
+    return os.path.basename(cwd) if parent.startswith(("app-", "application_", "container_")) else "driver"

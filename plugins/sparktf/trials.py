@@ -9,42 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 import time
 from typing import Any
 
-from sparktf import storage
+from sparktf import runtime, storage
 
 
 def trial_prefix(trials_uri: str, trial_id: str) -> str:
     return storage.join_uri(trials_uri, trial_id)
-
-
-def executor_identity() -> dict[str, Any]:
-    """Where this task runs: host, pid and the executor's work directory (unique per executor)."""
-    from sparktf.runtime import task_cpus
-
-    identity = {"host": socket.gethostname(), "pid": os.getpid(), "task_cpus": task_cpus()}
-    try:
-        from pyspark import TaskContext
-
-        context = TaskContext.get()
-        if context is not None:
-            identity["partition"] = context.partitionId()
-            identity["attempt"] = context.attemptNumber()
-            identity["executor_id"] = context.getLocalProperty("sparktf.executor") or _executor_id_from_cwd()
-    except Exception:  # noqa: BLE001 - not in a Spark task
-        pass
-    return identity
-
-
-def _executor_id_from_cwd() -> str:
-    # Standalone and YARN start Python workers in the executor's own directory
-    # (.../app-<id>/<executor-id>); local mode runs everything in the driver ("driver").
-    cwd = os.getcwd()
-    parent = os.path.basename(os.path.dirname(cwd))
-    return os.path.basename(cwd) if parent.startswith(("app-", "application_", "container_")) else "driver"
 
 
 def train_trial(
@@ -93,7 +66,7 @@ def train_trial(
 
     record: dict[str, Any] = {
         "trial_id": trial_id, "params": params, "family": family, "status": "failed", "reason": None,
-        "executor": executor_identity(), "epochs_run": 0, "train_seconds": None,
+        "executor": runtime.executor_identity(), "epochs_run": 0, "train_seconds": None,
         "max_epochs": epochs, "seed": seed,
     }
     started = time.perf_counter()

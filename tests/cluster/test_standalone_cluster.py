@@ -183,3 +183,27 @@ def test_losing_a_worker_mid_job_still_finishes_every_trial_once(cluster, cluste
     assert len(ids) == len(set(ids)) == 6
     metrics = [k for k in storage.list_keys(out + "trials/") if k.endswith("metrics.json")]
     assert len(metrics) == 6  # one record per trial, however many attempts ran
+
+
+def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(
+        cluster_airflow_env, cluster_tuning_run, bucket, mnist_subset, tmp_path):
+    from inference_support import land_partition
+
+    from sparktf import inference
+
+    conf, _summary = cluster_tuning_run
+    _tx, _ty, test_x, test_y = mnist_subset
+    landed = land_partition(conf["workspace_uri"] + "/incoming/", "2026-11-20", test_x[:24], test_y[:24],
+                            with_bad=False)
+    storage.write_bytes(conf["workspace_uri"] + "/incoming/2026-11-20/scans/garbled.png", b"\x89PNG\r\n\x1a\n??")
+    code, summary, output = run_dag(cluster_airflow_env, tmp_path, "nightly_inference",
+                                    {"workspace_uri": conf["workspace_uri"], "model_name": conf["model_name"]},
+                                    logical_date="2026-11-21T02:30:00+00:00")
+    assert code == 0, output[-6000:]
+    job = summary["tasks"]["batch_inference"]["xcom"]
+    assert job["executors"] and "driver" not in job["executors"], job  # scored by the workers' executors
+    assert (job["scored"], job["set_aside"], job["model_version"]) == (len(landed), 1, 1)
+    published = summary["tasks"]["publish"]["xcom"]
+    rows, errors = inference.read_predictions(published["output_uri"])
+    assert sorted(r["key"] for r in rows) == sorted(landed)
+    assert [(e["key"].rsplit("/", 1)[-1], e["reason"]) for e in errors] == [("garbled.png", "not_an_image")]
