@@ -197,13 +197,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     runtime.configure_logging()
-    args = parse_args(argv)
-    spark = runtime.spark_session("batch_inference")
-    try:
-        runtime.write_result(args.result_uri, run(spark, args))
-    finally:
-        spark.stop()
-    return 0
+    return runtime.run_spark_job("batch_inference", run, parse_args(argv))
 
 
 if __name__ == "__main__":

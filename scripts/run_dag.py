@@ -30,7 +30,9 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
     dag_run = dag.test(logical_date=when, run_conf=conf or None)
     summary = {"dag_id": dag_id, "run_id": dag_run.run_id, "state": str(dag_run.state), "tasks": {}}
     with create_session() as session:
-        for ti in dag_run.get_task_instances(session=session):
+        instances = {ti.task_id: ti for ti in dag_run.get_task_instances(session=session)}
+        order = [task.task_id for task in dag.topological_sort() if task.task_id in instances]
+        for ti in (instances[task_id] for task_id in order):  # in the DAG's order, upstream first
             query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id, task_ids=ti.task_id,
                                        key="return_value")
             rows = session.scalars(query).all()

@@ -25,6 +25,16 @@ def spark_session(app_name: str):
     return spark
 
 
+def run_spark_job(app_name: str, run, args) -> int:
+    """A job's main(): ``run(spark, args)`` in a SparkSession, its result written to ``--result-uri``."""
+    spark = spark_session(app_name)
+    try:
+        write_result(args.result_uri, run(spark, args))
+    finally:
+        spark.stop()
+    return 0
+
+
 def write_result(result_uri: str | None, result: dict[str, Any]) -> None:
     """Hand the job's small JSON summary to the Airflow operator that submitted it."""
     if result_uri:
