@@ -37,6 +37,9 @@ class AirflowServer:
         self.home = home
         self.env = {
             **base_env,
+            # Its own metadata DB: this is a separate deployment (its Asset URIs and defaults differ
+            # from the dag.test() runs of other test modules).
+            "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
@@ -52,6 +55,8 @@ class AirflowServer:
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
+        subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=self.env, check=True,
+                       capture_output=True, timeout=600)
         for command in (["api-server", "--host", "127.0.0.1", "--port", str(self.port)],
                         ["scheduler"], ["dag-processor"], ["triggerer"]):
             log = open(self.home / f"{command[0]}.log", "wb")
@@ -204,14 +209,18 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
                        test_y[300 + 10 * n:][:count], with_bad=False)
         landed[date] = count
     airflow_server.wait_for_dag("nightly_inference")
-    # Running runs of a paused DAG are not scheduled: unpause, as the UI asks before a backfill.
+    # No dag_run_conf: a backfill's inputs come from each run's data interval and the deployment's defaults.
+    request = {"dag_id": "nightly_inference", "from_date": "2026-11-10T00:00:00Z",
+               "to_date": "2026-11-12T23:00:00Z", "max_active_runs": 2}
+    for _attempt in range(10):
+        status, backfill = airflow_server.request("POST", "/api/v2/backfills", request)
+        if status != 503:  # SQLite only: "Database is locked ... under concurrent access"; retryable
+            break
+        time.sleep(3)
+    assert status == 200, backfill
+    # Running runs of a paused DAG are not scheduled: unpause, as the UI offers with a backfill.
     status, body = airflow_server.request("PATCH", "/api/v2/dags/nightly_inference", {"is_paused": False})
     assert status == 200 and body["is_paused"] is False
-    # No dag_run_conf: a backfill's inputs come from each run's data interval and the deployment's defaults.
-    status, backfill = airflow_server.request("POST", "/api/v2/backfills", {
-        "dag_id": "nightly_inference", "from_date": "2026-11-10T00:00:00Z", "to_date": "2026-11-12T23:00:00Z",
-        "max_active_runs": 2})
-    assert status == 200, backfill
     runs: list[dict] = []
 
     def backfill_finished() -> bool:
