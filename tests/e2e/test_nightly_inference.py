@@ -82,7 +82,7 @@ def test_empty_date_short_circuits_with_a_summary(runs):
     assert found["images"] == 0 and found["date"] == "2026-11-22" and "no images" in found["skipped_reason"]
 
 
-def test_predictions_asset_events_carry_the_partition(runs, airflow_env):
+def test_predictions_asset_events_carry_the_partition(runs, airflow_env, workspace):
     query = (
         "import json\n"
         "from airflow.models.asset import AssetEvent, AssetModel\n"
@@ -92,7 +92,8 @@ def test_predictions_asset_events_carry_the_partition(runs, airflow_env):
         "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
     out = subprocess.run([sys.executable, "-c", query], env=airflow_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1]) if name == "nightly_predictions"]
+    events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1])
+              if name == "nightly_predictions" and extra["output_uri"].startswith(workspace + "/")]  # DB is shared
     assert sorted(e["date"] for e in events) == ["2026-11-20", "2026-11-21"]  # none for the empty day
     assert all(e["output_uri"].endswith(f"/predictions/{e['date']}/") for e in events)
 
