@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", type=float, default=0.1, help="tuned grid: random shift fraction")
     p.add_argument("--epochs", type=int, default=14, help="tuned grid: maximum epochs")
     p.add_argument("--patience", type=int, default=3, help="tuned grid: early-stopping patience")
+    p.add_argument("--lr-decay-patience", type=int, default=0,
+                   help="tuned grid: halve the learning rate after N epochs without improvement (0 = off)")
     p.add_argument("--default-epochs", type=int, default=12, help="default config: maximum epochs")
     p.add_argument("--default-patience", type=int, default=2, help="default config: early-stopping patience")
     p.add_argument("--seed", type=int, default=42, help="split, weights and shuffling seed")
@@ -58,14 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tune_args(prepared_uri: str, output_uri: str, *, learning_rates: str, hidden_units: str, augment: float,
-              epochs: int, patience: int, seed: int) -> argparse.Namespace:
+              epochs: int, patience: int, seed: int, lr_decay_patience: int = 0) -> argparse.Namespace:
     import tune
 
     return tune.parse_args([
         "--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mnist_cnn",
         "--learning-rates", learning_rates, "--hidden-units", hidden_units, "--batch-sizes", "128",
         "--dropouts", "0.5", "--optimizer", "adam", "--augment", str(augment), "--epochs", str(epochs),
-        "--patience", str(patience), "--seed", str(seed),
+        "--patience", str(patience), "--seed", str(seed), "--lr-decay-patience", str(lr_decay_patience),
     ])
 
 
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
                                      patience=opts.default_patience, seed=opts.seed),
                 "tuned grid": tune_args(prepared["prepared_uri"], f"{base}/grid/", learning_rates=opts.learning_rates,
                                         hidden_units=opts.hidden_units, augment=opts.augment, epochs=opts.epochs,
-                                        patience=opts.patience, seed=opts.seed),
+                                        patience=opts.patience, seed=opts.seed,
+                                        lr_decay_patience=opts.lr_decay_patience),
             }
             results, walls, errors = {}, {}, {}
 
@@ -162,7 +165,8 @@ def report(opts, prepared, prepare_seconds, full, walls, tuning_seconds, total_s
               f"| {walls[name]:.0f} |")
     print()
     grid = full["tuned grid"]
-    print(f"tuned grid (augment {opts.augment:g}, max {opts.epochs} epochs, patience {opts.patience}):")
+    print(f"tuned grid (augment {opts.augment:g}, max {opts.epochs} epochs, patience {opts.patience}, "
+          f"lr decay patience {opts.lr_decay_patience}):")
     print("| learning rate | hidden units | status | epochs run | val acc | test acc | test error | train s |")
     print("|---|---|---|---|---|---|---|---|")
     for t in sorted(grid["trials"], key=lambda t: (t["params"]["hidden_units"], t["params"]["learning_rate"])):

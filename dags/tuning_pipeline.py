@@ -56,6 +56,9 @@ PARAMS = {
                      description="Random shift as a fraction of the image size (0 = off)."),
     "epochs": Param(8, type="integer", minimum=1, maximum=500, title="Maximum epochs per trial"),
     "patience": Param(2, type="integer", minimum=1, title="Early-stopping patience (epochs)"),
+    "lr_decay_patience": Param(1, type="integer", minimum=0, title="Learning-rate decay patience (epochs)",
+                               description="Halve the learning rate after this many epochs without validation "
+                                           "improvement; 0 = constant learning rate."),
     "search_strategy": Param("grid", type="string", enum=["grid", "random"], title="Search strategy"),
     "num_random_trials": Param(6, type="integer", minimum=1, title="Trials to sample (random search)"),
     "seed": Param(42, type="integer", minimum=0, title="Random seed"),
@@ -153,6 +156,7 @@ def tuning_pipeline():
             "--augment", "{{ params.augment }}",
             "--epochs", "{{ params.epochs }}",
             "--patience", "{{ params.patience }}",
+            "--lr-decay-patience", "{{ params.lr_decay_patience }}",
             "--search-strategy", "{{ params.search_strategy }}",
             "--num-random-trials", "{{ params.num_random_trials }}",
             "--seed", "{{ params.seed }}",

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--augment", type=float, default=0.0, help="random shift fraction (0 = off)")
     parser.add_argument("--epochs", type=int, default=10, help="maximum epochs per trial")
     parser.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
+    parser.add_argument("--lr-decay-patience", type=int, default=0,
+                        help="halve the learning rate after N epochs without validation improvement (0 = off)")
     parser.add_argument("--search-strategy", default="grid", choices=search.STRATEGIES, help="grid or random")
     parser.add_argument("--num-random-trials", type=int, default=8, help="sample size for random search")
     parser.add_argument("--seed", type=int, default=42, help="seed for sampling, weights and shuffling")
@@ -71,7 +73,7 @@ def assign_partitions(trial_list: list[dict], max_parallel: int) -> list[list[di
 
 
 def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epochs: int, patience: int,
-               trials_uri: str, seed: int, max_parallel: int) -> list[dict[str, Any]]:
+               trials_uri: str, seed: int, max_parallel: int, lr_decay_patience: int = 0) -> list[dict[str, Any]]:
     """Run every trial as Spark tasks; returns their records in trial order."""
     sc = spark.sparkContext
     groups = assign_partitions(trial_list, max_parallel)
@@ -86,7 +88,8 @@ def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epoch
         for group in items:
             for trial in group:
                 yield trials.train_trial(trial, data, family=family, epochs=epochs, patience=patience,
-                                         trials_uri=trials_uri, seed=seed, cpus=cpus)
+                                         trials_uri=trials_uri, seed=seed, cpus=cpus,
+                                         lr_decay_patience=lr_decay_patience)
 
     sc.setJobDescription(f"tune: {len(trial_list)} trials")
     records = sc.parallelize(groups, len(groups)).mapPartitions(run_partition).collect()
@@ -160,7 +163,8 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     trials_uri = storage.join_uri(args.output_uri, "trials")
     records = run_trials(spark, trial_list, data_source=data_source, family=args.model_family,
                          epochs=args.epochs, patience=args.patience, trials_uri=trials_uri,
-                         seed=args.seed, max_parallel=args.max_parallel_trials)
+                         seed=args.seed, max_parallel=args.max_parallel_trials,
+                         lr_decay_patience=args.lr_decay_patience)
     summary = summarize(records)
     results_uri = storage.join_uri(args.output_uri, "results.json")
     figure_uri = storage.join_uri(args.output_uri, "error_vs_learning_rate.png")

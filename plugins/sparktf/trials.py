@@ -30,6 +30,7 @@ def train_trial(
     trials_uri: str,
     seed: int,
     cpus: int = 1,
+    lr_decay_patience: int = 0,
 ) -> dict[str, Any]:
     """Train, evaluate and save one trial; never raises for the trial's own failures.
 
@@ -42,6 +43,8 @@ def train_trial(
         trials_uri: prefix under which ``<trial_id>/model.keras`` and ``metrics.json`` are written.
         seed: random seed for weights and shuffling.
         cpus: threads TensorFlow may use (the task's cores).
+        lr_decay_patience: halve the learning rate after this many epochs without validation
+            improvement (0 = constant learning rate).
 
     Returns:
         The trial record (also written to ``<trial_id>/metrics.json``).
@@ -67,7 +70,7 @@ def train_trial(
     record: dict[str, Any] = {
         "trial_id": trial_id, "params": params, "family": family, "status": "failed", "reason": None,
         "executor": runtime.executor_identity(), "epochs_run": 0, "train_seconds": None,
-        "max_epochs": epochs, "seed": seed,
+        "max_epochs": epochs, "seed": seed, "lr_decay_patience": lr_decay_patience,
     }
     started = time.perf_counter()
     try:
@@ -79,6 +82,10 @@ def train_trial(
             keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience,
                                           restore_best_weights=True, mode="max"),
         ]
+        if lr_decay_patience > 0:
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_accuracy", mode="max", factor=0.5, patience=lr_decay_patience,
+                min_lr=float(params["learning_rate"]) / 64))
         history = model.fit(
             data["x_train"], data["y_train"], batch_size=int(params["batch_size"]), epochs=epochs,
             validation_data=(data["x_val"], data["y_val"]), callbacks=callbacks, verbose=0, shuffle=True,

@@ -164,3 +164,27 @@ def test_tampered_artifact_is_refused(tuned, s3_prefix):
 def test_missing_champion_is_a_clear_error(s3_prefix):
     with pytest.raises(registry.ModelNotFound, match="has no champion"):
         registry.resolve(s3_prefix + "/models/", "nobody")
+
+
+def test_learning_rate_halves_when_validation_stops_improving(s3_prefix, mnist_subset):
+    """With lr_decay_patience, a plateau in validation accuracy halves the learning rate.
+
+    The validation set is made unlearnable on purpose: blank images labelled 9, a class the
+    training labels never contain, so validation accuracy stays at 0 after the first epoch.
+    """
+    from sparktf import trials
+
+    train_x, train_y, _test_x, _test_y = mnist_subset
+    keep = train_y[:600] != 9
+    data = {"x_train": train_x[:600][keep][:, :, :, None], "y_train": train_y[:600][keep].astype(np.int32),
+            "x_val": np.zeros((20, 28, 28, 1), np.uint8), "y_val": np.full(20, 9, np.int32),
+            "x_test": train_x[600:700, :, :, None], "y_test": train_y[600:700].astype(np.int32),
+            "input_shape": (28, 28, 1), "num_classes": 10}
+    trial = {"trial_id": "plateau", "params": {"learning_rate": 0.004, "hidden_units": 16, "batch_size": 64,
+                                               "dropout": 0.0, "optimizer": "adam"}}
+    record = trials.train_trial(trial, data, family="mlp", epochs=3, patience=5, trials_uri=s3_prefix, seed=1,
+                                lr_decay_patience=1)
+    assert record["status"] == "ok", record
+    assert record["history"]["val_accuracy"] == [0.0, 0.0, 0.0]
+    # The rate each epoch trained with: epoch 2 did not improve on epoch 1, so epoch 3 runs at half.
+    assert record["history"]["learning_rate"] == pytest.approx([0.004, 0.004, 0.002])
