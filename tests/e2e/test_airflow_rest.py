@@ -156,7 +156,7 @@ def tiny_mnist(bucket, mnist_subset) -> str:
 
 def test_invalid_param_is_refused_with_a_clear_message(airflow_server):
     airflow_server.wait_for_dag("tuning_pipeline")
-    # The metadata DB is shared with other tests of the session: compare with the runs before.
+    # Compared with the runs before, so the check holds whatever ran on this server first.
     runs_before = airflow_server.get("/api/v2/dags/tuning_pipeline/dagRuns")["total_entries"]
     status, body = airflow_server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns",
                                           {"logical_date": None, "conf": {"learning_rates": [0.01, 0]}})
@@ -229,6 +229,7 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         return len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs)
 
     airflow_server.wait_for(backfill_finished, "backfill of nightly_inference", 1200)
+
     def utc(stamp: str) -> str:
         return stamp.replace("Z", "+00:00")
 
