@@ -45,6 +45,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # Spark's driver, block manager and UI on loopback only
 
 BENCH_ACCESS_KEY = "bench-access-key"  # moto accepts any pair; not a secret
 BENCH_SECRET_KEY = "bench-secret-key"

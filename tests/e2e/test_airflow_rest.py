@@ -58,7 +58,9 @@ class AirflowServer:
         subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=self.env, check=True,
                        capture_output=True, timeout=600)
         for command in (["api-server", "--host", "127.0.0.1", "--port", str(self.port)],
-                        ["scheduler"], ["dag-processor"], ["triggerer"]):
+                        # No log servers: they would listen on every interface (no host setting);
+                        # the api-server reads the task logs from this machine's files.
+                        ["scheduler", "--skip-serve-logs"], ["dag-processor"], ["triggerer", "--skip-serve-logs"]):
             log = open(self.home / f"{command[0]}.log", "wb")
             self.processes.append(subprocess.Popen([str(VENV_BIN / "airflow"), *command], env=self.env,
                                                    stdout=log, stderr=log, start_new_session=True))
