@@ -10,7 +10,6 @@ The images are never built here.
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import os
@@ -95,25 +94,21 @@ def unescape(script: str) -> str:
 # --- what the code expects ---------------------------------------------------------------------
 
 def connection_ids_used_by_the_code() -> dict[str, str]:
-    """{'spark': id, 'aws': id}: the operator's defaults, unless a DAG passes its own ids."""
-    operator = ast.parse((ROOT / "plugins" / "spark_job_operator.py").read_text())
+    """{'spark': id, 'aws': id}: what the DAGs' Spark tasks and the S3 helpers they call use."""
+    import inspect
+
+    import airflow_s3
+    from airflow.dag_processing.dagbag import DagBag
+    from spark_job_operator import SparkJobOperator
+
     ids: dict[str, set[str]] = {"spark": set(), "aws": set()}
-    for node in ast.walk(operator):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setdefault"
-                and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) and node.args[0].value == "conn_id"):
-            ids["spark"].add(node.args[1].value)
-        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
-            for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults):
-                if arg.arg == "aws_conn_id":
-                    ids["aws"].add(default.value)
-    s3 = ast.parse((ROOT / "plugins" / "airflow_s3.py").read_text())
-    for node in ast.walk(s3):
-        if isinstance(node, ast.FunctionDef) and node.name in ("connection_settings", "s3_client", "job_environment"):
-            ids["aws"].add(node.args.defaults[0].value)
-    for path in (ROOT / "dags").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.keyword) and node.arg in ("conn_id", "aws_conn_id") and isinstance(node.value, ast.Constant):
-                ids["spark" if node.arg == "conn_id" else "aws"].add(node.value.value)
+    for dag in DagBag(dag_folder=str(ROOT / "dags")).dags.values():
+        for task in dag.tasks:
+            if isinstance(task, SparkJobOperator):
+                ids["spark"].add(task._conn_id)
+                ids["aws"].add(task.aws_conn_id)
+    for helper in (airflow_s3.connection_settings, airflow_s3.s3_client, airflow_s3.job_environment):
+        ids["aws"].add(inspect.signature(helper).parameters["conn_id"].default)  # the DAGs' @tasks call these
     assert len(ids["spark"]) == 1 and len(ids["aws"]) == 1, ids
     return {kind: values.pop() for kind, values in ids.items()}
 
