@@ -41,10 +41,16 @@ import datetime as dt
 import pendulum
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from pipeline_settings import (
-    DEFAULT_ARGS, DEFAULT_MODEL_NAME, DEFAULT_WORKSPACE_URI, DRIVER_MEMORY, EXECUTOR_MEMORY, SPARK_CONF, path_safe,
+from sparktf.airflow.pipeline_settings import (
+    DEFAULT_ARGS,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_WORKSPACE_URI,
+    DRIVER_MEMORY,
+    EXECUTOR_MEMORY,
+    SPARK_CONF,
+    path_safe,
 )
-from spark_job_operator import SparkJobOperator, job_path
+from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
 PREDICTIONS = Asset(name="nightly_predictions", uri=f"{DEFAULT_WORKSPACE_URI}/predictions",
                     extra={"layout": "<date>/part-*.parquet + _errors/ + _SUCCESS manifest (written last)"})
@@ -79,7 +85,7 @@ def partition_date(params: dict, data_interval_start) -> tuple[str, str]:
 
         raise AirflowFailException("this run has no data interval (triggered without a logical date): "
                                    "set the 'date' Param to the partition to score")
-    return data_interval_start.astimezone(dt.timezone.utc).date().isoformat(), "data_interval"
+    return data_interval_start.astimezone(dt.UTC).date().isoformat(), "data_interval"
 
 
 @dag(
@@ -99,20 +105,21 @@ def nightly_inference():
     @task.short_circuit(retries=2)
     def find_new_images() -> dict | bool:
         """List the day's partition; with nothing in it, skip everything downstream (not a failure)."""
-        import airflow_s3
-        from sparktf import inference
+        from sparktf import predictions
+        from sparktf.airflow import aws_connection
 
+        aws_connection.use_connection()
         context = get_current_context()
         params, ti = context["params"], context["ti"]
         date, source = partition_date(params, context.get("data_interval_start"))
         stamp = context.get("logical_date") or context["dag_run"].run_after
         interval = [str(context.get("data_interval_start")), str(context.get("data_interval_end"))]
-        incoming = inference.partition_uri(params["workspace_uri"] + "/incoming", date)
-        objects = inference.list_partition(params["workspace_uri"] + "/incoming", date, airflow_s3.s3_client())
+        incoming = predictions.partition_uri(params["workspace_uri"] + "/incoming", date)
+        objects = predictions.list_partition(params["workspace_uri"] + "/incoming", date)
         summary = {
             "date": date, "date_from": source, "data_interval": interval, "incoming_uri": incoming,
             "images": len(objects), "bytes": sum(o["size"] for o in objects),
-            "processed_at": stamp.astimezone(dt.timezone.utc).isoformat(),
+            "processed_at": stamp.astimezone(dt.UTC).isoformat(),
         }
         if objects:
             return summary
@@ -126,37 +133,20 @@ def nightly_inference():
     @task
     def resolve_model() -> dict:
         """Resolve champion (or the pinned version) and check its artifact before Spark starts."""
-        import hashlib
-
         from airflow.sdk.exceptions import AirflowFailException
-        from botocore.exceptions import ClientError
 
-        import airflow_s3
-        from sparktf import registry, storage
+        from sparktf import registry
+        from sparktf.airflow import aws_connection
 
+        aws_connection.use_connection()
         params = get_current_context()["params"]
-        client = airflow_s3.s3_client()
         models_uri = params["workspace_uri"] + "/models/"
         try:
-            metadata = registry.resolve(models_uri, params["model_name"], params["model_version"], client)
-        except registry.ModelNotFound as err:
-            raise AirflowFailException(f"cannot resolve the model: {err}") from None
-        missing = [k for k in ("version", "model_uri", "model_sha256", "input_shape", "label_names") if not metadata.get(k)]
-        if missing:
-            raise AirflowFailException(f"model {params['model_name']!r} version {metadata.get('version')} has "
-                                       f"unreadable metadata (missing {missing})")
-        location = storage.parse_uri(metadata["model_uri"])
-        digest = hashlib.sha256()
-        try:
-            body = client.get_object(Bucket=location.bucket, Key=location.key)["Body"]
-            for chunk in body.iter_chunks(1 << 20):
-                digest.update(chunk)
-        except ClientError as err:
-            raise AirflowFailException(f"model {params['model_name']!r} version {metadata['version']}: cannot read "
-                                       f"{metadata['model_uri']} ({err.response.get('Error', {}).get('Code')})") from None
-        if digest.hexdigest() != metadata["model_sha256"]:
-            raise AirflowFailException(f"model {params['model_name']!r} version {metadata['version']}: "
-                                       f"{metadata['model_uri']} does not match its recorded sha256")
+            metadata = registry.resolve(models_uri, params["model_name"], params["model_version"])
+            registry.verify_artifact(metadata["model_uri"], metadata["model_sha256"])
+        except (registry.ModelNotFound, registry.ModelIntegrityError) as err:
+            raise AirflowFailException(f"cannot use model {params['model_name']!r} "
+                                       f"({params['model_version']}): {err}") from None
         return {
             "model_name": params["model_name"], "version": int(metadata["version"]),
             "requested": params["model_version"], "model_uri": metadata["model_uri"],
@@ -194,10 +184,11 @@ def nightly_inference():
         """Check the published partition and announce it (Asset event) with the run summary."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        import airflow_s3
-        from sparktf import inference
+        from sparktf import predictions
+        from sparktf.airflow import aws_connection
 
-        manifest = inference.read_published(job["output_uri"], airflow_s3.s3_client())
+        aws_connection.use_connection()
+        manifest = predictions.read_published(job["output_uri"])
         if manifest is None or manifest.get("attempt_id") != job["attempt_id"]:
             raise AirflowFailException(f"{job['output_uri']} has no _SUCCESS manifest from this run's job "
                                        f"(attempt {job['attempt_id']}): the partition was replaced or removed")

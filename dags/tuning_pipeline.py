@@ -23,10 +23,17 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from pipeline_settings import (
-    DEFAULT_ARGS, DEFAULT_MODEL_NAME, DEFAULT_WORKSPACE_URI, DRIVER_MEMORY, EXECUTOR_MEMORY, SPARK_CONF, path_safe,
+from sparktf import knobs
+from sparktf.airflow.pipeline_settings import (
+    DEFAULT_ARGS,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_WORKSPACE_URI,
+    DRIVER_MEMORY,
+    EXECUTOR_MEMORY,
+    SPARK_CONF,
+    path_safe,
 )
-from spark_job_operator import SparkJobOperator, job_path
+from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
 RUN_URI = "{{ params.workspace_uri }}/runs/{{ dag.dag_id }}/{{ run_id | path_safe }}"
 PREPARED_URI = RUN_URI + "/prepared/"
@@ -41,39 +48,9 @@ PARAMS = {
                            title="Workspace", description="S3 prefix (no trailing slash) for runs and models."),
     "model_name": Param(DEFAULT_MODEL_NAME, type="string", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
                         title="Model name"),
-    "model_family": Param("mnist_cnn", type="string", enum=["mnist_cnn", "mlp"], title="Model family",
-                          description="mnist_cnn: the seed's 2-conv network; mlp: a quick 1-hidden-layer net."),
-    "learning_rates": Param([0.0003, 0.001, 0.003], type="array", minItems=1,
-                            items={"type": "number", "exclusiveMinimum": 0}, title="Learning rates"),
-    "hidden_units": Param([128, 512, 1024], type="array", minItems=1, items={"type": "integer", "minimum": 1},
-                          title="Hidden units", description="Widths of the fully connected layer."),
-    "batch_sizes": Param([128], type="array", minItems=1, items={"type": "integer", "minimum": 1},
-                         title="Batch sizes"),
-    "dropouts": Param([0.5], type="array", minItems=1,
-                      items={"type": "number", "minimum": 0, "exclusiveMaximum": 1}, title="Dropout rates"),
-    "optimizer": Param("adam", type="string", enum=["adam", "sgd"], title="Optimizer"),
-    "augment": Param(0.0, type="number", minimum=0, maximum=0.3, title="Augmentation",
-                     description="Random shift as a fraction of the image size (0 = off)."),
-    "epochs": Param(8, type="integer", minimum=1, maximum=500, title="Maximum epochs per trial"),
-    "patience": Param(2, type="integer", minimum=1, title="Early-stopping patience (epochs)"),
-    "lr_decay_patience": Param(1, type="integer", minimum=0, title="Learning-rate decay patience (epochs)",
-                               description="Halve the learning rate after this many epochs without validation "
-                                           "improvement; 0 = constant learning rate."),
-    "search_strategy": Param("grid", type="string", enum=["grid", "random"], title="Search strategy"),
-    "num_random_trials": Param(6, type="integer", minimum=1, title="Trials to sample (random search)"),
-    "seed": Param(42, type="integer", minimum=0, title="Random seed"),
-    "max_parallel_trials": Param(0, type="integer", minimum=0, title="Maximum parallel trials",
-                                 description="0 = one task per trial on every free Spark task slot."),
-    "validation_fraction": Param(0.1, type="number", exclusiveMinimum=0, exclusiveMaximum=0.5),
-    "test_fraction": Param(0.1, type="number", exclusiveMinimum=0, exclusiveMaximum=0.5),
-    "promotion_metric": Param("test_accuracy", type="string", enum=["test_accuracy", "test_loss"],
-                              title="Promotion metric"),
-    "min_improvement": Param(0.0, type="number", minimum=0, title="Minimum improvement to promote"),
+    # The tuning knobs: one table (sparktf.knobs) gives the form, the job arguments and the checks.
+    **{name: Param(**spec) for name, spec in knobs.param_specs().items()},
 }
-
-
-def _csv(name: str) -> str:
-    return "{{ params.%s | join(',') }}" % name
 
 
 @dag(
@@ -95,33 +72,32 @@ def tuning_pipeline():
         """Refuse bad Params before any Spark job starts, saying what to fix."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        import airflow_s3
         from sparktf import search, storage
+        from sparktf.airflow import aws_connection
 
-        space = {"learning_rate": params["learning_rates"], "hidden_units": params["hidden_units"],
-                 "batch_size": params["batch_sizes"], "dropout": params["dropouts"]}
-        problems = search.validate_search_space(
-            space, strategy=params["search_strategy"], num_samples=params["num_random_trials"],
-            epochs=params["epochs"], max_parallel_trials=params["max_parallel_trials"])
-        if params["validation_fraction"] + params["test_fraction"] >= 0.9:
-            problems.append("validation_fraction + test_fraction must leave at least 10% for training")
+        values = {name: params[name] for name in knobs.BY_NAME}
+        problems = knobs.validate(values)
+        space = knobs.search_space(values)
+        if not problems:
+            problems = search.validate_search_space(space, strategy=values["search_strategy"],
+                                                    num_samples=values["num_random_trials"])
         for name in ("dataset_uri", "workspace_uri"):
             try:
                 storage.parse_uri(params[name])
             except ValueError as err:
                 problems.append(f"{name}: {err}")
         if not problems:
-            location = storage.parse_uri(params["dataset_uri"]).as_prefix()
-            listing = airflow_s3.s3_client().list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=1)
-            if not listing.get("KeyCount"):
-                problems.append(f"dataset_uri {location.uri} holds no objects: upload the data set there "
+            aws_connection.use_connection()
+            location = storage.prefix_uri(params["dataset_uri"])
+            if not storage.has_objects(location):
+                problems.append(f"dataset_uri {location} holds no objects: upload the data set there "
                                 f"(<label>/<image> files or MNIST IDX files) or point dataset_uri at it")
         if problems:
             raise AirflowFailException("invalid parameters: " + "; ".join(problems))
-        trials = search.build_trials(space, strategy=params["search_strategy"],
-                                     num_samples=params["num_random_trials"], seed=params["seed"])
+        trials = search.build_trials(space, strategy=values["search_strategy"],
+                                     num_samples=values["num_random_trials"], seed=values["seed"])
         return {"dataset_uri": params["dataset_uri"], "trials": len(trials),
-                "search_strategy": params["search_strategy"], "epochs": params["epochs"]}
+                "search_strategy": values["search_strategy"], "epochs": values["epochs"]}
 
     prepare_data = SparkJobOperator(
         task_id="prepare_data",
@@ -130,9 +106,7 @@ def tuning_pipeline():
         application_args=[
             "--input-uri", "{{ params.dataset_uri }}",
             "--output-uri", PREPARED_URI,
-            "--validation-fraction", "{{ params.validation_fraction }}",
-            "--test-fraction", "{{ params.test_fraction }}",
-            "--seed", "{{ params.seed }}",
+            *knobs.job_arguments("prepare_data"),
         ],
         result_uri=RESULT_URI,
         conf=SPARK_CONF,
@@ -147,20 +121,7 @@ def tuning_pipeline():
         application_args=[
             "--prepared-uri", PREPARED_URI,
             "--output-uri", TUNING_URI,
-            "--model-family", "{{ params.model_family }}",
-            "--learning-rates", _csv("learning_rates"),
-            "--hidden-units", _csv("hidden_units"),
-            "--batch-sizes", _csv("batch_sizes"),
-            "--dropouts", _csv("dropouts"),
-            "--optimizer", "{{ params.optimizer }}",
-            "--augment", "{{ params.augment }}",
-            "--epochs", "{{ params.epochs }}",
-            "--patience", "{{ params.patience }}",
-            "--lr-decay-patience", "{{ params.lr_decay_patience }}",
-            "--search-strategy", "{{ params.search_strategy }}",
-            "--num-random-trials", "{{ params.num_random_trials }}",
-            "--seed", "{{ params.seed }}",
-            "--max-parallel-trials", "{{ params.max_parallel_trials }}",
+            *knobs.job_arguments("tune"),
         ],
         result_uri=RESULT_URI,
         conf=SPARK_CONF,
@@ -178,8 +139,8 @@ def tuning_pipeline():
             "--models-uri", "{{ params.workspace_uri }}/models/",
             "--model-name", "{{ params.model_name }}",
             "--source-run", "{{ run_id }}",
-            "--promotion-metric", "{{ params.promotion_metric }}",
-            "--min-improvement", "{{ params.min_improvement }}",
+            "--trained-at", "{{ dag_run.run_after.isoformat() }}",
+            *knobs.job_arguments("export_model"),
         ],
         result_uri=RESULT_URI,
         conf=SPARK_CONF,

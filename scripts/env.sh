@@ -26,4 +26,3 @@ export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$VENV/bin/python}"
 export TF_CPP_MIN_LOG_LEVEL=2
 # Spark binds its driver and block manager to loopback only.
 export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
-export PYTHONPATH="$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"

@@ -9,11 +9,12 @@ Usage: python scripts/seed_incoming.py [--dates 2026-11-20,2026-11-21] [--per-da
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
 import sys
 
-from seed_demo import ROOT, client, ensure_bucket
+from seed_demo import use_local_stack
+
+from sparktf import storage, testing
+from sparktf.images import encode_png
 
 
 def names(n: int, date: str) -> str:
@@ -31,28 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-date", type=int, default=25, help="digits landed per date")
     args = parser.parse_args(argv)
 
-    from sparktf import idx
-    from sparktf.images import encode_png
-
-    workspace = os.environ.get("SPARKTF_WORKSPACE_URI", "s3://ml-pipeline")
-    bucket, _, prefix = workspace[len("s3://"):].partition("/")
-    s3 = client()
-    ensure_bucket(s3, bucket)
-    with open(os.path.join(ROOT, "data", "demo", "mnist", "t10k-images-idx3-ubyte.gz"), "rb") as fh:
-        digits = idx.parse_idx(gzip.decompress(fh.read()))
+    workspace = use_local_stack()
+    _train_x, _train_y, digits, _labels = testing.read_mnist()
     dates = [d.strip() for d in args.dates.split(",") if d.strip()]
     for d, date in enumerate(dates):
-        base = "/".join(p for p in (prefix, "incoming", date) if p)
+        base = storage.join_uri(workspace, "incoming", date)
         for n in range(args.per_date):
             png = encode_png(digits[d * args.per_date + n])
-            s3.put_object(Bucket=bucket, Key=f"{base}/{names(n, date)}", Body=png)
+            storage.write_bytes(storage.join_uri(base, names(n, date)), png)
         count = args.per_date
         if d == 0:  # two files that are not usable images
-            s3.put_object(Bucket=bucket, Key=f"{base}/camera-0/cut off.png", Body=png[: len(png) // 2])
-            s3.put_object(Bucket=bucket, Key=f"{base}/camera-1/upload-error.png",
-                          Body=b"<html><body>413 Request Entity Too Large</body></html>")
+            storage.write_bytes(storage.join_uri(base, "camera-0/cut off.png"), png[: len(png) // 2])
+            storage.write_bytes(storage.join_uri(base, "camera-1/upload-error.png"),
+                                b"<html><body>413 Request Entity Too Large</body></html>")
             count += 2
-        print(f"{count} files landed under s3://{bucket}/{base}/")
+        print(f"{count} files landed under {base}/")
     return 0
 
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 stamp="$VENV/.requirements.sha256"
-want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating virtual environment in $VENV"
   python3 -m venv "$VENV"
@@ -14,6 +14,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
   echo "$want" > "$stamp"
+fi
+# The sparktf library (plugins/sparktf), installed in editable mode: importable everywhere
+# (tests, benchmarks, Spark's local Python workers) without any path edits.
+if ! "$VENV/bin/python" -c "import sparktf, sys; sys.exit(0 if sparktf.__file__.startswith('$ROOT/') else 1)" 2>/dev/null; then
+  echo "==> installing the sparktf package (editable)"
+  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
 fi
 if ! command -v java >/dev/null 2>&1; then
   echo "Java 17 is required by Spark: install it (e.g. apt-get install openjdk-17-jre-headless)" >&2

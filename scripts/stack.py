@@ -10,46 +10,24 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
+
+from sparktf.testing import S3Server
 
 STATE_DIR = os.environ.get("SPARKTF_STATE_DIR", os.path.join(os.path.dirname(__file__), "..", ".stack"))
 PORT = int(os.environ.get("SPARKTF_S3_PORT", "5055"))
-ENDPOINT = f"http://127.0.0.1:{PORT}"
 PID_FILE = os.path.join(STATE_DIR, "moto.pid")
 
 
-def is_up() -> bool:
-    try:
-        with urllib.request.urlopen(ENDPOINT + "/moto-api/", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def start() -> None:
-    if is_up():
-        print(f"S3 server already running at {ENDPOINT}")
+def start(server: S3Server) -> None:
+    if server.is_up():
+        print(f"S3 server already running at {server.endpoint}")
         return
     os.makedirs(STATE_DIR, exist_ok=True)
-    log = open(os.path.join(STATE_DIR, "moto.log"), "ab")
-    server = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    process = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(PORT)], stdout=log, stderr=log,
-                               start_new_session=True)
+    server.start(set_environment=False)  # its own session: it outlives this script
     with open(PID_FILE, "w") as fh:
-        fh.write(str(process.pid))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"S3 server exited early (code {process.returncode}); see {STATE_DIR}/moto.log")
-        if is_up():
-            print(f"S3 server started at {ENDPOINT} (pid {process.pid})")
-            return
-        time.sleep(0.2)
-    process.terminate()
-    sys.exit(f"S3 server did not answer at {ENDPOINT} within 30 s")
+        fh.write(str(server.process.pid))
+    print(f"S3 server started at {server.endpoint} (pid {server.process.pid})")
 
 
 def stop() -> None:
@@ -60,7 +38,7 @@ def stop() -> None:
         print("no S3 server started by this project")
         return
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)
         print(f"stopped S3 server (pid {pid})")
     except ProcessLookupError:
         print("S3 server was not running")
@@ -69,9 +47,10 @@ def stop() -> None:
 
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "status"
+    s3_server = S3Server(port=PORT, log_path=os.path.join(STATE_DIR, "moto.log"))
     if command == "start":
-        start()
+        start(s3_server)
     elif command == "stop":
         stop()
     else:
-        print(f"S3 server at {ENDPOINT}: {'up' if is_up() else 'down'}")
+        print(f"S3 server at {s3_server.endpoint}: {'up' if s3_server.is_up() else 'down'}")

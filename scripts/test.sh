@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
+echo "==> ruff check (lint, with Airflow's AIR rules)"
+ruff check .
 exec python -m pytest "$@"

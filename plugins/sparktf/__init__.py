@@ -1,7 +1,20 @@
 """Library shared by the Spark jobs (shipped to executors as a zip) and the Airflow side.
 
-Nothing here imports Airflow; heavy modules (TensorFlow, PySpark, boto3, Pillow) are imported
-inside the functions that need them, so the DAG files can import the light parts cheaply.
+Nothing at this level imports Airflow; heavy modules (TensorFlow, PySpark, boto3, Pillow) are
+imported inside the functions that need them, so the DAG files can import the light parts cheaply.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import os
+
+__version__ = "0.2.0"
+
+# Set by the submitting operator to the sha256 of the shipped sources (see sparktf.airflow).
+CODE_SHA256_ENV = "SPARKTF_CODE_SHA256"
+
+
+def code_version() -> str:
+    """Package version plus the hash of the shipped code (when submitted by the operator)."""
+    shipped = os.environ.get(CODE_SHA256_ENV, "")
+    return f"{__version__}+{shipped[:12]}" if shipped else __version__

@@ -14,7 +14,8 @@ Each row: ``id`` (source key, plus a record index for IDX files), ``label`` (int
 from __future__ import annotations
 
 import io
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

@@ -6,17 +6,8 @@ artifact needs no separate preprocessing step: it takes uint8 pixels in ``[0, 25
 
 from __future__ import annotations
 
-from typing import Callable
-
-# Hyperparameters every family understands, with their defaults (the seed's MNIST settings).
-DEFAULT_HYPERPARAMETERS = {
-    "learning_rate": 1e-3,
-    "hidden_units": 1024,
-    "dropout": 0.5,
-    "batch_size": 128,
-    "optimizer": "adam",
-    "augment": 0.0,
-}
+import inspect
+from collections.abc import Callable
 
 
 def build_mnist_cnn(
@@ -30,7 +21,6 @@ def build_mnist_cnn(
     augment: float = 0.0,
     conv_filters: tuple[int, int] = (32, 64),
     kernel_size: int = 5,
-    **_ignored,
 ):
     """The seed's MNIST network: two 5x5 conv + max-pool blocks, one dense layer, dropout, softmax.
 
@@ -51,9 +41,7 @@ def build_mnist_cnn(
 
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    if augment and augment > 0:
-        x = layers.RandomTranslation(augment, augment, fill_mode="constant", name="shift")(x)
-        x = layers.RandomRotation(augment / 2.0, fill_mode="constant", name="rotate")(x)
+    x = _augmentation(x, augment)
     for index, filters in enumerate(conv_filters):
         x = layers.Conv2D(filters, kernel_size, padding="same", activation="relu", name=f"conv{index + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{index + 1}")(x)
@@ -78,14 +66,15 @@ def build_mlp(
     hidden_units: int = 256,
     dropout: float = 0.2,
     optimizer: str = "adam",
-    **_ignored,
+    augment: float = 0.0,
 ):
-    """A one-hidden-layer perceptron: a cheap family for quick experiments."""
+    """A one-hidden-layer perceptron: a cheap family for quick experiments (same augmentation)."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = _augmentation(x, augment)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
     x = layers.Dropout(float(dropout), name="dropout")(x)
@@ -97,6 +86,16 @@ def build_mlp(
         metrics=["accuracy"],
     )
     return model
+
+
+def _augmentation(x, augment: float):
+    """Random shift by ``augment`` of the size and rotation by half that; active in training only."""
+    from keras import layers
+
+    if augment and augment > 0:
+        x = layers.RandomTranslation(augment, augment, fill_mode="constant", name="shift")(x)
+        x = layers.RandomRotation(augment / 2.0, fill_mode="constant", name="rotate")(x)
+    return x
 
 
 def make_optimizer(name: str, learning_rate: float):
@@ -113,9 +112,18 @@ MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mlp": buil
 
 
 def build_model(family: str, input_shape, num_classes: int, **hyperparameters):
-    """Build and compile a model of a registered family."""
+    """Build and compile a model of a registered family.
+
+    Raises:
+        ValueError: for an unknown family, or a hyperparameter the family does not use (a
+            misspelled or unsupported setting is refused, never silently dropped).
+    """
     try:
         builder = MODEL_FAMILIES[family]
     except KeyError:
         raise ValueError(f"unknown model family {family!r}; known: {sorted(MODEL_FAMILIES)}") from None
+    accepted = [name for name in inspect.signature(builder).parameters if name not in ("input_shape", "num_classes")]
+    unknown = sorted(set(hyperparameters) - set(accepted))
+    if unknown:
+        raise ValueError(f"model family {family!r} does not use {unknown}; it takes {accepted}")
     return builder(tuple(input_shape), num_classes, **hyperparameters)

@@ -1,24 +1,140 @@
-"""Object storage: the one way this package reads and writes objects.
+"""Object storage: the one module of this package that talks to S3.
 
-Everything goes through boto3 against any S3-compatible endpoint. Credentials and endpoint come
-from the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
-profiles, instance roles). Spark's s3a connector is not used: executors read and write objects
-themselves, which works on any Spark deployment without extra jars.
+Everything goes through boto3 against any S3-compatible endpoint (AWS, MinIO, moto). Nothing
+else in the package creates a client or calls an S3 operation: callers name objects by URI and
+get bytes, JSON, listings or a clear error back.
 
-boto3 clients are not fork-safe, so :func:`s3_client` keeps one client per process id.
+**Settings.** :class:`StorageSettings` holds the endpoint, region and credentials. A process uses
+:func:`default_settings` (set once with :func:`configure`, e.g. by the Airflow side from the
+``aws_default`` connection), else the standard AWS chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, profiles, instance roles).
+
+**Timeouts and retries, set here once.** Every client has explicit connect and read timeouts and
+botocore's standard retry mode for the request. botocore does not retry reading a response body,
+so every read here (:func:`read_bytes`, :func:`stream_sha256`, :func:`download_file`) retries the
+whole GET with exponential backoff on throttling, 5xx answers, connection resets and truncated
+bodies, and raises :class:`TransientStorageError` when the object stays unreadable. A missing
+object is never retried: it raises :class:`ObjectNotFound` at once.
+
+**Conditional writes.** :func:`write_bytes` can create only if absent (``If-None-Match: *``) or
+replace only the version read before (``If-Match: <etag>``); a lost race raises
+:class:`PreconditionFailed`.
+
+boto3 clients are not fork-safe, so one client is kept per process id (and settings).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import random
 import threading
-from dataclasses import dataclass
-from typing import Any, Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
-_CLIENTS: dict[tuple[int, str | None], Any] = {}
+log = logging.getLogger("sparktf.storage")
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_SECONDS = 10
+READ_TIMEOUT_SECONDS = 60
+REQUEST_MAX_ATTEMPTS = 5  # botocore's own retries of one request (status and connection errors)
+READ_ATTEMPTS = 5  # whole GETs, body included, before an object counts as unreadable
+BACKOFF_BASE_SECONDS = 0.2
+BACKOFF_MAX_SECONDS = 5.0
+STREAM_CHUNK = 1 << 20
+
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+_PRECONDITION_CODES = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed"}
+
+
+class StorageError(RuntimeError):
+    """A storage operation that failed; the message names the object."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """The object does not exist."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (create) or changed since it was read (replace)."""
+
+
+class TransientStorageError(StorageError):
+    """The store kept failing (throttling, 5xx, resets) after every retry: try again later."""
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where the store is and who we are; empty fields fall back to the standard AWS chain."""
+
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS environment variables that give another process the same settings."""
+        names = {"endpoint_url": "AWS_ENDPOINT_URL", "region_name": "AWS_DEFAULT_REGION",
+                 "aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                 "aws_session_token": "AWS_SESSION_TOKEN"}
+        return {names[k]: str(v) for k, v in asdict(self).items() if v}
+
+    def __repr__(self) -> str:  # never print a secret
+        return (f"StorageSettings(endpoint_url={self.endpoint_url!r}, region_name={self.region_name!r}, "
+                f"credentials={'set' if self.aws_access_key_id else 'AWS chain'})")
+
+
+_DEFAULT_SETTINGS = StorageSettings()
+_CLIENTS: dict[tuple[int, StorageSettings], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
+
+
+def configure(settings: StorageSettings) -> None:
+    """Make ``settings`` this process's default (used by every call without an explicit client)."""
+    global _DEFAULT_SETTINGS
+    _DEFAULT_SETTINGS = settings
+
+
+def default_settings() -> StorageSettings:
+    return _DEFAULT_SETTINGS
+
+
+def client(settings: StorageSettings | None = None):
+    """This process's boto3 S3 client for ``settings`` (created on first use, one per pid)."""
+    settings = settings or _DEFAULT_SETTINGS
+    key = (os.getpid(), settings)
+    found = _CLIENTS.get(key)
+    if found is None:
+        with _CLIENTS_LOCK:
+            found = _CLIENTS.get(key)
+            if found is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    read_timeout=READ_TIMEOUT_SECONDS,
+                    retries={"max_attempts": REQUEST_MAX_ATTEMPTS, "mode": "standard"},
+                    max_pool_connections=64,
+                    # Path-style addressing works with MinIO, moto and AWS alike.
+                    s3={"addressing_style": "path"},
+                )
+                kwargs = {k: v for k, v in asdict(settings).items() if v}
+                found = boto3.session.Session().client("s3", config=config, **kwargs)
+                _CLIENTS[key] = found
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -32,7 +148,7 @@ class S3Location:
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
-    def join(self, *parts: str) -> "S3Location":
+    def join(self, *parts: str) -> S3Location:
         """Append path parts, with exactly one slash between them."""
         key = self.key.rstrip("/")
         for part in parts:
@@ -41,7 +157,7 @@ class S3Location:
                 key = f"{key}/{part}" if key else part
         return S3Location(self.bucket, key)
 
-    def as_prefix(self) -> "S3Location":
+    def as_prefix(self) -> S3Location:
         """The same location with a trailing slash, for listing a folder."""
         return S3Location(self.bucket, self.key.rstrip("/") + "/" if self.key else "")
 
@@ -54,8 +170,7 @@ def parse_uri(uri: str) -> S3Location:
     """
     for scheme in ("s3://", "s3a://"):
         if uri.startswith(scheme):
-            rest = uri[len(scheme):]
-            bucket, _, key = rest.partition("/")
+            bucket, _, key = uri[len(scheme):].partition("/")
             if not bucket:
                 break
             return S3Location(bucket, key)
@@ -67,143 +182,312 @@ def join_uri(uri: str, *parts: str) -> str:
     return parse_uri(uri).join(*parts).uri
 
 
-def s3_client(endpoint_url: str | None = None):
-    """Return this process's boto3 S3 client (created on first use, one per pid).
+def prefix_uri(uri: str) -> str:
+    """The URI with exactly one trailing slash (a folder to list)."""
+    return parse_uri(uri).as_prefix().uri
+
+
+def object_uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Error classification and retries
+# ---------------------------------------------------------------------------------------------
+
+
+def _error_code(err: BaseException) -> str | None:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(code or status or "")
+    return None
+
+
+def is_not_found(err: BaseException) -> bool:
+    return _error_code(err) in _NOT_FOUND_CODES
+
+
+def is_transient(err: BaseException) -> bool:
+    """Throttling, 5xx, timeouts, resets and truncated bodies: worth another try."""
+    from botocore.exceptions import (
+        ConnectionError as BotoConnectionError,
+    )
+    from botocore.exceptions import (
+        HTTPClientError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    if isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, ReadTimeoutError,
+                        ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)):
+        return True
+    code = _error_code(err)
+    return code is not None and (code in _TRANSIENT_CODES or code.startswith("5"))
+
+
+def _backoff(attempt: int) -> None:
+    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * (2 ** attempt))
+    time.sleep(delay * (0.5 + random.random() / 2))
+
+
+def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPTS) -> T:
+    """Run ``operation`` until it succeeds, retrying transient failures with backoff.
+
+    Raises:
+        ObjectNotFound: at once, if the object does not exist.
+        TransientStorageError: if every attempt failed transiently.
+    """
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except Exception as err:  # noqa: BLE001 - classified below
+            if is_not_found(err):
+                raise ObjectNotFound(f"{what}: no such object") from None
+            if not is_transient(err):
+                raise
+            if attempt + 1 == attempts:
+                raise TransientStorageError(
+                    f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})") from err
+            log.warning("%s: %s, retrying (attempt %d of %d)", what, type(err).__name__, attempt + 2, attempts)
+            _backoff(attempt)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_bytes(uri: str, s3=None) -> bytes:
+    """Read a whole object (the GET and its body retried together)."""
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+    return retrying(f"GET {uri}", lambda: s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
+
+
+def read_json(uri: str, s3=None) -> Any:
+    return json.loads(read_bytes(uri, s3).decode("utf-8"))
+
+
+def read_json_if_exists(uri: str, s3=None) -> Any | None:
+    """The parsed JSON object, or None when it does not exist."""
+    try:
+        return read_json(uri, s3)
+    except ObjectNotFound:
+        return None
+
+
+def read_json_with_etag(uri: str, s3=None) -> tuple[Any | None, str | None]:
+    """``(parsed JSON, ETag)`` of an object, or ``(None, None)`` when it does not exist.
+
+    The ETag is what :func:`write_bytes` needs to replace exactly this version (``if_match``).
+    """
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+
+    def get():
+        response = s3.get_object(Bucket=loc.bucket, Key=loc.key)
+        return json.loads(response["Body"].read().decode("utf-8")), response.get("ETag", "").strip('"')
+
+    try:
+        return retrying(f"GET {uri}", get)
+    except ObjectNotFound:
+        return None, None
+
+
+def stream_sha256(uri: str, s3=None, sink: Callable[[bytes], None] | None = None,
+                  restart: Callable[[], None] | None = None) -> str:
+    """sha256 of an object read in chunks (never whole in memory); chunks also go to ``sink``.
+
+    A failure mid-body restarts the read from the beginning (``restart`` is called first, so a
+    sink writing a file can truncate it).
+    """
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+
+    def read() -> str:
+        if restart is not None:
+            restart()
+        digest = hashlib.sha256()
+        body = s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+        for chunk in body.iter_chunks(STREAM_CHUNK):
+            digest.update(chunk)
+            if sink is not None:
+                sink(chunk)
+        return digest.hexdigest()
+
+    return retrying(f"GET {uri}", read)
+
+
+def download_file(uri: str, path: str, s3=None) -> str:
+    """Download an object to a local file (streamed); returns its sha256."""
+    with open(path, "wb") as fh:
+        def restart() -> None:
+            fh.seek(0)
+            fh.truncate()
+        return stream_sha256(uri, s3, sink=fh.write, restart=restart)
+
+
+def head(uri: str, s3=None) -> dict[str, Any] | None:
+    """``{"size", "etag"}`` of an object, or None when it does not exist."""
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+    try:
+        response = retrying(f"HEAD {uri}", lambda: s3.head_object(Bucket=loc.bucket, Key=loc.key))
+    except ObjectNotFound:
+        return None
+    return {"size": int(response.get("ContentLength", 0)), "etag": response.get("ETag", "").strip('"')}
+
+
+def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
+    """Yield ``{"key", "size", "etag"}`` for every object under a prefix (recursively), in key order."""
+    loc = parse_uri(prefix)
+    s3 = s3 or client()
+    token = None
+    while True:
+        kwargs = {"Bucket": loc.bucket, "Prefix": loc.key}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = retrying(f"LIST {prefix}", lambda kw=kwargs: s3.list_objects_v2(**kw))
+        for obj in page.get("Contents", []):
+            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj.get("ETag", "").strip('"')}
+        if not page.get("IsTruncated"):
+            return
+        token = page["NextContinuationToken"]
+
+
+def list_keys(prefix: str, s3=None) -> list[str]:
+    """Sorted keys of every object under a prefix."""
+    return sorted(obj["key"] for obj in iter_objects(prefix, s3))
+
+
+def has_objects(prefix: str, s3=None) -> bool:
+    """True if at least one object exists under the prefix (one small LIST)."""
+    loc = parse_uri(prefix)
+    s3 = s3 or client()
+    page = retrying(f"LIST {prefix}", lambda: s3.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key, MaxKeys=1))
+    return bool(page.get("KeyCount"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None, *,
+                if_none_match: bool = False, if_match: str | None = None) -> str:
+    """Write a whole object with one PUT (readers see the old or the new object, never a mix).
 
     Args:
-        endpoint_url: overrides ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` for this client.
+        if_none_match: create only if no object exists at ``uri`` (``If-None-Match: *``).
+        if_match: replace only the version with this ETag (compare-and-swap).
+
+    Returns:
+        The new object's ETag.
+
+    Raises:
+        PreconditionFailed: the condition did not hold (someone else wrote first).
     """
-    key = (os.getpid(), endpoint_url)
-    client = _CLIENTS.get(key)
-    if client is None:
-        with _CLIENTS_LOCK:
-            client = _CLIENTS.get(key)
-            if client is None:
-                import boto3
-                from botocore.config import Config
-
-                config = Config(
-                    retries={"max_attempts": 5, "mode": "standard"},
-                    max_pool_connections=64,
-                    # Path-style addressing works with MinIO, moto and AWS alike.
-                    s3={"addressing_style": "path"},
-                )
-                session = boto3.session.Session()
-                client = session.client("s3", endpoint_url=endpoint_url, config=config)
-                _CLIENTS[key] = client
-    return client
-
-
-def read_bytes(uri: str, client=None) -> bytes:
-    """Read a whole object."""
     loc = parse_uri(uri)
-    client = client or s3_client()
-    return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+    s3 = s3 or client()
+    extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+    if if_none_match:
+        extra["IfNoneMatch"] = "*"
+    if if_match:
+        extra["IfMatch"] = f'"{if_match}"'
+    conditional = if_none_match or bool(if_match)
+
+    def put() -> str:
+        return s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra).get("ETag", "").strip('"')
+
+    try:
+        # A conditional PUT is not retried blindly: a retry after a lost answer would see our
+        # own write and report a conflict. botocore still retries connection-level failures.
+        return put() if conditional else retrying(f"PUT {uri}", put)
+    except Exception as err:  # noqa: BLE001 - classified below
+        if _error_code(err) in _PRECONDITION_CODES:
+            condition = "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
+            raise PreconditionFailed(f"PUT {uri} ({condition}): the object was written by someone else") from None
+        raise
 
 
-def write_bytes(uri: str, data: bytes, client=None, content_type: str | None = None) -> None:
-    """Write a whole object (a single PUT: readers see the old or the new object, never a mix)."""
-    loc = parse_uri(uri)
-    client = client or s3_client()
-    extra = {"ContentType": content_type} if content_type else {}
-    client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
-
-
-def read_json(uri: str, client=None) -> Any:
-    return json.loads(read_bytes(uri, client).decode("utf-8"))
-
-
-def write_json(uri: str, value: Any, client=None) -> None:
+def write_json(uri: str, value: Any, s3=None, **conditions: Any) -> str:
+    """Write a JSON document (sorted keys, indented); conditions as for :func:`write_bytes`."""
     data = json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8")
-    write_bytes(uri, data, client, content_type="application/json")
+    return write_bytes(uri, data, s3, content_type="application/json", **conditions)
 
 
-def exists(uri: str, client=None) -> bool:
-    """True if the object exists."""
-    from botocore.exceptions import ClientError
-
-    loc = parse_uri(uri)
-    client = client or s3_client()
-    try:
-        client.head_object(Bucket=loc.bucket, Key=loc.key)
-        return True
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-
-
-def read_json_if_exists(uri: str, client=None) -> Any | None:
-    """The parsed JSON object, or None when it does not exist."""
-    from botocore.exceptions import ClientError
-
-    try:
-        return read_json(uri, client)
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-
-
-def iter_objects(prefix_uri: str, client=None) -> Iterator[dict]:
-    """Yield ``{"key", "size", "etag"}`` for every object under a prefix (recursively)."""
-    loc = parse_uri(prefix_uri)
-    client = client or s3_client()
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
-        for obj in page.get("Contents", []):
-            yield {"key": obj["Key"], "size": obj["Size"], "etag": obj.get("ETag", "").strip('"')}
-
-
-def list_keys(prefix_uri: str, client=None) -> list[str]:
-    """Sorted keys of every object under a prefix."""
-    return sorted(obj["key"] for obj in iter_objects(prefix_uri, client))
-
-
-def delete_prefix(prefix_uri: str, client=None) -> int:
-    """Delete every object under a prefix; returns how many were deleted."""
-    loc = parse_uri(prefix_uri)
-    client = client or s3_client()
-    keys = list_keys(prefix_uri, client)
-    for start in range(0, len(keys), 1000):
-        batch = keys[start:start + 1000]
-        client.delete_objects(
-            Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-        )
-    return len(keys)
-
-
-def copy_object(src_uri: str, dst_uri: str, client=None) -> None:
-    """Server-side copy of one object."""
+def copy_object(src_uri: str, dst_uri: str, s3=None) -> str:
+    """Server-side copy of one object; returns the copy's ETag."""
     src, dst = parse_uri(src_uri), parse_uri(dst_uri)
-    client = client or s3_client()
-    client.copy_object(Bucket=dst.bucket, Key=dst.key, CopySource={"Bucket": src.bucket, "Key": src.key})
+    s3 = s3 or client()
+    response = retrying(f"COPY {src_uri} -> {dst_uri}", lambda: s3.copy_object(
+        Bucket=dst.bucket, Key=dst.key, CopySource={"Bucket": src.bucket, "Key": src.key}))
+    return response.get("CopyObjectResult", {}).get("ETag", "").strip('"')
 
 
-def upload_dir(local_dir: str, prefix_uri: str, client=None) -> list[str]:
-    """Upload every file of a local directory tree under a prefix; returns the URIs written."""
+def upload_dir(local_dir: str, prefix: str, s3=None) -> list[dict[str, Any]]:
+    """Upload every file of a local tree under a prefix.
+
+    Returns:
+        ``[{"path": relative path, "size", "sha256"}]`` for every file, sorted by path.
+    """
     written = []
     for root, _dirs, files in os.walk(local_dir):
         for name in sorted(files):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            uri = join_uri(prefix_uri, rel)
             with open(path, "rb") as fh:
-                write_bytes(uri, fh.read(), client)
-            written.append(uri)
-    return written
+                data = fh.read()
+            write_bytes(join_uri(prefix, rel), data, s3)
+            written.append({"path": rel, "size": len(data), "sha256": sha256_hex(data)})
+    return sorted(written, key=lambda f: f["path"])
 
 
-def download_prefix(prefix_uri: str, local_dir: str, client=None) -> None:
-    """Download every object under a prefix into a local directory, keeping relative paths."""
-    loc = parse_uri(prefix_uri).as_prefix()
-    client = client or s3_client()
-    for key in list_keys(loc.uri, client):
-        rel = key[len(loc.key):]
-        path = os.path.join(local_dir, *rel.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(client.get_object(Bucket=loc.bucket, Key=key)["Body"].read())
+def delete_object(uri: str, s3=None) -> None:
+    """Delete one object (no error if it does not exist)."""
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+    retrying(f"DELETE {uri}", lambda: s3.delete_object(Bucket=loc.bucket, Key=loc.key))
+
+
+def delete_keys(bucket: str, keys: list[str], s3=None) -> int:
+    """Delete objects by key, 1,000 per request; returns how many were deleted.
+
+    Raises:
+        StorageError: if the store reports any key it could not delete (``Errors`` of the answer).
+    """
+    s3 = s3 or client()
+    for start in range(0, len(keys), 1000):
+        batch = keys[start:start + 1000]
+        response = retrying(f"DELETE {len(batch)} objects in s3://{bucket}", lambda b=batch: s3.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in b], "Quiet": True}))
+        errors = response.get("Errors") or []
+        if errors:
+            sample = ", ".join(f"{e.get('Key')}: {e.get('Code')}" for e in errors[:5])
+            raise StorageError(f"could not delete {len(errors)} objects in s3://{bucket} ({sample})")
+    return len(keys)
+
+
+def delete_prefix(prefix: str, s3=None) -> int:
+    """Delete every object under a prefix; returns how many were deleted."""
+    s3 = s3 or client()
+    return delete_keys(parse_uri(prefix).bucket, list_keys(prefix, s3), s3)
+
+
+def create_bucket(name: str, s3=None) -> None:
+    """Create a bucket if it does not exist yet (local stacks and tests)."""
+    s3 = s3 or client()
+    try:
+        s3.head_bucket(Bucket=name)
+    except Exception as err:  # noqa: BLE001 - 404 means: create it
+        if not is_not_found(err) and _error_code(err) not in ("NoSuchBucket",):
+            raise
+        s3.create_bucket(Bucket=name)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from typing import Any
 
-from sparktf import runtime, storage
+from sparktf import executor, storage
 
 
 def trial_prefix(trials_uri: str, trial_id: str) -> str:
@@ -49,8 +49,6 @@ def train_trial(
     Returns:
         The trial record (also written to ``<trial_id>/metrics.json``).
     """
-    from sparktf.runtime import pin_threads
-
     trial_id, params = trial["trial_id"], trial["params"]
     prefix = trial_prefix(trials_uri, trial_id)
     metrics_uri = storage.join_uri(prefix, "metrics.json")
@@ -61,7 +59,7 @@ def train_trial(
         previous["reused"] = True
         return previous
 
-    pin_threads(cpus)
+    executor.pin_threads(cpus)
     import keras
     import tensorflow as tf
 
@@ -69,7 +67,7 @@ def train_trial(
 
     record: dict[str, Any] = {
         "trial_id": trial_id, "params": params, "family": family, "status": "failed", "reason": None,
-        "executor": runtime.executor_identity(), "epochs_run": 0, "train_seconds": None,
+        "executor": executor.executor_identity(), "epochs_run": 0, "train_seconds": None,
         "max_epochs": epochs, "seed": seed, "lr_decay_patience": lr_decay_patience,
     }
     started = time.perf_counter()
@@ -140,3 +138,24 @@ def rank_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     ok = [r for r in records if r.get("status") == "ok"]
     return sorted(ok, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["trial_id"]))
+
+
+def leaderboard(records: list[dict[str, Any]], *, top: int = 5) -> dict[str, Any]:
+    """The ranked successful trials (selection by validation accuracy), the failed ones and the best.
+
+    Returns:
+        ``{"leaderboard": top rows, "full_leaderboard": every row, "failed": [...], "best": record}``.
+    """
+    from sparktf.search import dimensions
+
+    ranked = rank_trials(records)
+    failed = [r for r in records if r.get("status") != "ok"]
+    rows = [
+        {"rank": i + 1, "trial_id": r["trial_id"], **{k: r["params"][k] for k in dimensions()},
+         "val_accuracy": round(r["val_accuracy"], 5), "test_accuracy": round(r["test_accuracy"], 5),
+         "epochs_run": r["epochs_run"], "train_seconds": r["train_seconds"]}
+        for i, r in enumerate(ranked)
+    ]
+    return {"leaderboard": rows[:top], "full_leaderboard": rows,
+            "failed": [{"trial_id": r["trial_id"], "params": r["params"], "reason": r["reason"]} for r in failed],
+            "best": ranked[0] if ranked else None}

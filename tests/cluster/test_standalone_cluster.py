@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from support import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 from sparktf import idx, storage
+from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, run_dag
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 SPARK_HOME = str(Path(__import__("pyspark").__file__).parent)
@@ -112,7 +111,6 @@ def cluster_airflow_env(airflow_env, cluster) -> dict[str, str]:
     env["AIRFLOW_CONN_SPARK_DEFAULT"] = json.dumps({"conn_type": "spark", "host": cluster.url})
     env["SPARK_LOCAL_IP"] = "127.0.0.1"
     env["SPARKTF_EXECUTOR_MEMORY"] = "1g"
-    env["PYTHONPATH"] = str(ROOT / "plugins")  # Airflow's own path only; the workers never see it
     return env
 
 
@@ -149,8 +147,7 @@ def test_losing_a_worker_mid_job_still_finishes_every_trial_once(cluster, cluste
     prepared = summary["tasks"]["prepare_data"]["xcom"]["prepared_uri"]
     out = f"s3://{bucket}/cluster/worker-loss/"
     env = {**cluster.env, "PATH": f"{VENV_BIN}:{cluster.env['PATH']}", "PYSPARK_PYTHON": sys.executable}
-    sys.path.insert(0, str(ROOT / "plugins"))
-    from spark_job_operator import package_zip
+    from sparktf.airflow.spark_job_operator import package_zip
 
     zip_path, _sha = package_zip()
     command = [str(VENV_BIN / "spark-submit"), "--master", cluster.url, "--conf", "spark.task.cpus=1",
@@ -187,9 +184,8 @@ def test_losing_a_worker_mid_job_still_finishes_every_trial_once(cluster, cluste
 
 def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(
         cluster_airflow_env, cluster_tuning_run, bucket, mnist_subset, tmp_path):
-    from inference_support import land_partition
-
-    from sparktf import inference
+    from sparktf import predictions
+    from sparktf.testing import land_partition
 
     conf, _summary = cluster_tuning_run
     _tx, _ty, test_x, test_y = mnist_subset
@@ -204,6 +200,6 @@ def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(
     assert job["executors"] and "driver" not in job["executors"], job  # scored by the workers' executors
     assert (job["scored"], job["set_aside"], job["model_version"]) == (len(landed), 1, 1)
     published = summary["tasks"]["publish"]["xcom"]
-    rows, errors = inference.read_predictions(published["output_uri"])
+    rows, errors = predictions.read_predictions(published["output_uri"])
     assert sorted(r["key"] for r in rows) == sorted(landed)
     assert [(e["key"].rsplit("/", 1)[-1], e["reason"]) for e in errors] == [("garbled.png", "not_an_image")]

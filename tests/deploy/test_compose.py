@@ -97,9 +97,10 @@ def connection_ids_used_by_the_code() -> dict[str, str]:
     """{'spark': id, 'aws': id}: what the DAGs' Spark tasks and the S3 helpers they call use."""
     import inspect
 
-    import airflow_s3
     from airflow.dag_processing.dagbag import DagBag
-    from spark_job_operator import SparkJobOperator
+
+    from sparktf.airflow import aws_connection
+    from sparktf.airflow.spark_job_operator import SparkJobOperator
 
     ids: dict[str, set[str]] = {"spark": set(), "aws": set()}
     for dag in DagBag(dag_folder=str(ROOT / "dags")).dags.values():
@@ -107,7 +108,7 @@ def connection_ids_used_by_the_code() -> dict[str, str]:
             if isinstance(task, SparkJobOperator):
                 ids["spark"].add(task._conn_id)
                 ids["aws"].add(task.aws_conn_id)
-    for helper in (airflow_s3.connection_settings, airflow_s3.s3_client, airflow_s3.job_environment):
+    for helper in (aws_connection.storage_settings, aws_connection.use_connection):
         ids["aws"].add(inspect.signature(helper).parameters["conn_id"].default)  # the DAGs' @tasks call these
     assert len(ids["spark"]) == 1 and len(ids["aws"]) == 1, ids
     return {kind: values.pop() for kind, values in ids.items()}
@@ -116,7 +117,7 @@ def connection_ids_used_by_the_code() -> dict[str, str]:
 def default_workspace_uri(monkeypatch) -> str:
     """pipeline_settings.DEFAULT_WORKSPACE_URI as the DAGs see it with no SPARKTF_WORKSPACE_URI set."""
     monkeypatch.delenv("SPARKTF_WORKSPACE_URI", raising=False)
-    spec = importlib.util.spec_from_file_location("_pipeline_settings_default", ROOT / "plugins" / "pipeline_settings.py")
+    spec = importlib.util.spec_from_file_location("_pipeline_settings_default", ROOT / "plugins" / "sparktf" / "airflow" / "pipeline_settings.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.DEFAULT_WORKSPACE_URI

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from support import TEST_SECRET_KEY
+from sparktf.testing import TEST_SECRET_KEY, free_port
 
 pytestmark = pytest.mark.e2e
 VENV_BIN = Path(sys.executable).parent
@@ -198,8 +197,8 @@ def test_trigger_tuning_with_params_and_read_xcoms(airflow_server, tuning_run):
 def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bucket, mnist_subset):
     """A backfill created through the API (as the UI's backfill dialog does) over three past nights,
     scored with the champion the tuning run above exported: three runs, three partitions."""
-    from inference_support import land_partition
-    from sparktf import inference
+    from sparktf import predictions
+    from sparktf.testing import land_partition
 
     assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
     workspace = f"s3://{bucket}/{REST_WORKSPACE}"
@@ -246,7 +245,7 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         assert published["date"] == date and published["model_version"] == 1
         assert (published["images_scored"], published["images_set_aside"]) == (landed[date], 0)
         assert published["output_uri"] == f"{workspace}/predictions/{date}/"
-        rows, errors = inference.read_predictions(published["output_uri"])
+        rows, errors = predictions.read_predictions(published["output_uri"])
         assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
         assert all(r["key"].startswith(f"{REST_WORKSPACE}/incoming/{date}/") for r in rows)
         assert TEST_SECRET_KEY not in json.dumps([found, published])

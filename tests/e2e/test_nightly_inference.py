@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from inference_support import land_partition, register_model, train_tiny_model
-from support import run_dag
-from sparktf import inference, storage
+from sparktf import predictions, storage
+from sparktf.testing import land_partition, run_dag, train_tiny_model
+from sparktf.testing import register_trial as register_model
 
 pytestmark = pytest.mark.e2e
 DATES = {  # logical date of the 02:30 run -> the partition its data interval covers
@@ -65,7 +65,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert (published["images_scored"], published["images_set_aside"]) == (scored, set_aside)
     assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
     assert published["output_uri"] == f"{workspace}/predictions/{date}/"
-    rows, errors = inference.read_predictions(published["output_uri"])
+    rows, errors = predictions.read_predictions(published["output_uri"])
     assert len(rows) == scored and len({r["key"] for r in rows}) == scored and len(errors) == set_aside
     # processed_at is the run's logical timestamp, so re-running the run writes identical rows
     assert {r["processed_at"].isoformat() for r in rows} == {found["processed_at"]}
@@ -108,4 +108,4 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
     assert "version 9 does not exist" in output
     # the partition scored earlier is untouched
-    assert inference.read_published(f"{workspace}/predictions/2026-11-20/")["model_version"] == 1
+    assert predictions.read_published(f"{workspace}/predictions/2026-11-20/")["model_version"] == 1

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 from sparktf import dataset, registry, storage
+from sparktf.testing import TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 30
@@ -30,7 +30,7 @@ def raw_dataset(bucket, mnist_subset) -> str:
     """300 real digits as <label>/<file>.png plus two corrupt files."""
     images, labels = mnist_subset[0], mnist_subset[1]
     prefix = f"s3://{bucket}/e2e-tuning/raw"
-    client = storage.s3_client()
+    client = storage.client()
     for label in range(10):
         for n, index in enumerate(np.flatnonzero(labels == label)[:PER_CLASS]):
             storage.write_bytes(f"{prefix}/{label}/{n:03d}.png", png(images[index]), client)
@@ -48,18 +48,18 @@ def tuning_run(airflow_env, raw_dataset, bucket, tmp_path_factory):
     }
     code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("run"), "tuning_pipeline", conf)
     assert code == 0, output[-6000:]
-    return conf, summary
+    return conf, summary, output
 
 
 def test_run_succeeds_with_every_step(tuning_run):
-    _conf, summary = tuning_run
+    _conf, summary, _output = tuning_run
     assert summary["state"].endswith("success")
     states = {task: info["state"] for task, info in summary["tasks"].items()}
     assert states == {t: "success" for t in ("validate_params", "prepare_data", "tune", "export_best_model")}
 
 
 def test_prepare_data_xcom_and_manifest(tuning_run):
-    _conf, summary = tuning_run
+    _conf, summary, _output = tuning_run
     xcom = summary["tasks"]["prepare_data"]["xcom"]
     assert xcom["counts"] == {"train": 180, "validation": 60, "test": 60}
     assert xcom["rejected"] == 2 and xcom["num_classes"] == 10
@@ -69,7 +69,7 @@ def test_prepare_data_xcom_and_manifest(tuning_run):
 
 
 def test_tune_xcom_every_trial_has_metrics_and_selection_by_validation(tuning_run):
-    _conf, summary = tuning_run
+    _conf, summary, _output = tuning_run
     xcom = summary["tasks"]["tune"]["xcom"]
     assert xcom["trials"] == 4 and xcom["succeeded"] == 4 and xcom["selection_metric"] == "val_accuracy"
     results = storage.read_json(xcom["results_uri"])
@@ -84,7 +84,7 @@ def test_tune_xcom_every_trial_has_metrics_and_selection_by_validation(tuning_ru
 
 
 def test_export_registers_a_champion_that_predicts(tuning_run):
-    conf, summary = tuning_run
+    conf, summary, _output = tuning_run
     xcom = summary["tasks"]["export_best_model"]["xcom"]
     assert xcom["version"] == 1 and xcom["promoted"] is True and xcom["champion_version"] == 1
     assert xcom["trial_id"] == summary["tasks"]["tune"]["xcom"]["best"]["trial_id"]
@@ -98,7 +98,7 @@ def test_export_registers_a_champion_that_predicts(tuning_run):
 
 
 def test_no_secret_in_xcom_rendered_fields_or_logs(tuning_run, airflow_env):
-    _conf, summary = tuning_run
+    _conf, summary, output = tuning_run
     assert TEST_SECRET_KEY not in json.dumps(summary) and TEST_ACCESS_KEY not in json.dumps(summary)
     dump = subprocess.run([sys.executable, "-c", (
         "import json\n"
@@ -109,11 +109,14 @@ def test_no_secret_in_xcom_rendered_fields_or_logs(tuning_run, airflow_env):
         env=airflow_env, capture_output=True, text=True, timeout=120)
     assert dump.returncode == 0, dump.stderr[-2000:]
     assert TEST_SECRET_KEY not in dump.stdout and "result_uri" in dump.stdout
-    logs = ""
+    # dag.test() writes the task logs (spark-submit's output included) to the run's output, not to
+    # log files: check that output, and that it really holds the jobs' logs.
+    logs = output
     for root, _dirs, files in os.walk(os.path.join(airflow_env["AIRFLOW_HOME"], "logs")):
         for name in files:
             with open(os.path.join(root, name), errors="replace") as fh:
                 logs += fh.read()
+    assert "spark-submit" in logs and "job result:" in logs, logs[-3000:]
     assert TEST_SECRET_KEY not in logs
 
 

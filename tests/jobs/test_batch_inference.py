@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import batch_inference
-from inference_support import LABEL_NAMES, land_partition, register_model, train_tiny_model
-from sparktf import inference, registry, storage
+from sparktf import predictions, registry, scoring, storage
 from sparktf.images import decode_image
+from sparktf.jobs import batch_inference
+from sparktf.testing import LABEL_NAMES, land_partition, train_tiny_model
+from sparktf.testing import register_trial as register_model
 
 DATE = "2026-11-20"
 PROCESSED_AT = "2026-11-21T02:30:00+00:00"
@@ -62,10 +63,10 @@ def test_every_image_is_scored_or_set_aside(first_run, workspace):
 
 
 def test_predictions_match_the_model_on_the_decoded_array(first_run, workspace, reference):
-    predictions, _errors = inference.read_predictions(first_run["output_uri"])
-    by_key = {row["key"]: row for row in predictions}
+    rows, _errors = predictions.read_predictions(first_run["output_uri"])
+    by_key = {row["key"]: row for row in rows}
     assert set(by_key) == set(reference)  # every valid image, nothing else, no duplicates
-    assert len(predictions) == len(by_key)
+    assert len(rows) == len(by_key)
     for key, probabilities in reference.items():
         row = by_key[key]
         order = np.argsort(-probabilities, kind="stable")[:5]
@@ -80,7 +81,7 @@ def test_predictions_match_the_model_on_the_decoded_array(first_run, workspace, 
 
 
 def test_every_bad_file_is_listed_with_its_reason(first_run, workspace):
-    _predictions, errors = inference.read_predictions(first_run["output_uri"])
+    _predictions, errors = predictions.read_predictions(first_run["output_uri"])
     bad = {k: v["reasons"] for k, v in workspace["landed"].items() if "reasons" in v}
     by_key = {row["key"]: row for row in errors}
     assert set(by_key) == set(bad) and len(errors) == len(bad)
@@ -92,14 +93,14 @@ def test_every_bad_file_is_listed_with_its_reason(first_run, workspace):
 
 def test_partition_is_published_with_manifest_last_and_staging_cleaned(first_run, workspace):
     ws = workspace["ws"]
-    manifest = inference.read_published(first_run["output_uri"])
-    assert manifest["format"] == inference.MANIFEST_FORMAT
+    manifest = predictions.read_published(first_run["output_uri"])
+    assert manifest["format"] == predictions.MANIFEST_FORMAT
     assert (manifest["listed"], manifest["scored"], manifest["set_aside"]) == (VALID + 8, VALID, 8)
     assert manifest["model_version"] == 1 and manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
     assert first_run["output_uri"] == f"{ws}/predictions/{DATE}/"
     listed = storage.list_keys(first_run["output_uri"])
     prefix = storage.parse_uri(first_run["output_uri"]).key
-    expected = set(manifest["files"]["predictions"] + manifest["files"]["errors"] + [inference.MANIFEST_NAME])
+    expected = set(manifest["files"]["predictions"] + manifest["files"]["errors"] + [predictions.MANIFEST_NAME])
     assert {k[len(prefix):] for k in listed} == expected
     assert sum(manifest["rows"].values()) == VALID
     assert storage.list_keys(f"{ws}/predictions/_staging/") == []
@@ -113,21 +114,21 @@ def test_model_is_loaded_once_per_python_worker(first_run):
 
 def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, workspace):
     ws = workspace["ws"]
-    before_rows, before_errors = inference.read_predictions(first_run["output_uri"])
+    before_rows, before_errors = predictions.read_predictions(first_run["output_uri"])
     # Leftovers that a re-run must not keep: a stray file in the partition, an abandoned attempt.
     storage.write_bytes(first_run["output_uri"] + "part-99999.parquet", b"stale")
     storage.write_bytes(f"{ws}/predictions/_staging/{DATE}/crashed/part-00000.parquet", b"half")
     again = batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "second", "--max-keys-per-task", "20"))
-    after_rows, after_errors = inference.read_predictions(again["output_uri"])
+    after_rows, after_errors = predictions.read_predictions(again["output_uri"])
 
     def canonical(rows):
         return sorted((r["key"], r["predicted_label"], round(r["score"], 5), str(r["processed_at"])) for r in rows)
 
     assert canonical(after_rows) == canonical(before_rows)
     assert sorted((e["key"], e["reason"]) for e in after_errors) == sorted((e["key"], e["reason"]) for e in before_errors)
-    assert not storage.exists(first_run["output_uri"] + "part-99999.parquet")
+    assert storage.head(first_run["output_uri"] + "part-99999.parquet") is None
     assert storage.list_keys(f"{ws}/predictions/_staging/") == []
-    assert again["tasks"] == 4 and inference.read_published(again["output_uri"])["attempt_id"] == "second"
+    assert again["tasks"] == 4 and predictions.read_published(again["output_uri"])["attempt_id"] == "second"
 
 
 def test_pinned_version_is_used(spark, workspace, first_run):
@@ -135,7 +136,7 @@ def test_pinned_version_is_used(spark, workspace, first_run):
     register_model(workspace["ws"] + "/models/", "digits", record, version=2, champion=False)
     result = batch_inference.run(spark, job_args(workspace["ws"], DATE, "--model-version", "2"))
     assert result["model_version"] == 2
-    rows, _ = inference.read_predictions(result["output_uri"])
+    rows, _ = predictions.read_predictions(result["output_uri"])
     assert {r["model_version"] for r in rows} == {2}
 
 
@@ -143,9 +144,9 @@ def test_empty_partition_publishes_an_empty_partition(spark, workspace):
     result = batch_inference.run(spark, job_args(workspace["ws"], "2026-11-19"))
     assert (result["listed"], result["scored"], result["set_aside"]) == (0, 0, 0)
     assert result["model_loads"] == 0  # nothing to score: the model is not even loaded
-    manifest = inference.read_published(result["output_uri"])
+    manifest = predictions.read_published(result["output_uri"])
     assert manifest["listed"] == 0 and not manifest["failure_ratio_exceeded"]
-    rows, errors = inference.read_predictions(result["output_uri"])
+    rows, errors = predictions.read_predictions(result["output_uri"])
     assert rows == [] and errors == []
 
 
@@ -164,19 +165,19 @@ def test_failure_ratio_breach_fails_after_writing(spark, workspace, s3_prefix, m
     landed = land_partition(ws + "/incoming/", DATE, test_x[:3], test_y[:3])  # 3 valid, 8 bad
     with pytest.raises(Exception, match="set aside, more than --max-failure-ratio"):
         batch_inference.run(spark, job_args(ws, DATE))
-    rows, errors = inference.read_predictions(f"{ws}/predictions/{DATE}/")
+    rows, errors = predictions.read_predictions(f"{ws}/predictions/{DATE}/")
     assert len(rows) == 3 and len(errors) == 8 and len(landed) == 11
-    manifest = inference.read_published(f"{ws}/predictions/{DATE}/")
+    manifest = predictions.read_published(f"{ws}/predictions/{DATE}/")
     assert manifest["failure_ratio_exceeded"] is True and manifest["set_aside_ratio"] == pytest.approx(8 / 11, abs=1e-4)
 
 
 def test_top_k_and_task_planning():
     probabilities = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]], np.float32)
-    order, scores = inference.top_k(probabilities, 5)
+    order, scores = scoring.top_k(probabilities, 5)
     assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and np.allclose(scores[1], [0.5, 0.25, 0.25])
-    assert inference.plan_tasks(0, 2, 10) == 1 and inference.plan_tasks(58, 2, 10) == 6
-    assert inference.plan_tasks(5000, 2, 2000) == 4 and inference.plan_tasks(3, 8, 10) == 3
-    groups = inference.assign_keys([str(i) for i in range(7)], 3)
+    assert predictions.plan_tasks(0, 2, 10) == 1 and predictions.plan_tasks(58, 2, 10) == 6
+    assert predictions.plan_tasks(5000, 2, 2000) == 4 and predictions.plan_tasks(3, 8, 10) == 3
+    groups = predictions.assign_keys([str(i) for i in range(7)], 3)
     assert groups == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
     with pytest.raises(ValueError):
-        inference.check_date("2026-13-01")
+        predictions.check_date("2026-13-01")

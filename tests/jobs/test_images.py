@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import numpy as np
@@ -54,9 +55,18 @@ def test_rgb_output_and_transparency_on_black(digit):
     assert array[digit == 0].max() == 0  # transparent background composited onto black
 
 
-def test_content_decides_not_extension(digit):
-    # The caller never passes a file name: a PNG named "x.jpg" is still decoded as PNG.
-    assert decode_image(encode(Image.fromarray(digit), "PNG")).shape == (28, 28, 1)
+def test_content_decides_not_extension(bucket, digit):
+    # A PNG stored as "x.jpg" goes through the real fetch + decode path by its key and is decoded
+    # as the PNG it is (the decoder is never given the name).
+    from sparktf import fetch, storage
+
+    key = "content-decides/photo.jpg"
+    storage.write_bytes(storage.object_uri(bucket, key), encode(Image.fromarray(digit), "PNG"))
+    [(got_key, array, reason, detail)] = list(fetch.fetch_decoded(bucket, [key], height=28, width=28, channels=1,
+                                                                   max_pixels=1_000_000))
+    assert (got_key, reason, detail) == (key, None, None)
+    assert np.array_equal(array[:, :, 0], digit)
+    assert "name" not in inspect.signature(decode_image).parameters
 
 
 @pytest.mark.parametrize(

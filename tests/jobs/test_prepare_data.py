@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import prepare_data
 from sparktf import dataset, idx, storage
+from sparktf.jobs import prepare_data
 
 PER_CLASS = 20
 
@@ -23,7 +23,7 @@ def png(array: np.ndarray) -> bytes:
 
 def upload_image_folder(prefix: str, images: np.ndarray, labels: np.ndarray) -> dict[str, int]:
     """Upload PER_CLASS digits of each class as <prefix>/<label>/..., plus corrupt files."""
-    client = storage.s3_client()
+    client = storage.client()
     written = {}
     for label in range(10):
         for n, index in enumerate(np.flatnonzero(labels == label)[:PER_CLASS]):
@@ -91,10 +91,10 @@ def test_shards_hold_the_decoded_pixels(image_folder_run):
 
 def test_rerun_is_deterministic_and_replaces_output(spark, image_folder_run):
     raw, out, result, _images, _labels = image_folder_run
-    storage.write_bytes(storage.join_uri(out, "train/stale-part.parquet"), b"left over", storage.s3_client())
+    storage.write_bytes(storage.join_uri(out, "train/stale-part.parquet"), b"left over", storage.client())
     again = prepare_data.run(spark, args_for(raw, out, validation_fraction=0.2, test_fraction=0.1))
     assert again["content_sha256"] == result["content_sha256"]
-    assert not storage.exists(storage.join_uri(out, "train/stale-part.parquet"))
+    assert storage.head(storage.join_uri(out, "train/stale-part.parquet")) is None
     other_seed = prepare_data.run(spark, args_for(raw, out + "seed7/", validation_fraction=0.2,
                                                   test_fraction=0.1, seed=7))
     assert other_seed["counts"] == result["counts"]
@@ -103,7 +103,7 @@ def test_rerun_is_deterministic_and_replaces_output(spark, image_folder_run):
 
 def test_mnist_idx_pairs_keep_the_official_test_set(spark, s3_prefix, mnist_subset):
     train_x, train_y, test_x, test_y = mnist_subset
-    client = storage.s3_client()
+    client = storage.client()
     raw = s3_prefix + "/mnist"
     files = {"train-images-idx3-ubyte.gz": train_x[:300], "train-labels-idx1-ubyte.gz": train_y[:300],
              "t10k-images-idx3-ubyte.gz": test_x[:100], "t10k-labels-idx1-ubyte.gz": test_y[:100]}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparktf.search import SearchSpaceError, build_trials, parse_number_list, trial_id, validate_search_space
+from sparktf.knobs import parse_number_list
+from sparktf.search import SearchSpaceError, build_trials, trial_id, validate_search_space
 
 SPACE = {"learning_rate": [0.001, 0.01], "hidden_units": [64, 128, 256], "batch_size": [32], "dropout": [0.5]}
 

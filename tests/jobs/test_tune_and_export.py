@@ -7,17 +7,15 @@ import gzip
 import numpy as np
 import pytest
 
-import export_model
-import prepare_data
-import tune
 from sparktf import dataset, idx, registry, storage
+from sparktf.jobs import export_model, prepare_data, tune
 
 
 @pytest.fixture(scope="module")
 def prepared(spark, bucket, mnist_subset):
     train_x, train_y, test_x, test_y = mnist_subset
     raw = f"s3://{bucket}/tune/raw"
-    client = storage.s3_client()
+    client = storage.client()
     for name, array in {"train-images-idx3-ubyte.gz": train_x[:600], "train-labels-idx1-ubyte.gz": train_y[:600],
                         "t10k-images-idx3-ubyte.gz": test_x[:200], "t10k-labels-idx1-ubyte.gz": test_y[:200]}.items():
         storage.write_bytes(storage.join_uri(raw, name), gzip.compress(idx.encode_idx(array)), client)
@@ -47,7 +45,7 @@ def test_every_trial_is_recorded_and_diverging_ones_fail_softly(tuned):
     by_lr = {}
     for record in results["trials"]:
         by_lr.setdefault(record["params"]["learning_rate"], []).append(record)
-        assert storage.exists(storage.join_uri(out, "trials", record["trial_id"], "metrics.json"))
+        assert storage.head(storage.join_uri(out, "trials", record["trial_id"], "metrics.json")) is not None
     for record in by_lr[1e12]:
         assert record["status"] == "failed" and record["reason"].startswith("diverged")
     for record in by_lr[0.05]:
@@ -56,7 +54,7 @@ def test_every_trial_is_recorded_and_diverging_ones_fail_softly(tuned):
             assert record[key] is not None
         assert record["val_accuracy"] > 0.5  # learned something real on 540 digits
         assert record["executor"]["task_cpus"] == 1
-        assert storage.exists(record["model_uri"])
+        assert storage.head(record["model_uri"]) is not None
 
 
 def test_selection_uses_validation_accuracy_only(tuned):
@@ -87,7 +85,7 @@ def test_job_fails_only_when_every_trial_fails(spark, prepared, s3_prefix):
     with pytest.raises(RuntimeError, match="every one of 2 trials failed"):
         tune.run(spark, tune_args(prepared, s3_prefix + "/all-bad/", "--learning-rates", "1e12",
                                   "--hidden-units", "16,32", "--optimizer", "sgd"))
-    assert storage.exists(s3_prefix + "/all-bad/results.json")  # what happened is still written
+    assert storage.head(s3_prefix + "/all-bad/results.json") is not None  # what happened is still written
 
 
 def test_max_parallel_trials_deals_round_robin():
@@ -110,7 +108,7 @@ def test_export_versions_promotes_and_is_idempotent(tuned, s3_prefix, prepared):
     assert first["trial_id"] == result["best"]["trial_id"]
     version_dir = registry.version_uri(models, "digits", 1)
     for name in ("model.keras", "metadata.json", "saved_model/saved_model.pb"):
-        assert storage.exists(storage.join_uri(version_dir, name)), name
+        assert storage.head(storage.join_uri(version_dir, name)) is not None, name
     metadata = registry.resolve(models, "digits")
     assert metadata["version"] == 1 and metadata["manifest_sha256"] and metadata["code_version"]
     assert metadata["metrics"]["val_accuracy"] == pytest.approx(result["best"]["val_accuracy"], abs=1e-4)

@@ -1,45 +1,14 @@
-"""What every spark-submit application of this package shares: session, result, thread pinning."""
+"""Where a Spark task runs and how many threads it may use: a leaf module for executor code.
+
+Trials and scoring import this, never the job skeleton (:mod:`sparktf.job`). Nothing here
+imports PySpark or TensorFlow at module level.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from typing import Any
-
-from sparktf import storage
-
-log = logging.getLogger("sparktf")
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def spark_session(app_name: str):
-    """The job's SparkSession; master and resources come from spark-submit, never from code."""
-    from pyspark.sql import SparkSession
-
-    spark = SparkSession.builder.appName(app_name).getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    return spark
-
-
-def run_spark_job(app_name: str, run, args) -> int:
-    """A job's main(): ``run(spark, args)`` in a SparkSession, its result written to ``--result-uri``."""
-    spark = spark_session(app_name)
-    try:
-        write_result(args.result_uri, run(spark, args))
-    finally:
-        spark.stop()
-    return 0
-
-
-def write_result(result_uri: str | None, result: dict[str, Any]) -> None:
-    """Hand the job's small JSON summary to the Airflow operator that submitted it."""
-    if result_uri:
-        storage.write_json(result_uri, result)
-    log.info("job result: %s", result)
 
 
 def task_cpus(default: int = 1) -> int:
@@ -76,17 +45,9 @@ def pin_threads(cpus: int) -> None:
         pass
 
 
-def code_version() -> str:
-    """Package version plus the hash of the shipped code (set by the submitting operator)."""
-    from sparktf import __version__
-
-    shipped = os.environ.get("SPARKTF_CODE_SHA256", "")
-    return f"{__version__}+{shipped[:12]}" if shipped else __version__
-
-
 def executor_identity() -> dict[str, Any]:
-    """Where this task runs: host, pid and the executor's work directory (unique per executor)."""
-    identity = {"host": socket.gethostname(), "pid": os.getpid(), "task_cpus": task_cpus()}
+    """Where this task runs: host, pid and the executor's id (its work directory's name)."""
+    identity: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "task_cpus": task_cpus()}
     try:
         from pyspark import TaskContext
 
@@ -94,7 +55,7 @@ def executor_identity() -> dict[str, Any]:
         if context is not None:
             identity["partition"] = context.partitionId()
             identity["attempt"] = context.attemptNumber()
-            identity["executor_id"] = context.getLocalProperty("sparktf.executor") or _executor_id_from_cwd()
+            identity["executor_id"] = _executor_id_from_cwd()
     except Exception:  # noqa: BLE001 - not in a Spark task
         pass
     return identity

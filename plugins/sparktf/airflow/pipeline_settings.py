@@ -28,7 +28,6 @@ DRIVER_MEMORY = os.environ.get("SPARKTF_DRIVER_MEMORY", "2g")
 EXECUTOR_MEMORY = os.environ.get("SPARKTF_EXECUTOR_MEMORY", "2g")
 
 OWNER = "ml-platform"
-TAGS = {"ml", "spark", "tensorflow", "tuning", "inference"}
 
 DEFAULT_ARGS = {
     "owner": OWNER,

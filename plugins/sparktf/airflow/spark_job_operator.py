@@ -18,16 +18,20 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-import airflow_s3
+import sparktf
+from sparktf.airflow import aws_connection
 
-PACKAGE_DIR = Path(__file__).resolve().parent / "sparktf"
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-JOBS_DIR = PROJECT_DIR / "jobs"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# jobs/ sits next to plugins/ in the repository (and in a deployment that copies both).
+JOBS_DIR = Path(os.environ.get("SPARKTF_JOBS_DIR", PACKAGE_DIR.parents[1] / "jobs"))
+# Airflow-side code never runs on executors: it stays out of the --py-files zip.
+EXCLUDED_FROM_ZIP = ("airflow", "testing.py")
 
 
 def package_zip(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
@@ -37,7 +41,9 @@ def package_zip(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
         ``(zip_path, sha256 of the sources)``; the zip's name carries the hash, so a changed
         package never reuses a stale zip.
     """
-    sources = sorted(p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts)
+    sources = sorted(p for p in package_dir.rglob("*.py")
+                     if "__pycache__" not in p.parts
+                     and p.relative_to(package_dir).parts[0] not in EXCLUDED_FROM_ZIP)
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.relative_to(package_dir.parent).as_posix().encode())
@@ -85,20 +91,17 @@ class SparkJobOperator(SparkSubmitOperator):
         zip_path, code_sha = package_zip()
         self.py_files = ",".join(p for p in (self.py_files, zip_path) if p)
         self.application_args = [*(self.application_args or []), "--result-uri", self.result_uri]
-        aws_env = airflow_s3.job_environment(self.aws_conn_id)
-        self.env_vars = {**(self.env_vars or {}), **aws_env, "SPARKTF_CODE_SHA256": code_sha,
+        settings = aws_connection.use_connection(self.aws_conn_id)
+        self.env_vars = {**(self.env_vars or {}), **settings.environment(), sparktf.CODE_SHA256_ENV: code_sha,
                          "PYTHONHASHSEED": "0"}
-        client = airflow_s3.s3_client(self.aws_conn_id)
-        result_loc = storage.parse_uri(self.result_uri)
-        client.delete_object(Bucket=result_loc.bucket, Key=result_loc.key)
+        storage.delete_object(self.result_uri)
         self._hook = None  # rebuild the hook with the arguments set above
 
         super().execute(context)
 
         try:
-            body = client.get_object(Bucket=result_loc.bucket, Key=result_loc.key)["Body"].read()
-        except client.exceptions.NoSuchKey:
+            result = storage.read_json(self.result_uri)
+        except storage.ObjectNotFound:
             raise RuntimeError(f"the Spark job finished without writing its result to {self.result_uri}") from None
-        result = json.loads(body)
         self.log.info("job result: %s", json.dumps(result, sort_keys=True)[:2000])
         return result

@@ -1,0 +1,71 @@
+"""Fetch + decode: the one bounded pool of concurrent GETs and image decodes, for data
+preparation and batch inference alike.
+
+Objects are read through :mod:`sparktf.storage` (retries with backoff, body included) and decoded
+with :func:`sparktf.images.decode_image`. Results come back in input order, with at most
+``window`` objects in flight or waiting, so memory stays bounded whatever the number of keys.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sparktf import storage
+
+DETAIL_CHARS = 300
+
+
+def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, channels: int,
+                  max_pixels: int, fetch_threads: int = 16, window: int | None = None,
+                  s3=None) -> Iterator[tuple[str, Any, str | None, str | None]]:
+    """Fetch and decode objects concurrently; yield ``(key, array | None, reason, detail)`` in key order.
+
+    An image that cannot be used gets :class:`sparktf.images.ImageRejected`'s reason; an object
+    that vanished after it was listed gets ``missing``; one the store refuses to serve (e.g.
+    access denied) gets ``unreadable``.
+
+    Raises:
+        storage.TransientStorageError: an object stayed unreadable through every retry. That is
+            the store's problem, not the image's: the task fails (and Spark retries it) rather
+            than setting a good image aside.
+    """
+    from sparktf.images import ImageRejected, decode_image
+
+    s3 = s3 or storage.client()
+    threads = max(1, int(fetch_threads))
+    window = max(threads, int(window or threads * 4))
+
+    def work(key: str):
+        uri = storage.object_uri(bucket, key)
+        try:
+            data = storage.read_bytes(uri, s3)
+        except storage.ObjectNotFound:
+            return key, None, "missing", "listed, then gone before it was read"
+        except storage.TransientStorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the store refused this one object
+            return key, None, "unreadable", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
+        try:
+            array = decode_image(data, height=height, width=width, channels=channels, max_pixels=max_pixels)
+            return key, array, None, None
+        except ImageRejected as rejected:
+            return key, None, rejected.reason, rejected.detail[:DETAIL_CHARS]
+        except Exception as err:  # noqa: BLE001 - a decoder bug is this image's problem only
+            return key, None, "corrupt", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
+
+    pending: deque = deque()
+    key_iter = iter(keys)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
+        for key in key_iter:
+            pending.append(pool.submit(work, key))
+            if len(pending) >= window:
+                break
+        while pending:
+            result = pending.popleft().result()
+            following = next(key_iter, None)
+            if following is not None:
+                pending.append(pool.submit(work, following))
+            yield result

@@ -1,0 +1,124 @@
+"""Export the best tuning trial as a new model version and promote it if it beats the champion.
+
+Picks the trial with the best validation accuracy from the tuning results and registers it
+(:func:`sparktf.registry.write_version`: the ``.keras`` file, a TensorFlow SavedModel and
+``metadata.json`` last), then moves ``champion.json`` only when the new model beats the current
+champion on the same test set by ``--min-improvement`` on ``--promotion-metric``
+(:func:`sparktf.registry.is_better`). When the champion was tested on a different test set, it is
+re-evaluated on this run's test set first. Exporting the same tuning run again reuses its version.
+
+Usage::
+
+    spark-submit --py-files sparktf.zip jobs/export_model.py \\
+        --results-uri s3://bucket/runs/<run>/tuning/results.json \\
+        --models-uri s3://bucket/models/ --model-name mnist-cnn --source-run <run id> \\
+        --trained-at 2026-11-22T03:00:00+00:00
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any
+
+import sparktf
+from sparktf import dataset, executor, job, knobs, registry, storage
+
+log = job.log
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results-uri", required=True, help="results.json written by the tuning job")
+    parser.add_argument("--models-uri", required=True, help="S3 prefix of the model registry")
+    parser.add_argument("--model-name", required=True, help="registered model name")
+    parser.add_argument("--source-run", required=True, help="id of the Airflow run that trained it")
+    parser.add_argument("--trained-at", required=True,
+                        help="when the run trained it (ISO 8601, from the caller; recorded in the metadata)")
+    parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
+    knobs.add_arguments(parser, "export_model")
+    return parser.parse_args(argv)
+
+
+def champion_score_on(champion: dict[str, Any], results: dict[str, Any], metric: str) -> tuple[float, str]:
+    """The champion's metric on this run's test set, re-evaluated when it was tested on another."""
+    if champion.get("manifest_sha256") == results["manifest_sha256"]:
+        return float(champion["metrics"][metric]), "recorded on the same test set"
+    model = registry.load_verified_model(champion["model_uri"], champion["model_sha256"])
+    x_test, y_test = dataset.read_split(results["prepared_uri"], "test")
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss, accuracy = model.evaluate(x_test, y_test, batch_size=512, verbose=0)
+    return float({"test_accuracy": accuracy, "test_loss": loss}[metric]), "re-evaluated on this run's test set"
+
+
+def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """Register the best trial's model (sha256-checked on the way) as a new version."""
+    manifest = dataset.read_manifest(results["prepared_uri"])
+    metadata = {
+        "family": best["family"], "params": best["params"], "trial_id": best["trial_id"],
+        "metrics": {k: best[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")},
+        "epochs_run": best["epochs_run"], "input_shape": list(manifest["image_shape"]),
+        "label_names": manifest["label_names"], "manifest_sha256": results["manifest_sha256"],
+        "prepared_uri": results["prepared_uri"], "source_run": args.source_run, "results_uri": args.results_uri,
+        "trained_at": args.trained_at, "code_version": sparktf.code_version(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = os.path.join(tmp, "model.keras")
+        model = registry.load_verified_model(best["model_uri"], best["model_sha256"], keep_at=model_path)
+        saved = os.path.join(tmp, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False)
+        return registry.write_version(args.models_uri, args.model_name, model_path=model_path,
+                                      metadata=metadata, saved_model_dir=saved)
+
+
+def run(spark, args: argparse.Namespace) -> dict[str, Any]:
+    del spark  # exporting needs no cluster; the job runs through spark-submit for shipping and logs
+    executor.pin_threads(int(os.environ.get("SPARKTF_EXPORT_THREADS", "2")))
+    results = storage.read_json(args.results_uri)
+    by_id = {t["trial_id"]: t for t in results["trials"]}
+    if not results.get("best_trial_id"):
+        raise RuntimeError(f"{args.results_uri} has no successful trial to export")
+    best = by_id[results["best_trial_id"]]
+
+    existing = [m for m in registry.list_versions(args.models_uri, args.model_name)
+                if m.get("source_run") == args.source_run and m.get("trial_id") == best["trial_id"]]
+    if existing:
+        metadata, reused = existing[-1], True
+    else:
+        metadata, reused = export_version(args, best, results), False
+
+    champion = registry.read_champion(args.models_uri, args.model_name)
+    metric = args.promotion_metric
+    new_score = float(metadata["metrics"][metric])
+    if champion is None:
+        promote, reason, champion_score = True, "no champion yet", None
+    elif champion["version"] == metadata["version"]:
+        promote, reason, champion_score = False, "already the champion", new_score
+    else:
+        champion_score, how = champion_score_on(champion, results, metric)
+        promote = registry.is_better(new_score, champion_score, metric, args.min_improvement)
+        verdict = "beats" if promote else "does not beat"
+        reason = (f"{metric} {new_score:.5f} {verdict} champion v{champion['version']} "
+                  f"{champion_score:.5f} ({how}, min improvement {args.min_improvement})")
+    if promote:
+        registry.set_champion(args.models_uri, args.model_name, registry.champion_pointer(
+            metadata, source_run=args.source_run, promoted_over=champion["version"] if champion else None))
+    log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], promote, reason)
+    current = registry.read_champion(args.models_uri, args.model_name)
+    return {
+        "model_name": args.model_name, "version": metadata["version"], "uri": metadata["uri"],
+        "model_uri": metadata["model_uri"], "saved_model_uri": metadata["saved_model_uri"],
+        "trial_id": best["trial_id"], "params": best["params"], "metrics": metadata["metrics"],
+        "promoted": promote, "promotion_reason": reason, "champion_score": champion_score,
+        "champion_version": current["version"] if current else None, "reused_version": reused,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job.run_spark_job("export_model", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Distributed hyperparameter tuning: one Keras model per Spark task, one task per core slot.
+
+The prepared data reaches every executor once: broadcast when it is small (below
+``--broadcast-max-mb``), otherwise each Python worker reads the Parquet shards itself and keeps
+them for the trials it runs. TensorFlow's (and OpenMP's) threads are pinned to the task's cores
+(``spark.task.cpus``) so parallel trials do not fight for the CPU.
+
+Writes, under ``--output-uri``: ``trials/<trial_id>/{model.keras,metrics.json}``, ``results.json``
+(every trial, the leaderboard, the selected best) and ``error_vs_learning_rate.png`` (final test
+error against learning rate, one line per hidden-layer width). Selection is by validation
+accuracy. The job fails only if every trial fails.
+
+Usage::
+
+    spark-submit --py-files sparktf.zip jobs/tune.py \\
+        --prepared-uri s3://bucket/runs/<run>/prepared/ --output-uri s3://bucket/runs/<run>/tuning/ \\
+        --learning-rates 0.0003,0.001 --hidden-units 128,1024 --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sparktf import dataset, executor, job, knobs, search, storage, trials
+
+log = job.log
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prepared-uri", required=True, help="S3 prefix of a prepared data set (with manifest)")
+    parser.add_argument("--output-uri", required=True, help="S3 prefix for trials, results and figure")
+    parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
+    knobs.add_arguments(parser, "tune")
+    parser.add_argument("--broadcast-max-mb", type=float, default=512.0,
+                        help="broadcast the data when it is at most this large, else read shards per worker")
+    return parser.parse_args(argv)
+
+
+def search_space(args: argparse.Namespace) -> dict[str, list]:
+    return knobs.search_space(vars(args))
+
+
+def assign_partitions(trial_list: list[dict], max_parallel: int) -> list[list[dict]]:
+    """One partition per trial, or ``max_parallel`` partitions dealt round-robin."""
+    if max_parallel <= 0 or max_parallel >= len(trial_list):
+        return [[t] for t in trial_list]
+    return [trial_list[i::max_parallel] for i in range(max_parallel)]
+
+
+def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epochs: int, patience: int,
+               trials_uri: str, seed: int, max_parallel: int, lr_decay_patience: int = 0) -> list[dict[str, Any]]:
+    """Run every trial as Spark tasks; returns their records in trial order."""
+    sc = spark.sparkContext
+    groups = assign_partitions(trial_list, max_parallel)
+    kind, payload = data_source
+
+    def run_partition(items: Iterator[list[dict]]) -> Iterator[dict]:
+        cpus = executor.task_cpus()
+        if kind == "broadcast":
+            data = payload.value
+        else:
+            data = dataset.cached_arrays(*payload)
+        for group in items:
+            for trial in group:
+                yield trials.train_trial(trial, data, family=family, epochs=epochs, patience=patience,
+                                         trials_uri=trials_uri, seed=seed, cpus=cpus,
+                                         lr_decay_patience=lr_decay_patience)
+
+    sc.setJobDescription(f"tune: {len(trial_list)} trials")
+    records = sc.parallelize(groups, len(groups)).mapPartitions(run_partition).collect()
+    order = {t["trial_id"]: i for i, t in enumerate(trial_list)}
+    return sorted(records, key=lambda r: order[r["trial_id"]])
+
+
+def plot_error_vs_learning_rate(records: list[dict[str, Any]]) -> bytes:
+    """The seed's figure: final test error against learning rate, one line per hidden-unit count.
+
+    Where other dimensions (batch size, dropout) vary too, each point is the trial with the best
+    validation accuracy for that (hidden units, learning rate), consistent with selection.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict[tuple[int, float], dict] = {}
+    for record in trials.rank_trials(records):
+        key = (record["params"]["hidden_units"], record["params"]["learning_rate"])
+        best.setdefault(key, record)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for hidden in sorted({h for h, _ in best}):
+        points = sorted((lr, r["test_error"]) for (h, lr), r in best.items() if h == hidden)
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"{hidden} hidden units")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Final test error vs learning rate")
+    ax.grid(True, which="both", alpha=0.3)
+    if best:
+        ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def run(spark, args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    manifest = dataset.read_manifest(args.prepared_uri)
+    space = search_space(args)
+    fixed = {"optimizer": args.optimizer, "augment": args.augment}
+    trial_list = search.build_trials(space, strategy=args.search_strategy, num_samples=args.num_random_trials,
+                                     seed=args.seed, fixed=fixed)
+    log.info("tuning %d trials (%s search) on %s", len(trial_list), args.search_strategy, args.prepared_uri)
+
+    size_mb = dataset.prepared_size_bytes(manifest) / 1e6
+    if size_mb <= args.broadcast_max_mb:
+        data_source = ("broadcast", spark.sparkContext.broadcast(dataset.load_arrays(args.prepared_uri, manifest)))
+    else:
+        data_source = ("shards", (args.prepared_uri, manifest))
+    log.info("data set %.1f MB: %s to executors", size_mb, data_source[0])
+
+    trials_uri = storage.join_uri(args.output_uri, "trials")
+    records = run_trials(spark, trial_list, data_source=data_source, family=args.model_family,
+                         epochs=args.epochs, patience=args.patience, trials_uri=trials_uri,
+                         seed=args.seed, max_parallel=args.max_parallel_trials,
+                         lr_decay_patience=args.lr_decay_patience)
+    summary = trials.leaderboard(records)
+    results_uri = storage.join_uri(args.output_uri, "results.json")
+    figure_uri = storage.join_uri(args.output_uri, "error_vs_learning_rate.png")
+    storage.write_bytes(figure_uri, plot_error_vs_learning_rate(records), content_type="image/png")
+    results = {
+        "prepared_uri": args.prepared_uri, "manifest_sha256": manifest["content_sha256"],
+        "model_family": args.model_family, "search_space": space, "fixed": fixed,
+        "search_strategy": args.search_strategy, "seed": args.seed, "epochs": args.epochs,
+        "selection_metric": "val_accuracy", "data_transfer": data_source[0],
+        "trials": records, "leaderboard": summary["full_leaderboard"], "failed": summary["failed"],
+        "best_trial_id": summary["best"]["trial_id"] if summary["best"] else None,
+        "figure_uri": figure_uri, "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    storage.write_json(results_uri, results)
+    if summary["best"] is None:
+        reasons = "; ".join(f"{f['trial_id']}: {f['reason']}" for f in summary["failed"][:5])
+        raise RuntimeError(f"every one of {len(records)} trials failed ({reasons}); see {results_uri}")
+    best = summary["best"]
+    executors = sorted({str(r["executor"].get("executor_id", r["executor"]["host"])) for r in records})
+    return {
+        "results_uri": results_uri, "figure_uri": figure_uri, "trials_uri": trials_uri,
+        "trials": len(records), "succeeded": len(records) - len(summary["failed"]),
+        "failed": len(summary["failed"]), "selection_metric": "val_accuracy",
+        "best": {"trial_id": best["trial_id"], "params": best["params"],
+                 "val_accuracy": round(best["val_accuracy"], 5), "test_accuracy": round(best["test_accuracy"], 5)},
+        "leaderboard": summary["leaderboard"], "executors": executors,
+        "wall_seconds": results["wall_seconds"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job.run_spark_job("tune", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The one table of the tuning pipeline's knobs (pure Python, cheap to import).
+
+Each :class:`Knob` says once what a setting is called in the Trigger form (Param name), on a job's
+command line (flag), in the search space (dimension), its type, default, bounds and help. From
+this table come the DAG's Params (:func:`param_specs`), each job's rendered arguments
+(:func:`job_arguments`), each job's argparse flags (:func:`add_arguments`) and the checks the
+DAG's ``validate_params`` runs before any Spark job starts (:func:`validate`). A default therefore
+cannot drift between the form and the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_SEED = 2**32 - 1  # NumPy's and Keras' seeds are 32-bit
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting of the tuning pipeline.
+
+    Attributes:
+        name: Param name in the Trigger form (and key in ``params``).
+        job: the job whose command line takes it (``prepare_data``, ``tune``, ``export_model``).
+        kind: ``int``, ``float``, ``str``, ``int_list`` or ``float_list``.
+        default: the default, for the form and the job alike.
+        title, help: what the form shows.
+        dimension: for list knobs, the search-space dimension the values span.
+        minimum, maximum, exclusive_minimum, exclusive_maximum: bounds (of every item, for lists).
+        choices: allowed values of a ``str`` knob.
+    """
+
+    name: str
+    job: str
+    kind: str
+    default: Any
+    title: str
+    help: str
+    dimension: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    exclusive_maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_list(self) -> bool:
+        return self.kind.endswith("_list")
+
+    @property
+    def item_kind(self) -> str:
+        return self.kind.removesuffix("_list")
+
+
+KNOBS: tuple[Knob, ...] = (
+    # prepare_data
+    Knob("validation_fraction", "prepare_data", "float", 0.1, "Validation fraction",
+         "Share of each class held out for selection.", exclusive_minimum=0, exclusive_maximum=0.5),
+    Knob("test_fraction", "prepare_data", "float", 0.1, "Test fraction",
+         "Share of each class held out for the final test (MNIST's own test files keep their role).",
+         exclusive_minimum=0, exclusive_maximum=0.5),
+    # tune: the search space
+    Knob("model_family", "tune", "str", "mnist_cnn", "Model family",
+         "mnist_cnn: the seed's 2-conv network; mlp: a quick 1-hidden-layer net.", choices=("mnist_cnn", "mlp")),
+    Knob("learning_rates", "tune", "float_list", [0.0003, 0.001, 0.003], "Learning rates",
+         "Optimizer step sizes to try.", dimension="learning_rate", exclusive_minimum=0, maximum=10),
+    Knob("hidden_units", "tune", "int_list", [128, 512, 1024], "Hidden units",
+         "Widths of the fully connected layer.", dimension="hidden_units", minimum=1, maximum=65536),
+    Knob("batch_sizes", "tune", "int_list", [128], "Batch sizes", "Examples per gradient step.",
+         dimension="batch_size", minimum=1, maximum=65536),
+    Knob("dropouts", "tune", "float_list", [0.5], "Dropout rates", "Dropout before the output layer.",
+         dimension="dropout", minimum=0, exclusive_maximum=1),
+    # tune: fixed for every trial of a run
+    Knob("optimizer", "tune", "str", "adam", "Optimizer", "adam, or sgd with momentum 0.9.",
+         choices=("adam", "sgd")),
+    Knob("augment", "tune", "float", 0.0, "Augmentation",
+         "Random shift as a fraction of the image size, and rotation of half that (0 = off).",
+         minimum=0, maximum=0.3),
+    Knob("epochs", "tune", "int", 8, "Maximum epochs per trial",
+         "Early stopping on validation accuracy may stop sooner.", minimum=1, maximum=500),
+    Knob("patience", "tune", "int", 2, "Early-stopping patience (epochs)",
+         "Epochs without validation improvement before a trial stops.", minimum=1, maximum=500),
+    Knob("lr_decay_patience", "tune", "int", 1, "Learning-rate decay patience (epochs)",
+         "Halve the learning rate after this many epochs without validation improvement; 0 = constant.",
+         minimum=0, maximum=500),
+    Knob("search_strategy", "tune", "str", "grid", "Search strategy",
+         "grid: every combination; random: a seeded sparse sample of the grid.", choices=("grid", "random")),
+    Knob("num_random_trials", "tune", "int", 6, "Trials to sample (random search)",
+         "How many grid points random search trains.", minimum=1, maximum=1000),
+    Knob("seed", "tune", "int", 42, "Random seed",
+         "Seeds the split, the sample of the grid, weights and shuffling.", minimum=0, maximum=MAX_SEED),
+    Knob("max_parallel_trials", "tune", "int", 0, "Maximum parallel trials",
+         "0 = one task per trial on every free Spark task slot.", minimum=0, maximum=10000),
+    # export_model
+    Knob("promotion_metric", "export_model", "str", "test_accuracy", "Promotion metric",
+         "Metric compared with the champion's on the same test set.", choices=("test_accuracy", "test_loss")),
+    Knob("min_improvement", "export_model", "float", 0.0, "Minimum improvement to promote",
+         "Promote only when better than the champion by more than this.", minimum=0, maximum=1),
+)
+BY_NAME = {knob.name: knob for knob in KNOBS}
+# The seed as prepare_data reads it too (one value: the split and the trials share it).
+SHARED_WITH_PREPARE = ("seed",)
+
+
+def knobs_of(job: str) -> list[Knob]:
+    """The knobs a job's command line takes."""
+    return [k for k in KNOBS if k.job == job or (job == "prepare_data" and k.name in SHARED_WITH_PREPARE)]
+
+
+def search_dimensions() -> dict[str, Knob]:
+    """Search-space dimension name -> its list knob, in grid order."""
+    return {k.dimension: k for k in KNOBS if k.dimension}
+
+
+# ---------------------------------------------------------------------------------------------
+# The DAG side: Param specifications and rendered arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def param_specs() -> dict[str, dict[str, Any]]:
+    """Keyword arguments of ``airflow.sdk.Param`` for every knob (JSON schema + form text)."""
+    specs = {}
+    for knob in KNOBS:
+        bounds = {key: value for key, value in (
+            ("minimum", knob.minimum), ("maximum", knob.maximum),
+            ("exclusiveMinimum", knob.exclusive_minimum), ("exclusiveMaximum", knob.exclusive_maximum))
+            if value is not None}
+        json_type = {"int": "integer", "float": "number", "str": "string"}[knob.item_kind]
+        spec: dict[str, Any] = {"title": knob.title, "description": knob.help}
+        if knob.is_list:
+            spec.update(type="array", minItems=1, items={"type": json_type, **bounds})
+        else:
+            spec.update(type=json_type, **bounds)
+        if knob.choices:
+            spec["enum"] = list(knob.choices)
+        specs[knob.name] = {"default": knob.default, **spec}
+    return specs
+
+
+def job_arguments(job: str) -> list[str]:
+    """A job's ``application_args`` for its knobs, rendered from the run's Params by Jinja."""
+    arguments = []
+    for knob in knobs_of(job):
+        value = "{{ params.%s | join(',') }}" % knob.name if knob.is_list else "{{ params.%s }}" % knob.name
+        arguments += [knob.flag, value]
+    return arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# The job side: argparse flags
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_number_list(text: str, kind: type = float) -> list:
+    """Parse ``"0.001,0.01"`` (or a JSON list) into a list of numbers."""
+    text = text.strip()
+    values = json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+    return [kind(float(v)) if kind is int else kind(v) for v in values]
+
+
+def _parser_type(knob: Knob):
+    if knob.kind == "int_list":
+        return lambda text: parse_number_list(text, int)
+    if knob.kind == "float_list":
+        return lambda text: parse_number_list(text, float)
+    return {"int": int, "float": float, "str": str}[knob.kind]
+
+
+def add_arguments(parser: argparse.ArgumentParser, job: str) -> None:
+    """Add a job's knob flags to its parser, with the table's defaults and help."""
+    for knob in knobs_of(job):
+        parser.add_argument(knob.flag, dest=knob.name, type=_parser_type(knob), default=knob.default,
+                            choices=knob.choices, help=f"{knob.help} (default: {knob.default})")
+
+
+def values_from_args(args: argparse.Namespace, job: str) -> dict[str, Any]:
+    """A job's knob values from its parsed arguments."""
+    return {knob.name: getattr(args, knob.name) for knob in knobs_of(job)}
+
+
+def search_space(values: dict[str, Any]) -> dict[str, list]:
+    """The search space (dimension -> values) from knob values (Params or parsed arguments)."""
+    return {dimension: list(values[knob.name]) for dimension, knob in search_dimensions().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (what a JSON schema cannot say)
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(knob: Knob) -> str:
+    """What an acceptable value (item, for lists) is, in words: ``a number > 0 and <= 10``."""
+    if knob.item_kind == "str":
+        return f"one of {list(knob.choices or [])}"
+    bounds = [f"{op} {int(value) if float(value).is_integer() else value}" for op, value in ((">=", knob.minimum), (">", knob.exclusive_minimum),
+                                                  ("<=", knob.maximum), ("<", knob.exclusive_maximum))
+              if value is not None]
+    noun = "an integer" if knob.item_kind == "int" else "a number"
+    return " ".join([noun, " and ".join(bounds)]) + ("" if knob.item_kind == "int" else " (finite)")
+
+
+def check_value(knob: Knob, value: Any) -> str | None:
+    """Why one value (one item, for list knobs) is not acceptable (``must be ...``), or None."""
+    if knob.item_kind == "str":
+        ok = isinstance(value, str) and (not knob.choices or value in knob.choices)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False
+    elif isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    else:
+        ok = ((knob.item_kind != "int" or float(value).is_integer())
+              and (knob.minimum is None or value >= knob.minimum)
+              and (knob.maximum is None or value <= knob.maximum)
+              and (knob.exclusive_minimum is None or value > knob.exclusive_minimum)
+              and (knob.exclusive_maximum is None or value < knob.exclusive_maximum))
+    return None if ok else f"must be {describe(knob)}"
+
+
+def check_list(label: str, knob: Knob, values: Any) -> list[str]:
+    """Problems with a list knob's values: empty, an item out of bounds, duplicates."""
+    if not isinstance(values, (list, tuple)) or not values:
+        return [f"{label}: give at least one value (a non-empty list), got {values!r}"]
+    problems = []
+    bad = [(item, why) for item in values if (why := check_value(knob, item))]
+    if bad:
+        problems.append(f"{label}: every value {bad[0][1]}; fix {[item for item, _ in bad]!r}")
+    elif len({float(v) for v in values}) != len(values):
+        problems.append(f"{label}: remove the duplicate values in {list(values)!r}")
+    return problems
+
+
+def validate(values: dict[str, Any]) -> list[str]:
+    """Every problem with a set of knob values, as messages that say what to fix (empty if fine).
+
+    Checks each knob present in ``values`` (types, finiteness, bounds, duplicates in lists) and
+    the rules that span knobs. Unknown names are reported too.
+    """
+    problems = []
+    for name, value in values.items():
+        knob = BY_NAME.get(name)
+        if knob is None:
+            problems.append(f"{name}: unknown setting; known: {sorted(BY_NAME)}")
+            continue
+        if knob.is_list:
+            problems += check_list(name, knob, value)
+        elif (why := check_value(knob, value)) is not None:
+            problems.append(f"{name}: {why}, got {value!r}")
+    if not problems and {"validation_fraction", "test_fraction"} <= set(values):
+        if values["validation_fraction"] + values["test_fraction"] >= 0.9:
+            problems.append("validation_fraction + test_fraction must leave at least 10% for training")
+    return problems
+
+
+def defaults() -> dict[str, Any]:
+    return {knob.name: knob.default for knob in KNOBS}

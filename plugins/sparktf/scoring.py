@@ -1,0 +1,183 @@
+"""Batch inference on executors: the one per-partition entry point and what it is made of.
+
+:func:`score_partition` is what the inference job maps over its Spark partitions: fetch + decode
+a group of keys (:mod:`sparktf.fetch`), call the model once per batch (loaded once per Python
+worker, sha256-checked, safe mode), keep the top-k labels, encode the rows as Parquet and stage
+them for publishing. The layout, the publish and the reader side are in :mod:`sparktf.predictions`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from sparktf import executor, fetch, predictions, registry, storage
+
+# ---------------------------------------------------------------------------------------------
+# Model: loaded once per Python worker, reused by every task and batch it runs
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_CACHE: dict[tuple[str, str], Any] = {}
+_MODEL_LOCK = threading.Lock()
+_LOADS = Counter()  # model loads in this process, by (uri, sha256)
+
+
+def cached_model(model_uri: str, model_sha256: str, cpus: int | None = None):
+    """This worker's copy of a model, loaded (sha256-checked, safe mode) on first use only.
+
+    TensorFlow's threads are pinned to the task's cores before the first load. One model is kept
+    per worker: asking for another version replaces it.
+
+    Returns:
+        ``(model, loaded_now)``.
+    """
+    key = (model_uri, model_sha256)
+    with _MODEL_LOCK:
+        model = _MODEL_CACHE.get(key)
+        if model is not None:
+            return model, False
+        executor.pin_threads(cpus if cpus is not None else executor.task_cpus())
+        model = registry.load_verified_model(model_uri, model_sha256)
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = model
+        _LOADS[key] += 1
+        return model, True
+
+
+def model_loads() -> int:
+    """How many times this process has loaded a model (for tests and stats)."""
+    return sum(_LOADS.values())
+
+
+def predict_batch(model, batch) -> Any:
+    """Class probabilities for a uint8 batch ``(n, h, w, c)``: one model call, no ``predict``.
+
+    ``model.predict`` builds a new data pipeline (and leaks memory) on every call; calling the
+    model directly runs the forward pass only.
+    """
+    import numpy as np
+
+    return np.asarray(model(batch, training=False), dtype=np.float32)
+
+
+def top_k(probabilities, k: int) -> tuple[Any, Any]:
+    """Indices and scores of the ``k`` best classes per row, best first (ties: lower index first)."""
+    import numpy as np
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    k = max(1, min(int(k), probabilities.shape[1]))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probabilities, order, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring one task's keys
+# ---------------------------------------------------------------------------------------------
+
+
+def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: str, label_names: list[str],
+               input_shape: tuple[int, int, int], batch_size: int = 256, fetch_threads: int = 16,
+               max_pixels: int = 40_000_000, k: int = 5, cpus: int | None = None) -> dict[str, Any]:
+    """Score objects: fetch + decode concurrently, then one model call per batch.
+
+    Returns:
+        ``{"predictions": [{key, predicted_label, score, top_k}], "errors": [{key, reason, detail}],
+        "stats": {...}}``. Every key is in exactly one of the two lists. The model is loaded only
+        if there is at least one image to score.
+    """
+    import numpy as np
+
+    height, width, channels = (int(v) for v in input_shape)
+    labels = [str(n) for n in label_names]
+    predictions: list[dict] = []
+    errors: list[dict] = []
+    stats = {"keys": len(keys), "model_loaded_now": False, "model_seconds": 0.0, "batches": 0,
+             "pid": os.getpid()}
+    started = time.perf_counter()
+    batch_keys: list[str] = []
+    batch_arrays: list = []
+    model = None
+
+    def flush() -> None:
+        nonlocal model
+        if not batch_keys:
+            return
+        if model is None:
+            model, stats["model_loaded_now"] = cached_model(model_uri, model_sha256, cpus)
+        t0 = time.perf_counter()
+        probabilities = predict_batch(model, np.stack(batch_arrays))
+        stats["model_seconds"] += time.perf_counter() - t0
+        stats["batches"] += 1
+        if probabilities.shape != (len(batch_keys), len(labels)):
+            raise ValueError(f"model output {probabilities.shape} does not match {len(batch_keys)} images "
+                             f"x {len(labels)} labels")
+        order, scores = top_k(probabilities, k)
+        for row, key in enumerate(batch_keys):
+            predictions.append({
+                "key": key, "predicted_label": labels[order[row, 0]], "score": float(scores[row, 0]),
+                "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])],
+            })
+        batch_keys.clear()
+        batch_arrays.clear()
+
+    window = int(batch_size) + 2 * max(1, int(fetch_threads))
+    for key, array, reason, detail in fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels,
+                                                    max_pixels=max_pixels, fetch_threads=fetch_threads,
+                                                    window=window):
+        if array is None:
+            errors.append({"key": key, "reason": reason, "detail": detail or ""})
+            continue
+        batch_keys.append(key)
+        batch_arrays.append(array)
+        if len(batch_keys) >= batch_size:
+            flush()
+    flush()
+    stats["seconds"] = time.perf_counter() - started
+    stats["model_loads_in_worker"] = model_loads()
+    return {"predictions": predictions, "errors": errors, "stats": stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# One Spark partition: score a group of keys and stage its Parquet parts
+# ---------------------------------------------------------------------------------------------
+
+
+def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str, model: dict[str, Any],
+                    partition_date: str, processed_at: dt.datetime, batch_size: int, fetch_threads: int,
+                    max_pixels: int, top: int) -> dict[str, Any]:
+    """Score one group of keys and write its predictions and errors parts under ``staged_uri``.
+
+    Args:
+        index: the group's number (names its part files).
+        model: the resolved version's metadata (``name``, ``version``, ``model_uri``,
+            ``model_sha256``, ``label_names``, ``input_shape``).
+
+    Returns:
+        The task's summary: part names, counts, label and reason histograms, a sample of errors,
+        timing stats and the executor it ran on.
+    """
+    scored = score_keys(
+        bucket, keys, model_uri=model["model_uri"], model_sha256=model["model_sha256"],
+        label_names=model["label_names"], input_shape=tuple(model["input_shape"]), batch_size=batch_size,
+        fetch_threads=fetch_threads, max_pixels=max_pixels, k=top, cpus=executor.task_cpus())
+    name = f"part-{index:05d}.parquet"
+    error_name = f"{predictions.ERRORS_DIR}/{name}"
+    s3 = storage.client()
+    storage.write_bytes(storage.join_uri(staged_uri, name), predictions.predictions_parquet(
+        scored["predictions"], model_name=model["name"], model_version=model["version"],
+        partition_date=partition_date, processed_at=processed_at), s3)
+    storage.write_bytes(storage.join_uri(staged_uri, error_name),
+                        predictions.errors_parquet(scored["errors"], partition_date=partition_date), s3)
+    return {
+        "index": index, "file": name, "errors_file": error_name,
+        "scored": len(scored["predictions"]), "set_aside": len(scored["errors"]),
+        "labels": dict(Counter(p["predicted_label"] for p in scored["predictions"])),
+        "reasons": dict(Counter(e["reason"] for e in scored["errors"])),
+        "errors": scored["errors"][:50],
+        "stats": scored["stats"],
+        "executor": str(executor.executor_identity().get("executor_id", "driver")),
+    }

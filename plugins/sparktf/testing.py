@@ -1,0 +1,385 @@
+"""Test and benchmark harness: one place for the local S3 server, a local Spark, ports and waits,
+landing MNIST and images, and registering a small model.
+
+Used by the pytest fixtures (``tests/conftest.py``), the benchmarks (``bench/``) and the embedded
+stack's scripts. Not shipped to executors. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sparktf import storage
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (editable install)
+DEMO_MNIST_DIR = ROOT / "data" / "demo" / "mnist"
+# The local S3 server accepts any key pair: placeholders, not secrets.
+TEST_ACCESS_KEY = "local-access-key"
+TEST_SECRET_KEY = "local-secret-key"
+LABEL_NAMES = [str(d) for d in range(10)]
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports, waits, processes
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(ready: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.2,
+               process: subprocess.Popen | None = None) -> None:
+    """Poll ``ready()`` until it is true, with a deadline (never sleep and hope).
+
+    Raises:
+        RuntimeError: if ``process`` exits first. TimeoutError: at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited early (code {process.returncode})")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready within {timeout} s")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL if needed."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 server and local Spark
+# ---------------------------------------------------------------------------------------------
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1; a context manager.
+
+    On start it makes the standard AWS variables point at it (inherited by Spark's Python workers
+    and subprocesses) and makes it this process's storage default.
+    """
+
+    def __init__(self, port: int | None = None, log_path: str | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or os.path.join(tempfile.gettempdir(), f"sparktf-moto-{self.port}.log")
+        self.process: subprocess.Popen | None = None
+
+    def is_up(self) -> bool:
+        try:
+            return http_ok(self.endpoint + "/moto-api/")
+        except OSError:
+            return False
+
+    def start(self, *, set_environment: bool = True) -> S3Server:
+        server = Path(sys.executable).with_name("moto_server")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(self.port)],
+                                            stdout=log, stderr=log, start_new_session=True)
+        try:
+            wait_until(self.is_up, f"S3 server at {self.endpoint}", 30, process=self.process)
+        except Exception:
+            self.stop()
+            raise
+        if set_environment:
+            os.environ.update(self.settings().environment())
+            storage.configure(self.settings())
+        return self
+
+    def settings(self) -> storage.StorageSettings:
+        return storage.StorageSettings(endpoint_url=self.endpoint, region_name="us-east-1",
+                                       aws_access_key_id=TEST_ACCESS_KEY, aws_secret_access_key=TEST_SECRET_KEY)
+
+    def connection_json(self) -> str:
+        """The ``aws_default`` connection (as ``AIRFLOW_CONN_AWS_DEFAULT``) for this server."""
+        return json.dumps({"conn_type": "aws", "login": TEST_ACCESS_KEY, "password": TEST_SECRET_KEY,
+                           "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}})
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+            self.process = None
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def local_spark(slots: int = 2, app_name: str = "sparktf-local", conf: dict[str, str] | None = None):
+    """A local SparkSession with ``slots`` task slots, UI off, no task retries, on loopback."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+
+    builder = (SparkSession.builder.master(f"local[{int(slots)}]").appName(app_name)
+               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", str(max(2, 2 * slots)))
+               .config("spark.python.worker.reuse", "true").config("spark.task.maxFailures", "1")
+               .config("spark.ui.showConsoleProgress", "false"))
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST
+# ---------------------------------------------------------------------------------------------
+
+
+def read_mnist(source: Path = DEMO_MNIST_DIR) -> tuple[Any, Any, Any, Any]:
+    """``(train_x, train_y, test_x, test_y)`` uint8 arrays from a folder of MNIST ``.gz`` IDX files."""
+    from sparktf import idx
+
+    def load(name: str):
+        path = Path(source) / f"{name}.gz"
+        if not path.exists():
+            raise FileNotFoundError(f"MNIST IDX file {path} not found")
+        return idx.parse_idx(gzip.decompress(path.read_bytes()))
+
+    (train_images, train_labels), (test_images, test_labels) = MNIST_FILES["train"], MNIST_FILES["t10k"]
+    return load(train_images), load(train_labels), load(test_images), load(test_labels)
+
+
+def upload_mnist(prefix: str, arrays: tuple[Any, Any, Any, Any], *, train_limit: int | None = None,
+                 test_limit: int | None = None) -> dict[str, int]:
+    """Upload MNIST arrays as gzipped IDX pairs (``train-*`` and ``t10k-*``) under ``prefix``.
+
+    Returns:
+        Images uploaded per pair, ``{"train": n, "t10k": m}``.
+    """
+    from sparktf import idx
+
+    train_x, train_y, test_x, test_y = arrays
+    counts = {}
+    for stem, (x, y), limit in (("train", (train_x, train_y), train_limit), ("t10k", (test_x, test_y), test_limit)):
+        x, y = x[:limit], y[:limit]
+        images_name, labels_name = MNIST_FILES[stem]
+        storage.write_bytes(storage.join_uri(prefix, images_name + ".gz"), gzip.compress(idx.encode_idx(x), 1))
+        storage.write_bytes(storage.join_uri(prefix, labels_name + ".gz"), gzip.compress(idx.encode_idx(y), 1))
+        counts[stem] = len(y)
+    return counts
+
+
+def upload_files(local_dir: Path, prefix: str, suffix: str = "") -> list[str]:
+    """Upload the files of a folder (not recursive) whose names end with ``suffix``; their URIs."""
+    written = []
+    for path in sorted(Path(local_dir).iterdir()):
+        if path.is_file() and path.name.endswith(suffix):
+            uri = storage.join_uri(prefix, path.name)
+            storage.write_bytes(uri, path.read_bytes())
+            written.append(uri)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# A small registered model
+# ---------------------------------------------------------------------------------------------
+
+_TRAINED: dict[str, dict] = {}
+
+
+def train_tiny_model(work_uri: str, mnist: tuple[Any, Any, Any, Any]) -> dict:
+    """Train a small ``mlp`` on 2,000 digits (a few seconds) with the tuning job's own trial code;
+    the trial record (trained once per process)."""
+    if "record" not in _TRAINED:
+        import numpy as np
+
+        from sparktf import trials
+
+        train_x, train_y, test_x, test_y = mnist
+        data = {
+            "x_train": train_x[:2000, :, :, None], "y_train": train_y[:2000].astype(np.int32),
+            "x_val": train_x[2000:2500, :, :, None], "y_val": train_y[2000:2500].astype(np.int32),
+            "x_test": test_x[:500, :, :, None], "y_test": test_y[:500].astype(np.int32),
+            "input_shape": (28, 28, 1), "num_classes": 10,
+        }
+        trial = {"trial_id": "tiny-mlp", "params": {"learning_rate": 0.003, "hidden_units": 64, "batch_size": 64,
+                                                    "dropout": 0.1, "optimizer": "adam"}}
+        record = trials.train_trial(trial, data, family="mlp", epochs=3, patience=3,
+                                    trials_uri=storage.join_uri(work_uri, "trials"), seed=7)
+        if record["status"] != "ok":
+            raise RuntimeError(f"the tiny model did not train: {record}")
+        _TRAINED["record"] = record
+    return _TRAINED["record"]
+
+
+def register_trial(models_uri: str, name: str, record: dict, *, version: int | None = None,
+                   champion: bool = True) -> dict:
+    """Register a trained trial's ``.keras`` file as a version of ``name`` (optionally champion)."""
+    from sparktf import registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        sha = storage.download_file(record["model_uri"], path)
+        if sha != record["model_sha256"]:
+            raise ValueError(f"{record['model_uri']} does not match its trial record")
+        metadata = registry.write_version(models_uri, name, model_path=path, version=version, metadata={
+            "family": record["family"], "params": record["params"], "trial_id": record["trial_id"],
+            "metrics": {k: record[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")},
+            "input_shape": [28, 28, 1], "label_names": LABEL_NAMES})
+    if champion:
+        registry.set_champion(models_uri, name, registry.champion_pointer(metadata))
+    return metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def encode(img, fmt: str, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def image_variant(digit, n: int) -> tuple[bytes, str]:
+    """One of many (mode, size, format) encodings of a digit, and the file extension to use."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(digit)
+    variants = [
+        lambda: (encode(img, "PNG"), ".png"),                                              # L, PNG
+        lambda: (encode(img.convert("RGB"), "JPEG", quality=95), ".jpg"),                  # RGB, JPEG
+        lambda: (encode(Image.fromarray(np.stack([digit] * 4, axis=2), "RGBA"), "PNG"), ".png"),  # RGBA
+        lambda: (encode(img.convert("P"), "GIF"), ".gif"),                                 # P, GIF
+        lambda: (encode(Image.fromarray(digit.astype(np.uint16) * 257), "TIFF"), ".tif"),  # I;16, TIFF
+        lambda: (encode(img.convert("1"), "BMP"), ".bmp"),                                 # 1, BMP
+        lambda: (encode(img.convert("RGB"), "WEBP", lossless=True), ".webp"),              # RGB, WEBP
+        lambda: (encode(img.resize((84, 84), Image.Resampling.BILINEAR), "PNG"), ".png"),  # larger
+        lambda: (encode(img.resize((112, 70), Image.Resampling.BILINEAR).convert("RGB"), "TIFF"), ".tiff"),
+        lambda: (encode(img, "PNG"), ".jpg"),                                              # PNG named .jpg
+    ]
+    return variants[n % len(variants)]()
+
+
+def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
+    from PIL import Image
+
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def bad_files(digit) -> dict[str, tuple[bytes, set[str]]]:
+    """Relative name -> (bytes, acceptable reasons) for files that must be set aside."""
+    import numpy as np
+    from PIL import Image
+
+    png = encode(Image.fromarray(digit), "PNG")
+    rng = np.random.default_rng(3)
+    return {
+        "broken/truncated.png": (png[: len(png) // 2], {"truncated", "corrupt"}),
+        "broken/empty.png": (b"", {"empty"}),
+        "broken/random.bin": (bytes(rng.integers(0, 256, 2048, dtype=np.uint8)), {"not_an_image"}),
+        "notes.txt": (b"scanner log: 12 pages\n", {"not_an_image"}),
+        "error page.html": (b"<html><body>503 Service Unavailable</body></html>", {"not_an_image"}),
+        "bomb.png": (png_bomb(), {"too_large"}),
+        "looks-like-a-digit.png": (b"<!DOCTYPE html><html>moved</html>", {"not_an_image"}),
+        "données/çassé ü.jpg": (b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)),
+                                {"corrupt", "truncated", "not_an_image"}),
+    }
+
+
+def valid_name(n: int, ext: str) -> str:
+    """Nested folders, spaces and non-ASCII characters in some of the names."""
+    if n % 7 == 3:
+        return f"scans/numéro {n:03d} – été{ext}"
+    if n % 7 == 5:
+        return f"相机/数字_{n:03d}{ext}"
+    return f"cam-{n % 3}/batch {n // 10}/img_{n:03d}{ext}"
+
+
+def land_partition(incoming_uri: str, date: str, images, labels, *, with_bad: bool = True) -> dict[str, dict]:
+    """Upload images (in many encodings) plus, optionally, bad files under ``<incoming>/<date>/``.
+
+    Returns:
+        key -> ``{"bytes", "label"}`` for valid images, ``{"bytes", "reasons"}`` for bad ones.
+    """
+    prefix = storage.join_uri(incoming_uri, date)
+    landed: dict[str, dict] = {}
+    for n, (digit, label) in enumerate(zip(images, labels)):
+        data, ext = image_variant(digit, n)
+        uri = storage.join_uri(prefix, valid_name(n, ext))
+        storage.write_bytes(uri, data)
+        landed[storage.parse_uri(uri).key] = {"bytes": data, "label": str(int(label))}
+    if with_bad:
+        for name, (data, reasons) in bad_files(images[0]).items():
+            uri = storage.join_uri(prefix, name)
+            storage.write_bytes(uri, data)
+            landed[storage.parse_uri(uri).key] = {"bytes": data, "reasons": reasons}
+    return landed
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs and DAG runs
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(spark, input_uri: str, output_uri: str, *extra_args: str) -> dict[str, Any]:
+    """Run the prepare_data job's ``run`` on ``input_uri``; returns the job result."""
+    from sparktf.jobs import prepare_data
+
+    args = prepare_data.parse_args(["--input-uri", input_uri, "--output-uri", output_uri, *extra_args])
+    return prepare_data.run(spark, args)
+
+
+def run_dag(env: dict[str, str], out_dir: Path, dag_id: str, conf: dict | None = None,
+            logical_date: str | None = None, timeout: int = 1200) -> tuple[int, dict | None, str]:
+    """Run a DAG with ``scripts/run_dag.py``; returns (exit code, summary or None, combined output)."""
+    out_file = Path(out_dir) / f"{dag_id}-summary.json"
+    command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf or {}),
+               "--json-out", str(out_file)]
+    if logical_date:
+        command += ["--logical-date", logical_date]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    summary = json.loads(out_file.read_text()) if out_file.exists() else None
+    return proc.returncode, summary, proc.stdout + proc.stderr
