@@ -71,7 +71,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("model_family", "tune", "str", "mnist_cnn", "Model family",
          "mnist_cnn: the seed's 2-conv network; mlp: a quick 1-hidden-layer net.", choices=("mnist_cnn", "mlp")),
     Knob("learning_rates", "tune", "float_list", [0.0003, 0.001, 0.003], "Learning rates",
-         "Optimizer step sizes to try.", dimension="learning_rate", exclusive_minimum=0, maximum=10),
+         "Optimizer step sizes to try.", dimension="learning_rate", exclusive_minimum=0),
     Knob("hidden_units", "tune", "int_list", [128, 512, 1024], "Hidden units",
          "Widths of the fully connected layer.", dimension="hidden_units", minimum=1, maximum=65536),
     Knob("batch_sizes", "tune", "int_list", [128], "Batch sizes", "Examples per gradient step.",
