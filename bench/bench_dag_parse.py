@@ -1,23 +1,25 @@
 """DAG parse time: each file in dags/ parsed by Airflow's DagBag in a fresh interpreter.
 
 For every ``dags/*.py`` file, ``--runs`` times (default 3), a fresh Python process with the
-project's Airflow environment (``scripts/env.sh``: AIRFLOW_HOME, plugins on PYTHONPATH, ...)
+project's Airflow environment (``scripts/env.sh``: AIRFLOW_HOME, the DAGs and plugins folders, the
+venv; ``sparktf`` itself is importable through its editable install)
 imports Airflow and the DagBag class (reported separately: the DAG processor has paid for it
 already), then times:
 
 * ``cold``: ``DagBag(dag_folder=<file>)`` -- the first parse in the process, which also imports
-  whatever the file imports (airflow.sdk, operators, providers, the project's plugins);
+  whatever the file imports (airflow.sdk, operators, providers, ``sparktf.airflow`` and ``sparktf.knobs``);
 * ``warm``: a second ``DagBag(dag_folder=<file>)`` in the same process (module caches warm: what
   a re-parse of an unchanged file costs on top of the already-imported dependencies).
 
 Prints best and median over the runs per file (goal: cold <= 0.5 s per file), the DAG ids and
-import errors, and the heavy modules (tensorflow, keras, pyspark, pandas, numpy, boto3, botocore,
-PIL, matplotlib) in ``sys.modules`` after the parse, split into those the DAG file brought in and
-those Airflow had already loaded (goal: none from the DAG file). Nothing is asserted.
+import errors, and the heavy modules (tensorflow, keras, pyspark, pandas, numpy, botocore -- the
+AWS SDK's core, which its client library always imports --, PIL, matplotlib, pyarrow) in
+``sys.modules`` after the parse, split into those the DAG file brought in and those Airflow had
+already loaded (goal: none from the DAG file). Nothing is asserted.
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python bench/bench_dag_parse.py [--runs 3] [dags/one_file.py ...]
+    python bench/bench_dag_parse.py [--runs 3] [dags/one_file.py ...]
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("tensorflow", "keras", "pyspark", "pandas", "numpy", "boto3", "botocore", "PIL", "matplotlib", "pyarrow")
+from sparktf.testing import ROOT
+
+HEAVY = ("tensorflow", "keras", "pyspark", "pandas", "numpy", "botocore", "PIL", "matplotlib", "pyarrow")
 MARKER = "PARSE_RESULT "
 
 CHILD = r"""

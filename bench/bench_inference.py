@@ -8,12 +8,12 @@ network with 1024 hidden units; weights untrained: the cost of a forward pass do
 them). Each measurement runs in a fresh interpreter (own TensorFlow thread settings, own JVM):
 
 * ``ceiling``: (a) raw concurrent GET rate: ``--slots`` processes x ``--fetch-threads`` threads of
-  boto3 GETs over all images (bytes only), and (b) in-process batched model calls
+  GETs through ``sparktf.storage`` over all images (bytes only), and (b) in-process batched model calls
   (``model(batch)``, batches of ``--batch-size``) on the already decoded arrays, TensorFlow on
   ``--slots`` threads. Ceiling = min(a, b).
 * ``seed``: the seed's per-image pattern on a sample (``--seed-sample``): for every image, GET,
   decode, deserialize the ``.keras`` model, ``model.predict`` on one image; extrapolated.
-* ``job``: ``jobs/batch_inference.py``'s ``run(spark, args)`` in ``local[1]`` and ``local[2]``,
+* ``job``: ``sparktf.jobs.batch_inference``'s ``run(spark, args)`` in ``local[1]`` and ``local[2]``,
   twice each in the same SparkSession: ``cold`` (Python workers start, import TensorFlow and load
   the model) and ``warm`` (reused workers with the model cached). Images/s = images / wall time
   of ``run`` (listing, scoring, Parquet parts, publish).
@@ -24,10 +24,10 @@ them). Each measurement runs in a fresh interpreter (own TensorFlow thread setti
 Prints ratios: job (warm, local[2]) / ceiling (goal >= 0.8), job / seed pattern (goal >= 20x),
 job / predict_batch_udf (goal >= 1.0), local[2] / local[1] (scaling). Nothing is asserted.
 
-Usage::
+Usage (from the repository root, with the project's venv active: ``source scripts/env.sh``)::
 
-    .venv/bin/python bench/bench_inference.py                       # 5,000 images, mnist_cnn
-    .venv/bin/python bench/bench_inference.py --images 500 --seed-sample 20 --family mlp   # smoke
+    python bench/bench_inference.py --json-out bench-results/inference.json   # 5,000 images, mnist_cnn
+    python bench/bench_inference.py --images 500 --seed-sample 20 --family mlp   # smoke
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402  (sets sys.path/PYTHONPATH for plugins/ and jobs/)
+import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
+
+from sparktf import testing
 
 DATE = "2026-11-20"
 MODEL_NAME = "bench-digits"
+BUCKET = "sparktf-bench"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def incoming_keys(ws: str) -> tuple[str, list[str]]:
-    from sparktf import inference, storage
+    from sparktf import predictions, storage
 
-    objects = inference.list_partition(ws + "/incoming/", DATE)
+    objects = predictions.list_partition(ws + "/incoming/", DATE)
     return storage.parse_uri(ws).bucket, [o["key"] for o in objects]
 
 
@@ -82,30 +84,26 @@ def model_metadata(ws: str) -> dict:
 
 
 def worker_setup(args) -> dict:
-    """Build and register the model (champion v1)."""
+    """Build the model and register it through the registry (version 1, champion)."""
     import tempfile
 
-    from sparktf import models, registry, runtime, storage
+    from sparktf import executor, models, registry
 
-    runtime.pin_threads(1)
+    executor.pin_threads(1)
     import keras
 
     keras.utils.set_random_seed(0)
     model = models.build_model(args.family, (28, 28, 1), 10, hidden_units=args.hidden_units)
+    models_uri = args.ws + "/models/"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
         model.save(path)
-        blob = open(path, "rb").read()
-    base = registry.version_uri(args.ws + "/models/", MODEL_NAME, 1)
-    model_uri = storage.join_uri(base, "model.keras")
-    storage.write_bytes(model_uri, blob)
-    sha = storage.sha256_hex(blob)
-    storage.write_json(storage.join_uri(base, "metadata.json"), {
-        "name": MODEL_NAME, "version": 1, "model_uri": model_uri, "model_sha256": sha, "family": args.family,
-        "input_shape": [28, 28, 1], "label_names": [str(d) for d in range(10)]})
-    registry.set_champion(args.ws + "/models/", MODEL_NAME, {"name": MODEL_NAME, "version": 1,
-                                                             "model_uri": model_uri, "model_sha256": sha})
-    return {"model_bytes": len(blob), "params": int(model.count_params())}
+        model_bytes = os.path.getsize(path)
+        metadata = registry.write_version(models_uri, MODEL_NAME, model_path=path, version=1, metadata={
+            "family": args.family, "params": {"hidden_units": args.hidden_units}, "trained": False,
+            "input_shape": [28, 28, 1], "label_names": testing.LABEL_NAMES})
+    registry.set_champion(models_uri, MODEL_NAME, registry.champion_pointer(metadata))
+    return {"model_bytes": model_bytes, "params": int(model.count_params()), "version": metadata["version"]}
 
 
 def _get_share(payload: tuple[str, list[str], int]) -> int:
@@ -114,10 +112,9 @@ def _get_share(payload: tuple[str, list[str], int]) -> int:
     from sparktf import storage
 
     bucket, keys, threads = payload
-    client = storage.s3_client()
+    s3 = storage.client()
     with ThreadPoolExecutor(threads) as pool:
-        return sum(len(b) for b in pool.map(
-            lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].read(), keys))
+        return sum(len(b) for b in pool.map(lambda k: storage.read_bytes(storage.object_uri(bucket, k), s3), keys))
 
 
 def worker_ceiling(args) -> dict:
@@ -137,18 +134,17 @@ def worker_ceiling(args) -> dict:
         out[f"get_rate_{procs}proc"] = len(keys) / seconds
         out["bytes"] = total
 
-    from sparktf import inference, registry, runtime
-    from sparktf.images import decode_image
+    from sparktf import executor, fetch, registry, scoring
 
-    runtime.pin_threads(args.worker_slots)
+    executor.pin_threads(args.worker_slots)
     meta = model_metadata(args.ws)
-    model = registry.load_verified_model(meta["model_uri"], meta["model_sha256"])
-    arrays = np.stack([a for _k, a, _r, _d in inference.fetch_decoded(
+    model = registry.load_version_model(meta)
+    arrays = np.stack([a for _k, a, _r, _d in fetch.fetch_decoded(
         bucket, keys, height=28, width=28, channels=1, max_pixels=40_000_000, fetch_threads=args.fetch_threads)])
-    inference.predict_batch(model, arrays[: args.batch_size])  # warm up
+    scoring.predict_batch(model, arrays[: args.batch_size])  # warm up
     started = time.perf_counter()
     for start in range(0, len(arrays), args.batch_size):
-        inference.predict_batch(model, arrays[start:start + args.batch_size])
+        scoring.predict_batch(model, arrays[start:start + args.batch_size])
     out["model_rate"] = len(arrays) / (time.perf_counter() - started)
     out["get_rate"] = max(v for k, v in out.items() if k.startswith("get_rate_"))
     out["ceiling"] = min(out["get_rate"], out["model_rate"])
@@ -159,23 +155,22 @@ def worker_seed(args) -> dict:
     """The seed's pattern: per image, GET + decode + deserialize the model + model.predict."""
     import tempfile
 
-    from sparktf import runtime, storage
+    from sparktf import executor, storage
     from sparktf.images import decode_image
 
-    runtime.pin_threads(args.worker_slots)
+    executor.pin_threads(args.worker_slots)
     import keras
 
     bucket, keys = incoming_keys(args.ws)
     meta = model_metadata(args.ws)
     sample = keys[: args.seed_sample]
-    client = storage.s3_client()
+    s3 = storage.client()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
-        with open(path, "wb") as fh:
-            fh.write(storage.read_bytes(meta["model_uri"]))
+        storage.download_file(meta["model_uri"], path, s3)
         started = time.perf_counter()
         for key in sample:
-            pixels = decode_image(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            pixels = decode_image(storage.read_bytes(storage.object_uri(bucket, key), s3))
             model = keras.saving.load_model(path, compile=False)
             model.predict(pixels[None], verbose=0)
         seconds = time.perf_counter() - started
@@ -184,9 +179,9 @@ def worker_seed(args) -> dict:
 
 
 def worker_job(args) -> dict:
-    import batch_inference
+    from sparktf.jobs import batch_inference
 
-    spark = _harness.spark_session(args.worker_slots, "bench-inference-job")
+    spark = testing.local_spark(args.worker_slots, "bench-inference-job", conf=_harness.SPARK_CONF)
     try:
         runs = {}
         for label in ("cold", "warm"):
@@ -212,27 +207,27 @@ def worker_pbudf(args) -> dict:
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from sparktf import inference
+    from sparktf import fetch, predictions
 
     bucket, keys = incoming_keys(args.ws)
     meta = model_metadata(args.ws)
     fetch_threads, batch_size = args.fetch_threads, args.batch_size
 
-    def fetch(batch):
-        decoded = {k: a for k, a, _r, _d in inference.fetch_decoded(
+    def fetch_batch(batch):
+        decoded = {k: a for k, a, _r, _d in fetch.fetch_decoded(
             bucket, batch.tolist(), height=28, width=28, channels=1, max_pixels=40_000_000,
             fetch_threads=fetch_threads)}
         return pd.Series([None if decoded[k] is None else decoded[k].astype(np.float32).ravel() for k in batch])
 
     from pyspark.sql.functions import PandasUDFType
 
-    fetch_pixels = F.pandas_udf(fetch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
+    fetch_pixels = F.pandas_udf(fetch_batch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
 
     def make_predict_fn():
-        from sparktf import registry, runtime
+        from sparktf import executor, registry
 
-        runtime.pin_threads(runtime.task_cpus())
-        model = registry.load_verified_model(meta["model_uri"], meta["model_sha256"])
+        executor.pin_threads(executor.task_cpus())
+        model = registry.load_version_model(meta)
 
         def predict(inputs):
             return np.asarray(model(inputs, training=False))
@@ -240,9 +235,9 @@ def worker_pbudf(args) -> dict:
 
     classify = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=batch_size,
                                  input_tensor_shapes=[[28, 28, 1]])
-    spark = _harness.spark_session(args.worker_slots, "bench-inference-pbudf")
+    spark = testing.local_spark(args.worker_slots, "bench-inference-pbudf", conf=_harness.SPARK_CONF)
     try:
-        num_tasks = inference.plan_tasks(len(keys), args.worker_slots, 2000)
+        num_tasks = predictions.plan_tasks(len(keys), args.worker_slots, 2000)
         runs = {}
         for label in ("cold", "warm"):
             started = time.perf_counter()
@@ -267,21 +262,18 @@ WORKERS = {"setup": worker_setup, "ceiling": worker_ceiling, "seed": worker_seed
 
 
 def upload_images(ws: str, count: int) -> int:
-    import gzip
     from concurrent.futures import ThreadPoolExecutor
 
-    from sparktf import idx, storage
+    from sparktf import storage
     from sparktf.images import encode_png
 
-    path = _harness.MNIST_DIR / "t10k-images-idx3-ubyte.gz"
-    if not path.exists():
-        raise SystemExit(f"MNIST t10k not found at {path} (set SPARKTF_MNIST_DIR)")
-    digits = idx.parse_idx(gzip.decompress(path.read_bytes()))[:count]
-    client = storage.s3_client()
+    _train_x, _train_y, test_x, _test_y = testing.read_mnist(_harness.check_mnist())
+    digits = test_x[:count]
+    s3 = storage.client()
 
     def put(n: int) -> None:
         uri = storage.join_uri(ws, "incoming", DATE, f"cam-{n % 4}", f"digit {n:05d}.png")
-        storage.write_bytes(uri, encode_png(digits[n]), client)
+        storage.write_bytes(uri, encode_png(digits[n]), s3)
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(put, range(len(digits))))
@@ -300,14 +292,17 @@ def main(argv=None) -> int:
     me = str(Path(__file__).resolve())
     report: dict = {"machine": _harness.machine(), "images": args.images, "family": args.family,
                     "batch_size": args.batch_size, "fetch_threads": args.fetch_threads, "load": {}}
-    with _harness.MotoServer(log_path="/tmp/sparktf-bench-inference-moto.log") as server:
-        ws = f"s3://{server.bucket}/ws"
+    with testing.S3Server(log_path=_harness.log_file("inference-moto")):
+        from sparktf import storage
+
+        storage.create_bucket(BUCKET)
+        ws = f"s3://{BUCKET}/ws"
 
         def step(name: str, slots: int = 1) -> dict:
             report["load"][f"{name}-{slots}"] = _harness.load_average()
             started = time.perf_counter()
             out = _harness.run_worker([me, "--worker", name, "--ws", ws, "--worker-slots", str(slots), *common],
-                                      log_path=f"/tmp/sparktf-bench-inference-{name}-{slots}.log")
+                                      log_path=_harness.log_file(f"inference-{name}-{slots}"))
             print(f"  {name} (slots={slots}) done in {time.perf_counter() - started:.1f} s: "
                   f"{json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
             return out
@@ -349,6 +344,7 @@ def main(argv=None) -> int:
         print(f"  {name}: {value:.2f}")
     print(f"load average per step: {report['load']}")
     if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json_out, "w") as fh:
             json.dump(report, fh, indent=2, default=str)
     return 0

@@ -1,8 +1,8 @@
 """Accuracy on full MNIST: the seed's default network against a tuned grid, through the tune job.
 
-Prepares MNIST with ``jobs/prepare_data.py`` (60k training images -> stratified train/validation
-split, the official 10k t10k images as the test set), then runs ``jobs/tune.py`` twice in one
-local SparkSession:
+Prepares MNIST with the prepare_data job (``sparktf.jobs.prepare_data``: 60k training images ->
+stratified train/validation split, the official 10k t10k images as the test set), then runs the
+tune job (``sparktf.jobs.tune``) twice in one local SparkSession:
 
 * ``default``: the seed's configuration alone (mnist_cnn, 1024 hidden units, learning rate 1e-3,
   dropout 0.5, batch 128, adam, no augmentation, early stopping on validation accuracy);
@@ -15,14 +15,17 @@ them one after the other. Selection is by validation accuracy; the test accuracy
 selected trial's. Prints a table (config, test accuracy, test error, wall time) and the grid, and
 saves the figure (test error vs learning rate) and the full results under ``--out-dir``.
 
-Full run (about an hour or more on 2 cores)::
+Commands are run from the repository root with the project's venv active
+(``source scripts/env.sh``). Full run (about an hour or more on 2 cores)::
 
-    nohup nice -n 10 .venv/bin/python bench/bench_mnist_accuracy.py > /tmp/bench_mnist.log 2>&1 &
+    mkdir -p bench-results
+    nohup nice -n 10 python bench/bench_mnist_accuracy.py --out-dir bench-results/mnist \\
+        > bench-results/bench_mnist.log 2>&1 &
 
 Smoke run (a minute or two)::
 
-    .venv/bin/python bench/bench_mnist_accuracy.py --train-limit 1500 --test-limit 300 --epochs 1 \\
-        --default-epochs 1 --hidden-units 32,64 --learning-rates 0.001,0.002
+    python bench/bench_mnist_accuracy.py --train-limit 1500 --test-limit 300 --epochs 1 \\
+        --default-epochs 1 --hidden-units 32,64 --learning-rates 0.001,0.002 --out-dir bench-results/mnist-smoke
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402  (sets sys.path/PYTHONPATH for plugins/ and jobs/)
+import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
+
+from sparktf import testing
+
+BUCKET = "sparktf-bench-mnist"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,13 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--default-patience", type=int, default=2, help="default config: early-stopping patience")
     p.add_argument("--seed", type=int, default=42, help="split, weights and shuffling seed")
     p.add_argument("--sequential", action="store_true", help="run the default job, then the grid")
-    p.add_argument("--out-dir", default="/tmp/sparktf-bench-mnist", help="local folder for figure and results")
+    p.add_argument("--out-dir", default=str(_harness.RESULTS_DIR / "mnist"),
+                   help="local folder for figure and results (default: bench-results/mnist in the repository)")
     return p.parse_args(argv)
 
 
 def tune_args(prepared_uri: str, output_uri: str, *, learning_rates: str, hidden_units: str, augment: float,
               epochs: int, patience: int, seed: int, lr_decay_patience: int = 0) -> argparse.Namespace:
-    import tune
+    from sparktf.jobs import tune
 
     return tune.parse_args([
         "--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mnist_cnn",
@@ -76,17 +82,20 @@ def main(argv=None) -> int:
     os.makedirs(opts.out_dir, exist_ok=True)
     started = time.perf_counter()
     print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}", flush=True)
-    with _harness.MotoServer(bucket="sparktf-bench-mnist") as s3:
+    mnist = testing.read_mnist(_harness.check_mnist())
+    with testing.S3Server(log_path=_harness.log_file("mnist-moto")):
         from sparktf import storage
-        import tune
+        from sparktf.jobs import tune
 
-        base = f"s3://{s3.bucket}/mnist-accuracy"
-        uploaded = _harness.upload_mnist(f"{base}/raw/", train_limit=opts.train_limit, test_limit=opts.test_limit)
+        storage.create_bucket(BUCKET)
+        base = f"s3://{BUCKET}/mnist-accuracy"
+        uploaded = testing.upload_mnist(f"{base}/raw/", mnist, train_limit=opts.train_limit, test_limit=opts.test_limit)
+        del mnist
         print(f"uploaded MNIST IDX: {uploaded}", flush=True)
-        spark = _harness.spark_session(opts.slots, "bench-mnist-accuracy")
+        spark = testing.local_spark(opts.slots, "bench-mnist-accuracy", conf=_harness.SPARK_CONF)
         try:
             t0 = time.perf_counter()
-            prepared = _harness.prepare(spark, f"{base}/raw/", f"{base}/prepared/", "--seed", str(opts.seed))
+            prepared = testing.prepare(spark, f"{base}/raw/", f"{base}/prepared/", "--seed", str(opts.seed))
             prepare_seconds = time.perf_counter() - t0
             print(f"prepared {prepared['counts']} in {prepare_seconds:.1f} s", flush=True)
 

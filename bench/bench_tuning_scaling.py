@@ -1,13 +1,14 @@
 """Parallel efficiency of the tune job: the same equal trials as a plain loop, on 1 and on 2 slots.
 
 One set of equal-cost trials (mnist_cnn, same hidden units, batch size and epochs; only the
-learning rate differs, and early stopping cannot trigger because patience >= epochs) on a fixed
+learning rate differs, it stays constant (``--lr-decay-patience 0``), and early stopping cannot
+trigger because patience >= epochs) on a fixed
 MNIST subset, run three ways, each in a fresh interpreter (clean TensorFlow thread settings, a
 fresh JVM, one SparkSession stopped before the next starts):
 
 * ``loop``: a plain Python loop calling ``sparktf.trials.train_trial`` in one process, TF pinned
   to 1 thread (what one task slot does, without Spark);
-* ``spark1``: ``jobs/tune.py``'s ``run(spark, args)`` in ``local[1]`` (1 task slot);
+* ``spark1``: the tune job's ``run(spark, args)`` (``sparktf.jobs.tune``) in ``local[1]`` (1 task slot);
 * ``spark2``: the same in ``local[2]`` (2 task slots).
 
 ``T_loop`` is data loading plus the loop; ``T1``/``T2`` are ``tune.run`` (manifest, data
@@ -16,11 +17,12 @@ efficiency = T1 / (2 * T2) (goal >= 0.9) and overhead = T1 / T_loop - 1 (goal <=
 each trial's ``train_seconds``. Nothing is asserted: timings on a shared machine are noisy, so
 run it more than once and read the load average it prints.
 
-Usage::
+Usage (from the repository root, with the project's venv active: ``source scripts/env.sh``)::
 
-    .venv/bin/python bench/bench_tuning_scaling.py                 # 4 trials, 6,000 images, 2 epochs
-    .venv/bin/python bench/bench_tuning_scaling.py --repeats 2     # two rounds in one run
-    .venv/bin/python bench/bench_tuning_scaling.py --train-images 1000 --epochs 1 --hidden-units 64  # smoke
+    python bench/bench_tuning_scaling.py                 # 4 trials, 6,000 images, 2 epochs
+    python bench/bench_tuning_scaling.py --repeats 2     # two rounds in one run
+    python bench/bench_tuning_scaling.py --json-out bench-results/scaling.json
+    python bench/bench_tuning_scaling.py --train-images 1000 --epochs 1 --hidden-units 64  # smoke
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402  (sets sys.path/PYTHONPATH for plugins/ and jobs/)
+import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
+
+from sparktf import testing
 
 VALIDATION_FRACTION = 0.1
+BUCKET = "sparktf-bench-scaling"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,15 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tune_args(opts: argparse.Namespace, output_uri: str) -> argparse.Namespace:
-    """The tune job's arguments for the equal trials: learning rates 1e-3, 1.1e-3, ... (same cost)."""
-    import tune
+    """The tune job's arguments for the equal trials: learning rates 1e-3, 1.1e-3, ... (same cost),
+    constant during training (the job's default halves it on a plateau: switched off here)."""
+    from sparktf.jobs import tune
 
     rates = ",".join(f"{0.001 * (1 + 0.1 * i):.5f}" for i in range(opts.trials))
     return tune.parse_args([
         "--prepared-uri", opts.prepared_uri, "--output-uri", output_uri, "--model-family", "mnist_cnn",
         "--learning-rates", rates, "--hidden-units", str(opts.hidden_units), "--batch-sizes", str(opts.batch_size),
         "--dropouts", "0.5", "--optimizer", "adam", "--augment", "0", "--epochs", str(opts.epochs),
-        "--patience", str(opts.epochs), "--seed", str(opts.seed),
+        "--patience", str(opts.epochs), "--lr-decay-patience", "0", "--seed", str(opts.seed),
     ])
 
 
@@ -85,9 +90,9 @@ def trial_rows(records: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 def worker_prepare(opts) -> dict:
-    spark = _harness.spark_session(2, "bench-scaling-prepare")
+    spark = testing.local_spark(2, "bench-scaling-prepare", conf=_harness.SPARK_CONF)
     try:
-        result = _harness.prepare(spark, opts.input_uri, opts.prepared_uri, "--seed", str(opts.seed),
+        result = testing.prepare(spark, opts.input_uri, opts.prepared_uri, "--seed", str(opts.seed),
                                   "--validation-fraction", str(VALIDATION_FRACTION))
     finally:
         spark.stop()
@@ -97,11 +102,11 @@ def worker_prepare(opts) -> dict:
 def worker_loop(opts) -> dict:
     """The baseline: the same trials, one after the other, in this process, TF on 1 thread."""
     from sparktf import dataset, search, storage, trials
-    from sparktf.runtime import pin_threads
+    from sparktf.executor import pin_threads
 
     pin_threads(1)  # before anything starts TensorFlow's thread pools (train_trial does it too)
     args = tune_args(opts, opts.output_uri)
-    import tune
+    from sparktf.jobs import tune
 
     trial_list = search.build_trials(tune.search_space(args), strategy=args.search_strategy,
                                      num_samples=args.num_random_trials, seed=args.seed,
@@ -111,19 +116,20 @@ def worker_loop(opts) -> dict:
     data_seconds = time.perf_counter() - t0
     trials_uri = storage.join_uri(args.output_uri, "trials")
     records = [trials.train_trial(trial, data, family=args.model_family, epochs=args.epochs, patience=args.patience,
-                                  trials_uri=trials_uri, seed=args.seed, cpus=1) for trial in trial_list]
+                                  trials_uri=trials_uri, seed=args.seed, cpus=1, lr_decay_patience=args.lr_decay_patience)
+               for trial in trial_list]
     total = time.perf_counter() - t0
     return {"variant": "loop", "seconds": total, "data_seconds": data_seconds, "trials": trial_rows(records),
             "train_images": int(len(data["y_train"]))}
 
 
 def worker_spark(opts) -> dict:
-    """``jobs/tune.py``'s run path in ``local[slots]``."""
-    import tune
+    """The tune job's run path (``sparktf.jobs.tune.run``) in ``local[slots]``."""
     from sparktf import storage
+    from sparktf.jobs import tune
 
     t0 = time.perf_counter()
-    spark = _harness.spark_session(opts.slots, f"bench-scaling-local{opts.slots}")
+    spark = testing.local_spark(opts.slots, f"bench-scaling-local{opts.slots}", conf=_harness.SPARK_CONF)
     startup = time.perf_counter() - t0
     try:
         args = tune_args(opts, opts.output_uri)
@@ -142,20 +148,18 @@ def worker_spark(opts) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def common_argv(opts) -> list[str]:
-    return [__file__, "--trials", str(opts.trials), "--epochs", str(opts.epochs), "--hidden-units",
+    return [str(Path(__file__).resolve()), "--trials", str(opts.trials), "--epochs", str(opts.epochs), "--hidden-units",
             str(opts.hidden_units), "--batch-size", str(opts.batch_size), "--seed", str(opts.seed)]
 
 
 def run_round(opts, prepared_uri: str, base: str, index: int) -> dict:
     results = {}
-    log_dir = "/tmp"
     steps = [("loop", ["--worker", "loop"]), ("spark1", ["--worker", "spark", "--slots", "1"]),
              ("spark2", ["--worker", "spark", "--slots", "2"])]
     for name, extra in steps:
         load_before = _harness.load_average()
         argv = common_argv(opts) + extra + ["--prepared-uri", prepared_uri, "--output-uri", f"{base}/round{index}/{name}/"]
-        log_path = os.path.join(log_dir, f"bench_scaling_{os.getpid()}_r{index}_{name}.log")
-        results[name] = _harness.run_worker(argv, log_path=log_path)
+        results[name] = _harness.run_worker(argv, log_path=_harness.log_file(f"scaling-{os.getpid()}-r{index}-{name}"))
         results[name]["load_before"] = load_before
         results[name]["load_after"] = _harness.load_average()
         print(f"  round {index} {name}: {results[name]['seconds']:.1f} s (load average before {load_before}, "
@@ -209,13 +213,18 @@ def main(argv=None) -> int:
           f"{opts.epochs} epochs, patience {opts.epochs}: no early stop), ~{opts.train_images} training images",
           flush=True)
     summaries = []
-    with _harness.MotoServer(bucket="sparktf-bench-scaling") as s3:
-        base = f"s3://{s3.bucket}/scaling"
+    mnist = testing.read_mnist(_harness.check_mnist())
+    with testing.S3Server(log_path=_harness.log_file("scaling-moto")):
+        from sparktf import storage
+
+        storage.create_bucket(BUCKET)
+        base = f"s3://{BUCKET}/scaling"
         train_limit = round(opts.train_images / (1 - VALIDATION_FRACTION))
-        _harness.upload_mnist(f"{base}/raw/", train_limit=train_limit, test_limit=opts.test_images)
+        testing.upload_mnist(f"{base}/raw/", mnist, train_limit=train_limit, test_limit=opts.test_images)
+        del mnist
         prepared = _harness.run_worker(common_argv(opts) + ["--worker", "prepare", "--input-uri", f"{base}/raw/",
                                                             "--prepared-uri", f"{base}/prepared/"],
-                                       log_path=f"/tmp/bench_scaling_{os.getpid()}_prepare.log")
+                                       log_path=_harness.log_file(f"scaling-{os.getpid()}-prepare"))
         print(f"prepared: {prepared['counts']}", flush=True)
         for index in range(1, opts.repeats + 1):
             summaries.append(report_round(index, run_round(opts, prepared["prepared_uri"], base, index)))
@@ -225,6 +234,7 @@ def main(argv=None) -> int:
             values = [s[key] for s in summaries]
             print(f"  {key:10s} " + "  ".join(f"{v:.3f}" for v in values) + f"   median {statistics.median(values):.3f}")
     if opts.json_out:
+        Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
         with open(opts.json_out, "w") as fh:
             json.dump({"options": vars(opts), "rounds": summaries}, fh, indent=2, default=str)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; load average at end: {_harness.load_average()}")
