@@ -39,7 +39,14 @@ def decode_image(
 
     Any Pillow mode is accepted (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK, ...). Transparent
     pixels are composited onto black, matching MNIST's white-on-black digits. Images of another
-    size are resized with bilinear filtering.
+    size are resized with bilinear filtering, after their EXIF orientation is applied (phone
+    photos are stored sideways with an orientation tag). Multi-frame files (animated GIF, WebP,
+    multi-page TIFF) use their first frame.
+
+    Memory stays bounded by the decoded image itself: JPEGs are decoded at a reduced scale when
+    the target is much smaller (``draft``), large images are reduced by an integer factor before
+    any conversion, and 16/32-bit images are resized in their own depth before being scaled to
+    8 bits (never a full-size float copy).
 
     Raises:
         ImageRejected: with reason ``empty``, ``not_an_image``, ``too_large``, ``truncated`` or
@@ -59,6 +66,11 @@ def decode_image(
                 with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
                     if img.width * img.height > max_pixels:
                         raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
+                    if img.format == "JPEG":
+                        # Let the JPEG decoder scale down by 1/2..1/8 while keeping at least twice
+                        # the target on each side (square request: orientation may swap the sides).
+                        side = 2 * max(height, width)
+                        img.draft(img.mode, (side, side))
                     img.load()
                     array = _to_array(img, height=height, width=width, channels=channels)
             except ImageRejected:
@@ -79,10 +91,20 @@ def decode_image(
     return array
 
 
-def _to_array(img, *, height: int, width: int, channels: int) -> np.ndarray:
-    from PIL import Image
+# Modes Image.reduce supports (P would average palette indices, 1 and I;16 are refused).
+_REDUCIBLE_MODES = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"}
 
-    img = _to_8bit(img)
+
+def _to_array(img, *, height: int, width: int, channels: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    ImageOps.exif_transpose(img, in_place=True)  # before any resize; no copy when already upright
+    factor = min(img.width // (2 * width), img.height // (2 * height))
+    if factor >= 2 and img.mode in _REDUCIBLE_MODES:
+        # A box reduction to at least twice the target first: the conversions below then work on
+        # a small image, and the final bilinear resize still has the detail it needs.
+        img = img.reduce(factor)
+    img = _to_8bit(img, height=height, width=width)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -97,15 +119,23 @@ def _to_array(img, *, height: int, width: int, channels: int) -> np.ndarray:
     return array
 
 
-def _to_8bit(img):
-    """Scale 16/32-bit integer and float images to 8 bits (Pillow's convert clips instead)."""
+def _to_8bit(img, *, height: int, width: int):
+    """Stretch 16/32-bit integer and float images to 8 bits over their full range (Pillow's
+    convert clips instead).
+
+    The range comes from the whole image (computed by Pillow, no copy); the image is resized to
+    the target in its own depth first, so only a target-sized array is ever converted to float.
+    A 6000 x 6000 16-bit PNG costs its 72 MB decoded buffer, not gigabytes of float64 copies.
+    """
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        low, high = (float(v) for v in img.getextrema())
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.BILINEAR)
         values = np.asarray(img, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(scaled.round(), 0, 255).astype(np.uint8), mode="L")
     return img
 
 

@@ -234,6 +234,14 @@ def _backoff(attempt: int) -> None:
     time.sleep(delay * (0.5 + random.random() / 2))
 
 
+_RETRIES = {"count": 0}  # retried attempts in this process (transient failures that were retried)
+
+
+def retries_so_far() -> int:
+    """How many attempts this process has retried after a transient failure (for job statistics)."""
+    return _RETRIES["count"]
+
+
 def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPTS) -> T:
     """Run ``operation`` until it succeeds, retrying transient failures with backoff.
 
@@ -252,6 +260,7 @@ def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPT
             if attempt + 1 == attempts:
                 raise TransientStorageError(
                     f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})") from err
+            _RETRIES["count"] += 1  # a race between threads only blurs a statistic
             log.warning("%s: %s, retrying (attempt %d of %d)", what, type(err).__name__, attempt + 2, attempts)
             _backoff(attempt)
     raise AssertionError("unreachable")
@@ -333,18 +342,20 @@ def download_file(uri: str, path: str, s3=None) -> str:
 
 
 def head(uri: str, s3=None) -> dict[str, Any] | None:
-    """``{"size", "etag"}`` of an object, or None when it does not exist."""
+    """``{"size", "etag", "last_modified"}`` of an object, or None when it does not exist."""
     loc = parse_uri(uri)
     s3 = s3 or client()
     try:
         response = retrying(f"HEAD {uri}", lambda: s3.head_object(Bucket=loc.bucket, Key=loc.key))
     except ObjectNotFound:
         return None
-    return {"size": int(response.get("ContentLength", 0)), "etag": response.get("ETag", "").strip('"')}
+    return {"size": int(response.get("ContentLength", 0)), "etag": response.get("ETag", "").strip('"'),
+            "last_modified": response.get("LastModified")}
 
 
 def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
-    """Yield ``{"key", "size", "etag"}`` for every object under a prefix (recursively), in key order."""
+    """Yield ``{"key", "size", "etag", "last_modified"}`` for every object under a prefix (recursively),
+    in key order (``last_modified``: the store's clock, a timezone-aware datetime)."""
     loc = parse_uri(prefix)
     s3 = s3 or client()
     token = None
@@ -354,7 +365,8 @@ def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
             kwargs["ContinuationToken"] = token
         page = retrying(f"LIST {prefix}", lambda kw=kwargs: s3.list_objects_v2(**kw))
         for obj in page.get("Contents", []):
-            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj.get("ETag", "").strip('"')}
+            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj.get("ETag", "").strip('"'),
+                   "last_modified": obj.get("LastModified")}
         if not page.get("IsTruncated"):
             return
         token = page["NextContinuationToken"]
