@@ -117,6 +117,7 @@ class FaultProxy:
         self._streak: Counter = Counter()
         self.faults: Counter = Counter()  # injected faults by kind
         self.requests = 0
+        self.requested: Counter = Counter()  # (method, object key) -> requests seen
         self.longest_streak = 0
         self.set_rates(internal=internal, slowdown=slowdown, reset=reset, latency=latency)
         for rule in rules:
@@ -179,11 +180,13 @@ class FaultProxy:
         """The fault for one request (None: forward untouched) and the delay to add first."""
         key = path.lstrip("/").partition("/")[2]
         identity = f"{method} {path}?{query} <{copy_source or ''}>"
+        key = urllib.parse.unquote(key)
         with self._lock:
             self.requests += 1
+            self.requested[(method, key)] += 1
             for entry in self._rules:
                 rule, remaining = entry
-                if remaining != 0 and rule.matches(method, urllib.parse.unquote(key), query, copy_source is not None):
+                if remaining != 0 and rule.matches(method, key, query, copy_source is not None):
                     if remaining is not None:
                         entry[1] = remaining - 1
                     self.faults[rule.kind] += 1
