@@ -37,7 +37,7 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
                                        key="return_value")
             rows = session.scalars(query).all()
             value = XComModel.deserialize_value(rows[0]) if rows else None
-            summary["tasks"][ti.task_id] = {"state": str(ti.state), "xcom": value}
+            summary["tasks"][ti.task_id] = {"state": str(ti.state), "try_number": ti.try_number, "xcom": value}
     return summary
 
 

@@ -225,3 +225,25 @@ def test_tuning_through_faults_ends_with_the_same_trials_and_champion(spark, s3_
     assert faulty["tuned"]["best"] == clean["tuned"]["best"]
     for key in ("version", "trial_id", "promoted", "promotion_reason", "champion_version"):
         assert faulty["exported"][key] == clean["exported"][key], key
+
+
+def test_production_code_never_imports_the_proxy():
+    import ast
+    from pathlib import Path
+
+    import sparktf
+    from sparktf.airflow.spark_job_operator import package_zip
+
+    package = Path(sparktf.__file__).parent
+    for path in package.rglob("*.py"):
+        if path.name in ("faults.py", "testing.py"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
+        assert not {name for name in imported if "faults" in name.split(".")}, path
+    import zipfile
+
+    with zipfile.ZipFile(package_zip()[0]) as archive:
+        assert "sparktf/faults.py" not in archive.namelist() and "sparktf/storage.py" in archive.namelist()
