@@ -105,12 +105,12 @@ def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tm
     partition = f"{workspace}/predictions/2026-11-20/"
     before = predictions.read_published(partition)
     expected = rows_of(partition)
-    # "Clear" = the same run (same logical date, same run id) runs all its tasks again.
+    # "Clear": the run of the same logical date runs all its tasks again (dag.test clears them).
     code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference",
                                     {"workspace_uri": workspace, "model_name": "digits"},
                                     logical_date="2026-11-21T02:30:00+00:00")
     assert code == 0, output[-6000:]
-    assert summary["run_id"] == runs["2026-11-20"]["run_id"]
+    assert summary["tasks"]["find_new_images"]["xcom"] == runs["2026-11-20"]["tasks"]["find_new_images"]["xcom"]
     after = predictions.read_published(partition)
     assert after["publish_id"] != before["publish_id"] and after["replaces"]["publish_id"] == before["publish_id"]
     assert rows_of(partition) == expected
@@ -147,19 +147,20 @@ def test_a_failure_ratio_breach_fails_the_run_and_flags_the_partition(breach, wo
     assert manifest["failure_ratio_exceeded"] is True and (manifest["scored"], manifest["set_aside"]) == (2, 8)
 
 
-@pytest.mark.parametrize("model_name, message", [
-    ("nobody", "has no champion"),
-    ("tampered", "changed after it was registered"),
+@pytest.mark.parametrize("model_name, message, what_to_do", [
+    ("nobody", "has no champion", "To fix: run tuning_pipeline"),
+    ("tampered", "changed after it was registered", "To fix: re-register the model"),
 ])
 def test_a_missing_or_tampered_model_fails_resolve_model_saying_what_to_do(
-        airflow_env, workspace, runs, tmp_path, model_name, message):
+        airflow_env, workspace, runs, tmp_path, model_name, message, what_to_do):
     conf = {"workspace_uri": workspace, "model_name": model_name, "date": "2026-11-20"}
     logical = "2026-11-26T02:30:00+00:00" if model_name == "nobody" else "2026-11-27T02:30:00+00:00"
     code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf, logical_date=logical)
     assert code == 1
     assert states(summary)["resolve_model"] == "failed"
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
-    assert message in output and "To fix: run tuning_pipeline" in output and "model_version" in output
+    assert message in output, output[-4000:]
+    assert what_to_do in output and "trigger with model_version set to" in output
 
 
 def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace, runs, tmp_path):
