@@ -20,7 +20,7 @@ forward pass does not depend on the weights).
 
 Prints CPU seconds per image for the job (cold and warm) and for each stage, and the ratio
 job (warm) / sum of stages: the share of CPU the job spends beyond the work itself (Spark
-scheduling, serialization, JVM, thread pools). Nothing is asserted. Runs in about a minute
+scheduling, serialization, JVM, thread pools). Nothing is asserted. Runs in under two minutes
 with the defaults.
 
 Usage::
