@@ -81,6 +81,12 @@ def tuning_pipeline():
         if not problems:
             problems = search.validate_search_space(space, strategy=values["search_strategy"],
                                                     num_samples=values["num_random_trials"])
+        trials: list = []
+        if not problems:
+            # The tuning job's own trial list (random search samples by index: a huge space is
+            # never built in memory).
+            trials = search.build_trials(space, strategy=values["search_strategy"],
+                                         num_samples=values["num_random_trials"], seed=values["seed"])
         for name in ("dataset_uri", "workspace_uri"):
             try:
                 storage.parse_uri(params[name])
@@ -94,8 +100,6 @@ def tuning_pipeline():
                                 f"(<label>/<image> files or MNIST IDX files) or point dataset_uri at it")
         if problems:
             raise AirflowFailException("invalid parameters: " + "; ".join(problems))
-        trials = search.build_trials(space, strategy=values["search_strategy"],
-                                     num_samples=values["num_random_trials"], seed=values["seed"])
         return {"dataset_uri": params["dataset_uri"], "trials": len(trials),
                 "search_strategy": values["search_strategy"], "epochs": values["epochs"]}
 
