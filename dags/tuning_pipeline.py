@@ -10,12 +10,12 @@ champion on the same test set.
 |---|---|---|
 | `validate_params` | refuses a bad search space or an empty dataset location before Spark starts | the checked settings |
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
-| `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores | leaderboard, best trial, figure URI |
-| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer | version, URI, promoted, metrics |
+| `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
+| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap | version, URI, promoted and `promotion_reason`, metrics |
 
 Everything a run writes is under `<workspace_uri>/runs/tuning_pipeline/<run id>/`; models under
 `<workspace_uri>/models/<model_name>/`. Re-running (clearing) a run overwrites its own outputs and
-reuses finished trials. Runs weekly; trigger it from the UI with the form to try another grid.
+reuses finished trials trained on the same data with the same settings and code. Runs weekly; trigger it from the UI with the form to try another grid.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sparktf import executor, registry, storage
@@ -46,6 +47,15 @@ STARTED_NAME = "started.json"
 # Test-only: a trial whose id, or whose params as sorted JSON, contains this variable's value
 # SIGKILLs its own process before training, as the OOM killer would. Never set it elsewhere.
 CRASH_TEST_ENV = "SPARKTF_TEST_CRASH_TRIAL"
+# Test-only: name -> callable(**info) ("before_publish": the attempt's model and own record are
+# written, the trial's record not yet), to interleave a duplicate attempt deterministically.
+TEST_HOOKS: dict[str, Callable[..., None]] = {}
+
+
+def _hook(point: str, **info: Any) -> None:
+    hook = TEST_HOOKS.get(point)
+    if hook is not None:
+        hook(**info)
 
 
 def trial_prefix(trials_uri: str, trial_id: str) -> str:
@@ -271,17 +281,6 @@ def _publish_crash(record: dict[str, Any], record_uri: str, etag: str | None) ->
         return published
     log.warning("%s: %s", record["trial_id"], record["reason"])
     return record
-
-
-# Test-only: name -> callable(**info) ("before_publish": the attempt's model and own record are
-# written, the trial's record not yet), to interleave a duplicate attempt deterministically.
-TEST_HOOKS: dict[str, Any] = {}
-
-
-def _hook(point: str, **info: Any) -> None:
-    hook = TEST_HOOKS.get(point)
-    if hook is not None:
-        hook(**info)
 
 
 def rank_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
