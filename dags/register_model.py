@@ -99,8 +99,11 @@ def register_model():
             if request["labels"] == "label_map":
                 uploads["label_map_uri"] = request["label_map_uri"]
             for name, uri in uploads.items():
-                if storage.head(uri) is None:
+                found = storage.head(uri)
+                if found is None:
                     problems.append(f"{name} {uri} does not exist: upload it first (aws s3 cp / mc cp)")
+                elif name == "label_map_uri" and found["size"] > applications.LABEL_MAP_MAX_BYTES:
+                    problems.append(f"label_map_uri {uri} is {found['size']} bytes: not a label map")
         if not problems and request["labels"] == "label_map":
             try:
                 labels = applications.parse_label_map(storage.read_bytes(request["label_map_uri"]))

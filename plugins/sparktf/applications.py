@@ -230,7 +230,7 @@ def application(name: str) -> Application:
 
 
 def weights_inventory(path: str) -> tuple[int, int]:
-    """``(arrays, values)`` stored in a Keras 3 ``.weights.h5`` file.
+    """``(arrays, values)`` of the layers' weights stored in a Keras 3 ``.weights.h5`` file.
 
     Raises:
         RegistrationRefused: if the file is not such a weights file.
@@ -242,7 +242,8 @@ def weights_inventory(path: str) -> tuple[int, int]:
         with h5py.File(path, "r") as handle:
             def visit(name: str, item) -> None:
                 nonlocal arrays, values
-                if isinstance(item, h5py.Dataset) and "/vars/" in "/" + name:
+                # The layers' variables only: a compiled model's file also holds its optimizer's.
+                if isinstance(item, h5py.Dataset) and name.startswith("layers/") and "/vars/" in name:
                     arrays += 1
                     values += int(item.size)
             handle.visititems(visit)

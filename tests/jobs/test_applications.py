@@ -300,3 +300,16 @@ def test_job_refusals_register_nothing(s3_prefix, tmp_path, mobilenet_weights, c
     result = register_model.run(None, job_args(ws, "refused", *extra, "--promote", "true"))
     assert result["registered"] is False and message in result["refused"]
     assert storage.list_keys(ws + "/models/") == []  # no version, no champion
+
+
+def test_weights_saved_from_a_compiled_model_still_fit(tmp_path, mobilenet_weights):
+    import keras
+
+    model = keras.applications.MobileNetV3Small(weights=None)
+    model.load_weights(mobilenet_weights)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(np.zeros((2, 224, 224, 3), np.float32), np.zeros((2,)), epochs=1, verbose=0)  # optimizer state exists
+    path = str(tmp_path / "compiled.weights.h5")
+    model.save_weights(path)
+    built = applications.build_application("MobileNetV3Small", path)
+    assert applications.describe_model(built) == ((224, 224, 3), 1000)
