@@ -20,7 +20,7 @@ on Spark, and publishes one predictions partition per day.
 | `batch_inference` | Spark job `jobs/batch_inference.py`: concurrent GETs per task, decode, one model call per batch, model loaded once per Python worker; atomic publish | counts, reasons, label histogram, throughput |
 | `publish` | checks the published `_SUCCESS` manifest; emits the predictions **Asset** event (extra: date, URI, counts, model version) | the run summary |
 
-**Output** — `<workspace_uri>/predictions/<YYYY-MM-DD>/`: `part-*.parquet` (key, predicted_label,
+**Output** — `<workspace_uri>/predictions/<model_name>/<YYYY-MM-DD>/` (each model its own partitions): `part-*.parquet` (key, predicted_label,
 score, top_k [label, score] x 5, model_name, model_version, partition_date, processed_at),
 `_errors/part-*.parquet` (key, reason, detail for every image set aside) and `_SUCCESS` (a JSON
 manifest, written last). **Reader contract:** trust a partition only when `_SUCCESS` exists; read

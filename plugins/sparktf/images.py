@@ -16,6 +16,17 @@ import numpy as np
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Default cap on decoded pixels (width * height): far above any real photo we score.
 DEFAULT_MAX_PIXELS = 40_000_000
+# How an image of another size becomes the model's input, recorded per model version as
+# ``resize_policy`` (a version without it gets ``resize``, what the digit models were trained with):
+#   resize       plain bilinear resize to the target (aspect ratio not kept); transparent pixels
+#                composited onto black, matching MNIST's white-on-black digits.
+#   center_crop  photos: aspect-preserving resize of the shorter side to the target, then the
+#                centre is cut out (nothing squeezed, as ImageNet networks were trained and
+#                evaluated); transparent pixels composited onto white, the usual page background
+#                of cut-out product shots and logos.
+RESIZE_POLICIES = ("resize", "center_crop")
+DEFAULT_RESIZE_POLICY = "resize"
+_ALPHA_BACKGROUND = {"resize": 0, "center_crop": 255}
 
 
 class ImageRejected(Exception):
@@ -34,19 +45,25 @@ def decode_image(
     width: int = 28,
     channels: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize_policy: str = DEFAULT_RESIZE_POLICY,
 ) -> np.ndarray:
     """Decode image bytes into a ``(height, width, channels)`` uint8 array.
 
-    Any Pillow mode is accepted (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK, ...). Transparent
-    pixels are composited onto black, matching MNIST's white-on-black digits. Images of another
-    size are resized with bilinear filtering.
+    Any Pillow mode is accepted (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK, ...). Images of another
+    size are brought to the target with bilinear filtering as ``resize_policy`` says (see
+    :data:`RESIZE_POLICIES`): ``resize`` (the default) stretches and composites transparent pixels
+    onto black (digits); ``center_crop`` keeps the aspect ratio, cuts out the centre and
+    composites onto white (photos).
 
     Raises:
         ImageRejected: with reason ``empty``, ``not_an_image``, ``too_large``, ``truncated`` or
             ``corrupt``.
+        ValueError: for an unknown ``resize_policy`` (a model's metadata, not the image, is wrong).
     """
     from PIL import Image, UnidentifiedImageError
 
+    if resize_policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {resize_policy!r}")
     if not data:
         raise ImageRejected("empty", "zero bytes")
     previous_limit = Image.MAX_IMAGE_PIXELS
@@ -60,7 +77,8 @@ def decode_image(
                     if img.width * img.height > max_pixels:
                         raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
                     img.load()
-                    array = _to_array(img, height=height, width=width, channels=channels)
+                    array = _to_array(img, height=height, width=width, channels=channels,
+                                      resize_policy=resize_policy)
             except ImageRejected:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -79,22 +97,39 @@ def decode_image(
     return array
 
 
-def _to_array(img, *, height: int, width: int, channels: int) -> np.ndarray:
+def _to_array(img, *, height: int, width: int, channels: int, resize_policy: str = DEFAULT_RESIZE_POLICY) -> np.ndarray:
     from PIL import Image
 
     img = _to_8bit(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        shade = _ALPHA_BACKGROUND[resize_policy]
+        background = Image.new("RGBA", rgba.size, (shade, shade, shade, 255))
         img = Image.alpha_composite(background, rgba)
     target_mode = "L" if channels == 1 else "RGB"
     img = img.convert(target_mode)
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    img = _fit(img, width=width, height=height, resize_policy=resize_policy)
     array = np.asarray(img, dtype=np.uint8)
     if channels == 1:
         array = array[:, :, None]
     return array
+
+
+def _fit(img, *, width: int, height: int, resize_policy: str):
+    """The image at the target size, as the policy says (bilinear, antialiased when shrinking)."""
+    from PIL import Image
+
+    if img.size == (width, height):
+        return img
+    if resize_policy == "center_crop":
+        # Scale so that the image covers the target, then keep the centre: one resample of the
+        # centre box (Pillow crops and resizes in a single pass, no intermediate image).
+        scale = max(width / img.width, height / img.height)
+        box_width, box_height = width / scale, height / scale
+        left, top = (img.width - box_width) / 2, (img.height - box_height) / 2
+        return img.resize((width, height), Image.Resampling.BILINEAR,
+                          box=(left, top, left + box_width, top + box_height))
+    return img.resize((width, height), Image.Resampling.BILINEAR)
 
 
 def _to_8bit(img):

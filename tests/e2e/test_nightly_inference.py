@@ -64,7 +64,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert published["date"] == date and published["model_version"] == 1
     assert (published["images_scored"], published["images_set_aside"]) == (scored, set_aside)
     assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
-    assert published["output_uri"] == f"{workspace}/predictions/{date}/"
+    assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
     rows, errors = predictions.read_predictions(published["output_uri"])
     assert len(rows) == scored and len({r["key"] for r in rows}) == scored and len(errors) == set_aside
     # processed_at is the run's logical timestamp, so re-running the run writes identical rows
@@ -95,7 +95,8 @@ def test_predictions_asset_events_carry_the_partition(runs, airflow_env, workspa
     events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1])
               if name == "nightly_predictions" and extra["output_uri"].startswith(workspace + "/")]  # DB is shared
     assert sorted(e["date"] for e in events) == ["2026-11-20", "2026-11-21"]  # none for the empty day
-    assert all(e["output_uri"].endswith(f"/predictions/{e['date']}/") for e in events)
+    assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits"
+               for e in events)
 
 
 def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace, runs, tmp_path):
@@ -108,4 +109,4 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
     assert "version 9 does not exist" in output
     # the partition scored earlier is untouched
-    assert predictions.read_published(f"{workspace}/predictions/2026-11-20/")["model_version"] == 1
+    assert predictions.read_published(f"{workspace}/predictions/digits/2026-11-20/")["model_version"] == 1

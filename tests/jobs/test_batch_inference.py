@@ -97,13 +97,13 @@ def test_partition_is_published_with_manifest_last_and_staging_cleaned(first_run
     assert manifest["format"] == predictions.MANIFEST_FORMAT
     assert (manifest["listed"], manifest["scored"], manifest["set_aside"]) == (VALID + 8, VALID, 8)
     assert manifest["model_version"] == 1 and manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
-    assert first_run["output_uri"] == f"{ws}/predictions/{DATE}/"
+    assert first_run["output_uri"] == f"{ws}/predictions/digits/{DATE}/"  # one folder per model
     listed = storage.list_keys(first_run["output_uri"])
     prefix = storage.parse_uri(first_run["output_uri"]).key
     expected = set(manifest["files"]["predictions"] + manifest["files"]["errors"] + [predictions.MANIFEST_NAME])
     assert {k[len(prefix):] for k in listed} == expected
     assert sum(manifest["rows"].values()) == VALID
-    assert storage.list_keys(f"{ws}/predictions/_staging/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
 
 
 def test_model_is_loaded_once_per_python_worker(first_run):
@@ -117,7 +117,11 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     before_rows, before_errors = predictions.read_predictions(first_run["output_uri"])
     # Leftovers that a re-run must not keep: a stray file in the partition, an abandoned attempt.
     storage.write_bytes(first_run["output_uri"] + "part-99999.parquet", b"stale")
-    storage.write_bytes(f"{ws}/predictions/_staging/{DATE}/crashed/part-00000.parquet", b"half")
+    storage.write_bytes(f"{ws}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet", b"half")
+    # Another model scoring the same day at the same time: its partition and staging are its own.
+    others = [f"{ws}/predictions/photos/_staging/{DATE}/running/part-00000.parquet", f"{ws}/predictions/photos/{DATE}/_SUCCESS"]
+    for uri in others:
+        storage.write_bytes(uri, b"another model's")
     again = batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "second", "--max-keys-per-task", "20"))
     after_rows, after_errors = predictions.read_predictions(again["output_uri"])
 
@@ -127,8 +131,9 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     assert canonical(after_rows) == canonical(before_rows)
     assert sorted((e["key"], e["reason"]) for e in after_errors) == sorted((e["key"], e["reason"]) for e in before_errors)
     assert storage.head(first_run["output_uri"] + "part-99999.parquet") is None
-    assert storage.list_keys(f"{ws}/predictions/_staging/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
     assert again["tasks"] == 4 and predictions.read_published(again["output_uri"])["attempt_id"] == "second"
+    assert all(storage.read_bytes(uri) == b"another model's" for uri in others)
 
 
 def test_pinned_version_is_used(spark, workspace, first_run):
@@ -165,9 +170,9 @@ def test_failure_ratio_breach_fails_after_writing(spark, workspace, s3_prefix, m
     landed = land_partition(ws + "/incoming/", DATE, test_x[:3], test_y[:3])  # 3 valid, 8 bad
     with pytest.raises(Exception, match="set aside, more than --max-failure-ratio"):
         batch_inference.run(spark, job_args(ws, DATE))
-    rows, errors = predictions.read_predictions(f"{ws}/predictions/{DATE}/")
+    rows, errors = predictions.read_predictions(f"{ws}/predictions/digits/{DATE}/")
     assert len(rows) == 3 and len(errors) == 8 and len(landed) == 11
-    manifest = predictions.read_published(f"{ws}/predictions/{DATE}/")
+    manifest = predictions.read_published(f"{ws}/predictions/digits/{DATE}/")
     assert manifest["failure_ratio_exceeded"] is True and manifest["set_aside_ratio"] == pytest.approx(8 / 11, abs=1e-4)
 
 

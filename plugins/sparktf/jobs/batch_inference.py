@@ -7,14 +7,15 @@ and calls the model once per batch. The model is loaded once per Python worker (
 Keras safe mode) and reused by every task and batch that worker runs; TensorFlow's threads are
 pinned to the task's cores. Images that cannot be scored are set aside with their reason.
 
-Output (see ``sparktf.predictions`` for the layout and the reader contract)::
+Output (see ``sparktf.predictions`` for the layout and the reader contract), one folder per model
+so that several models can score the same day side by side::
 
-    <output-uri>/<date>/part-*.parquet           key, predicted_label, score, top_k, model_name,
-                                                  model_version, partition_date, processed_at
-    <output-uri>/<date>/_errors/part-*.parquet   key, reason, detail
-    <output-uri>/<date>/_SUCCESS                 manifest, written last
+    <output-uri>/<model>/<date>/part-*.parquet           key, predicted_label, score, top_k, model_name,
+                                                          model_version, partition_date, processed_at
+    <output-uri>/<model>/<date>/_errors/part-*.parquet   key, reason, detail
+    <output-uri>/<model>/<date>/_SUCCESS                 manifest, written last
 
-Tasks write to ``<output-uri>/_staging/<date>/<attempt-id>/``; the driver then publishes the
+Tasks write to ``<output-uri>/<model>/_staging/<date>/<attempt-id>/``; the driver then publishes the
 partition atomically for readers (old ``_SUCCESS`` deleted first, new one written last). A re-run
 replaces the partition with the same rows (``--processed-at`` is the run's logical timestamp).
 If more than ``--max-failure-ratio`` of the images are set aside, the job fails after publishing.
@@ -47,7 +48,7 @@ log = job.log
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--incoming-uri", required=True, help="S3 prefix holding <YYYY-MM-DD>/ image partitions")
-    parser.add_argument("--output-uri", required=True, help="S3 prefix for <YYYY-MM-DD>/ prediction partitions")
+    parser.add_argument("--output-uri", required=True, help="S3 prefix for <model>/<YYYY-MM-DD>/ prediction partitions")
     parser.add_argument("--date", required=True, type=predictions.check_date, help="partition to score (YYYY-MM-DD)")
     parser.add_argument("--models-uri", required=True, help="S3 prefix of the model registry")
     parser.add_argument("--model-name", required=True, help="registered model name")
@@ -96,8 +97,9 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     keys = [o["key"] for o in objects]
     processed_at = processed_timestamp(args.processed_at, args.date)
     attempt_id = args.attempt_id or uuid.uuid4().hex[:12]
-    staged = predictions.staging_uri(args.output_uri, args.date, attempt_id)
-    final = predictions.partition_uri(args.output_uri, args.date)
+    output_root = predictions.model_output_uri(args.output_uri, model["name"])  # models never share a partition
+    staged = predictions.staging_uri(output_root, args.date, attempt_id)
+    final = predictions.model_partition_uri(args.output_uri, model["name"], args.date)
     storage.delete_prefix(staged, s3)  # a retried attempt with the same id starts clean
     log.info("scoring %d objects of %s with %s v%s", len(keys), source, model["name"], model["version"])
 
@@ -144,7 +146,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "attempt_id": attempt_id, "code_version": sparktf.code_version(),
     }
     success_uri = predictions.publish_partition(staged, final, files["predictions"] + files["errors"], manifest, s3)
-    storage.delete_prefix(predictions.staging_uri(args.output_uri, args.date), s3)
+    storage.delete_prefix(predictions.staging_uri(output_root, args.date), s3)
 
     stats = [r["stats"] for r in task_results]
     errors = sorted((e for r in task_results for e in r["errors"]), key=lambda e: e["key"])
