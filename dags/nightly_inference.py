@@ -20,7 +20,7 @@ on Spark, and publishes one predictions partition per day.
 | `batch_inference` | Spark job `jobs/batch_inference.py`: concurrent GETs per task, decode, one model call per batch, model loaded once per Python worker; publish (new files, then a conditional `_SUCCESS` switch) | counts, reasons, label histogram, throughput |
 | `publish` | checks the published `_SUCCESS` manifest; emits the predictions **Asset** event (extra: date, URI, counts, model version) | the run summary |
 
-**Output** — `<workspace_uri>/predictions/<YYYY-MM-DD>/`: `part-<publish id>-*.parquet` (key,
+**Output** — `<workspace_uri>/predictions/<model_name>/<YYYY-MM-DD>/` (each model its own partitions): `part-<publish id>-*.parquet` (key,
 predicted_label, score, top_k [label, score] x 5, model_name, model_version, partition_date,
 processed_at), `_errors/part-<publish id>-*.parquet` (key, reason, detail for every image set
 aside) and `_SUCCESS` (a JSON manifest listing every file with its size and ETag, switched last).

@@ -10,12 +10,12 @@ champion on the same test set.
 |---|---|---|
 | `validate_params` | refuses a bad search space or an empty dataset location before Spark starts | the checked settings |
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
-| `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores | leaderboard, best trial, figure URI |
-| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer | version, URI, promoted, metrics |
+| `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
+| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap | version, URI, promoted and `promotion_reason`, metrics |
 
 Everything a run writes is under `<workspace_uri>/runs/tuning_pipeline/<run id>/`; models under
 `<workspace_uri>/models/<model_name>/`. Re-running (clearing) a run overwrites its own outputs and
-reuses finished trials. Runs weekly; trigger it from the UI with the form to try another grid.
+reuses finished trials trained on the same data with the same settings and code. Runs weekly; trigger it from the UI with the form to try another grid.
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ def tuning_pipeline():
         if not problems:
             problems = search.validate_search_space(space, strategy=values["search_strategy"],
                                                     num_samples=values["num_random_trials"])
+        trials: list = []
+        if not problems:
+            # The tuning job's own trial list (random search samples by index: a huge space is
+            # never built in memory).
+            trials = search.build_trials(space, strategy=values["search_strategy"],
+                                         num_samples=values["num_random_trials"], seed=values["seed"])
         for name in ("dataset_uri", "workspace_uri"):
             try:
                 storage.parse_uri(params[name])
@@ -94,8 +100,6 @@ def tuning_pipeline():
                                 f"(<label>/<image> files or MNIST IDX files) or point dataset_uri at it")
         if problems:
             raise AirflowFailException("invalid parameters: " + "; ".join(problems))
-        trials = search.build_trials(space, strategy=values["search_strategy"],
-                                     num_samples=values["num_random_trials"], seed=values["seed"])
         return {"dataset_uri": params["dataset_uri"], "trials": len(trials),
                 "search_strategy": values["search_strategy"], "epochs": values["epochs"]}
 

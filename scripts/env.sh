@@ -8,7 +8,9 @@ export SPARKTF_STATE_DIR="${SPARKTF_STATE_DIR:-$ROOT/.stack}"
 export SPARKTF_S3_PORT="${SPARKTF_S3_PORT:-5055}"
 export SPARKTF_S3_ENDPOINT="${SPARKTF_S3_ENDPOINT:-http://127.0.0.1:$SPARKTF_S3_PORT}"
 export SPARKTF_WORKSPACE_URI="${SPARKTF_WORKSPACE_URI:-s3://ml-pipeline}"
-export SPARKTF_SPARK_MASTER="${SPARKTF_SPARK_MASTER:-local[2]}"
+# local[N,F]: N task slots, F attempts per task (local mode ignores spark.task.maxFailures; a
+# retry is how a trial whose Python worker died gets recorded as failed instead of failing tune).
+export SPARKTF_SPARK_MASTER="${SPARKTF_SPARK_MASTER:-local[2,4]}"
 
 # Project-local Airflow home and metadata DB (SQLite), whatever AIRFLOW_HOME your shell has.
 export AIRFLOW_HOME="${SPARKTF_AIRFLOW_HOME:-$ROOT/.airflow}"

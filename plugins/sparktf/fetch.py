@@ -20,9 +20,12 @@ DETAIL_CHARS = 300
 
 def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, channels: int,
                   max_pixels: int, fetch_threads: int = 16, window: int | None = None,
-                  s3=None, sizes: Mapping[str, int] | None = None,
-                  max_bytes: int | None = None) -> Iterator[tuple[str, Any, str | None, str | None]]:
+                  s3=None, sizes: Mapping[str, int] | None = None, max_bytes: int | None = None,
+                  resize_policy: str = "resize") -> Iterator[tuple[str, Any, str | None, str | None]]:
     """Fetch and decode objects concurrently; yield ``(key, array | None, reason, detail)`` in key order.
+
+    ``resize_policy`` is :func:`sparktf.images.decode_image`'s (``resize`` for digits, the
+    default; ``center_crop`` for photos).
 
     An image that cannot be used gets :class:`sparktf.images.ImageRejected`'s reason; an object
     that vanished after it was listed gets ``missing``; one the store refuses to serve (e.g.
@@ -57,7 +60,8 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
         if max_bytes is not None and len(data) > max_bytes:
             return key, None, "too_large", f"{len(data)} bytes, over the {max_bytes}-byte cap"
         try:
-            array = decode_image(data, height=height, width=width, channels=channels, max_pixels=max_pixels)
+            array = decode_image(data, height=height, width=width, channels=channels, max_pixels=max_pixels,
+                                 resize_policy=resize_policy)
             return key, array, None, None
         except ImageRejected as rejected:
             return key, None, rejected.reason, rejected.detail[:DETAIL_CHARS]

@@ -16,6 +16,17 @@ import numpy as np
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Default cap on decoded pixels (width * height): far above any real photo we score.
 DEFAULT_MAX_PIXELS = 40_000_000
+# How an image of another size becomes the model's input, recorded per model version as
+# ``resize_policy`` (a version without it gets ``resize``, what the digit models were trained with):
+#   resize       plain bilinear resize to the target (aspect ratio not kept); transparent pixels
+#                composited onto black, matching MNIST's white-on-black digits.
+#   center_crop  photos: aspect-preserving resize of the shorter side to the target, then the
+#                centre is cut out (nothing squeezed, as ImageNet networks were trained and
+#                evaluated); transparent pixels composited onto white, the usual page background
+#                of cut-out product shots and logos.
+RESIZE_POLICIES = ("resize", "center_crop")
+DEFAULT_RESIZE_POLICY = "resize"
+_ALPHA_BACKGROUND = {"resize": 0, "center_crop": 255}
 
 
 class ImageRejected(Exception):
@@ -34,26 +45,32 @@ def decode_image(
     width: int = 28,
     channels: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize_policy: str = DEFAULT_RESIZE_POLICY,
 ) -> np.ndarray:
     """Decode image bytes into a ``(height, width, channels)`` uint8 array.
 
-    Any Pillow mode is accepted (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK, ...). Transparent
-    pixels are composited onto black, matching MNIST's white-on-black digits. Images of another
-    size are resized with bilinear filtering, after their EXIF orientation is applied (phone
-    photos are stored sideways with an orientation tag). Multi-frame files (animated GIF, WebP,
-    multi-page TIFF) use their first frame.
+    Any Pillow mode is accepted (1, L, P, RGB, RGBA, LA, I;16, I, F, CMYK, ...). Images of another
+    size are brought to the target with bilinear filtering as ``resize_policy`` says (see
+    :data:`RESIZE_POLICIES`): ``resize`` (the default) stretches and composites transparent pixels
+    onto black (digits); ``center_crop`` keeps the aspect ratio, cuts out the centre and
+    composites onto white (photos). The EXIF orientation is applied first (phone photos are
+    stored sideways with an orientation tag). Multi-frame files (animated GIF, WebP, multi-page
+    TIFF) use their first frame.
 
     Memory stays bounded by the decoded image itself: JPEGs are decoded at a reduced scale when
     the target is much smaller (``draft``), large images are reduced by an integer factor before
-    any conversion, and 16/32-bit images are resized in their own depth before being scaled to
-    8 bits (never a full-size float copy).
+    any conversion, and 16/32-bit images are brought to the target in their own depth before
+    being scaled to 8 bits (never a full-size float copy).
 
     Raises:
         ImageRejected: with reason ``empty``, ``not_an_image``, ``too_large``, ``truncated`` or
             ``corrupt``.
+        ValueError: for an unknown ``resize_policy`` (a model's metadata, not the image, is wrong).
     """
     from PIL import Image, UnidentifiedImageError
 
+    if resize_policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {resize_policy!r}")
     if not data:
         raise ImageRejected("empty", "zero bytes")
     previous_limit = Image.MAX_IMAGE_PIXELS
@@ -72,7 +89,8 @@ def decode_image(
                         side = 2 * max(height, width)
                         img.draft(img.mode, (side, side))
                     img.load()
-                    array = _to_array(img, height=height, width=width, channels=channels)
+                    array = _to_array(img, height=height, width=width, channels=channels,
+                                      resize_policy=resize_policy)
             except ImageRejected:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -95,44 +113,61 @@ def decode_image(
 _REDUCIBLE_MODES = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"}
 
 
-def _to_array(img, *, height: int, width: int, channels: int) -> np.ndarray:
+def _to_array(img, *, height: int, width: int, channels: int, resize_policy: str = DEFAULT_RESIZE_POLICY) -> np.ndarray:
     from PIL import Image, ImageOps
 
     ImageOps.exif_transpose(img, in_place=True)  # before any resize; no copy when already upright
     factor = min(img.width // (2 * width), img.height // (2 * height))
     if factor >= 2 and img.mode in _REDUCIBLE_MODES:
-        # A box reduction to at least twice the target first: the conversions below then work on
-        # a small image, and the final bilinear resize still has the detail it needs.
+        # A box reduction to at least twice the target on each side first: the conversions below
+        # then work on a small image, and the final resample still has the detail it needs.
         img = img.reduce(factor)
-    img = _to_8bit(img, height=height, width=width)
+    img = _to_8bit(img, height=height, width=width, resize_policy=resize_policy)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        shade = _ALPHA_BACKGROUND[resize_policy]
+        background = Image.new("RGBA", rgba.size, (shade, shade, shade, 255))
         img = Image.alpha_composite(background, rgba)
     target_mode = "L" if channels == 1 else "RGB"
     img = img.convert(target_mode)
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    img = _fit(img, width=width, height=height, resize_policy=resize_policy)
     array = np.asarray(img, dtype=np.uint8)
     if channels == 1:
         array = array[:, :, None]
     return array
 
 
-def _to_8bit(img, *, height: int, width: int):
+def _fit(img, *, width: int, height: int, resize_policy: str):
+    """The image at the target size, as the policy says (bilinear, antialiased when shrinking)."""
+    from PIL import Image
+
+    if img.size == (width, height):
+        return img
+    if resize_policy == "center_crop":
+        # Scale so that the image covers the target, then keep the centre: one resample of the
+        # centre box (Pillow crops and resizes in a single pass, no intermediate image).
+        scale = max(width / img.width, height / img.height)
+        box_width, box_height = width / scale, height / scale
+        left, top = (img.width - box_width) / 2, (img.height - box_height) / 2
+        return img.resize((width, height), Image.Resampling.BILINEAR,
+                          box=(left, top, left + box_width, top + box_height))
+    return img.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _to_8bit(img, *, height: int, width: int, resize_policy: str = DEFAULT_RESIZE_POLICY):
     """Stretch 16/32-bit integer and float images to 8 bits over their full range (Pillow's
     convert clips instead).
 
-    The range comes from the whole image (computed by Pillow, no copy); the image is resized to
-    the target in its own depth first, so only a target-sized array is ever converted to float.
-    A 6000 x 6000 16-bit PNG costs its 72 MB decoded buffer, not gigabytes of float64 copies.
+    The range comes from the whole image (computed by Pillow, no copy); the image is brought to
+    the target (as the policy says) in its own depth first, so only a target-sized array is
+    ever converted to float. A 6000 x 6000 16-bit PNG costs its 72 MB decoded buffer, not
+    gigabytes of float64 copies.
     """
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         low, high = (float(v) for v in img.getextrema())
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
+        img = _fit(img, width=width, height=height, resize_policy=resize_policy)
         values = np.asarray(img, dtype=np.float64)
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
         return Image.fromarray(np.clip(scaled.round(), 0, 255).astype(np.uint8), mode="L")

@@ -4,7 +4,8 @@ The light side of batch inference: the DAG and downstream readers import this (h
 as pyarrow are imported inside the functions that need them). What runs on executors is in
 :mod:`sparktf.scoring`.
 
-Layout under ``<predictions-uri>/``::
+Layout under ``<predictions-uri>/<model-name>/`` (:func:`model_partition_uri`: predictions of
+different models never share a partition)::
 
     <YYYY-MM-DD>/part-<publish-id>-00000.parquet ...      one row per scored image
     <YYYY-MM-DD>/_errors/part-<publish-id>-00000.parquet  one row per image set aside: key, reason, detail
@@ -64,6 +65,7 @@ ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
 ATTEMPT_MARKER = "_ATTEMPT"
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the registry's model names
 _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9_.=-]+$")
 _PART_RE = re.compile(r"^part-(?P<publish_id>[A-Za-z0-9_.=-]+)-(?P<index>\d{5})\.parquet$")
 # An attempt whose marker is older than this is dead (the DAG's job timeout is 3 hours): its
@@ -107,6 +109,18 @@ def check_date(date: str) -> str:
 def partition_uri(root_uri: str, date: str) -> str:
     """``<root>/<date>/`` (with the trailing slash: ``2026-11-2`` never matches ``2026-11-20``)."""
     return storage.prefix_uri(storage.join_uri(root_uri, check_date(date)))
+
+
+def model_output_uri(root_uri: str, model_name: str) -> str:
+    """``<root>/<model_name>``: where one model's partitions (and their staging) live."""
+    if not MODEL_NAME_RE.match(str(model_name)):
+        raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}, got {model_name!r}")
+    return storage.join_uri(root_uri, model_name)
+
+
+def model_partition_uri(root_uri: str, model_name: str, date: str) -> str:
+    """``<root>/<model_name>/<date>/``: one model's predictions of one day."""
+    return partition_uri(model_output_uri(root_uri, model_name), date)
 
 
 def scan_partition(incoming_uri: str, date: str, s3=None) -> tuple[list[dict], int]:

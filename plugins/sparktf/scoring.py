@@ -82,8 +82,12 @@ def top_k(probabilities, k: int) -> tuple[Any, Any]:
 def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: str, label_names: list[str],
                input_shape: tuple[int, int, int], batch_size: int = 256, fetch_threads: int = 16,
                max_pixels: int = 40_000_000, k: int = 5, cpus: int | None = None,
-               sizes: dict[str, int] | None = None, max_image_bytes: int | None = None) -> dict[str, Any]:
+               sizes: dict[str, int] | None = None, max_image_bytes: int | None = None,
+               resize_policy: str = "resize") -> dict[str, Any]:
     """Score objects: fetch + decode concurrently, then one model call per batch.
+
+    ``resize_policy`` is how images reach ``input_shape`` (:data:`sparktf.images.RESIZE_POLICIES`:
+    ``resize`` for digits, the default; ``center_crop`` for photos).
 
     Objects whose listed size (``sizes``) is over ``max_image_bytes`` are set aside as
     ``too_large`` without being fetched. An object the store keeps failing to serve raises
@@ -134,7 +138,8 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
     window = int(batch_size) + 2 * max(1, int(fetch_threads))
     for key, array, reason, detail in fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels,
                                                     max_pixels=max_pixels, fetch_threads=fetch_threads,
-                                                    window=window, sizes=sizes, max_bytes=max_image_bytes):
+                                                    window=window, sizes=sizes, max_bytes=max_image_bytes,
+                                                    resize_policy=resize_policy):
         if array is None:
             errors.append({"key": key, "reason": reason, "detail": detail or ""})
             continue
@@ -157,14 +162,16 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
 def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str, model: dict[str, Any],
                     partition_date: str, processed_at: dt.datetime, batch_size: int, fetch_threads: int,
                     max_pixels: int, top: int, sizes: dict[str, int] | None = None,
-                    max_image_bytes: int | None = None) -> dict[str, Any]:
+                    max_image_bytes: int | None = None, resize_policy: str | None = None) -> dict[str, Any]:
     """Score one group of keys and write its predictions and errors parts under ``staged_uri``.
 
     Args:
         index: the group's number (names its part files).
         model: the resolved version's metadata (``name``, ``version``, ``model_uri``,
-            ``model_sha256``, ``label_names``, ``input_shape``).
+            ``model_sha256``, ``label_names``, ``input_shape``, and ``resize_policy`` for
+            models registered with one: a version without it is decoded the old way, ``resize``).
         sizes: the listed size of each key (for ``max_image_bytes``).
+        resize_policy: overrides the version's ``resize_policy`` (None: the version decides).
 
     Returns:
         The task's summary: part names and sizes, counts, label and reason histograms, a sample
@@ -174,7 +181,8 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         bucket, keys, model_uri=model["model_uri"], model_sha256=model["model_sha256"],
         label_names=model["label_names"], input_shape=tuple(model["input_shape"]), batch_size=batch_size,
         fetch_threads=fetch_threads, max_pixels=max_pixels, k=top, cpus=executor.task_cpus(),
-        sizes=sizes, max_image_bytes=max_image_bytes)
+        sizes=sizes, max_image_bytes=max_image_bytes,
+        resize_policy=resize_policy or model.get("resize_policy") or "resize")
     name = f"part-{index:05d}.parquet"
     error_name = f"{predictions.ERRORS_DIR}/{name}"
     s3 = storage.client()

@@ -51,9 +51,18 @@ def validate_search_space(space: dict[str, list], *, strategy: str = "grid", num
     return problems
 
 
-def trial_id(params: dict[str, Any]) -> str:
-    """A stable id for a trial's hyperparameters: re-runs and retries reuse the same id."""
-    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+def trial_id(params: dict[str, Any], fingerprint: dict[str, Any] | None = None) -> str:
+    """A stable id for a trial: re-runs and retries of the same trial reuse the same id.
+
+    Args:
+        params: the trial's hyperparameters.
+        fingerprint: everything else that changes the trial's result (model family, epochs, early
+            stopping, learning-rate decay, seed, the prepared data's manifest hash, the code
+            version: see :func:`sparktf.jobs.tune.trial_fingerprint`). Without it the id covers
+            the hyperparameters only.
+    """
+    identity: dict[str, Any] = params if fingerprint is None else {"params": params, "fingerprint": fingerprint}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return "trial-" + hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:10]
 
 
@@ -76,12 +85,13 @@ def build_trials(
     num_samples: int | None = None,
     seed: int = 0,
     fixed: dict[str, Any] | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Expand a search space into trials: the full grid, or a random sample of it.
 
     Random search samples grid points without replacement (the seed's "sparse sample of
     parameters") by index, so the grid product is never built in memory; a sample as large as
-    the grid is the grid itself.
+    the grid is the grid itself. ``fingerprint`` goes into every trial id (:func:`trial_id`).
 
     Returns:
         A list of ``{"trial_id": ..., "params": {...}}`` in a deterministic order.
@@ -97,5 +107,5 @@ def build_trials(
     trials = []
     for index in indices:
         params = {**(fixed or {}), **_grid_point(space, index)}
-        trials.append({"trial_id": trial_id(params), "params": params})
+        trials.append({"trial_id": trial_id(params, fingerprint), "params": params})
     return trials

@@ -402,7 +402,8 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
         The new object's ETag.
 
     Raises:
-        PreconditionFailed: the condition did not hold (someone else wrote first).
+        PreconditionFailed: the condition did not hold (someone else wrote first, or the object
+            ``if_match`` names was deleted).
     """
     loc = parse_uri(uri)
     s3 = s3 or client()
@@ -421,7 +422,8 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
         # own write and report a conflict. botocore still retries connection-level failures.
         return put() if conditional else retrying(f"PUT {uri}", put)
     except Exception as err:  # noqa: BLE001 - classified below
-        if _error_code(err) in _PRECONDITION_CODES:
+        # If-Match on an object deleted since it was read answers 404: the same lost race.
+        if _error_code(err) in _PRECONDITION_CODES or (if_match and is_not_found(err)):
             condition = "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
             raise PreconditionFailed(f"PUT {uri} ({condition}): the object was written by someone else") from None
         raise

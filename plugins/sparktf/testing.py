@@ -360,6 +360,133 @@ def land_partition(incoming_uri: str, date: str, images, labels, *, with_bad: bo
 
 
 # ---------------------------------------------------------------------------------------------
+# Photos and stock networks (no pretrained weights can be downloaded: tests make their own)
+# ---------------------------------------------------------------------------------------------
+
+
+def photo(seed: int, width: int, height: int):
+    """A synthetic RGB photo (a PIL image): a colour gradient, a few filled shapes and grain,
+    different for every seed, so that a network gives every photo its own scores."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    ramp = np.linspace(0.0, 1.0, height)[:, None, None]
+    pixels = (top * (1 - ramp) + bottom * ramp) * np.ones((1, width, 1))
+    img = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(width // 8, width // 2 + 2)), y0 + int(rng.integers(height // 8, height // 2 + 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    grain = rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + grain, 0, 255).astype(np.uint8), "RGB")
+
+
+def exif_rotated_jpeg(img, orientation: int = 6) -> bytes:
+    """A JPEG whose pixels are stored sideways with an EXIF Orientation tag (as phones write them)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def photo_files() -> dict[str, tuple[bytes, str]]:
+    """Relative name -> (bytes, what it exercises): JPEG and PNG among others, 100x80 to 1600x1200,
+    alpha, palette, CMYK, 16-bit, EXIF-rotated, and a PNG named ``.jpg``."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = photo(4, 400, 300).convert("RGBA")
+    alpha = np.zeros((300, 400), dtype=np.uint8)
+    alpha[60:240, 80:320] = 255  # an opaque cut-out on a transparent page
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    gray16 = (np.asarray(photo(7, 300, 200).convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    return {
+        "trip/landscape 1600x1200.jpg": (encode(photo(1, 1600, 1200), "JPEG", quality=92), "JPEG 1600x1200"),
+        "trip/portrait.jpg": (encode(photo(2, 480, 640), "JPEG", quality=85), "JPEG portrait 480x640"),
+        "tiny/small.png": (encode(photo(3, 100, 80), "PNG"), "PNG 100x80"),
+        "shop/cut-out.png": (encode(rgba, "PNG"), "RGBA PNG with transparency"),
+        "print/cmyk.jpg": (encode(photo(5, 640, 480).convert("CMYK"), "JPEG", quality=90), "CMYK JPEG"),
+        "web/palette.png": (encode(photo(6, 320, 240).convert("P", palette=Image.Palette.ADAPTIVE), "PNG",
+                                   transparency=0), "palette PNG with a transparent index"),
+        "scans/gray16.png": (encode(Image.fromarray(gray16), "PNG"), "16-bit grayscale PNG"),
+        "phone/IMG_0001.jpg": (exif_rotated_jpeg(photo(8, 800, 600)), "JPEG with EXIF orientation 6"),
+        "web/photo.webp": (encode(photo(9, 500, 500), "WEBP", quality=90), "WEBP 500x500"),
+        "misnamed/really-a-png.jpg": (encode(photo(10, 256, 256), "PNG"), "PNG named .jpg"),
+    }
+
+
+def bad_photo_files() -> dict[str, tuple[bytes, set[str]]]:
+    """Relative name -> (bytes, acceptable reasons) for files among photos that must be set aside."""
+    jpeg = encode(photo(11, 640, 480), "JPEG", quality=90)
+    return {
+        "broken/cut-short.jpg": (jpeg[: len(jpeg) // 3], {"truncated", "corrupt"}),
+        "broken/empty.jpg": (b"", {"empty"}),
+        "broken/notes.txt": (b"holiday list: sunscreen, snorkel\n", {"not_an_image"}),
+        "broken/bomb.png": (png_bomb(), {"too_large"}),
+    }
+
+
+def land_photos(incoming_uri: str, date: str, *, with_bad: bool = True) -> dict[str, dict]:
+    """Upload :func:`photo_files` (and :func:`bad_photo_files`) under ``<incoming>/<date>/``.
+
+    Returns:
+        key -> ``{"bytes", "kind"}`` for photos, ``{"bytes", "reasons"}`` for bad files.
+    """
+    prefix = storage.join_uri(incoming_uri, date)
+    landed: dict[str, dict] = {}
+    for name, (data, kind) in photo_files().items():
+        uri = storage.join_uri(prefix, name)
+        storage.write_bytes(uri, data)
+        landed[storage.parse_uri(uri).key] = {"bytes": data, "kind": kind}
+    if with_bad:
+        for name, (data, reasons) in bad_photo_files().items():
+            uri = storage.join_uri(prefix, name)
+            storage.write_bytes(uri, data)
+            landed[storage.parse_uri(uri).key] = {"bytes": data, "reasons": reasons}
+    return landed
+
+
+def application_weights(name: str, path: str, *, seed: int = 0, sharpen: float = 1.0) -> str:
+    """Save weights that fit ``keras.applications.<name>(weights=None)`` to ``path`` (a
+    ``.weights.h5`` file), as a user would save the ImageNet ones.
+
+    An untrained network with fresh batch-norm statistics maps every photo to almost the same
+    scores, which would make the top 5 a matter of rounding. So the seeded initial weights are
+    calibrated first: one forward pass in training mode over a few synthetic photos with momentum 0
+    sets every batch-norm layer's statistics to what the photos produce (as training would), and
+    the classifier's kernel is multiplied by ``sharpen``. Each photo then gets its own, clearly
+    ranked classes.
+    """
+    import keras
+    import numpy as np
+
+    from sparktf.applications import application
+
+    spec = application(name)
+    keras.utils.set_random_seed(seed)
+    model = getattr(keras.applications, spec.name)(weights=None)
+    side = spec.size
+    batch = np.stack([np.asarray(photo(1000 + i, side, side), dtype=np.float32) for i in range(8)])
+    if spec.preprocessing == "inception":
+        batch = batch / 127.5 - 1.0
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(batch, training=True)
+    for layer in norms:
+        layer.momentum = 0.99
+    classifier = next(layer for layer in reversed(model.layers) if getattr(layer, "kernel", None) is not None)
+    classifier.kernel.assign(classifier.kernel * sharpen)
+    model.save_weights(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # Jobs and DAG runs
 # ---------------------------------------------------------------------------------------------
 

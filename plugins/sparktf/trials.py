@@ -2,22 +2,127 @@
 
 A trial that fails because of its own hyperparameters (loss diverging to NaN, out of memory)
 returns a ``failed`` record with the reason instead of raising: Spark would otherwise retry the
-task four times and then fail the whole job for one bad grid point.
+task and then fail the whole job for one bad grid point.
+
+Layout under ``<trials-uri>/<trial id>/``::
+
+    attempts/<attempt id>/started.json   written before training: which job, executor, when
+    attempts/<attempt id>/model.keras    this attempt's model: no other attempt writes this key
+    attempts/<attempt id>/metrics.json   this attempt's record (present = the attempt finished)
+    metrics.json                         the trial's record, published last, naming the model
+                                         file and the sha256 it belongs to
+
+An attempt id is unique per process and Spark task attempt, so a zombie or speculative attempt
+of the same trial writes its own files and can never leave ``metrics.json`` naming a sha256 the
+stored model does not have. A published record is reused only when its fingerprint is this
+run's and its model file still has the recorded sha256 (else the trial is trained again).
+
+**Crashes.** A Python worker killed while training (the OOM killer, a segfault) writes nothing
+more, and Spark retries its task. The retry finds this job's earlier attempts started but not
+finished. If one of them died on this same executor (the executor survived, so its Python worker
+crashed), or two died anywhere, the trial is recorded as ``failed`` with reason ``crashed: ...``
+instead of being trained again; a single attempt lost with another executor (a lost node) is
+trained again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import signal
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
-from sparktf import executor, storage
+from sparktf import executor, registry, storage
+
+log = logging.getLogger("sparktf.trials")
+
+RECORD_NAME = "metrics.json"
+STARTED_NAME = "started.json"
+# Test-only: a trial whose id, or whose params as sorted JSON, contains this variable's value
+# SIGKILLs its own process before training, as the OOM killer would. Never set it elsewhere.
+CRASH_TEST_ENV = "SPARKTF_TEST_CRASH_TRIAL"
+# Test-only: name -> callable(**info) ("before_publish": the attempt's model and own record are
+# written, the trial's record not yet), to interleave a duplicate attempt deterministically.
+TEST_HOOKS: dict[str, Callable[..., None]] = {}
+
+
+def _hook(point: str, **info: Any) -> None:
+    hook = TEST_HOOKS.get(point)
+    if hook is not None:
+        hook(**info)
 
 
 def trial_prefix(trials_uri: str, trial_id: str) -> str:
     return storage.join_uri(trials_uri, trial_id)
+
+
+def attempt_uri(trials_uri: str, trial_id: str, attempt_id: str, name: str) -> str:
+    return storage.join_uri(trials_uri, trial_id, "attempts", attempt_id, name)
+
+
+def attempt_history(trials_uri: str, trial_id: str, s3=None) -> list[dict[str, Any]]:
+    """Every attempt of a trial: ``{"attempt_id", "started": marker or None, "finished": bool}``."""
+    prefix = storage.join_uri(trials_uri, trial_id, "attempts") + "/"
+    prefix_key = storage.parse_uri(prefix).key
+    names: dict[str, set[str]] = {}
+    for key in storage.list_keys(prefix, s3):
+        attempt_id, _, name = key[len(prefix_key):].partition("/")
+        names.setdefault(attempt_id, set()).add(name)
+    history = []
+    for attempt_id, files in sorted(names.items()):
+        started = (storage.read_json_if_exists(attempt_uri(trials_uri, trial_id, attempt_id, STARTED_NAME), s3)
+                   if STARTED_NAME in files else None)
+        history.append({"attempt_id": attempt_id, "started": started, "finished": RECORD_NAME in files})
+    return history
+
+
+def default_fingerprint(*, family: str, epochs: int, patience: int, lr_decay_patience: int, seed: int) -> dict[str, Any]:
+    """What :func:`train_trial` itself knows changes a result (the tuning job adds the data's
+    manifest hash and the code version: :func:`sparktf.jobs.tune.trial_fingerprint`)."""
+    return {"model_family": family, "epochs": epochs, "patience": patience,
+            "lr_decay_patience": lr_decay_patience, "seed": seed}
+
+
+def stale_because(record: dict[str, Any], fingerprint: dict[str, Any], job_id: str | None) -> str | None:
+    """Why a published record cannot be reused (None: reuse it).
+
+    ``ok`` records are reused when their fingerprint matches and their model file still has the
+    recorded sha256; ``failed`` ones only within the job that recorded them (a task re-run after
+    its executor was lost), so a later run tries them again.
+    """
+    if record.get("fingerprint") != fingerprint:
+        return "its fingerprint differs from this run's (other data, settings or code)"
+    if record.get("status") == "ok":
+        try:
+            registry.verify_artifact(record["model_uri"], record["model_sha256"])
+        except (registry.ModelNotFound, registry.ModelIntegrityError, KeyError) as err:
+            return f"its model file does not match the record ({err})"
+        return None
+    if job_id and record.get("job_id") == job_id:
+        return None
+    return "it failed in an earlier run"
+
+
+def _crashed_attempts(trials_uri: str, trial_id: str, job_id: str, identity: dict[str, Any]) -> list[dict] | None:
+    """This job's earlier attempts that started and never finished, when they mean a crash."""
+    dead = [a["started"] for a in attempt_history(trials_uri, trial_id)
+            if a["started"] is not None and not a["finished"] and a["started"].get("job_id") == job_id]
+    here = (identity.get("host"), identity.get("executor_id"))
+    on_this_executor = [d for d in dead if (d["executor"].get("host"), d["executor"].get("executor_id")) == here]
+    return dead if on_this_executor or len(dead) >= 2 else None
+
+
+def _crash_if_asked(trial_id: str, params: dict[str, Any]) -> None:
+    """Test-only (see :data:`CRASH_TEST_ENV`): die like a process the OOM killer took."""
+    pattern = os.environ.get(CRASH_TEST_ENV)
+    if pattern and (pattern in trial_id or pattern in json.dumps(params, sort_keys=True)):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_trial(
@@ -31,6 +136,8 @@ def train_trial(
     seed: int,
     cpus: int = 1,
     lr_decay_patience: int = 0,
+    fingerprint: dict[str, Any] | None = None,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and save one trial; never raises for the trial's own failures.
 
@@ -40,24 +147,52 @@ def train_trial(
         family: model family name (see :data:`sparktf.models.MODEL_FAMILIES`).
         epochs: maximum epochs; early stopping on validation accuracy may stop sooner.
         patience: epochs without validation improvement before stopping.
-        trials_uri: prefix under which ``<trial_id>/model.keras`` and ``metrics.json`` are written.
+        trials_uri: prefix under which ``<trial_id>/...`` is written (see the module's layout).
         seed: random seed for weights and shuffling.
         cpus: threads TensorFlow may use (the task's cores).
         lr_decay_patience: halve the learning rate after this many epochs without validation
             improvement (0 = constant learning rate).
+        fingerprint: everything besides ``params`` that changes the result (recorded; a
+            published record with another fingerprint is not reused). Default:
+            :func:`default_fingerprint`.
+        job_id: unique id of this run of the tuning job: its attempts' markers carry it, so a
+            retried task can tell this job's crashed attempts from an earlier run's.
 
     Returns:
-        The trial record (also written to ``<trial_id>/metrics.json``).
+        The trial record (also published as ``<trial_id>/metrics.json``).
     """
     trial_id, params = trial["trial_id"], trial["params"]
-    prefix = trial_prefix(trials_uri, trial_id)
-    metrics_uri = storage.join_uri(prefix, "metrics.json")
-    previous = storage.read_json_if_exists(metrics_uri)
-    if previous is not None and previous.get("status") == "ok":
-        # A retried task (or a re-run of the same run) reuses the finished trial instead of
-        # training it again: trial outputs are idempotent.
-        previous["reused"] = True
-        return previous
+    fingerprint = fingerprint or default_fingerprint(family=family, epochs=epochs, patience=patience,
+                                                     lr_decay_patience=lr_decay_patience, seed=seed)
+    record_uri = storage.join_uri(trial_prefix(trials_uri, trial_id), RECORD_NAME)
+    previous, etag = storage.read_json_with_etag(record_uri)
+    retrained_because = None
+    if previous is not None:
+        retrained_because = stale_because(previous, fingerprint, job_id)
+        if retrained_because is None:
+            # A retried task (or a re-run of the same run) reuses the finished trial.
+            previous["reused"] = True
+            return previous
+        log.info("%s: training again: %s", trial_id, retrained_because)
+
+    identity = executor.executor_identity()
+    attempt_number = int(identity.get("attempt", 0))
+    base = {"trial_id": trial_id, "params": params, "family": family, "fingerprint": fingerprint,
+            "job_id": job_id, "executor": identity, "attempt": attempt_number}
+    if job_id and attempt_number > 0:
+        dead = _crashed_attempts(trials_uri, trial_id, job_id, identity)
+        if dead is not None:
+            numbers = sorted(int(d.get("attempt", 0)) for d in dead)
+            label = f"attempt {numbers[0]}" if len(numbers) == 1 else f"attempts {', '.join(map(str, numbers))}"
+            crashed = {**base, "status": "failed", "epochs_run": 0, "train_seconds": None,
+                       "reason": f"crashed: the Python worker died during training ({label})",
+                       "crashed_attempts": dead}
+            return _publish_crash(crashed, record_uri, etag)
+
+    attempt_id = f"{attempt_number}-{uuid.uuid4().hex[:12]}"
+    storage.write_json(attempt_uri(trials_uri, trial_id, attempt_id, STARTED_NAME), {
+        "trial_id": trial_id, "attempt_id": attempt_id, "attempt": attempt_number, "job_id": job_id,
+        "executor": identity, "started_at": time.time()})
 
     executor.pin_threads(cpus)
     import keras
@@ -66,10 +201,11 @@ def train_trial(
     from sparktf.models import build_model
 
     record: dict[str, Any] = {
-        "trial_id": trial_id, "params": params, "family": family, "status": "failed", "reason": None,
-        "executor": executor.executor_identity(), "epochs_run": 0, "train_seconds": None,
-        "max_epochs": epochs, "seed": seed, "lr_decay_patience": lr_decay_patience,
+        **base, "attempt_id": attempt_id, "status": "failed", "reason": None, "epochs_run": 0,
+        "train_seconds": None, "max_epochs": epochs, "seed": seed, "lr_decay_patience": lr_decay_patience,
     }
+    if retrained_because:
+        record["retrained_because"] = retrained_because
     started = time.perf_counter()
     try:
         keras.utils.set_random_seed(seed)
@@ -84,6 +220,7 @@ def train_trial(
             callbacks.append(keras.callbacks.ReduceLROnPlateau(
                 monitor="val_accuracy", mode="max", factor=0.5, patience=lr_decay_patience,
                 min_lr=float(params["learning_rate"]) / 64))
+        _crash_if_asked(trial_id, params)
         history = model.fit(
             data["x_train"], data["y_train"], batch_size=int(params["batch_size"]), epochs=epochs,
             validation_data=(data["x_val"], data["y_val"]), callbacks=callbacks, verbose=0, shuffle=True,
@@ -95,27 +232,27 @@ def train_trial(
         if not losses or any(not math.isfinite(v) for v in losses):
             bad_epoch = next((i + 1 for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
             record["reason"] = f"diverged: training loss became NaN/inf in epoch {bad_epoch}"
-            return _finish(record, metrics_uri)
+            return _publish(record, trials_uri)
         val_loss, val_accuracy = model.evaluate(data["x_val"], data["y_val"], batch_size=512, verbose=0)
         test_loss, test_accuracy = model.evaluate(data["x_test"], data["y_test"], batch_size=512, verbose=0)
         if not all(math.isfinite(v) for v in (val_loss, val_accuracy, test_loss, test_accuracy)):
             record["reason"] = "diverged: evaluation produced NaN/inf"
-            return _finish(record, metrics_uri)
+            return _publish(record, trials_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            model.save(path)
+            with open(path, "rb") as fh:
+                blob = fh.read()
+        model_uri = attempt_uri(trials_uri, trial_id, attempt_id, "model.keras")
+        storage.write_bytes(model_uri, blob)
         record.update(
             status="ok",
             val_loss=float(val_loss), val_accuracy=float(val_accuracy),
             test_loss=float(test_loss), test_accuracy=float(test_accuracy),
             test_error=1.0 - float(test_accuracy),
             num_parameters=int(model.count_params()),
+            model_uri=model_uri, model_sha256=storage.sha256_hex(blob),
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
-            model.save(path)
-            with open(path, "rb") as fh:
-                blob = fh.read()
-        record["model_uri"] = storage.join_uri(prefix, "model.keras")
-        record["model_sha256"] = storage.sha256_hex(blob)
-        storage.write_bytes(record["model_uri"], blob)
     except (tf.errors.ResourceExhaustedError, MemoryError) as err:
         record["reason"] = f"out_of_memory: {type(err).__name__}: {str(err)[:300]}"
     except Exception as err:  # noqa: BLE001 - recorded, the other trials go on
@@ -123,11 +260,26 @@ def train_trial(
     finally:
         record["train_seconds"] = record["train_seconds"] or round(time.perf_counter() - started, 3)
         keras.backend.clear_session()
-    return _finish(record, metrics_uri)
+    return _publish(record, trials_uri)
 
 
-def _finish(record: dict[str, Any], metrics_uri: str) -> dict[str, Any]:
-    storage.write_json(metrics_uri, record)
+def _publish(record: dict[str, Any], trials_uri: str) -> dict[str, Any]:
+    """The attempt's own record, then the trial's (last: it names the model file and its sha256)."""
+    storage.write_json(attempt_uri(trials_uri, record["trial_id"], record["attempt_id"], RECORD_NAME), record)
+    _hook("before_publish", record=record)
+    storage.write_json(storage.join_uri(trial_prefix(trials_uri, record["trial_id"]), RECORD_NAME), record)
+    return record
+
+
+def _publish_crash(record: dict[str, Any], record_uri: str, etag: str | None) -> dict[str, Any]:
+    """Publish a crash record unless another attempt published a record meanwhile (then use it)."""
+    try:
+        storage.write_json(record_uri, record, if_match=etag, if_none_match=etag is None)
+    except storage.PreconditionFailed:
+        published = storage.read_json(record_uri)
+        published["reused"] = True
+        return published
+    log.warning("%s: %s", record["trial_id"], record["reason"])
     return record
 
 

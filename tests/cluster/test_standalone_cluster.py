@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sparktf import idx, storage
+from sparktf import idx, storage, trials
 from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, run_dag
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -142,44 +142,90 @@ def test_tuning_dag_runs_on_the_cluster_and_uses_both_workers(cluster_tuning_run
     assert summary["tasks"]["export_best_model"]["xcom"]["version"] == 1
 
 
-def test_losing_a_worker_mid_job_still_finishes_every_trial_once(cluster, cluster_tuning_run, bucket, tmp_path):
-    _conf, summary = cluster_tuning_run
-    prepared = summary["tasks"]["prepare_data"]["xcom"]["prepared_uri"]
-    out = f"s3://{bucket}/cluster/worker-loss/"
-    env = {**cluster.env, "PATH": f"{VENV_BIN}:{cluster.env['PATH']}", "PYSPARK_PYTHON": sys.executable}
-    from sparktf.airflow.spark_job_operator import package_zip
+def start_dag(env: dict[str, str], out_dir: Path, dag_id: str, conf: dict) -> tuple[subprocess.Popen, Path, Path]:
+    """Start a DAG run like :func:`sparktf.testing.run_dag`, in the background (own process group)."""
+    summary, log_path = out_dir / f"{dag_id}-summary.json", out_dir / f"{dag_id}.log"
+    command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf),
+               "--json-out", str(summary)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, summary, log_path
 
-    zip_path, _sha = package_zip()
-    command = [str(VENV_BIN / "spark-submit"), "--master", cluster.url, "--conf", "spark.task.cpus=1",
-               "--conf", "spark.executor.memory=1g", "--py-files", zip_path, str(ROOT / "jobs" / "tune.py"),
-               "--prepared-uri", prepared, "--output-uri", out, "--model-family", "mnist_cnn",
-               "--learning-rates", "0.001,0.002,0.003", "--hidden-units", "32,64", "--epochs", "2",
-               "--patience", "2", "--batch-sizes", "32", "--result-uri", out + "result.json"]
-    log = open(tmp_path / "tune.log", "wb")
-    job = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+
+def started_attempts(prefix: str) -> list[tuple[str, dict, bool]]:
+    """``(trial id, started marker, finished)`` of every trial attempt under a workspace prefix."""
+    keys = set(storage.list_keys(prefix))
+    bucket = storage.parse_uri(prefix).bucket
+    found = []
+    for key in sorted(keys):
+        if "/tuning/trials/" in key and key.endswith("/" + trials.STARTED_NAME):
+            attempt_dir = key.rsplit("/", 1)[0]
+            trial_id = attempt_dir.split("/tuning/trials/", 1)[1].split("/", 1)[0]
+            marker = storage.read_json(storage.object_uri(bucket, key))
+            found.append((trial_id, marker, f"{attempt_dir}/{trials.RECORD_NAME}" in keys))
+    return found
+
+
+def ran_on(cluster: Cluster, worker: str, marker: dict) -> bool:
+    """Whether an attempt's executor is one of ``worker``'s (its work dir is <worker>/<app>/<executor>)."""
+    app_id = marker["job_id"].rsplit("-", 1)[0]  # the tuning job's id is <Spark application id>-<suffix>
+    return (cluster.base / worker / app_id / str(marker["executor"].get("executor_id"))).is_dir()
+
+
+def test_losing_a_worker_while_the_dags_tune_task_runs_trains_every_trial_once(
+        cluster, cluster_airflow_env, raw_mnist, bucket, tmp_path):
+    """Kill worker 2 (its process group: worker, executor, Python workers) while the DAG's tune task
+    has a trial training there; the run still ends green and no trial is trained to completion twice."""
+    ws = f"s3://{bucket}/cluster/worker-loss"
+    conf = {"dataset_uri": raw_mnist, "workspace_uri": ws, "model_name": "digits", "model_family": "mnist_cnn",
+            "learning_rates": [0.001, 0.002, 0.003], "hidden_units": [32, 64], "epochs": 2, "patience": 2,
+            "batch_sizes": [32]}
+    run, summary_path, log_path = start_dag(cluster_airflow_env, tmp_path, "tuning_pipeline", conf)
     try:
-        # Wait until trials are running on both workers, then kill worker 2 with its executor.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            apps = _master_state(cluster.ui_port).get("activeapps", [])
-            if apps and len(storage.list_keys(out + "trials/")) >= 1:
-                break
-            assert job.poll() is None, (tmp_path / "tune.log").read_text()[-4000:]
-            time.sleep(0.5)
-        cluster.kill("worker-2")
-        assert job.wait(timeout=900) == 0, (tmp_path / "tune.log").read_text()[-6000:]
+        victim = None
+        deadline = time.monotonic() + 900
+        while victim is None and time.monotonic() < deadline:
+            assert run.poll() is None, log_path.read_text(errors="replace")[-6000:]
+            victim = next(((trial_id, marker) for trial_id, marker, finished in started_attempts(ws + "/")
+                           if not finished and ran_on(cluster, "worker-2", marker)), None)
+            if victim is None:
+                time.sleep(0.5)
+        assert victim is not None, "no trial started on worker 2"
+        cluster.kill("worker-2")  # while that trial trains
+        assert run.wait(timeout=1500) == 0, log_path.read_text(errors="replace")[-8000:]
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    driver_log = (tmp_path / "tune.log").read_text(errors="replace")
-    assert "Lost executor" in driver_log or "lost executor" in driver_log.lower()  # the loss really happened
-    result = storage.read_json(out + "result.json")
-    results = storage.read_json(out + "results.json")
-    assert result["trials"] == 6 and result["succeeded"] == 6
-    ids = [r["trial_id"] for r in results["trials"]]
-    assert len(ids) == len(set(ids)) == 6
-    metrics = [k for k in storage.list_keys(out + "trials/") if k.endswith("metrics.json")]
-    assert len(metrics) == 6  # one record per trial, however many attempts ran
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    output = log_path.read_text(errors="replace")
+    assert "lost executor" in output.lower()  # the driver saw the executor go
+
+    summary = json.loads(summary_path.read_text())
+    assert {info["state"] for info in summary["tasks"].values()} == {"success"}
+    tune = summary["tasks"]["tune"]["xcom"]
+    assert tune["trials"] == tune["succeeded"] == 6
+    results = storage.read_json(tune["results_uri"])
+    assert sorted(r["trial_id"] for r in results["trials"]) == sorted({r["trial_id"] for r in results["trials"]})
+
+    # Training starts and completions per trial, from the attempts' markers and records in S3.
+    attempts: dict[str, list[tuple[dict, bool]]] = {}
+    for trial_id, marker, finished in started_attempts(ws + "/"):
+        attempts.setdefault(trial_id, []).append((marker, finished))
+    assert sorted(attempts) == sorted(r["trial_id"] for r in results["trials"])
+    for trial_id, runs in attempts.items():
+        assert sum(finished for _marker, finished in runs) == 1, (trial_id, runs)  # trained to completion once
+        for marker, finished in runs:
+            if finished:
+                record = trials.attempt_uri(tune["trials_uri"], trial_id, marker["attempt_id"], trials.RECORD_NAME)
+                assert storage.read_json(record)["status"] == "ok"
+
+    victim_id, victim_marker = victim
+    finished_by_attempt = {marker["attempt_id"]: finished for marker, finished in attempts[victim_id]}
+    assert len(finished_by_attempt) == 2, attempts[victim_id]  # started on worker 2, then once more
+    assert finished_by_attempt[victim_marker["attempt_id"]] is False  # killed with worker 2
+    [rerun] = [marker for marker, _ in attempts[victim_id] if marker["attempt_id"] != victim_marker["attempt_id"]]
+    assert finished_by_attempt[rerun["attempt_id"]] and not ran_on(cluster, "worker-2", rerun)  # re-ran elsewhere
+    assert rerun["job_id"] == victim_marker["job_id"] and rerun["attempt"] > victim_marker["attempt"]
+    assert summary["tasks"]["export_best_model"]["xcom"]["version"] == 1
 
 
 def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(

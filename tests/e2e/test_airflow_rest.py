@@ -244,7 +244,7 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         assert (found["date"], found["date_from"]) == (date, "data_interval")
         assert published["date"] == date and published["model_version"] == 1
         assert (published["images_scored"], published["images_set_aside"]) == (landed[date], 0)
-        assert published["output_uri"] == f"{workspace}/predictions/{date}/"
+        assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
         rows, errors = predictions.read_predictions(published["output_uri"])
         assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
         assert all(r["key"].startswith(f"{REST_WORKSPACE}/incoming/{date}/") for r in rows)

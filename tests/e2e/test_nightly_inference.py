@@ -82,7 +82,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert published["date"] == date and published["model_version"] == 1
     assert (published["images_scored"], published["images_set_aside"]) == (scored, set_aside)
     assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
-    assert published["output_uri"] == f"{workspace}/predictions/{date}/"
+    assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
     rows, errors = predictions.read_predictions(published["output_uri"])
     assert len(rows) == scored and len({r["key"] for r in rows}) == scored and len(errors) == set_aside
     # processed_at is the run's logical timestamp, so re-running the run writes identical rows
@@ -102,7 +102,7 @@ def test_empty_date_short_circuits_with_a_summary(runs):
 
 
 def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tmp_path):
-    partition = f"{workspace}/predictions/2026-11-20/"
+    partition = f"{workspace}/predictions/digits/2026-11-20/"
     before = predictions.read_published(partition)
     expected = rows_of(partition)
     # "Clear": the run of the same logical date runs all its tasks again (dag.test clears them).
@@ -125,7 +125,7 @@ def test_a_manual_run_scores_the_date_param(runs, airflow_env, workspace, tmp_pa
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert (found["date"], found["date_from"]) == ("2026-11-20", "param")
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["output_uri"] == f"{workspace}/predictions/2026-11-20/" and published["images_scored"] == 16
+    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["images_scored"] == 16
     rows, _errors = predictions.read_predictions(published["output_uri"])
     assert {r["processed_at"].isoformat() for r in rows} == {"2026-12-01T10:00:00+00:00"}
 
@@ -143,7 +143,7 @@ def test_a_failure_ratio_breach_fails_the_run_and_flags_the_partition(breach, wo
     assert summary["tasks"]["batch_inference"]["try_number"] == 1  # not retried: it would end the same way
     assert states(summary)["publish"] == "upstream_failed"  # so no Asset event
     assert "set aside, more than --max-failure-ratio" in output
-    manifest = predictions.read_published(f"{workspace}/predictions/{BREACH[1]}/")
+    manifest = predictions.read_published(f"{workspace}/predictions/digits/{BREACH[1]}/")
     assert manifest["failure_ratio_exceeded"] is True and (manifest["scored"], manifest["set_aside"]) == (2, 8)
 
 
@@ -173,12 +173,12 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
     assert "version 9 does not exist" in output
     # the partition scored earlier is untouched
-    assert predictions.read_published(f"{workspace}/predictions/2026-11-20/")["model_version"] == 1
+    assert predictions.read_published(f"{workspace}/predictions/digits/2026-11-20/")["model_version"] == 1
 
 
 def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, airflow_env, workspace, s3_server,
                                                                      tmp_path):
-    partition = f"{workspace}/predictions/2026-11-21/"
+    partition = f"{workspace}/predictions/digits/2026-11-21/"
     clean = predictions.read_published(partition)
     expected = rows_of(partition)
     connection = json.loads(s3_server.connection_json())
@@ -214,4 +214,5 @@ def test_predictions_asset_events_carry_the_partition(runs, breach, airflow_env,
               if name == "nightly_predictions" and extra["output_uri"].startswith(workspace + "/")]  # DB is shared
     # none for the empty day, none for the breached one
     assert {e["date"] for e in events} == {"2026-11-20", "2026-11-21"}
-    assert all(e["output_uri"].endswith(f"/predictions/{e['date']}/") for e in events)
+    assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits"
+               for e in events)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparktf import dataset, registry, storage
+from sparktf import dataset, registry, storage, trials
 from sparktf.testing import TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 pytestmark = pytest.mark.e2e
@@ -135,3 +135,75 @@ def test_bad_params_fail_before_any_spark_job(airflow_env, bucket, tmp_path):
     assert states["prepare_data"] == states["tune"] == states["export_best_model"] == "upstream_failed"
     assert "holds no objects" in output
     assert storage.list_keys(f"s3://{bucket}/e2e-bad/") == []
+
+
+def task_states(summary: dict) -> dict[str, str]:
+    return {task: info["state"] for task, info in summary["tasks"].items()}
+
+
+def test_params_a_schema_lets_through_are_refused_before_any_spark_job(airflow_env, raw_dataset, bucket, tmp_path):
+    ws = f"s3://{bucket}/e2e-params"
+    refused_when_validate_params_starts = {
+        # NaN passes the Params' JSON Schema when the run is created (every bound compares False
+        # with NaN), but reaches the task as null (the conf travels as strict JSON): Airflow's own
+        # check of the Params refuses it as validate_params starts, before any code of ours.
+        "nan": ({"learning_rates": [0.001, float("nan")]},
+                "Invalid input for param learning_rates: None is not of type 'number'"),
+        # 11 x 10 x 10 points: within every bound, but more trials than a grid may have.
+        "grid": ({"learning_rates": [0.0001 * (i + 1) for i in range(11)], "hidden_units": list(range(1, 11)),
+                  "batch_sizes": list(range(1, 11))},
+                 "invalid parameters: the grid has 1100 trials, more than 1000: use random search or a smaller grid"),
+    }
+    for name, (change, message) in refused_when_validate_params_starts.items():
+        conf = {"dataset_uri": raw_dataset, "workspace_uri": ws, **change}
+        (tmp_path / name).mkdir()
+        code, summary, output = run_dag(airflow_env, tmp_path / name, "tuning_pipeline", conf)
+        assert code == 1 and summary is not None, (name, output[-3000:])
+        states = task_states(summary)
+        assert states["validate_params"] == "failed", (name, states)
+        assert states["prepare_data"] == states["tune"] == states["export_best_model"] == "upstream_failed"
+        assert message in output, (name, output[-3000:])
+    assert storage.list_keys(ws + "/") == []  # no job wrote anything
+
+    # A seed beyond 32 bits is refused when the run is created (its Param's maximum): no run at all.
+    (tmp_path / "seed").mkdir()
+    code, summary, output = run_dag(airflow_env, tmp_path / "seed", "tuning_pipeline",
+                                    {"dataset_uri": raw_dataset, "workspace_uri": ws, "seed": 2**32})
+    assert code != 0 and summary is None
+    assert "seed" in output and "4294967295" in output
+
+    # The same kind of space 10^8 points large, with random search: sampled by index (never built),
+    # so validation gets past it at once; only the empty dataset location stops this run.
+    huge = {"learning_rates": [0.0001 * (i + 1) for i in range(100)], "hidden_units": list(range(1, 101)),
+            "batch_sizes": list(range(1, 101)), "dropouts": [i / 200 for i in range(100)],
+            "search_strategy": "random", "num_random_trials": 1000}
+    empty = f"s3://{bucket}/e2e-params-nothing/"
+    (tmp_path / "huge").mkdir()
+    code, summary, output = run_dag(airflow_env, tmp_path / "huge", "tuning_pipeline",
+                                    {"dataset_uri": empty, "workspace_uri": ws, **huge}, timeout=600)
+    assert code == 1 and task_states(summary)["validate_params"] == "failed"
+    assert f"invalid parameters: dataset_uri {empty} holds no objects" in output
+    assert "trials, more than" not in output
+
+
+def test_a_trial_that_kills_its_worker_is_recorded_and_the_run_ends_green(airflow_env, raw_dataset, bucket, tmp_path):
+    """The trial with 48 hidden units SIGKILLs its own Python worker (the test-only hook). Local mode
+    retries a task only with a master local[N,F]: the connection gives local[2,2]."""
+    env = {**airflow_env, "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2,2]"}),
+           trials.CRASH_TEST_ENV: '"hidden_units": 48'}
+    conf = {"dataset_uri": raw_dataset, "workspace_uri": f"s3://{bucket}/e2e-crash/ws", "model_name": "digits",
+            "model_family": "mlp", "learning_rates": [0.003], "hidden_units": [32, 48], "epochs": 1, "patience": 1,
+            "batch_sizes": [32], "validation_fraction": 0.2, "test_fraction": 0.2}
+    code, summary, output = run_dag(env, tmp_path, "tuning_pipeline", conf)
+    assert code == 0, output[-6000:]
+    assert set(task_states(summary).values()) == {"success"}
+    tune = summary["tasks"]["tune"]["xcom"]
+    assert (tune["trials"], tune["succeeded"], tune["failed"]) == (2, 1, 1)
+    [failed] = tune["failed_trials"]
+    assert failed["reason"] == "crashed: the Python worker died during training (attempt 0)"
+    assert "Python worker exited unexpectedly" in output  # the process really died
+    results = storage.read_json(tune["results_uri"])
+    assert {r["trial_id"]: r["params"]["hidden_units"] for r in results["trials"]}[failed["trial_id"]] == 48
+    export = summary["tasks"]["export_best_model"]["xcom"]
+    assert export["trial_id"] == tune["best"]["trial_id"] != failed["trial_id"]
+    assert export["promoted"] and export["promotion_reason"] == "no champion yet"

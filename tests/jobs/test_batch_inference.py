@@ -99,7 +99,7 @@ def test_partition_is_published_with_a_manifest_of_sizes_and_etags(first_run, wo
     assert manifest["model_version"] == 1 and manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
     assert manifest["replaces"] is None and manifest["publish_id"] == first_run["publish_id"]
     assert first_run["publish_id"].startswith("first-")
-    assert first_run["output_uri"] == f"{ws}/predictions/{DATE}/"
+    assert first_run["output_uri"] == f"{ws}/predictions/digits/{DATE}/"  # one folder per model
     present = {o["key"][len(storage.parse_uri(first_run["output_uri"]).key):]: o
                for o in storage.iter_objects(first_run["output_uri"])}
     assert set(present) == set(predictions.listed_files(manifest)) | {predictions.MANIFEST_NAME}
@@ -110,7 +110,7 @@ def test_partition_is_published_with_a_manifest_of_sizes_and_etags(first_run, wo
         assert manifest["objects"][rel]["etag"] == present[rel]["etag"]
     assert sum(manifest["objects"][rel]["rows"] for rel in manifest["files"]["predictions"]) == VALID
     assert sum(manifest["objects"][rel]["rows"] for rel in manifest["files"]["errors"]) == 8
-    assert storage.list_keys(f"{ws}/predictions/_staging/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
 
 
 def test_model_is_loaded_once_per_python_worker(first_run):
@@ -132,10 +132,14 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     # (its marker is fresh) keeps its staging and the copies it already made; a staging folder
     # without a marker is not the re-run's either: both are left for their owners.
     storage.write_bytes(partition + "part-99999.parquet", b"stale")
-    in_flight = predictions.staging_uri(ws + "/predictions/", DATE, "other-run-1-0a0b0c0d")
+    in_flight = predictions.staging_uri(ws + "/predictions/digits/", DATE, "other-run-1-0a0b0c0d")
     storage.write_json(in_flight + predictions.ATTEMPT_MARKER, {"publish_id": "other-run-1-0a0b0c0d"})
     storage.write_bytes(partition + predictions.part_name("other-run-1-0a0b0c0d", 0), b"being copied")
-    storage.write_bytes(f"{ws}/predictions/_staging/{DATE}/crashed/part-00000.parquet", b"half")
+    storage.write_bytes(f"{ws}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet", b"half")
+    # Another model scoring the same day at the same time: its partition and staging are its own.
+    others = [f"{ws}/predictions/photos/_staging/{DATE}/running/part-00000.parquet", f"{ws}/predictions/photos/{DATE}/_SUCCESS"]
+    for uri in others:
+        storage.write_bytes(uri, b"another model's")
     again = batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "second", "--max-keys-per-task", "20"))
     after_rows, after_errors = predictions.read_predictions(again["output_uri"])
 
@@ -147,15 +151,16 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     assert storage.head(partition + "part-99999.parquet") is None
     assert all(storage.head(partition + rel) is None for rel in first_files)  # the replaced output is gone
     assert storage.head(partition + predictions.part_name("other-run-1-0a0b0c0d", 0)) is not None
-    assert storage.list_keys(f"{ws}/predictions/_staging/{DATE}/") == sorted([
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{DATE}/") == sorted([
         storage.parse_uri(in_flight).key + predictions.ATTEMPT_MARKER,
-        f"{storage.parse_uri(ws).key}/predictions/_staging/{DATE}/crashed/part-00000.parquet"])
+        f"{storage.parse_uri(ws).key}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet"])
+    assert all(storage.read_bytes(uri) == b"another model's" for uri in others)
 
 
 def test_attempts_dead_for_longer_than_the_stale_limit_are_cleaned_up(spark, first_run, workspace, monkeypatch):
     ws = workspace["ws"]
     partition = first_run["output_uri"]
-    storage.write_json(predictions.staging_uri(ws + "/predictions/", DATE, "dead-1-00000000") + predictions.ATTEMPT_MARKER,
+    storage.write_json(predictions.staging_uri(ws + "/predictions/digits/", DATE, "dead-1-00000000") + predictions.ATTEMPT_MARKER,
                        {"publish_id": "dead-1-00000000"})
     storage.write_bytes(partition + predictions.part_name("dead-1-00000000", 3), b"never published")
     monkeypatch.setattr(predictions, "STALE_ATTEMPT_SECONDS", 0)  # every other attempt counts as dead
@@ -163,7 +168,7 @@ def test_attempts_dead_for_longer_than_the_stale_limit_are_cleaned_up(spark, fir
     manifest = predictions.read_published(partition)
     present = {k[len(storage.parse_uri(partition).key):] for k in storage.list_keys(partition)}
     assert present == set(predictions.listed_files(manifest)) | {predictions.MANIFEST_NAME}
-    assert storage.list_keys(f"{ws}/predictions/_staging/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
 
 
 def test_pinned_version_is_used(spark, workspace, first_run):
@@ -200,9 +205,9 @@ def test_failure_ratio_breach_fails_after_writing(spark, workspace, s3_prefix, m
     landed = land_partition(ws + "/incoming/", DATE, test_x[:3], test_y[:3])  # 3 valid, 8 bad
     with pytest.raises(Exception, match="set aside, more than --max-failure-ratio"):
         batch_inference.run(spark, job_args(ws, DATE))
-    rows, errors = predictions.read_predictions(f"{ws}/predictions/{DATE}/")
+    rows, errors = predictions.read_predictions(f"{ws}/predictions/digits/{DATE}/")
     assert len(rows) == 3 and len(errors) == 8 and len(landed) == 11
-    manifest = predictions.read_published(f"{ws}/predictions/{DATE}/")
+    manifest = predictions.read_published(f"{ws}/predictions/digits/{DATE}/")
     assert manifest["failure_ratio_exceeded"] is True and manifest["set_aside_ratio"] == pytest.approx(8 / 11, abs=1e-4)
 
 

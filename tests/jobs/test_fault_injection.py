@@ -137,7 +137,7 @@ def test_inference_through_faults_publishes_exactly_the_clean_rows(spark, ws, pr
 
 
 def test_an_image_the_store_keeps_failing_fails_the_task_not_the_image(spark, ws, proxy, s3_server):
-    partition = f"{ws['ws']}/predictions/2026-11-20/"
+    partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
     valid = sorted(k for k, v in ws["landed"].items() if "label" in v)
     flaky, refused, dead = valid[0], valid[1], valid[2]
     proxy.add_rule(FaultRule("reset", method="GET", key=f"^{re.escape(flaky)}$", times=4))  # twice, then the retry works
@@ -159,12 +159,12 @@ def test_an_image_the_store_keeps_failing_fails_the_task_not_the_image(spark, ws
     assert "still failing after 5 attempts" in str(failed.value)
     assert proxy.requested[("GET", dead)] - reads_before == storage.READ_ATTEMPTS  # whole GETs, body included
     assert predictions.read_published(partition) == published  # nothing published, nothing set aside
-    assert storage.list_keys(f"{ws['ws']}/predictions/_staging/") == []
+    assert storage.list_keys(f"{ws['ws']}/predictions/digits/_staging/") == []
 
 
 def test_a_rerun_whose_clean_up_the_store_refuses_fails_but_leaves_its_partition_readable(
         spark, ws, proxy, s3_server):
-    partition = f"{ws['ws']}/predictions/2026-11-20/"
+    partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
     previous = predictions.read_published(partition) or batch_inference.run(
         spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
     proxy.add_rule(FaultRule("delete_errors", method="POST", query="delete"))

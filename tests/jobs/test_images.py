@@ -105,6 +105,78 @@ def test_unsupported_format_is_rejected(digit):
     assert err.value.reason == "not_an_image"
 
 
+# ---------------------------------------------------------------------------------------------
+# Photos: the center_crop policy (aspect kept, centre cut out, alpha on white)
+# ---------------------------------------------------------------------------------------------
+
+
+def bands(width: int, height: int) -> Image.Image:
+    """Left quarter red, right quarter green, the middle half blue."""
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[:, : width // 4] = (255, 0, 0)
+    array[:, width // 4: 3 * width // 4] = (0, 0, 255)
+    array[:, 3 * width // 4:] = (0, 255, 0)
+    return Image.fromarray(array, "RGB")
+
+
+def test_center_crop_keeps_the_aspect_ratio_and_the_centre():
+    wide = encode(bands(800, 400), "PNG")  # 2:1: the centre square is exactly the blue half
+    photo = decode_image(wide, height=100, width=100, channels=3, resize_policy="center_crop")
+    assert photo.shape == (100, 100, 3) and photo.dtype == np.uint8
+    inner = photo[:, 1:-1]  # (the outermost columns blend with their neighbours outside the crop, as resampling does)
+    assert (inner[:, :, 2] > 250).all() and inner[:, :, :2].max() < 5  # only blue: nothing squeezed in
+    assert (photo[:, [0, -1], 2] > 200).all()
+    squeezed = decode_image(wide, height=100, width=100, channels=3)  # the default plain resize
+    assert squeezed[:, 5, 0].min() > 250 and squeezed[:, 95, 1].min() > 250  # red and green squeezed in
+
+
+def test_center_crop_of_a_portrait_keeps_the_vertical_centre():
+    tall = np.zeros((600, 300, 3), dtype=np.uint8)
+    tall[150:450] = 200  # the middle half (a square 300x300) is grey, top and bottom black
+    photo = decode_image(encode(Image.fromarray(tall), "JPEG", quality=95), height=64, width=64, channels=3,
+                         resize_policy="center_crop")
+    inner = photo[1:-1]  # the outermost rows blend with the black just outside the crop
+    assert abs(int(inner.min()) - 200) <= 6 and abs(int(inner.max()) - 200) <= 6
+    assert photo[[0, -1]].min() > 150  # mostly grey even there: the black bands are cut off
+
+
+def test_center_crop_upscales_small_photos():
+    small = encode(bands(100, 80), "PNG")  # smaller than the input: the 80x80 centre is enlarged
+    photo = decode_image(small, height=299, width=299, channels=3, resize_policy="center_crop")
+    assert photo.shape == (299, 299, 3)
+    assert photo[150, 150].tolist() == [0, 0, 255]
+    # the 80x80 centre box spans x=10..90: a bit of red and green at its edges, blue in between
+    assert photo[150, 0, 0] > 100 and photo[150, 298, 1] > 100
+
+
+def test_photos_are_composited_on_white_digits_on_black(digit):
+    rgba = np.zeros((40, 60, 4), dtype=np.uint8)
+    rgba[10:30, 20:40] = (255, 0, 0, 255)  # an opaque red patch on a transparent page
+    data = encode(Image.fromarray(rgba, "RGBA"), "PNG")
+    photo = decode_image(data, height=40, width=60, channels=3, resize_policy="center_crop")
+    assert photo[0, 0].tolist() == [255, 255, 255] and photo[20, 30].tolist() == [255, 0, 0]
+    as_digit = decode_image(data, height=40, width=60, channels=3)
+    assert as_digit[0, 0].tolist() == [0, 0, 0] and as_digit[20, 30].tolist() == [255, 0, 0]
+
+
+def test_every_kind_of_photo_decodes_to_the_models_rgb_input():
+    from sparktf.testing import photo_files
+
+    for name, (data, kind) in photo_files().items():
+        array = decode_image(data, height=224, width=224, channels=3, resize_policy="center_crop")
+        assert array.shape == (224, 224, 3) and array.dtype == np.uint8, (name, kind)
+        assert array.std() > 5, (name, kind)  # a real picture, not a blank
+    cmyk = photo_files()["print/cmyk.jpg"][0]
+    assert Image.open(io.BytesIO(cmyk)).mode == "CMYK"
+
+
+def test_default_policy_is_the_old_plain_resize(digit):
+    data = encode(Image.fromarray(digit).resize((112, 70)), "PNG")
+    assert np.array_equal(decode_image(data), decode_image(data, resize_policy="resize"))
+    with pytest.raises(ValueError, match="resize_policy"):
+        decode_image(data, resize_policy="letterbox")
+
+
 def peak_memory_delta(action) -> int:
     """Bytes the process's resident set grew to above where it started, while ``action()`` ran.
 

@@ -100,7 +100,7 @@ def assert_whole(partition: str, attempt_id: str, model_version: int, rows: int 
 def test_a_run_that_publishes_while_another_publishes_wins_and_the_other_changes_nothing(
         spark, ws, landed, monkeypatch):
     date = landed
-    partition = f"{ws}/predictions/{date}/"
+    partition = f"{ws}/predictions/digits/{date}/"
     other: dict = {}
     # The manual run has copied its files and is about to write _SUCCESS when the nightly run
     # (pinned to v2) starts, scores, and publishes from start to end.
@@ -113,12 +113,12 @@ def test_a_run_that_publishes_while_another_publishes_wins_and_the_other_changes
     assert other["published"]
     assert isinstance(lost, job.FinalFailure) and "first run to publish wins" in str(lost)
     assert "attempt nightly" in str(lost) and lost.result["published"] is False
-    assert storage.list_keys(f"{ws}/predictions/_staging/{date}/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
 
 def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, monkeypatch):
     date = landed
-    partition = f"{ws}/predictions/{date}/"
+    partition = f"{ws}/predictions/digits/{date}/"
     incoming = predictions.partition_uri(ws + "/incoming/", date)
     # The manual run has started (and seen an unpublished date) when the nightly run does all its work.
     fired = run_once_inside(
@@ -128,7 +128,7 @@ def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, mo
     assert fired
     assert_whole(partition, "nightly", 2)
     assert isinstance(lost, job.FinalFailure) and "first run to publish wins" in str(lost)
-    assert storage.list_keys(f"{ws}/predictions/_staging/{date}/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
     # Run again afterwards, the manual run replaces it: it has seen the nightly output now.
     batch_inference.run(spark, args(ws, date, "--attempt-id", "manual-again"))
@@ -137,12 +137,12 @@ def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, mo
 
 def test_a_failed_copy_leaves_the_published_partition_whole(spark, ws, landed, s3_server):
     date = landed
-    partition = f"{ws}/predictions/{date}/"
+    partition = f"{ws}/predictions/digits/{date}/"
     first = batch_inference.run(spark, args(ws, date, "--attempt-id", "good"))
     before = predictions.read_predictions(partition)
     # The re-run's first copy into the partition goes through, every other one is refused.
-    rules = [FaultRule("latency", method="PUT", copy=True, key=f"/predictions/{date}/", times=1),
-             FaultRule("access_denied", method="PUT", copy=True, key=f"/predictions/{date}/")]
+    rules = [FaultRule("latency", method="PUT", copy=True, key=f"/predictions/digits/{date}/", times=1),
+             FaultRule("access_denied", method="PUT", copy=True, key=f"/predictions/digits/{date}/")]
     with FaultProxy(s3_server.endpoint, rules=rules) as proxy, route_storage(proxy.settings(s3_server.settings())):
         failed = failure_of(lambda: batch_inference.run(
             spark, args(ws, date, "--attempt-id", "rerun", "--max-keys-per-task", "4")))
@@ -151,12 +151,12 @@ def test_a_failed_copy_leaves_the_published_partition_whole(spark, ws, landed, s
     assert "AccessDenied" in str(failed)
     assert manifest["publish_id"] == first["publish_id"]
     assert predictions.read_predictions(partition) == before
-    assert storage.list_keys(f"{ws}/predictions/_staging/{date}/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
 
 def test_a_rerun_that_would_shrink_the_partition_is_refused_unless_allowed(spark, ws, landed):
     date = landed
-    partition = f"{ws}/predictions/{date}/"
+    partition = f"{ws}/predictions/digits/{date}/"
     first = batch_inference.run(spark, args(ws, date, "--attempt-id", "full"))
     incoming = predictions.list_partition(ws + "/incoming/", date)
     bucket = storage.parse_uri(ws).bucket
@@ -172,7 +172,7 @@ def test_a_rerun_that_would_shrink_the_partition_is_refused_unless_allowed(spark
     refused = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "empty")))
     assert_whole(partition, "full", 1)
     assert isinstance(refused, job.FinalFailure) and "with 0" in str(refused)
-    assert storage.list_keys(f"{ws}/predictions/_staging/{date}/") == []
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
     allowed = batch_inference.run(spark, args(ws, date, "--attempt-id", "allowed", "--allow-shrink", "true"))
     assert allowed["listed"] == 0 and allowed["replaced"]["publish_id"] == first["publish_id"]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sparktf import dataset, idx, registry, storage
+import sparktf
+from sparktf import dataset, idx, registry, search, storage, trials
 from sparktf.jobs import export_model, prepare_data, tune
+from sparktf.testing import ROOT, prepare, upload_mnist
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +193,131 @@ def test_learning_rate_halves_when_validation_stops_improving(s3_prefix, mnist_s
     assert record["history"]["val_accuracy"] == [0.0, 0.0, 0.0]
     # The rate each epoch trained with: epoch 2 did not improve on epoch 1, so epoch 3 runs at half.
     assert record["history"]["learning_rate"] == pytest.approx([0.004, 0.004, 0.002])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials that stay correct when the data, the settings or the code change (issue 8, point 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_setting_that_changes_a_result_changes_the_trial_ids(monkeypatch):
+    monkeypatch.delenv(sparktf.CODE_SHA256_ENV, raising=False)
+
+    def ids(*extra: str, manifest_sha256: str = "manifest-1") -> list[str]:
+        args = tune.parse_args(["--prepared-uri", "s3://b/p/", "--output-uri", "s3://b/o/", *extra])
+        fingerprint = tune.trial_fingerprint(args, {"content_sha256": manifest_sha256})
+        return [t["trial_id"] for t in search.build_trials(
+            tune.search_space(args), fixed={"optimizer": args.optimizer, "augment": args.augment},
+            fingerprint=fingerprint)]
+
+    reference = ids()
+    assert reference == ids() and ids("--max-parallel-trials", "2") == reference  # deterministic
+    for extra in (["--model-family", "mlp"], ["--epochs", "9"], ["--patience", "3"], ["--lr-decay-patience", "0"],
+                  ["--augment", "0.1"], ["--seed", "7"], ["--optimizer", "sgd"]):
+        assert set(ids(*extra)).isdisjoint(reference), extra
+    assert set(ids(manifest_sha256="manifest-2")).isdisjoint(reference)
+    monkeypatch.setenv(sparktf.CODE_SHA256_ENV, "f" * 64)
+    assert set(ids()).isdisjoint(reference)
+
+
+def test_re_preparing_other_data_into_the_same_run_trains_new_trials(spark, mnist_subset, s3_prefix):
+    train_x, train_y, test_x, test_y = mnist_subset
+    prepared_uri, out = s3_prefix + "/prepared/", s3_prefix + "/tuning/"
+    args = tune_args(prepared_uri, out, "--learning-rates", "0.05", "--hidden-units", "32", "--optimizer", "sgd",
+                     "--epochs", "1")
+    runs = []
+    for start in (0, 400):  # the same run prepared twice, from different images
+        raw = f"{s3_prefix}/raw-{start}"
+        upload_mnist(raw, (train_x[start:start + 400], train_y[start:start + 400], test_x[:100], test_y[:100]))
+        manifest_sha256 = prepare(spark, raw, prepared_uri)["content_sha256"]
+        tune.run(spark, args)
+        runs.append((manifest_sha256, storage.read_json(out + "results.json")))
+    (first_hash, first), (second_hash, second) = runs
+    assert first_hash != second_hash and second["manifest_sha256"] == second_hash
+    assert not any(r.get("reused") for r in second["trials"])  # nothing trained on the old split is reused
+    assert {r["trial_id"] for r in second["trials"]}.isdisjoint({r["trial_id"] for r in first["trials"]})
+    for record in second["trials"]:
+        assert record["fingerprint"]["manifest_sha256"] == second_hash
+        published = storage.read_json(storage.join_uri(out, "trials", record["trial_id"], "metrics.json"))
+        assert published["fingerprint"] == record["fingerprint"] == second["fingerprint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial whose process is killed (issue 8, point 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_trial_whose_process_is_killed_is_recorded_as_failed_and_the_job_finishes(prepared, s3_prefix, tmp_path):
+    """spark-submit in local[2,2] (local mode's way to allow one task retry): the trial with 48
+    hidden units SIGKILLs its own Python worker (the test-only hook); the retried task records it."""
+    from sparktf.airflow.spark_job_operator import package_zip
+
+    out = s3_prefix + "/crash/"
+    zip_path, _sha = package_zip()
+    plugins = str(Path(sparktf.__file__).resolve().parents[1])
+    env = {**os.environ, trials.CRASH_TEST_ENV: '"hidden_units": 48', "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
+    command = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2,2]",
+               "--conf", "spark.ui.enabled=false", "--py-files", zip_path, str(ROOT / "jobs" / "tune.py"),
+               "--prepared-uri", prepared, "--output-uri", out, "--model-family", "mlp", "--epochs", "1",
+               "--patience", "1", "--batch-sizes", "32", "--learning-rates", "0.05", "--hidden-units", "32,48",
+               "--result-uri", out + "result.json"]
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    assert "Python worker exited unexpectedly" in job.stderr  # Spark saw the process die
+
+    result = storage.read_json(out + "result.json")
+    assert (result["trials"], result["succeeded"], result["failed"]) == (2, 1, 1)
+    [failed] = result["failed_trials"]
+    assert failed["reason"] == "crashed: the Python worker died during training (attempt 0)"
+    records = {r["trial_id"]: r for r in storage.read_json(out + "results.json")["trials"]}
+    assert records[failed["trial_id"]]["params"]["hidden_units"] == 48
+    assert records[failed["trial_id"]]["attempt"] == 1  # recorded by the retry, which did not train again
+    assert result["best"]["params"]["hidden_units"] == 32
+    [attempt] = trials.attempt_history(out + "trials", failed["trial_id"])
+    assert attempt["started"]["attempt"] == 0 and not attempt["finished"]  # trained once, died
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports that crash or find changed files (issue 8, points 1 and 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_export_that_died_keeps_its_version_for_its_run_only(tuned, s3_prefix):
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+
+    def crash(**_info) -> None:
+        raise RuntimeError("simulated crash after the artifacts, before the metadata")
+
+    registry.TEST_HOOKS["before_metadata"] = crash
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            export(out + "results.json", models, "run-1")
+    finally:
+        registry.TEST_HOOKS.clear()
+    assert registry.list_versions(models, "digits") == []
+    assert storage.head(registry.claim_uri(models, "digits", 1)) is not None
+
+    other = export(out + "results.json", models, "run-2")
+    assert other["version"] == 2 and other["promoted"]  # another run never takes a claimed number
+    retried = export(out + "results.json", models, "run-1")
+    assert retried["version"] == 1 and not retried["reused_version"]  # the same run continues its version
+    assert not retried["promoted"] and "does not beat champion v2" in retried["promotion_reason"]
+    assert retried["champion_version"] == 2 and retried["promotion_attempts"] == 1
+    again = export(out + "results.json", models, "run-1")
+    assert again["version"] == 1 and again["reused_version"]
+    assert [m["version"] for m in registry.list_versions(models, "digits")] == [1, 2]
+
+
+def test_a_reused_version_whose_files_changed_is_refused(tuned, s3_prefix):
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    first = export(out + "results.json", models, "run-1")
+    metadata = registry.resolve(models, "digits")
+    assert registry.verify_saved_model(metadata) == len(metadata["saved_model_files"])
+    uri = storage.join_uri(first["saved_model_uri"], "saved_model.pb")
+    storage.write_bytes(uri, storage.read_bytes(uri) + b"tampered")
+    with pytest.raises(registry.ModelIntegrityError, match="saved_model.pb: sha256"):
+        export(out + "results.json", models, "run-1")

@@ -32,17 +32,20 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 JOBS_DIR = Path(os.environ.get("SPARKTF_JOBS_DIR", PACKAGE_DIR.parents[1] / "jobs"))
 # Airflow-side code never runs on executors: it stays out of the --py-files zip.
 EXCLUDED_FROM_ZIP = ("airflow", "testing.py", "faults.py")
+# Package data read with importlib.resources (it works from inside the zip too).
+DATA_DIR = "data"
 
 
 def package_zip(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
-    """Build (once per content) a zip of the ``sparktf`` package for ``--py-files``.
+    """Build (once per content) a zip of the ``sparktf`` package (sources and ``data/``) for ``--py-files``.
 
     Returns:
         ``(zip_path, sha256 of the sources)``; the zip's name carries the hash, so a changed
         package never reuses a stale zip.
     """
-    sources = sorted(p for p in package_dir.rglob("*.py")
-                     if "__pycache__" not in p.parts
+    sources = sorted(p for p in package_dir.rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts
+                     and (p.suffix == ".py" or p.relative_to(package_dir).parts[0] == DATA_DIR)
                      and p.relative_to(package_dir).parts[0] not in EXCLUDED_FROM_ZIP)
     digest = hashlib.sha256()
     for path in sources:

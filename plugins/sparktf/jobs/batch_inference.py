@@ -7,16 +7,17 @@ and calls the model once per batch. The model is loaded once per Python worker (
 Keras safe mode) and reused by every task and batch that worker runs; TensorFlow's threads are
 pinned to the task's cores. Images that cannot be scored are set aside with their reason.
 
-Output (see ``sparktf.predictions`` for the layout, the publish protocol and the reader contract)::
+Output (see ``sparktf.predictions`` for the layout, the publish protocol and the reader contract),
+one folder per model so that several models can score the same day side by side::
 
-    <output-uri>/<date>/part-<publish-id>-*.parquet          key, predicted_label, score, top_k,
-                                                             model_name, model_version,
-                                                             partition_date, processed_at
-    <output-uri>/<date>/_errors/part-<publish-id>-*.parquet  key, reason, detail
-    <output-uri>/<date>/_SUCCESS                             manifest: counts, model, files (size,
-                                                             ETag, rows); switched last
+    <output-uri>/<model>/<date>/part-<publish-id>-*.parquet          key, predicted_label, score,
+                                                                     top_k, model_name, model_version,
+                                                                     partition_date, processed_at
+    <output-uri>/<model>/<date>/_errors/part-<publish-id>-*.parquet  key, reason, detail
+    <output-uri>/<model>/<date>/_SUCCESS                             manifest: counts, model, files
+                                                                     (size, ETag, rows); switched last
 
-Tasks write to ``<output-uri>/_staging/<date>/<publish-id>/``; the driver copies the parts into
+Tasks write to ``<output-uri>/<model>/_staging/<date>/<publish-id>/``; the driver copies the parts into
 the partition under names unique to the attempt, switches ``_SUCCESS`` with a conditional PUT
 (only if it is still the version seen when the job started: the first overlapping run to publish
 wins, the other fails without touching the partition), then removes the replaced files. A re-run
@@ -57,7 +58,7 @@ DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--incoming-uri", required=True, help="S3 prefix holding <YYYY-MM-DD>/ image partitions")
-    parser.add_argument("--output-uri", required=True, help="S3 prefix for <YYYY-MM-DD>/ prediction partitions")
+    parser.add_argument("--output-uri", required=True, help="S3 prefix for <model>/<YYYY-MM-DD>/ prediction partitions")
     parser.add_argument("--date", required=True, type=predictions.check_date, help="partition to score (YYYY-MM-DD)")
     parser.add_argument("--models-uri", required=True, help="S3 prefix of the model registry")
     parser.add_argument("--model-name", required=True, help="registered model name")
@@ -120,7 +121,8 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         raise registry.ModelIntegrityError(
             f"{args.model_name} v{model['version']} now has sha256 {model['model_sha256']}, not the "
             f"{args.expected_sha256} resolved before the job started")
-    attempt = predictions.begin_attempt(args.output_uri, args.date, args.attempt_id or uuid.uuid4().hex[:12], s3,
+    output_root = predictions.model_output_uri(args.output_uri, model["name"])  # models never share a partition
+    attempt = predictions.begin_attempt(output_root, args.date, args.attempt_id or uuid.uuid4().hex[:12], s3,
                                         model_version=model["version"])
     try:
         result = score_and_publish(spark, args, attempt, model, s3)
@@ -139,7 +141,7 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
     """List, score on the executors, and publish (see :mod:`sparktf.predictions`)."""
     source = predictions.partition_uri(args.incoming_uri, args.date)
     bucket = storage.parse_uri(source).bucket
-    final = predictions.partition_uri(args.output_uri, args.date)
+    final = predictions.partition_uri(attempt.predictions_uri, args.date)
     objects, markers = predictions.scan_partition(args.incoming_uri, args.date, s3)
     keys = [o["key"] for o in objects]
     processed_at = processed_timestamp(args.processed_at, args.date)

@@ -4,8 +4,11 @@ Picks the trial with the best validation accuracy from the tuning results and re
 (:func:`sparktf.registry.write_version`: the ``.keras`` file, a TensorFlow SavedModel and
 ``metadata.json`` last), then moves ``champion.json`` only when the new model beats the current
 champion on the same test set by ``--min-improvement`` on ``--promotion-metric``
-(:func:`sparktf.registry.is_better`). When the champion was tested on a different test set, it is
-re-evaluated on this run's test set first. Exporting the same tuning run again reuses its version.
+(:func:`sparktf.registry.promote`: compare-and-swap, so two exports at once cannot leave the worse
+model as champion). When the champion was tested on a different test set, it is re-evaluated on
+this run's test set first. The result says whether the champion moved and why (``promoted``,
+``promotion_reason``). Exporting the same tuning run again reuses its version (after checking its
+files), also when an earlier attempt died before finishing it.
 
 Usage::
 
@@ -82,37 +85,28 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"{args.results_uri} has no successful trial to export")
     best = by_id[results["best_trial_id"]]
 
-    existing = [m for m in registry.list_versions(args.models_uri, args.model_name)
-                if m.get("source_run") == args.source_run and m.get("trial_id") == best["trial_id"]]
-    if existing:
-        metadata, reused = existing[-1], True
+    metadata = registry.find_run_version(args.models_uri, args.model_name, args.source_run, best["trial_id"])
+    reused = metadata is not None
+    if reused:
+        # Promote nothing whose files changed since it was written.
+        registry.verify_artifact(metadata["model_uri"], metadata["model_sha256"])
+        registry.verify_saved_model(metadata)
     else:
-        metadata, reused = export_version(args, best, results), False
+        metadata = export_version(args, best, results)
 
-    champion = registry.read_champion(args.models_uri, args.model_name)
     metric = args.promotion_metric
-    new_score = float(metadata["metrics"][metric])
-    if champion is None:
-        promote, reason, champion_score = True, "no champion yet", None
-    elif champion["version"] == metadata["version"]:
-        promote, reason, champion_score = False, "already the champion", new_score
-    else:
-        champion_score, how = champion_score_on(champion, results, metric)
-        promote = registry.is_better(new_score, champion_score, metric, args.min_improvement)
-        verdict = "beats" if promote else "does not beat"
-        reason = (f"{metric} {new_score:.5f} {verdict} champion v{champion['version']} "
-                  f"{champion_score:.5f} ({how}, min improvement {args.min_improvement})")
-    if promote:
-        registry.set_champion(args.models_uri, args.model_name, registry.champion_pointer(
-            metadata, source_run=args.source_run, promoted_over=champion["version"] if champion else None))
-    log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], promote, reason)
-    current = registry.read_champion(args.models_uri, args.model_name)
+    decision = registry.promote(
+        args.models_uri, args.model_name, metadata, metric=metric, min_improvement=args.min_improvement,
+        score_champion=lambda champion: champion_score_on(champion, results, metric), source_run=args.source_run)
+    log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], decision.promoted,
+             decision.reason)
     return {
         "model_name": args.model_name, "version": metadata["version"], "uri": metadata["uri"],
         "model_uri": metadata["model_uri"], "saved_model_uri": metadata["saved_model_uri"],
         "trial_id": best["trial_id"], "params": best["params"], "metrics": metadata["metrics"],
-        "promoted": promote, "promotion_reason": reason, "champion_score": champion_score,
-        "champion_version": current["version"] if current else None, "reused_version": reused,
+        "promoted": decision.promoted, "promotion_reason": decision.reason,
+        "champion_score": decision.champion_score, "champion_version": decision.champion_version,
+        "promotion_attempts": decision.attempts, "reused_version": reused,
     }
 
 

@@ -5,10 +5,19 @@ The prepared data reaches every executor once: broadcast when it is small (below
 them for the trials it runs. TensorFlow's (and OpenMP's) threads are pinned to the task's cores
 (``spark.task.cpus``) so parallel trials do not fight for the CPU.
 
-Writes, under ``--output-uri``: ``trials/<trial_id>/{model.keras,metrics.json}``, ``results.json``
-(every trial, the leaderboard, the selected best) and ``error_vs_learning_rate.png`` (final test
-error against learning rate, one line per hidden-layer width). Selection is by validation
-accuracy. The job fails only if every trial fails.
+Writes, under ``--output-uri``: ``trials/<trial_id>/metrics.json`` (each trial's record, naming
+its model ``trials/<trial_id>/attempts/<attempt id>/model.keras``; see :mod:`sparktf.trials`),
+``results.json`` (every trial, the leaderboard, the selected best) and
+``error_vs_learning_rate.png`` (final test error against learning rate, one line per hidden-layer
+width). Selection is by validation accuracy.
+
+A trial id covers everything that changes its result (:func:`trial_fingerprint`): the
+hyperparameters, model family, epochs, patience, learning-rate decay, augmentation, seed, the
+prepared data's manifest hash and the code version, so a re-run reuses only trials trained on
+the same data with the same settings and code. A trial whose Python worker dies (OOM killer,
+segfault) is recorded as ``failed`` by its retried task instead of failing the job: give Spark
+room for one retry (``spark.task.maxFailures`` >= 2; in local mode a master ``local[N,F]`` with
+F >= 2, since local mode ignores that setting). The job fails only if every trial fails.
 
 Usage::
 
@@ -23,9 +32,11 @@ import argparse
 import io
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import sparktf
 from sparktf import dataset, executor, job, knobs, search, storage, trials
 
 log = job.log
@@ -46,6 +57,13 @@ def search_space(args: argparse.Namespace) -> dict[str, list]:
     return knobs.search_space(vars(args))
 
 
+def trial_fingerprint(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Everything besides the hyperparameters that changes a trial's result (part of its id)."""
+    return {"model_family": args.model_family, "epochs": args.epochs, "patience": args.patience,
+            "lr_decay_patience": args.lr_decay_patience, "augment": args.augment, "seed": args.seed,
+            "manifest_sha256": manifest["content_sha256"], "code_version": sparktf.code_version()}
+
+
 def assign_partitions(trial_list: list[dict], max_parallel: int) -> list[list[dict]]:
     """One partition per trial, or ``max_parallel`` partitions dealt round-robin."""
     if max_parallel <= 0 or max_parallel >= len(trial_list):
@@ -54,9 +72,16 @@ def assign_partitions(trial_list: list[dict], max_parallel: int) -> list[list[di
 
 
 def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epochs: int, patience: int,
-               trials_uri: str, seed: int, max_parallel: int, lr_decay_patience: int = 0) -> list[dict[str, Any]]:
-    """Run every trial as Spark tasks; returns their records in trial order."""
+               trials_uri: str, seed: int, max_parallel: int, lr_decay_patience: int = 0,
+               fingerprint: dict[str, Any] | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
+    """Run every trial as Spark tasks; returns their records in trial order.
+
+    ``job_id`` identifies this run of the job in the trials' attempt markers (default: the Spark
+    application id plus a random suffix), so a retried task tells this run's crashed attempts
+    from an earlier run's.
+    """
     sc = spark.sparkContext
+    job_id = job_id or f"{sc.applicationId}-{uuid.uuid4().hex[:8]}"
     groups = assign_partitions(trial_list, max_parallel)
     kind, payload = data_source
 
@@ -70,7 +95,8 @@ def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epoch
             for trial in group:
                 yield trials.train_trial(trial, data, family=family, epochs=epochs, patience=patience,
                                          trials_uri=trials_uri, seed=seed, cpus=cpus,
-                                         lr_decay_patience=lr_decay_patience)
+                                         lr_decay_patience=lr_decay_patience, fingerprint=fingerprint,
+                                         job_id=job_id)
 
     sc.setJobDescription(f"tune: {len(trial_list)} trials")
     records = sc.parallelize(groups, len(groups)).mapPartitions(run_partition).collect()
@@ -116,8 +142,9 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     manifest = dataset.read_manifest(args.prepared_uri)
     space = search_space(args)
     fixed = {"optimizer": args.optimizer, "augment": args.augment}
+    fingerprint = trial_fingerprint(args, manifest)
     trial_list = search.build_trials(space, strategy=args.search_strategy, num_samples=args.num_random_trials,
-                                     seed=args.seed, fixed=fixed)
+                                     seed=args.seed, fixed=fixed, fingerprint=fingerprint)
     log.info("tuning %d trials (%s search) on %s", len(trial_list), args.search_strategy, args.prepared_uri)
 
     size_mb = dataset.prepared_size_bytes(manifest) / 1e6
@@ -131,7 +158,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     records = run_trials(spark, trial_list, data_source=data_source, family=args.model_family,
                          epochs=args.epochs, patience=args.patience, trials_uri=trials_uri,
                          seed=args.seed, max_parallel=args.max_parallel_trials,
-                         lr_decay_patience=args.lr_decay_patience)
+                         lr_decay_patience=args.lr_decay_patience, fingerprint=fingerprint)
     summary = trials.leaderboard(records)
     results_uri = storage.join_uri(args.output_uri, "results.json")
     figure_uri = storage.join_uri(args.output_uri, "error_vs_learning_rate.png")
@@ -140,6 +167,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "prepared_uri": args.prepared_uri, "manifest_sha256": manifest["content_sha256"],
         "model_family": args.model_family, "search_space": space, "fixed": fixed,
         "search_strategy": args.search_strategy, "seed": args.seed, "epochs": args.epochs,
+        "fingerprint": fingerprint,
         "selection_metric": "val_accuracy", "data_transfer": data_source[0],
         "trials": records, "leaderboard": summary["full_leaderboard"], "failed": summary["failed"],
         "best_trial_id": summary["best"]["trial_id"] if summary["best"] else None,
@@ -155,6 +183,8 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "results_uri": results_uri, "figure_uri": figure_uri, "trials_uri": trials_uri,
         "trials": len(records), "succeeded": len(records) - len(summary["failed"]),
         "failed": len(summary["failed"]), "selection_metric": "val_accuracy",
+        "failed_trials": [{"trial_id": f["trial_id"], "reason": f["reason"]} for f in summary["failed"][:20]],
+        "reused": sum(1 for r in records if r.get("reused")),
         "best": {"trial_id": best["trial_id"], "params": best["params"],
                  "val_accuracy": round(best["val_accuracy"], 5), "test_accuracy": round(best["test_accuracy"], 5)},
         "leaderboard": summary["leaderboard"], "executors": executors,

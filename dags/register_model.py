@@ -1,0 +1,156 @@
+"""
+# Register a model: import a pretrained network (or your own `.keras` file) into the registry
+
+Triggered by hand (no schedule) with the form. Makes the model a new version of `model_name` under
+`<workspace_uri>/models/`, which `nightly_inference` can then apply to photos (its `model_name`
+Param).
+
+* **`source = keras_application`:** a network of `keras.applications` (`application`, e.g.
+  `InceptionV3`, or the small `MobileNetV3Small`) with `weights_uri`, the S3 URI of a
+  `.weights.h5` file you saved on a machine with internet access:
+  `keras.applications.InceptionV3(weights="imagenet").save_weights("inception_v3.weights.h5")`.
+  Nothing downloads weights here: the network is built with `weights=None` and given your file.
+* **`source = keras_file`:** `model_uri`, the S3 URI of your own `.keras` file. It must load in
+  Keras safe mode with no Lambda layer, take raw pixels (0-255) with its preprocessing inside as
+  layers, and have one fixed-size image input and one output of class scores.
+* **`labels`:** `imagenet` (the 1000 ImageNet class names shipped with the package) or
+  `label_map` with `label_map_uri` (a JSON list, a JSON object `{"0": "cat", ...}`, or a text file
+  with one label per line): exactly one label per model output.
+* **`resize_policy`:** `center_crop` for photos (keep the aspect ratio, resize the shorter side,
+  cut out the centre; transparent pixels on white) or `resize` (plain resize, as the digit models).
+* **`promote`:** make the new version the champion now (what `nightly_inference` uses by default),
+  or only register it (pin it with `model_version`).
+
+| task | what it does | XCom |
+|---|---|---|
+| `validate_params` | no Spark, no TensorFlow: refuses inconsistent Params, missing uploads and a label map of the wrong size for a stock network | the checked request |
+| `register_model` | Spark job `jobs/register_model.py`: builds/loads the model, checks it loads in safe mode, takes uint8 pixels, fits its weights and labels, then writes the version (and moves the champion if asked) | version, URI, sha256, input shape, promoted |
+| `report` | fails the run with the reason when the job refused the model (nothing was registered) | the version summary |
+
+The version's `metadata.json` records the input shape, channels, resize policy, label names,
+sha256 of the artifact and of the uploaded files, and where they came from.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+from sparktf import applications
+from sparktf.airflow.pipeline_settings import DEFAULT_ARGS, DEFAULT_WORKSPACE_URI, DRIVER_MEMORY, SPARK_CONF, path_safe
+from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
+
+RESULT_URI = "{{ params.workspace_uri }}/runs/{{ dag.dag_id }}/{{ run_id | path_safe }}/_results/{{ ti.task_id }}.json"
+S3_OR_EMPTY = r"^(s3a?://[^/]+/.+)?$"
+
+PARAMS = {
+    "workspace_uri": Param(DEFAULT_WORKSPACE_URI, type="string", pattern=r"^s3a?://[^/]+(/.*[^/])?$",
+                           title="Workspace", description="S3 prefix (no trailing slash) holding models/."),
+    "model_name": Param("inception-v3", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", title="Model name",
+                        description="Registered name; a new name starts at version 1."),
+    "source": Param("keras_application", type="string", enum=list(applications.SOURCES), title="Source",
+                    description="keras_application: a stock network + your weights file; keras_file: your .keras file."),
+    "application": Param("InceptionV3", type="string", enum=sorted(applications.APPLICATIONS), title="Network",
+                         description="keras.applications network (source keras_application)."),
+    "weights_uri": Param("", type="string", pattern=r"^(s3a?://[^/]+/.+\.weights\.h5)?$", title="Weights file",
+                         description="S3 URI of the .weights.h5 file saved with model.save_weights (source keras_application)."),
+    "model_uri": Param("", type="string", pattern=r"^(s3a?://[^/]+/.+\.keras)?$", title="Model file",
+                       description="S3 URI of your .keras file (source keras_file)."),
+    "labels": Param("imagenet", type="string", enum=list(applications.LABEL_SOURCES), title="Labels",
+                    description="imagenet: the 1000 ImageNet class names shipped with the package; label_map: label_map_uri."),
+    "label_map_uri": Param("", type="string", pattern=S3_OR_EMPTY, title="Label map",
+                           description="S3 URI of a JSON list/object or a text file with one label per line (labels label_map)."),
+    "resize_policy": Param("center_crop", type="string", enum=list(applications.RESIZE_POLICIES), title="Resize policy",
+                           description="center_crop: photos (aspect kept, centre cut out); resize: plain resize (digits)."),
+    "promote": Param(False, type="boolean", title="Make it the champion",
+                     description="Move the champion pointer to the new version (else only register it)."),
+}
+
+
+@dag(
+    dag_id="register_model",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["ml", "spark", "tensorflow", "registry"],
+    doc_md=__doc__,
+    user_defined_filters={"path_safe": path_safe},
+    render_template_as_native_obj=False,
+)
+def register_model():
+    @task(retries=1)
+    def validate_params(params=None) -> dict:
+        """Refuse bad Params before the Spark job starts (no TensorFlow here), saying what to fix."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from sparktf import storage
+        from sparktf.airflow import aws_connection
+
+        request = {name: params[name] for name in ("model_name", "source", "application", "weights_uri", "model_uri",
+                                                   "labels", "label_map_uri", "resize_policy")}
+        problems = applications.check_request(request)
+        if not problems:
+            aws_connection.use_connection()
+            uploads = {"weights_uri": request["weights_uri"]} if request["source"] == "keras_application" \
+                else {"model_uri": request["model_uri"]}
+            if request["labels"] == "label_map":
+                uploads["label_map_uri"] = request["label_map_uri"]
+            for name, uri in uploads.items():
+                found = storage.head(uri)
+                if found is None:
+                    problems.append(f"{name} {uri} does not exist: upload it first (aws s3 cp / mc cp)")
+                elif name == "label_map_uri" and found["size"] > applications.LABEL_MAP_MAX_BYTES:
+                    problems.append(f"label_map_uri {uri} is {found['size']} bytes: not a label map")
+        if not problems and request["labels"] == "label_map":
+            try:
+                labels = applications.parse_label_map(storage.read_bytes(request["label_map_uri"]))
+                expected = applications.expected_classes(request)
+                if expected is not None:
+                    applications.check_labels(labels, expected)
+            except applications.RegistrationRefused as refused:
+                problems.append(f"label_map_uri: {refused}")
+        if problems:
+            raise AirflowFailException("invalid parameters, nothing registered: " + "; ".join(problems))
+        return {**request, "promote": bool(params["promote"])}
+
+    register = SparkJobOperator(
+        task_id="register_model",
+        name="register_model",
+        application=job_path("register_model.py"),
+        application_args=[
+            "--models-uri", "{{ params.workspace_uri }}/models/",
+            "--model-name", "{{ params.model_name }}",
+            "--source", "{{ params.source }}",
+            # --flag=value: one argument even when the value is empty
+            "--application={{ params.application }}",
+            "--weights-uri={{ params.weights_uri }}",
+            "--model-uri={{ params.model_uri }}",
+            "--labels", "{{ params.labels }}",
+            "--label-map-uri={{ params.label_map_uri }}",
+            "--resize-policy", "{{ params.resize_policy }}",
+            "--promote", "{{ 'true' if params.promote else 'false' }}",
+            "--source-run", "{{ run_id }}",
+            "--registered-at", "{{ dag_run.run_after.isoformat() }}",
+        ],
+        result_uri=RESULT_URI,
+        conf=SPARK_CONF,
+        driver_memory=DRIVER_MEMORY,
+    )
+
+    @task
+    def report(result: dict) -> dict:
+        """The registered version, or the job's refusal as this run's failure."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if not result.get("registered"):
+            raise AirflowFailException(f"model {result.get('model_name')!r} was not registered: {result.get('refused')}")
+        return result
+
+    validate_params() >> register
+    report(register.output)
+
+
+register_model()
