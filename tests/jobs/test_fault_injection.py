@@ -247,3 +247,22 @@ def test_production_code_never_imports_the_proxy():
 
     with zipfile.ZipFile(package_zip()[0]) as archive:
         assert "sparktf/faults.py" not in archive.namelist() and "sparktf/storage.py" in archive.namelist()
+
+
+@pytest.mark.parametrize("condition", ["create", "replace"])
+def test_a_conditional_write_whose_answer_was_lost_is_recognised_as_done(proxy, s3_prefix, s3_server, condition):
+    uri = s3_prefix + "/pointer.json"
+    conditions = {"if_none_match": True}
+    if condition == "replace":
+        conditions = {"if_match": storage.write_json(uri, {"version": 1})}
+    # The store writes the object, then the connection breaks before the answer arrives: the
+    # client sends the PUT again, which the condition refuses (the object is there / changed).
+    proxy.add_rule(FaultRule("reset", method="PUT", key="pointer.json$", times=1))
+    with through(proxy, s3_server):
+        etag = storage.write_json(uri, {"version": 2, "by": "me"}, **conditions)
+    assert proxy.faults["reset"] == 1 and proxy.requested[("PUT", storage.parse_uri(uri).key)] >= 2
+    value, current = storage.read_json_with_etag(uri)
+    assert value == {"version": 2, "by": "me"} and current == etag
+    # Someone else's write is still a conflict.
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_json(uri, {"version": 3, "by": "other"}, **conditions)
