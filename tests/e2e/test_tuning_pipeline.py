@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_run_succeeds_with_every_step(tuning_run):
     _conf, summary, _output = tuning_run
     assert summary["state"].endswith("success")
     states = {task: info["state"] for task, info in summary["tasks"].items()}
-    assert states == {t: "success" for t in ("validate_params", "prepare_data", "tune", "export_best_model")}
+    assert states == {t: "success" for t in ("validate_params", "prepare_data", "tune", "export_best_model", "report")}
 
 
 def test_prepare_data_xcom_and_manifest(tuning_run):
@@ -97,6 +98,26 @@ def test_export_registers_a_champion_that_predicts(tuning_run):
     assert float((predictions == y_test).mean()) > 0.3  # well above chance (0.1) after 2 epochs on 180 digits
 
 
+def test_run_note_and_progress_lines(tuning_run):
+    """The run explains itself: its note (leaderboard, default vs tuned, champion, figure) and one
+    progress line per finished trial in the tune task's log, as the trials finish."""
+    conf, summary, output = tuning_run
+    note, tune = summary["note"], summary["tasks"]["tune"]["xcom"]
+    assert note.startswith("<!-- sparktf run note -->") and len(note) <= 1000
+    assert "**Tuning run succeeded**: 4 of 4 trials trained; selected by validation accuracy." in note
+    assert "| # | lr | hidden | val % | test % | epochs | s |" in note
+    for row in tune["leaderboard"]:
+        assert f"| {row['rank']} | {row['learning_rate']:g} | {row['hidden_units']} | {100 * row['val_accuracy']:.2f} |" in note
+    assert "Every trial: batch 32, dropout 0.5." in note
+    assert "lr 0.001, hidden 1024" in note and "is not in this run's grid" in note  # widths 32 and 64 only
+    assert "**Champion:** `digits` v1 **promoted to champion**: no champion yet." in note
+    assert f"(/sparktf/figure/tuning_pipeline/{urllib.parse.quote(summary['run_id'], safe='')}/tune)" in note
+    progress = [line for line in output.splitlines() if "tuning progress: trial" in line]
+    assert [f"trial {k}/4 done" in line for k, line in enumerate(progress, 1)] == [True] * 4, progress
+    assert all("val_accuracy 0." in line and "lr 0.00" in line and "hidden " in line for line in progress)
+    assert "Spark UI of application" in output
+
+
 def test_no_secret_in_xcom_rendered_fields_or_logs(tuning_run, airflow_env):
     _conf, summary, output = tuning_run
     assert TEST_SECRET_KEY not in json.dumps(summary) and TEST_ACCESS_KEY not in json.dumps(summary)
@@ -134,4 +155,5 @@ def test_bad_params_fail_before_any_spark_job(airflow_env, bucket, tmp_path):
     assert states["validate_params"] == "failed"
     assert states["prepare_data"] == states["tune"] == states["export_best_model"] == "upstream_failed"
     assert "holds no objects" in output
+    assert "`validate_params` **failed**: see its log" in summary["note"]
     assert storage.list_keys(f"s3://{bucket}/e2e-bad/") == []
