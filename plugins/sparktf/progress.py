@@ -21,7 +21,7 @@ import os
 import threading
 from typing import Any
 
-from sparktf import storage
+from sparktf import knobs, storage
 
 DEFAULT_INTERVAL_SECONDS = float(os.environ.get("SPARKTF_PROGRESS_SECONDS", "5"))
 PARAM_LABELS = {"learning_rate": "lr", "hidden_units": "hidden", "batch_size": "batch", "dropout": "dropout",
@@ -96,8 +96,11 @@ class Progress:
 
 
 def describe_params(params: dict[str, Any]) -> str:
-    """``lr 0.001, hidden 256, batch 128, dropout 0.5``: the trial's search dimensions."""
-    shown = [(k, v) for k, v in params.items() if k not in ("optimizer", "augment")]
+    """``lr 0.001, hidden 256, batch 128, dropout 0.5``: the trial's search dimensions, in the knob
+    table's order."""
+    order = list(knobs.search_dimensions())
+    shown = sorted(((k, v) for k, v in params.items() if k not in ("optimizer", "augment")),
+                   key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
     return ", ".join(f"{PARAM_LABELS.get(k, k)} {v:g}" if isinstance(v, float) else f"{PARAM_LABELS.get(k, k)} {v}"
                      for k, v in shown)
 

@@ -96,6 +96,8 @@ def default_line(facts: dict[str, Any], short: bool = False) -> str:
     shown = {k: config[k] for k in facts["varying"] if k in config} if comparison["present"] else config
     what = "default" if short else f"default ({run_summary.describe_configuration(shown)})"
     if not comparison["present"]:
+        if short:
+            return f"**Default vs tuned:** the default ({run_summary.describe_configuration(shown)[:60]}…) is {comparison['why']}."
         return f"**Default vs tuned:** the {what} is {comparison['why']}: no comparison."
     if comparison["best_is_default"]:
         return f"**Default vs tuned:** the {what} was selected itself (test error {comparison['default_error']:.2%})."
@@ -106,7 +108,11 @@ def default_line(facts: dict[str, Any], short: bool = False) -> str:
             f"{comparison['tuned_error']:.2%} tuned (rank 1): **{change}**.")
 
 
-def champion_line(decision: dict[str, Any] | None) -> str | None:
+def _cap(text: str, limit: int | None) -> str:
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def champion_line(decision: dict[str, Any] | None, reason_chars: int | None = None) -> str | None:
     if decision is None:
         return None
     name = f"`{decision['model_name']}` " if decision.get("model_name") else ""
@@ -114,7 +120,7 @@ def champion_line(decision: dict[str, Any] | None) -> str | None:
         verdict = f"{name}v{decision['version']} **promoted to champion**"
     else:
         verdict = f"{name}v{decision['version']} **not promoted** (champion stays v{decision['champion_version']})"
-    return f"**Champion:** {verdict}: {decision['reason']}."
+    return f"**Champion:** {verdict}: {_cap(decision['reason'], reason_chars)}."
 
 
 def fit(build, variants: list[dict[str, Any]]) -> str:
@@ -131,7 +137,8 @@ def fit(build, variants: list[dict[str, Any]]) -> str:
 def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figure: str | None) -> str:
     """The tuning run's note: leaderboard, default vs tuned, champion decision, figure."""
 
-    def build(rows: int, short_default: bool = False, image: bool = True) -> str:
+    def build(rows: int, short_default: bool = False, image: str = "linked", brief: bool = False,
+              minimal: bool = False) -> str:
         lines = [NOTE_MARKER]
         ok, total = facts.get("succeeded"), facts.get("trials")
         failed = facts["failed"] if isinstance(facts["failed"], int) else len(facts["failed"])
@@ -140,37 +147,40 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
             head += f": {ok} of {total} trials trained" + (f", {failed} failed" if failed else "")
             head += "; selected by validation accuracy"
         lines.append(head + ".")
-        lines += [f"- {p}" for p in problems]
+        lines += [f"- {p}" for p in (problems[:2] if minimal else problems)]
         if facts["rows"]:
             lines.append("")
             lines += leaderboard_table(facts, rows)
             more = len(facts["rows"]) - rows
-            if more > 0 or not facts["rows_complete"]:
+            if (more > 0 or not facts["rows_complete"]) and not minimal:
                 lines.append(f"\n…{str(more) + ' more ' if more > 0 else ''}(every trial: `tune` XCom, `results.json`)")
             constant = ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} {run_summary.format_value(v)}"
                                  for k, v in facts["constant"].items())
-            if constant:
+            if constant and not minimal:
                 lines.append(f"\nEvery trial: {constant}.")
             lines += ["", default_line(facts, short_default)]
-        if isinstance(facts["failed"], list) and facts["failed"]:
+        if isinstance(facts["failed"], list) and facts["failed"] and not minimal:
             first = facts["failed"][0]
-            lines.append(f"\nFailed: {failed} trial(s), e.g. {run_summary.format_value(first.get('reason'))[:120]}")
-        champion = champion_line(facts["champion"])
+            reason = _cap(run_summary.format_value(first.get("reason")), 60 if brief else 120)
+            lines.append(f"\nFailed: {failed} trial(s), e.g. {reason}")
+        champion = champion_line(facts["champion"], 160 if brief else None)
         if champion:
             lines += ["", champion]
         if figure:
-            picture = f"[![test error vs learning rate]({figure})]({figure})" if image else \
-                f"[Figure: test error vs learning rate]({figure})"
-            lines += ["", picture]
+            lines += ["", {"linked": f"[![test error vs learning rate]({figure})]({figure})",
+                           "image": f"![test error vs learning rate]({figure})",
+                           "link": f"[Figure: test error vs learning rate]({figure})"}[image]]
         return "\n".join(lines)
 
-    # Within 1,000 characters: as many rows as fit (down to 3), then a plain link instead of the
-    # picture, then the shortest wording.
+    # Within 1,000 characters: as many rows as fit (down to 3); then shorter wording and the
+    # picture without its full-size link; then a link instead of the picture; then one row.
     shown = min(len(facts["rows"]), TABLE_ROWS)
     low = min(shown, 3)
     variants = [{"rows": n} for n in range(shown, low - 1, -1)]
-    variants += [{"rows": low, "short_default": True}, {"rows": low, "short_default": True, "image": False},
-                 {"rows": min(shown, 1), "short_default": True, "image": False}]
+    variants += [{"rows": low, "short_default": True, "brief": True, "image": "image"},
+                 {"rows": low, "short_default": True, "brief": True, "image": "link"},
+                 {"rows": min(shown, 1), "short_default": True, "brief": True, "image": "link"},
+                 {"rows": min(shown, 1), "short_default": True, "brief": True, "image": "link", "minimal": True}]
     return fit(build, variants)
 
 
@@ -307,18 +317,31 @@ def report_task(kind: str):
 def attach_note(dag_run: Any) -> bool:
     """Copy the run's ``report`` XCom into its note; never over a note a person wrote.
 
-    Runs inside the listener of the state change, in the caller's database session (the
-    scheduler's), so the note is committed with the run's new state.
+    Runs inside the listener of the state change. When the run object belongs to a database
+    session (the scheduler's), the note joins that transaction and is committed with the run's
+    new state. A detached run object (``dag.test()`` hands one to listeners) is looked up again
+    in a session of its own.
 
     Returns:
         Whether the note was set.
     """
-    from airflow.models.xcom import XComModel
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
     from sqlalchemy.orm import object_session
 
     session = object_session(dag_run)
-    if session is None:
-        return False
+    if session is not None:
+        return _attach(session, dag_run)
+    with create_session() as own:
+        attached = own.scalars(select(DagRun).where(DagRun.dag_id == dag_run.dag_id,
+                                                    DagRun.run_id == dag_run.run_id)).one_or_none()
+        return attached is not None and _attach(own, attached)
+
+
+def _attach(session: Any, dag_run: Any) -> bool:
+    from airflow.models.xcom import XComModel
+
     query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=REPORT_TASK_ID,
                                key=NOTE_XCOM_KEY)
     row = session.scalars(query).first()
