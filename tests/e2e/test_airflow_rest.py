@@ -187,11 +187,11 @@ def test_tuning_run_explains_itself_on_its_run_page(airflow_server, tuning_run):
     tuned = airflow_server.xcom("tuning_pipeline", tuning_run, "tune")
     assert note.startswith("<!-- sparktf run note -->") and len(note) <= 1000
     assert "**Tuning run succeeded**: 2 of 2 trials trained; selected by validation accuracy." in note
-    assert "| # | lr | hidden | val % | test % | epochs | s |" in note  # only what varies gets a column
+    assert "| # | lr | val % | test % | epochs | s |" in note  # only what varies gets a column
     for row in tuned["leaderboard"]:
-        assert (f"| {row['rank']} | {row['learning_rate']:g} | {row['hidden_units']} | {100 * row['val_accuracy']:.2f} | "
+        assert (f"| {row['rank']} | {row['learning_rate']:g} | {100 * row['val_accuracy']:.2f} | "
                 f"{100 * row['test_accuracy']:.2f} | {row['epochs_run']} | {row['train_seconds']:.0f} |") in note
-    assert "Every trial: batch 32, dropout 0.5." in note
+    assert "Every trial: hidden 32, batch 32, dropout 0.5." in note
     # mlp with 32 hidden units: the default configuration (the seed's CNN, 1024 units) was not trained.
     assert "default (mnist_cnn, lr 0.001, hidden 1024, batch 128, dropout 0.5, adam, no augmentation) is not in " \
            "this run's grid" in note
@@ -223,7 +223,7 @@ def test_task_logs_show_progress_and_the_spark_ui(airflow_server, tuning_run):
     ui = re.search(r"Spark UI of application (\S+): (http://\S+)", log)
     assert ui, log[-4000:]
     links = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{tuning_run}/taskInstances/tune/links")
-    assert links["Spark UI"] == ui.group(2)
+    assert links["extra_links"]["Spark UI"] == ui.group(2)
     report = airflow_server.task_log("tuning_pipeline", tuning_run, "report")
     assert "**Tuning run succeeded**" in report  # the note is in the report task's log too
     assert "--- Logging error ---" not in log + report

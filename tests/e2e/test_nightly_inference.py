@@ -82,6 +82,23 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert "| images | " + " | ".join(str(v) for v in labels.values()) + " |" in note
 
 
+def test_terminal_summary_per_date(runs, airflow_env, tmp_path):
+    """scripts/print_summary.py after a nightly run: the date's counts, reasons, labels, model version."""
+    from sparktf.testing import ROOT
+
+    for date, lines in {"2026-11-20": ["2026-11-20: 16 scored, 2 set aside of 18 images, model digits v1",
+                                       "  set aside: empty 1, not_an_image 1"],
+                        "2026-11-22": ["2026-11-22: 0 images (no images under "]}.items():
+        path = tmp_path / f"nightly_inference_{date}.json"
+        path.write_text(json.dumps(runs[date]))
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "print_summary.py"), str(path)], env=airflow_env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        for line in lines:
+            assert line in out.stdout, out.stdout
+        assert f"full JSON: {path}" in out.stdout
+
+
 def test_empty_date_short_circuits_with_a_summary(runs):
     summary = runs["2026-11-22"]
     assert summary["state"].endswith("success")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sparktf import dataset, registry, storage
-from sparktf.testing import TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
+from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 30
@@ -116,6 +116,30 @@ def test_run_note_and_progress_lines(tuning_run):
     assert [f"trial {k}/4 done" in line for k, line in enumerate(progress, 1)] == [True] * 4, progress
     assert all("val_accuracy 0." in line and "lr 0.00" in line and "hidden " in line for line in progress)
     assert "Spark UI of application" in output
+
+
+def test_terminal_summary_with_leaderboard_decision_and_figure(tuning_run, airflow_env, tmp_path):
+    """scripts/print_summary.py: what the demo prints after the run, and the figure next to the JSON."""
+    _conf, summary, _output = tuning_run
+    path = tmp_path / "tuning_pipeline.json"
+    path.write_text(json.dumps(summary))
+    script = str(ROOT / "scripts" / "print_summary.py")
+    out = subprocess.run([sys.executable, script, str(path)], env=airflow_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert f"tuning_pipeline  run {summary['run_id']}  -> " in text
+    assert "data:      180 train / 60 validation / 60 test images (2 files rejected)" in text
+    assert "trials:    4 of 4 trained, 0 failed; selected by validation accuracy" in text
+    assert "rank     lr  hidden  val acc  test acc  epochs  seconds" in text
+    assert len([line for line in text.splitlines() if line.strip().split(" ")[0] in {"1", "2", "3", "4"}]) == 4
+    assert "default vs tuned: the default (mnist_cnn, lr 0.001, hidden 1024" in text
+    assert "champion:  digits v1 PROMOTED to champion: no champion yet" in text
+    figure = tmp_path / "tuning_pipeline.error_vs_learning_rate.png"
+    assert f"figure:    {figure}" in text and figure.read_bytes().startswith(b"\x89PNG")
+    assert f"full JSON: {path}" in text and len(text.splitlines()) < 25  # a screen, not screens
+    as_json = subprocess.run([sys.executable, script, "--json", str(path)], env=airflow_env, capture_output=True,
+                             text=True, timeout=120)
+    assert json.loads(as_json.stdout) == json.loads(json.dumps(summary, sort_keys=True))
 
 
 def test_no_secret_in_xcom_rendered_fields_or_logs(tuning_run, airflow_env):
