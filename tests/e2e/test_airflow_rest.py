@@ -1,5 +1,7 @@
-"""A real Airflow (api-server, scheduler, dag-processor, triggerer on 127.0.0.1) driven through the
-REST API the UI uses: unpause, trigger with a conf of Params, poll, read XComs, backfill, refusals.
+"""A real Airflow, started as scripts/ui.py starts it (api-server, scheduler, dag-processor,
+triggerer on 127.0.0.1, no log servers), driven through the REST API the UI uses: unpause, trigger
+with a conf of Params, poll, read XComs, run notes, the figure, task logs and links, backfill,
+refusals.
 """
 
 from __future__ import annotations
@@ -222,6 +224,9 @@ def test_task_logs_show_progress_and_the_spark_ui(airflow_server, tuning_run):
         assert re.search(r"val_accuracy 0\.\d{4}, \d+\.\d s \[trial-[0-9a-f]+\]", line), line
     ui = re.search(r"Spark UI of application (\S+): (http://\S+)", log)
     assert ui, log[-4000:]
+    # The link was published while the job ran (before its first trial ended), not only at the end.
+    published = log.index(f"Spark UI (task link 'Spark UI' while the job runs): {ui.group(2)}")
+    assert published < log.index("tuning progress: trial 1/2") and "could not publish the Spark UI link" not in log
     links = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{tuning_run}/taskInstances/tune/links")
     assert links["extra_links"]["Spark UI"] == ui.group(2)
     report = airflow_server.task_log("tuning_pipeline", tuning_run, "report")
