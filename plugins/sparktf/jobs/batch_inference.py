@@ -40,7 +40,7 @@ from collections import Counter
 from typing import Any
 
 import sparktf
-from sparktf import job, predictions, registry, scoring, storage
+from sparktf import job, predictions, progress, registry, scoring, storage
 
 log = job.log
 
@@ -116,8 +116,10 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
             yield scoring.score_partition(index, group, **settings)
 
     started = time.perf_counter()
+    watch = progress.InferenceProgress(staged, [len(g) for _, g in groups], log=log).start()  # a line per task
     task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(),
                           key=lambda r: r["index"])
+    watch.stop()
     seconds = time.perf_counter() - started
 
     scored = sum(r["scored"] for r in task_results)
