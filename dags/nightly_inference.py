@@ -47,6 +47,7 @@ import datetime as dt
 import pendulum
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
 
+from sparktf.airflow import run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_MODEL_NAME,
@@ -233,6 +234,7 @@ def nightly_inference():
     resolved = resolve_model()
     found >> resolved >> batch_inference
     publish(batch_inference.output, resolved, found)
+    run_notes.report_task("nightly")  # last: the run's note (counts, reasons, labels, model)
 
 
 nightly_inference()

@@ -24,6 +24,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sparktf import knobs
+from sparktf.airflow import run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_MODEL_NAME,
@@ -152,6 +153,7 @@ def tuning_pipeline():
     )
 
     validate_params() >> prepare_data >> tune >> export_best_model
+    run_notes.report_task("tuning")  # last: the run's note (leaderboard, champion, figure)
 
 
 tuning_pipeline()

@@ -13,10 +13,12 @@ import json
 import sys
 
 import pendulum
+from sqlalchemy import select
 
 
 def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
     from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.dagrun import DagRun
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -38,6 +40,9 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
             rows = session.scalars(query).all()
             value = XComModel.deserialize_value(rows[0]) if rows else None
             summary["tasks"][ti.task_id] = {"state": str(ti.state), "try_number": ti.try_number, "xcom": value}
+        # The run's note, as the UI shows it (rendered by the DAG's report task, attached by the plugin).
+        summary["note"] = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id,
+                                                               DagRun.run_id == dag_run.run_id)).one().note
     return summary
 
 

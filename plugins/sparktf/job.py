@@ -32,12 +32,28 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def quiet_py4j() -> None:
+    """Keep py4j's connection chatter (INFO) out of the log handlers.
+
+    py4j logs "Closing down clientserver connection" at INFO from ``ClientServerConnection.close()``,
+    which ``__del__`` calls, so the driver's own connections log it while the interpreter shuts
+    down. By then a handler's stream may already be closed (pytest closes its capture files; a
+    handler configured on import by Airflow still points at them) and logging prints a
+    ``--- Logging error ---`` traceback. py4j's warnings and errors still get through.
+    """
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
 def spark_session(app_name: str):
     """The job's SparkSession; master and resources come from spark-submit, never from code."""
     from pyspark.sql import SparkSession
 
+    quiet_py4j()
     spark = SparkSession.builder.appName(app_name).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    # The operator turns this line into the task's "Spark UI" link (sparktf.airflow.spark_ui).
+    log.info("Spark UI of application %s: %s", spark.sparkContext.applicationId,
+             spark.sparkContext.uiWebUrl or "disabled (spark.ui.enabled=false)")
     return spark
 
 

@@ -405,6 +405,31 @@ def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *
                               if_none_match=if_none_match)
 
 
+def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
+                  source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
+    """Make a version the champion because a person asked for it (no comparison), by the same
+    compare-and-swap as :func:`promote`: the pointer is replaced only if it is still the one read,
+    so a concurrent move is never silently overwritten with a stale ``promoted_over``.
+    """
+    last = None
+    for attempt in range(1, max_attempts + 1):
+        pointer, etag = read_champion_with_etag(models_uri, name, s3)
+        current = pointer["version"] if pointer else None
+        last = current
+        if current is not None and int(current) == int(metadata["version"]):
+            return Promotion(False, "already the champion", current, None, attempt)
+        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
+                                       promotion_reason=reason, promoted_at=_now())
+        try:
+            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
+            return Promotion(True, reason, int(metadata["version"]), None, attempt)
+        except storage.PreconditionFailed:
+            log.warning("model %s: champion.json changed while v%s was being made champion; reading it again",
+                        name, metadata["version"])
+    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
+                            f"(last seen v{last}); trigger again to promote", last, None, max_attempts)
+
+
 def is_better(new: float, old: float, metric: str, min_improvement: float) -> bool:
     """The promotion rule: strictly better than the champion by more than ``min_improvement``."""
     if PROMOTION_METRICS[metric] == "max":

@@ -154,6 +154,9 @@ def local_spark(slots: int = 2, app_name: str = "sparktf-local", conf: dict[str,
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
+    from sparktf.job import quiet_py4j
+
+    quiet_py4j()
     builder = (SparkSession.builder.master(f"local[{int(slots)}]").appName(app_name)
                .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", str(max(2, 2 * slots)))
                .config("spark.python.worker.reuse", "true").config("spark.task.maxFailures", "1")

@@ -22,7 +22,9 @@ def dag():
 
 def test_shape_schedule_and_asset(dag):
     assert [t.task_id for t in dag.topological_sort()] == [
-        "find_new_images", "resolve_model", "batch_inference", "publish"]
+        "find_new_images", "resolve_model", "batch_inference", "publish", "report"]
+    report = dag.get_task("report")  # the run note: a teardown after everything, ignored by the run's state
+    assert report.is_teardown and report.upstream_task_ids == {"publish"}
     from airflow.serialization.encoders import coerce_to_core_timetable
 
     assert coerce_to_core_timetable(dag.timetable).summary == "30 2 * * *"

@@ -1,15 +1,13 @@
-"""A real Airflow (api-server, scheduler, dag-processor, triggerer on 127.0.0.1) driven through the
-REST API the UI uses: unpause, trigger with a conf of Params, poll, read XComs, backfill, refusals.
+"""A real Airflow, started as scripts/ui.py starts it (api-server, scheduler, dag-processor,
+triggerer on 127.0.0.1, no log servers), driven through the REST API the UI uses: unpause, trigger
+with a conf of Params, poll, read XComs, run notes, the figure, task logs and links, backfill,
+refusals.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import signal
-import subprocess
-import sys
+import re
 import time
 import urllib.error
 import urllib.request
@@ -17,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from sparktf.airflow.local_ui import LocalAirflow
 from sparktf.testing import TEST_SECRET_KEY, free_port
 
 pytestmark = pytest.mark.e2e
-VENV_BIN = Path(sys.executable).parent
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 REST_WORKSPACE = "rest/ws"
 # Backfill of three nightly runs (run_after 02:30 UTC); each scores the UTC day its data interval starts on.
 BACKFILL_RUNS = {"2026-11-10T02:30:00+00:00": "2026-11-09", "2026-11-11T02:30:00+00:00": "2026-11-10",
@@ -28,55 +27,26 @@ BACKFILL_RUNS = {"2026-11-10T02:30:00+00:00": "2026-11-09", "2026-11-11T02:30:00
 
 
 class AirflowServer:
-    """Airflow's four long-running components, each in its own process group."""
+    """The local Airflow UI as ``scripts/ui.py`` starts it (sparktf.airflow.local_ui: api-server,
+    scheduler, dag-processor and triggerer on 127.0.0.1, no log servers), driven through REST."""
 
     def __init__(self, base_env: dict[str, str], home: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.home = home
-        self.env = {
-            **base_env,
-            # Its own metadata DB: this is a separate deployment (its Asset URIs and defaults differ
-            # from the dag.test() runs of other test modules).
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
+        self.ui = LocalAirflow(home, free_port(), env={**base_env, "AIRFLOW_HOME": str(home)}, settings={
+            # Its own metadata DB (AIRFLOW_HOME above): this is a separate deployment (its Asset URIs
+            # and defaults differ from the dag.test() runs of other test modules).
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__BASE_URL": self.base,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        }
-        self.processes: list[subprocess.Popen] = []
+        })
+        self.port, self.base = self.ui.port, self.ui.base_url
 
     def start(self) -> None:
-        subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=self.env, check=True,
-                       capture_output=True, timeout=600)
-        for command in (["api-server", "--host", "127.0.0.1", "--port", str(self.port)],
-                        # No log servers: they would listen on every interface (no host setting);
-                        # the api-server reads the task logs from this machine's files.
-                        ["scheduler", "--skip-serve-logs"], ["dag-processor"], ["triggerer", "--skip-serve-logs"]):
-            log = open(self.home / f"{command[0]}.log", "wb")
-            self.processes.append(subprocess.Popen([str(VENV_BIN / "airflow"), *command], env=self.env,
-                                                   stdout=log, stderr=log, start_new_session=True))
-        self.wait_for(lambda: self.get("/api/v2/monitor/health")["metadatabase"]["status"] == "healthy",
-                      "api-server", 180)
+        self.ui.start(timeout=300)
 
     def stop(self) -> None:
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        self.ui.stop()
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
@@ -121,6 +91,22 @@ class AirflowServer:
 
         self.wait_for(finished, f"run {run_id}", timeout)
         return state
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
+        """A task's log as the UI shows it (the api-server reads it from the worker's log file)."""
+        ti = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+        body = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{ti['try_number']}"
+                        "?full_content=true")
+        return "\n".join(line.get("event", "") if isinstance(line, dict) else str(line) for line in body["content"])
+
+    def fetch(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        """A GET as a browser would send it: status, content type and body."""
+        req = urllib.request.Request(self.base + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as response:
+                return response.status, response.headers.get("Content-Type", ""), response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("Content-Type", ""), err.read()
 
     def xcom(self, dag_id: str, run_id: str, task_id: str):
         body = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value")
@@ -194,6 +180,69 @@ def test_trigger_tuning_with_params_and_read_xcoms(airflow_server, tuning_run):
     assert TEST_SECRET_KEY not in json.dumps([prepared, tuned, exported])
 
 
+def test_tuning_run_explains_itself_on_its_run_page(airflow_server, tuning_run):
+    """The run's note (set as the run ended, by the plugin's listener in the scheduler) shows the
+    leaderboard, the default-vs-tuned answer, the champion decision and the figure, which the
+    plugin serves behind Airflow's login."""
+    assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
+    note = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{tuning_run}")["note"]
+    tuned = airflow_server.xcom("tuning_pipeline", tuning_run, "tune")
+    assert note.startswith("<!-- sparktf run note -->") and len(note) <= 1000
+    assert "**Tuning run succeeded**: 2 of 2 trials trained; selected by validation accuracy." in note
+    assert "| # | lr | val % | test % | epochs | s |" in note  # only what varies gets a column
+    for row in tuned["leaderboard"]:
+        assert (f"| {row['rank']} | {row['learning_rate']:g} | {100 * row['val_accuracy']:.2f} | "
+                f"{100 * row['test_accuracy']:.2f} | {row['epochs_run']} | {row['train_seconds']:.0f} |") in note
+    assert "Every trial: hidden 32, batch 32, dropout 0.5." in note
+    # mlp with 32 hidden units: the default configuration (the seed's CNN, 1024 units) was not trained.
+    assert "default (mnist_cnn, lr 0.001, hidden 1024, batch 128, dropout 0.5, adam, no augmentation) is not in " \
+           "this run's grid" in note
+    assert "**Champion:** `digits` v1 **promoted to champion**: no champion yet." in note
+    figure = re.search(r"\[!\[test error vs learning rate\]\((/sparktf/figure/[^)]+)\)\]\(\1\)", note)
+    assert figure, note
+    status, content_type, body = airflow_server.fetch(figure.group(1))
+    assert (status, content_type) == (200, "image/png") and body.startswith(b"\x89PNG\r\n\x1a\n")
+    # The same bytes as the object in the bucket, read on the server with the aws_default connection.
+    from sparktf import storage
+
+    assert body == storage.read_bytes(tuned["figure_uri"])
+    # Behind Airflow's auth: a forged token is refused (the all-admins test server accepts no token at all).
+    status, _type, _body = airflow_server.fetch(figure.group(1), {"Authorization": "Bearer not-a-token"})
+    assert status in (401, 403)
+    assert TEST_SECRET_KEY not in note
+
+
+def test_task_logs_show_progress_and_the_spark_ui(airflow_server, tuning_run):
+    """Logs of tasks the scheduler ran (LocalExecutor, no log server) read through the api-server:
+    one progress line per finished trial from the tune job's driver, and the Spark UI link."""
+    assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
+    log = airflow_server.task_log("tuning_pipeline", tuning_run, "tune")
+    progress = [line for line in log.splitlines() if "tuning progress: trial" in line]
+    assert len(progress) == 2, log[-4000:]
+    for k, line in enumerate(progress, 1):
+        assert f"trial {k}/2 done (lr 0.00" in line and "hidden 32, batch 32, dropout 0.5): val_accuracy 0." in line
+        assert re.search(r"val_accuracy 0\.\d{4}, \d+\.\d s \[trial-[0-9a-f]+\]", line), line
+    ui = re.search(r"Spark UI of application (\S+): (http://\S+)", log)
+    assert ui, log[-4000:]
+    # The link was published while the job ran (before its first trial ended), not only at the end.
+    published = log.index(f"Spark UI (task link 'Spark UI' while the job runs): {ui.group(2)}")
+    assert published < log.index("tuning progress: trial 1/2") and "could not publish the Spark UI link" not in log
+    links = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{tuning_run}/taskInstances/tune/links")
+    assert links["extra_links"]["Spark UI"] == ui.group(2)
+    report = airflow_server.task_log("tuning_pipeline", tuning_run, "report")
+    assert "**Tuning run succeeded**" in report  # the note is in the report task's log too
+    assert "--- Logging error ---" not in log + report
+    assert TEST_SECRET_KEY not in log + report
+
+
+def test_ui_listens_on_loopback_only(airflow_server, tuning_run):
+    """After runs it scheduled: every listening socket of the four components' process groups."""
+    assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
+    sockets = airflow_server.ui.listening_sockets()
+    assert ("api-server", "127.0.0.1", airflow_server.port) in {s[:3] for s in sockets}
+    assert {address for _name, address, _port, _pid in sockets} <= LOOPBACK, sockets
+
+
 def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bucket, mnist_subset):
     """A backfill created through the API (as the UI's backfill dialog does) over three past nights,
     scored with the champion the tuning run above exported: three runs, three partitions."""
@@ -249,3 +298,13 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
         assert all(r["key"].startswith(f"{REST_WORKSPACE}/incoming/{date}/") for r in rows)
         assert TEST_SECRET_KEY not in json.dumps([found, published])
+        # Each night's note: counts, reasons, label histogram, model version; its log: per-task progress.
+        note = airflow_server.get(f"/api/v2/dags/nightly_inference/dagRuns/{run['dag_run_id']}")["note"]
+        assert f"**Nightly inference succeeded: {date}**" in note
+        assert f"**{landed[date]} scored**, **0 set aside** of {landed[date]} images, with model `digits` v1." in note
+        labels = published["label_histogram"]
+        assert "| images | " + " | ".join(str(n) for n in labels.values()) + " |" in note and sum(labels.values()) == landed[date]
+        log = airflow_server.task_log("nightly_inference", run["dag_run_id"], "batch_inference")
+        tasks = [line for line in log.splitlines() if "inference progress: task" in line]
+        assert len(tasks) == published["spark_tasks"], log[-4000:]
+        assert f"{published['spark_tasks']}/{published['spark_tasks']} tasks, {landed[date]}/{landed[date]} images" in tasks[-1]

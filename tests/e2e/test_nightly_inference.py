@@ -89,16 +89,45 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert {r["processed_at"].isoformat() for r in rows} == {found["processed_at"]}
     if date == "2026-11-20":
         assert {e["reason"] for e in errors} == {"empty", "not_an_image"}
+    # The run's note (what the run page shows): counts, reasons, label histogram, model version.
+    note = summary["note"]
+    assert f"Nightly inference succeeded: {date}" in note
+    assert f"**{scored} scored**, **{set_aside} set aside** of {scored + set_aside} images" in note
+    assert "`digits` v1" in note and published["output_uri"] in note
+    assert ("Set aside: empty 1, not_an_image 1." in note) == bool(set_aside)
+    labels = published["label_histogram"]
+    assert "| label | " + " | ".join(labels) + " |" in note
+    assert "| images | " + " | ".join(str(v) for v in labels.values()) + " |" in note
+
+
+def test_terminal_summary_per_date(runs, airflow_env, tmp_path):
+    """scripts/print_summary.py after a nightly run: the date's counts, reasons, labels, model version."""
+    from sparktf.testing import ROOT
+
+    for date, lines in {"2026-11-20": ["2026-11-20: 16 scored, 2 set aside of 18 images, model digits v1",
+                                       "  set aside: empty 1, not_an_image 1"],
+                        "2026-11-22": ["2026-11-22: 0 images (no images under "]}.items():
+        path = tmp_path / f"nightly_inference_{date}.json"
+        path.write_text(json.dumps(runs[date]))
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "print_summary.py"), str(path)], env=airflow_env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        for line in lines:
+            assert line in out.stdout, out.stdout
+        assert f"full JSON: {path}" in out.stdout
 
 
 def test_empty_date_short_circuits_with_a_summary(runs):
     summary = runs["2026-11-22"]
     assert summary["state"].endswith("success")
+    # The short-circuit skips the work; the report (a teardown) still runs and says why.
     assert states(summary) == {"find_new_images": "success", "resolve_model": "skipped",
-                               "batch_inference": "skipped", "publish": "skipped"}
+                               "batch_inference": "skipped", "publish": "skipped", "report": "success"}
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert found["images"] == 0 and found["date"] == "2026-11-22" and "no images" in found["skipped_reason"]
     assert found["markers_skipped"] == 1
+    assert "Nightly inference succeeded: 2026-11-22" in summary["note"]
+    assert f"0 images: {found['skipped_reason']}" in summary["note"]
 
 
 def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tmp_path):
@@ -172,6 +201,10 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert states(summary)["resolve_model"] == "failed"
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
     assert "version 9 does not exist" in output
+    # The run failed (the report, a teardown, does not change that) and its note says where.
+    assert summary["state"].endswith("failed") and states(summary)["report"] == "success"
+    assert "Nightly inference failed: 2026-11-20" in summary["note"]
+    assert "`resolve_model` **failed**: see its log" in summary["note"]
     # the partition scored earlier is untouched
     assert predictions.read_published(f"{workspace}/predictions/digits/2026-11-20/")["model_version"] == 1
 

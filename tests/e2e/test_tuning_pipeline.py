@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sparktf import dataset, registry, storage, trials
-from sparktf.testing import TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
+from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 30
@@ -55,7 +56,7 @@ def test_run_succeeds_with_every_step(tuning_run):
     _conf, summary, _output = tuning_run
     assert summary["state"].endswith("success")
     states = {task: info["state"] for task, info in summary["tasks"].items()}
-    assert states == {t: "success" for t in ("validate_params", "prepare_data", "tune", "export_best_model")}
+    assert states == {t: "success" for t in ("validate_params", "prepare_data", "tune", "export_best_model", "report")}
 
 
 def test_prepare_data_xcom_and_manifest(tuning_run):
@@ -97,6 +98,50 @@ def test_export_registers_a_champion_that_predicts(tuning_run):
     assert float((predictions == y_test).mean()) > 0.3  # well above chance (0.1) after 2 epochs on 180 digits
 
 
+def test_run_note_and_progress_lines(tuning_run):
+    """The run explains itself: its note (leaderboard, default vs tuned, champion, figure) and one
+    progress line per finished trial in the tune task's log, as the trials finish."""
+    conf, summary, output = tuning_run
+    note, tune = summary["note"], summary["tasks"]["tune"]["xcom"]
+    assert note.startswith("<!-- sparktf run note -->") and len(note) <= 1000
+    assert "**Tuning run succeeded**: 4 of 4 trials trained; selected by validation accuracy." in note
+    assert "| # | lr | hidden | val % | test % | epochs | s |" in note
+    for row in tune["leaderboard"]:
+        assert f"| {row['rank']} | {row['learning_rate']:g} | {row['hidden_units']} | {100 * row['val_accuracy']:.2f} |" in note
+    assert "Every trial: batch 32, dropout 0.5." in note
+    assert "lr 0.001, hidden 1024" in note and "is not in this run's grid" in note  # widths 32 and 64 only
+    assert "**Champion:** `digits` v1 **promoted to champion**: no champion yet." in note
+    assert f"(/sparktf/figure/tuning_pipeline/{urllib.parse.quote(summary['run_id'], safe='')}/tune)" in note
+    progress = [line for line in output.splitlines() if "tuning progress: trial" in line]
+    assert [f"trial {k}/4 done" in line for k, line in enumerate(progress, 1)] == [True] * 4, progress
+    assert all("val_accuracy 0." in line and "lr 0.00" in line and "hidden " in line for line in progress)
+    assert "Spark UI of application" in output
+
+
+def test_terminal_summary_with_leaderboard_decision_and_figure(tuning_run, airflow_env, tmp_path):
+    """scripts/print_summary.py: what the demo prints after the run, and the figure next to the JSON."""
+    _conf, summary, _output = tuning_run
+    path = tmp_path / "tuning_pipeline.json"
+    path.write_text(json.dumps(summary))
+    script = str(ROOT / "scripts" / "print_summary.py")
+    out = subprocess.run([sys.executable, script, str(path)], env=airflow_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert f"tuning_pipeline  run {summary['run_id']}  -> " in text
+    assert "data:      180 train / 60 validation / 60 test images (2 files rejected)" in text
+    assert "trials:    4 of 4 trained, 0 failed; selected by validation accuracy" in text
+    assert "rank     lr  hidden  val acc  test acc  epochs  seconds" in text
+    assert len([line for line in text.splitlines() if line.strip().split(" ")[0] in {"1", "2", "3", "4"}]) == 4
+    assert "default vs tuned: the default (mnist_cnn, lr 0.001, hidden 1024" in text
+    assert "champion:  digits v1 PROMOTED to champion: no champion yet" in text
+    figure = tmp_path / "tuning_pipeline.error_vs_learning_rate.png"
+    assert f"figure:    {figure}" in text and figure.read_bytes().startswith(b"\x89PNG")
+    assert f"full JSON: {path}" in text and len(text.splitlines()) < 25  # a screen, not screens
+    as_json = subprocess.run([sys.executable, script, "--json", str(path)], env=airflow_env, capture_output=True,
+                             text=True, timeout=120)
+    assert json.loads(as_json.stdout) == json.loads(json.dumps(summary, sort_keys=True))
+
+
 def test_no_secret_in_xcom_rendered_fields_or_logs(tuning_run, airflow_env):
     _conf, summary, output = tuning_run
     assert TEST_SECRET_KEY not in json.dumps(summary) and TEST_ACCESS_KEY not in json.dumps(summary)
@@ -134,6 +179,7 @@ def test_bad_params_fail_before_any_spark_job(airflow_env, bucket, tmp_path):
     assert states["validate_params"] == "failed"
     assert states["prepare_data"] == states["tune"] == states["export_best_model"] == "upstream_failed"
     assert "holds no objects" in output
+    assert "`validate_params` **failed**: see its log" in summary["note"]
     assert storage.list_keys(f"s3://{bucket}/e2e-bad/") == []
 
 

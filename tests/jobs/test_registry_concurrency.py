@@ -281,3 +281,32 @@ def test_saved_model_files_are_checked_before_serving(s3_prefix, keras_files, tm
         registry.verify_saved_model(metadata)
     with pytest.raises(registry.ModelIntegrityError, match="no SavedModel file list"):
         registry.verify_saved_model({k: v for k, v in metadata.items() if k != "saved_model_files"})
+
+
+def test_a_manual_promotion_moves_the_pointer_by_compare_and_swap(s3_prefix, keras_files):
+    """register_model's promote=true: no comparison, but the pointer it replaces is the one it read."""
+    models = s3_prefix + "/models/"
+    meta = {"input_shape": [28, 28, 1], "label_names": LABEL_NAMES, "metrics": {"test_accuracy": 0.5}}
+    first = registry.write_version(models, "photos", model_path=keras_files[0], metadata=meta)
+    second = registry.write_version(models, "photos", model_path=keras_files[1], metadata=meta)
+    assert registry.make_champion(models, "photos", first, reason="asked").promoted
+
+    seen_etags = []
+    real_set = registry.set_champion
+
+    def set_after_a_concurrent_move(models_uri, name, pointer, s3=None, **conditions):
+        # Another writer moves the champion between our read and our write, once.
+        if not seen_etags:
+            seen_etags.append(conditions.get("if_match"))
+            real_set(models_uri, name, registry.champion_pointer(first, promoted_over=None))
+        return real_set(models_uri, name, pointer, s3, **conditions)
+
+    registry.set_champion = set_after_a_concurrent_move
+    try:
+        decision = registry.make_champion(models, "photos", second, reason="asked")
+    finally:
+        registry.set_champion = real_set
+    assert decision.promoted and decision.attempts == 2  # the stale ETag lost, the second round won
+    assert registry.read_champion(models, "photos")["version"] == second["version"]
+    again = registry.make_champion(models, "photos", second, reason="asked")
+    assert not again.promoted and again.reason == "already the champion"

@@ -25,7 +25,7 @@ from typing import Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 import sparktf
-from sparktf.airflow import aws_connection
+from sparktf.airflow import aws_connection, spark_ui
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # jobs/ sits next to plugins/ in the repository (and in a deployment that copies both).
@@ -82,12 +82,18 @@ class SparkJobOperator(SparkSubmitOperator):
     """
 
     template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "result_uri")
+    # "Spark UI" on the task page, live while the job runs (see sparktf.airflow.spark_ui).
+    operator_extra_links = (spark_ui.SparkUILink(),)
 
     def __init__(self, *, result_uri: str, aws_conn_id: str = "aws_default", **kwargs: Any) -> None:
         kwargs.setdefault("conn_id", "spark_default")
         super().__init__(**kwargs)
         self.result_uri = result_uri
         self.aws_conn_id = aws_conn_id
+
+    def _get_hook(self):
+        # The hook reports the driver's UI as it starts: the task's "Spark UI" link, live.
+        return spark_ui.watch_output(super()._get_hook(), spark_ui.publisher(self))
 
     def execute(self, context: Any) -> dict[str, Any]:
         from sparktf import storage

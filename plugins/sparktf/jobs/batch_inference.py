@@ -49,7 +49,7 @@ from collections import Counter
 from typing import Any
 
 import sparktf
-from sparktf import job, predictions, registry, scoring, storage
+from sparktf import job, predictions, progress, registry, scoring, storage
 
 log = job.log
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never fetched past it
@@ -171,8 +171,13 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
             yield scoring.score_partition(index, group, sizes=group_sizes, **settings)
 
     started = time.perf_counter()
-    task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(),
-                          key=lambda r: r["index"])
+    # A log line per finished task, read from the attempt's staging.
+    watch = progress.InferenceProgress(attempt.staged_uri, [len(g) for _, g, _ in groups], log=log).start()
+    try:
+        task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(),
+                              key=lambda r: r["index"])
+    finally:
+        watch.stop()  # also when a task failed: no watcher outlives the attempt
     seconds = time.perf_counter() - started
 
     scored = sum(r["scored"] for r in task_results)

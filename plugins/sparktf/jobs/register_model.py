@@ -159,13 +159,11 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
             log.error("model %s not registered: %s", args.model_name, refused)
             return {"model_name": args.model_name, "registered": False, "refused": str(refused),
                     "source": args.source, "promoted": False}
-    champion = registry.read_champion(args.models_uri, args.model_name)
-    promoted = False
-    if args.promote and (champion is None or champion["version"] != metadata["version"]):
-        registry.set_champion(args.models_uri, args.model_name, registry.champion_pointer(
-            metadata, source_run=args.source_run or None,
-            promoted_over=champion["version"] if champion else None))
-        promoted = True
+    promoted, promotion_reason = False, "not requested (promote=false)"
+    if args.promote:
+        decision = registry.make_champion(args.models_uri, args.model_name, metadata,
+                                          reason="registered with promote=true", source_run=args.source_run or None)
+        promoted, promotion_reason = decision.promoted, decision.reason
     current = registry.read_champion(args.models_uri, args.model_name)
     log.info("model %s v%s registered (reused=%s, promoted=%s)", args.model_name, metadata["version"], reused, promoted)
     return {
@@ -173,7 +171,8 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "model_uri": metadata["model_uri"], "model_sha256": metadata["model_sha256"],
         "input_shape": metadata["input_shape"], "resize_policy": metadata.get("resize_policy"),
         "num_classes": len(metadata["label_names"]), "labels_sample": metadata["label_names"][:5],
-        "source": metadata.get("source"), "promoted": promoted, "reused_version": reused,
+        "source": metadata.get("source"), "promoted": promoted, "promotion_reason": promotion_reason,
+        "reused_version": reused,
         "champion_version": current["version"] if current else None,
     }
 

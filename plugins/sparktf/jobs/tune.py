@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import sparktf
-from sparktf import dataset, executor, job, knobs, search, storage, trials
+from sparktf import dataset, executor, job, knobs, progress, search, storage, trials
 
 log = job.log
 
@@ -155,10 +155,12 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     log.info("data set %.1f MB: %s to executors", size_mb, data_source[0])
 
     trials_uri = storage.join_uri(args.output_uri, "trials")
+    watch = progress.TrialProgress(trials_uri, trial_list, log=log).start()  # a line per finished trial
     records = run_trials(spark, trial_list, data_source=data_source, family=args.model_family,
                          epochs=args.epochs, patience=args.patience, trials_uri=trials_uri,
                          seed=args.seed, max_parallel=args.max_parallel_trials,
                          lr_decay_patience=args.lr_decay_patience, fingerprint=fingerprint)
+    watch.stop()
     summary = trials.leaderboard(records)
     results_uri = storage.join_uri(args.output_uri, "results.json")
     figure_uri = storage.join_uri(args.output_uri, "error_vs_learning_rate.png")

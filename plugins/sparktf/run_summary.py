@@ -1,0 +1,184 @@
+"""What a finished run means to a person: the facts behind a run note and the terminal summary.
+
+Pure Python, no Airflow, no S3: the callers hand in the jobs' results (XCom values, or the tuning
+job's ``results.json``) and render the facts as Markdown (:mod:`sparktf.airflow.run_notes`) or as
+plain text (``scripts/print_summary.py``).
+
+**The default configuration** is one trial of the knob table (:mod:`sparktf.knobs`): the seed's
+network (model family ``mnist_cnn``, learning rate 0.001, 1024 hidden units) with the table's
+defaults for everything else that a trial's parameters record (batch size 128, dropout 0.5,
+optimizer adam, no augmentation). When a run's grid contains that trial, its test error is the
+baseline of the "default vs tuned" comparison; the tuned model is the trial selected by
+validation accuracy. Budget settings (epochs, patience, learning-rate decay) are the same for
+every trial of a run, so they are not part of the match.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sparktf import knobs
+
+# The seed's choice among the knob table's default learning rates and widths.
+SEED_CHOICES = {"learning_rate": 0.001, "hidden_units": 1024}
+# Short column names of the search dimensions, for tables.
+DIMENSION_LABELS = {"learning_rate": "lr", "hidden_units": "hidden", "batch_size": "batch", "dropout": "dropout"}
+
+
+def default_configuration() -> dict[str, Any]:
+    """The default configuration as one trial: family, search dimensions and fixed settings."""
+    config: dict[str, Any] = {"model_family": knobs.BY_NAME["model_family"].default}
+    for dimension, knob in knobs.search_dimensions().items():
+        config[dimension] = SEED_CHOICES.get(dimension, knob.default[0])
+    for name in ("optimizer", "augment"):
+        config[name] = knobs.BY_NAME[name].default
+    return config
+
+
+def describe_configuration(config: dict[str, Any]) -> str:
+    """``mnist_cnn, lr 0.001, hidden 1024, batch 128, dropout 0.5, adam, no augmentation``."""
+    parts = [str(config["model_family"])] if "model_family" in config else []
+    parts += [f"{DIMENSION_LABELS.get(k, k)} {format_value(config[k])}" for k in knobs.search_dimensions() if k in config]
+    if "optimizer" in config:
+        parts.append(str(config["optimizer"]))
+    if "augment" in config:
+        parts.append("no augmentation" if not config["augment"] else f"augment {format_value(config['augment'])}")
+    return ", ".join(parts)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def find_default_row(rows: list[dict[str, Any]], *, model_family: str | None, fixed: dict[str, Any] | None) -> dict | None:
+    """The leaderboard row of the default configuration, or None when the run did not train it.
+
+    Args:
+        rows: every successful trial's leaderboard row (``full_leaderboard``).
+        model_family: the run's model family; fixed: the run's fixed settings (optimizer, augment).
+    """
+    default = default_configuration()
+    run_settings = {"model_family": model_family, **(fixed or {})}
+    for name in ("model_family", "optimizer", "augment"):
+        if name in run_settings and run_settings[name] is not None and not _same(run_settings[name], default[name]):
+            return None
+    for row in rows:
+        if all(_same(row.get(dim), default[dim]) for dim in knobs.search_dimensions()):
+            return row
+    return None
+
+
+def error_reduction(default_accuracy: float, tuned_accuracy: float) -> float | None:
+    """Relative test-error reduction of the tuned model over the default (0.29 = 29 % less error)."""
+    default_error = 1.0 - default_accuracy
+    if default_error <= 0:
+        return None
+    return (default_error - (1.0 - tuned_accuracy)) / default_error
+
+
+def format_value(value: Any) -> str:
+    """Hyperparameters as people write them: 0.001, 1024, 0.5."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = None,
+                 export: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a tuning run's summary says, from its jobs' results.
+
+    Args:
+        tune: the ``tune`` task's result (XCom), or None when it did not finish.
+        results: the tuning job's ``results.json`` (every trial; optional: without it only the
+            XCom's top rows are known).
+        export: the ``export_best_model`` task's result (XCom), or None.
+
+    Returns:
+        ``trials``, ``succeeded``, ``failed`` (with reasons), ``rows`` (ranked, best first),
+        ``varying`` and ``constant`` dimensions, ``default`` (the comparison, or why there is
+        none), ``champion`` (the decision) and ``figure_uri``.
+    """
+    results = results or {}
+    tune = tune or {}
+    rows = list(results.get("leaderboard") or tune.get("leaderboard") or [])
+    complete = bool(results.get("leaderboard")) or len(rows) == tune.get("succeeded", len(rows))
+    dims = list(knobs.search_dimensions())
+    values = {dim: {format_value(r.get(dim)) for r in rows} for dim in dims}
+    varying = [d for d in dims if len(values[d]) > 1] or dims[:2]
+    constant = {d: rows[0].get(d) for d in dims if d not in varying} if rows else {}
+    failed = list(results.get("failed") or [])
+    facts: dict[str, Any] = {
+        "trials": tune.get("trials", len(results.get("trials") or []) or None),
+        "succeeded": tune.get("succeeded", len(rows) if results else None),
+        "failed": failed if failed else tune.get("failed", 0),
+        "rows": rows, "rows_complete": complete, "varying": varying, "constant": constant,
+        "fixed": results.get("fixed") or {}, "model_family": results.get("model_family"),
+        "selection_metric": tune.get("selection_metric", "val_accuracy"),
+        "figure_uri": tune.get("figure_uri") or results.get("figure_uri"),
+        "results_uri": tune.get("results_uri"), "wall_seconds": tune.get("wall_seconds"),
+    }
+    default = default_configuration()
+    comparison: dict[str, Any] = {"configuration": default, "description": describe_configuration(default)}
+    default_row = find_default_row(rows, model_family=results.get("model_family"), fixed=results.get("fixed")) \
+        if complete else None
+    if default_row is not None and rows:
+        best = rows[0]
+        reduction = error_reduction(default_row["test_accuracy"], best["test_accuracy"])
+        comparison.update(present=True, default_row=default_row, best_row=best,
+                          default_error=1.0 - default_row["test_accuracy"], tuned_error=1.0 - best["test_accuracy"],
+                          reduction=reduction, best_is_default=default_row.get("trial_id") == best.get("trial_id"))
+    else:
+        comparison.update(present=False, why="not in this run's grid" if complete else "trial list incomplete")
+    facts["default"] = comparison
+    facts["champion"] = champion_decision(export)
+    return facts
+
+
+def champion_decision(export: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The export step's decision: version, promoted or not, and why."""
+    if not export:
+        return None
+    return {
+        "model_name": export.get("model_name"), "version": export.get("version"),
+        "promoted": bool(export.get("promoted")), "reason": export.get("promotion_reason") or "",
+        "champion_version": export.get("champion_version"),
+        "metrics": export.get("metrics") or {}, "reused_version": export.get("reused_version"),
+    }
+
+
+def nightly_facts(found: dict[str, Any] | None, result: dict[str, Any] | None) -> dict[str, Any]:
+    """A nightly run's counts, reasons, label histogram and model version.
+
+    Args:
+        found: the ``find_new_images`` result (date, images listed; a skip reason on an empty night).
+        result: the ``publish`` summary, or the ``batch_inference`` job's result (either naming).
+    """
+    found = found or {}
+    result = result or {}
+
+    def pick(*names: str, default: Any = None) -> Any:
+        for name in names:
+            if result.get(name) is not None:
+                return result[name]
+        return default
+
+    listed = pick("images_listed", "listed", default=found.get("images"))
+    return {
+        "date": pick("date", default=found.get("date")),
+        "listed": listed,
+        "scored": pick("images_scored", "scored"),
+        "set_aside": pick("images_set_aside", "set_aside"),
+        "reasons": dict(pick("set_aside_reasons", "reasons", default={}) or {}),
+        "labels": dict(pick("label_histogram", default={}) or {}),
+        "model_name": pick("model_name"), "model_version": pick("model_version"),
+        "output_uri": pick("output_uri"), "images_per_second": pick("images_per_second"),
+        "failure_ratio_exceeded": bool(pick("failure_ratio_exceeded", default=False)),
+        "skipped_reason": found.get("skipped_reason"), "incoming_uri": found.get("incoming_uri"),
+    }
+
+
+def format_percent(fraction: float | None, digits: int = 2) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.{digits}f} %"

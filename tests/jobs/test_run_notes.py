@@ -1,0 +1,144 @@
+"""What a run's note and summary say: a real tuning job whose grid holds the default configuration
+(its progress lines, the default-vs-tuned reduction), and the 1,000-character limit of a note."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sparktf import run_summary, storage, testing
+from sparktf.airflow import run_notes
+from sparktf.jobs import tune
+
+
+@pytest.fixture(scope="module")
+def default_grid_run(spark, bucket, mnist_subset):
+    """The default configuration (mnist_cnn, lr 0.001, 1024 units, batch 128, dropout 0.5) and a
+    second learning rate, one epoch each on 600 digits."""
+    raw, prepared, out = (f"s3://{bucket}/notes/{part}/" for part in ("raw", "prepared", "tuning"))
+    testing.upload_mnist(raw, mnist_subset, train_limit=600, test_limit=200)
+    testing.prepare(spark, raw, prepared)
+    args = tune.parse_args(["--prepared-uri", prepared, "--output-uri", out, "--learning-rates", "0.001,0.003",
+                            "--hidden-units", "1024", "--epochs", "1", "--patience", "1"])
+    handler = logging.Handler()
+    lines: list[str] = []
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("sparktf")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # as the job's configure_logging() does
+    try:
+        result = tune.run(spark, args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return result, storage.read_json(result["results_uri"]), lines
+
+
+def test_the_job_logs_one_progress_line_per_trial(default_grid_run):
+    result, results, lines = default_grid_run
+    progress = [line for line in lines if line.startswith("tuning progress: trial")]
+    assert len(progress) == result["trials"] == 2
+    by_id = {r["trial_id"]: r for r in results["trials"]}
+    for k, line in enumerate(progress, 1):
+        trial_id = line.rsplit("[", 1)[1].rstrip("]")
+        record = by_id.pop(trial_id)
+        assert line.startswith(f"tuning progress: trial {k}/2 done (lr {record['params']['learning_rate']:g}, "
+                               "hidden 1024, batch 128, dropout 0.5): ")
+        assert f"val_accuracy {record['val_accuracy']:.4f}, {record['train_seconds']:.1f} s" in line
+    assert by_id == {}
+
+
+def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
+    result, results, _lines = default_grid_run
+    facts = run_summary.tuning_facts(result, results, None)
+    default = next(r for r in results["leaderboard"] if r["learning_rate"] == 0.001)
+    best = results["leaderboard"][0]
+    comparison = facts["default"]
+    assert comparison["present"] and comparison["default_row"]["trial_id"] == default["trial_id"]
+    expected = ((1 - default["test_accuracy"]) - (1 - best["test_accuracy"])) / (1 - default["test_accuracy"])
+    assert comparison["reduction"] == pytest.approx(expected)
+    note = run_notes.tuning_note(facts, state="succeeded", problems=[],
+                                 figure=run_notes.figure_url("tuning_pipeline", "manual__2026-11-29T10:00:00+00:00", root=""))
+    assert len(note) <= run_notes.MAX_NOTE_CHARS
+    assert "| # | lr | val % | test % | epochs | s |" in note  # only the learning rate varies
+    assert "Every trial: hidden 1024, batch 128, dropout 0.5." in note
+    if best["trial_id"] == default["trial_id"]:
+        assert "the default (lr 0.001) was selected itself" in note
+    else:
+        change = f"{expected:.0%} less error" if expected >= 0 else f"{-expected:.0%} more error"
+        assert (f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the default (lr 0.001), "
+                f"{1 - best['test_accuracy']:.2%} tuned (rank 1): **{change}**.") in note
+    assert ("[![test error vs learning rate](/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)]"
+            "(/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)") in note
+
+
+def test_the_default_configuration_comes_from_the_knob_table():
+    from sparktf import knobs
+
+    default = run_summary.default_configuration()
+    assert default == {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
+                       "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
+    # The seed's choices are among the table's default values, so the default grid holds it.
+    assert default["learning_rate"] in knobs.BY_NAME["learning_rates"].default
+    assert default["hidden_units"] in knobs.BY_NAME["hidden_units"].default
+    rows = [{"trial_id": "t", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128, "dropout": 0.5}]
+    assert run_summary.find_default_row(rows, model_family="mnist_cnn", fixed={"optimizer": "adam", "augment": 0.0})
+    assert run_summary.find_default_row(rows, model_family="mlp", fixed={}) is None
+    assert run_summary.find_default_row(rows, model_family="mnist_cnn", fixed={"optimizer": "sgd"}) is None
+
+
+def synthetic_grid(n_rates: int, n_widths: int) -> tuple[dict, dict]:
+    rows = []
+    for i in range(n_rates * n_widths):
+        rows.append({"rank": i + 1, "trial_id": f"trial-{i:010d}", "learning_rate": 0.0001 * (i // n_widths + 1),
+                     "hidden_units": 128 * (i % n_widths + 1), "batch_size": 128, "dropout": 0.5,
+                     "val_accuracy": 0.99 - i / 1000, "test_accuracy": 0.989 - i / 1000, "epochs_run": 30,
+                     "train_seconds": 1234.5})
+    results = {"leaderboard": rows, "failed": [{"trial_id": "trial-x", "reason": "error: " + "x" * 400}],
+               "fixed": {"optimizer": "adam", "augment": 0.0}, "model_family": "mnist_cnn"}
+    tune_xcom = {"trials": len(rows) + 1, "succeeded": len(rows), "failed": 1, "figure_uri": "s3://b/f.png",
+                 "leaderboard": rows[:5]}
+    return tune_xcom, results
+
+
+@pytest.mark.parametrize("rates, widths", [(1, 1), (3, 3), (10, 10)])
+def test_a_note_always_fits_airflows_limit(rates, widths):
+    tune_xcom, results = synthetic_grid(rates, widths)
+    export = {"model_name": "mnist-cnn", "version": 12, "promoted": False, "champion_version": 11,
+              "promotion_reason": "test_accuracy 0.98900 does not beat champion v11 0.99000 (recorded on the same "
+                                  "test set, min improvement 0.0)"}
+    facts = run_summary.tuning_facts(tune_xcom, results, export)
+    note = run_notes.tuning_note(facts, state="failed", problems=["`export_best_model` **failed**: see its log"],
+                                 figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"))
+    assert len(note) <= run_notes.MAX_NOTE_CHARS
+    assert note.startswith(run_notes.NOTE_MARKER) and "**Tuning run failed**" in note
+    assert "![test error vs learning rate](/sparktf/figure/tuning_pipeline/" in note
+    assert "**Champion:** `mnist-cnn` v12 **not promoted** (champion stays v11): test_accuracy 0.98900" in note
+    assert f"| {min(3, rates * widths)} |" in note
+    if rates * widths > 3:
+        assert "more (every trial: `tune` XCom, `results.json`)" in note
+
+
+def test_even_an_extreme_note_fits_and_keeps_the_decision_and_the_figure():
+    tune_xcom, results = synthetic_grid(10, 10)
+    export = {"model_name": "m" * 64, "version": 123456789, "promoted": False, "champion_version": 123456788,
+              "promotion_reason": "test_accuracy 0.98900 does not beat champion (" + "y" * 900 + ")"}
+    facts = run_summary.tuning_facts(tune_xcom, results, export)
+    note = run_notes.tuning_note(facts, state="failed", problems=["`export_best_model` **failed**: see its log"] * 3,
+                                 figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"))
+    assert len(note) <= run_notes.MAX_NOTE_CHARS
+    assert "| 1 |" in note and "**not promoted**" in note and "/sparktf/figure/tuning_pipeline/" in note
+
+
+def test_nightly_note_when_too_many_images_are_set_aside():
+    job = {"date": "2026-11-20", "listed": 10, "scored": 6, "set_aside": 4, "reasons": {"corrupt": 3, "too_large": 1},
+           "label_histogram": {"3": 4, "7": 2}, "model_name": "digits", "model_version": 2,
+           "output_uri": "s3://b/ws/predictions/2026-11-20/", "failure_ratio_exceeded": True}
+    facts = run_summary.nightly_facts({"date": "2026-11-20", "images": 10}, job)
+    note = run_notes.nightly_note(facts, state="failed", problems=["`batch_inference` **failed**: see its log"])
+    assert "**Nightly inference failed: 2026-11-20**" in note
+    assert "**6 scored**, **4 set aside** of 10 images, with model `digits` v2." in note
+    assert "Set aside: corrupt 3, too_large 1." in note and "published, then failed" in note
+    assert "| label | 3 | 7 |" in note and "| images | 4 | 2 |" in note
