@@ -15,23 +15,29 @@ on Spark, and publishes one predictions partition per day.
 
 | task | what it does | XCom |
 |---|---|---|
-| `find_new_images` | lists the partition; **no images → every later task is skipped** (the run succeeds) | date, images, bytes, data interval |
-| `resolve_model` | champion or pinned version; checks the `.keras` artifact against its sha256; missing or unreadable → fails with the reason | version, model URI, sha256, labels |
-| `batch_inference` | Spark job `jobs/batch_inference.py`: concurrent GETs per task, decode, one model call per batch, model loaded once per Python worker; atomic publish | counts, reasons, label histogram, throughput |
+| `find_new_images` | lists the partition (empty folder markers are counted, not listed); **no images → every later task is skipped** (the run succeeds, the published partition is untouched) | date, images, bytes, markers skipped, data interval |
+| `resolve_model` | champion or pinned version; checks the `.keras` artifact against its sha256; missing or tampered → fails with the reason and what to do | version, model URI, sha256, labels |
+| `batch_inference` | Spark job `jobs/batch_inference.py`: concurrent GETs per task, decode, one model call per batch, model loaded once per Python worker; publish (new files, then a conditional `_SUCCESS` switch) | counts, reasons, label histogram, throughput |
 | `publish` | checks the published `_SUCCESS` manifest; emits the predictions **Asset** event (extra: date, URI, counts, model version) | the run summary |
 
-**Output** — `<workspace_uri>/predictions/<model_name>/<YYYY-MM-DD>/` (each model its own partitions): `part-*.parquet` (key, predicted_label,
-score, top_k [label, score] x 5, model_name, model_version, partition_date, processed_at),
-`_errors/part-*.parquet` (key, reason, detail for every image set aside) and `_SUCCESS` (a JSON
-manifest, written last). **Reader contract:** trust a partition only when `_SUCCESS` exists; read
-the files it lists. A re-run (clear the task, or trigger with the same `date`) deletes `_SUCCESS`
-first, replaces the files, then writes `_SUCCESS`: the same rows (`processed_at` is the run's
-logical date), never duplicates, never a half-written partition that looks complete.
+**Output** — `<workspace_uri>/predictions/<model_name>/<YYYY-MM-DD>/` (each model its own partitions): `part-<publish id>-*.parquet` (key,
+predicted_label, score, top_k [label, score] x 5, model_name, model_version, partition_date,
+processed_at), `_errors/part-<publish id>-*.parquet` (key, reason, detail for every image set
+aside) and `_SUCCESS` (a JSON manifest listing every file with its size and ETag, switched last).
+**Reader contract:** a published date always has a `_SUCCESS` naming one run's complete output;
+read `_SUCCESS`, then exactly the files it lists (not the folder), and if a listed file is gone,
+read `_SUCCESS` again (a re-run replaced it). A re-run (clear, or trigger with the same `date`)
+writes new files, switches `_SUCCESS` in one conditional PUT, then deletes the old files: the
+same rows (`processed_at` is the run's logical date), never a mix, never nothing. Overlapping runs
+of one date: **the first to publish wins**; the other fails (`batch_inference`, no retry) without
+touching the partition. A re-run that would score fewer than half the images of the published
+partition (e.g. incoming objects expired) is refused unless `allow_shrink`.
 
-**Failures:** more than `max_failure_ratio` of the images set aside fails `batch_inference` after
-the partition (with its `_errors`) is published, flagged `failure_ratio_exceeded` in `_SUCCESS`;
-no Asset event is emitted for it. Downstream DAGs schedule on the Asset
-`s3://<default workspace>/predictions` and read the date from the event's extra.
+**Failures:** more than `max_failure_ratio` of the images set aside fails `batch_inference` (no
+retry) after the partition (with its `_errors`) is published, flagged `failure_ratio_exceeded` in
+`_SUCCESS`; no Asset event is emitted for it. An image the store keeps failing to serve fails the
+Spark task (Spark retries it), never becomes a set-aside row. Downstream DAGs schedule on the
+Asset `s3://<default workspace>/predictions` and read the date from the event's extra.
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ PARAMS = {
                                description="Fail the run (after publishing) when more images are set aside."),
     "batch_size": Param(256, type="integer", minimum=1, maximum=8192, title="Images per model call"),
     "fetch_threads": Param(16, type="integer", minimum=1, maximum=128, title="Concurrent GETs per Spark task"),
+    "max_image_bytes": Param(50_000_000, type="integer", minimum=1, title="Largest image fetched (bytes)",
+                             description="Objects listed larger are set aside as too_large without being fetched."),
+    "allow_shrink": Param(False, type="boolean", title="Allow a much smaller re-run",
+                          description="Replace a published partition even with one scoring fewer than half its images."),
 }
 
 
@@ -116,17 +126,18 @@ def nightly_inference():
         stamp = context.get("logical_date") or context["dag_run"].run_after
         interval = [str(context.get("data_interval_start")), str(context.get("data_interval_end"))]
         incoming = predictions.partition_uri(params["workspace_uri"] + "/incoming", date)
-        objects = predictions.list_partition(params["workspace_uri"] + "/incoming", date)
+        objects, markers = predictions.scan_partition(params["workspace_uri"] + "/incoming", date)
         summary = {
             "date": date, "date_from": source, "data_interval": interval, "incoming_uri": incoming,
-            "images": len(objects), "bytes": sum(o["size"] for o in objects),
+            "images": len(objects), "bytes": sum(o["size"] for o in objects), "markers_skipped": markers,
+            "over_max_image_bytes": sum(1 for o in objects if o["size"] > params["max_image_bytes"]),
             "processed_at": stamp.astimezone(dt.UTC).isoformat(),
         }
         if objects:
             return summary
         # A falsy result skips the downstream tasks and is not pushed to XCom: push the summary
         # explicitly so the run still says "0 images for <date>".
-        summary["skipped_reason"] = f"no images under {incoming}"
+        summary["skipped_reason"] = f"no images under {incoming} ({markers} empty folder markers skipped)"
         ti.xcom_push(key="return_value", value=summary)
         print(f"0 images for {date} under {incoming}: nothing to score, downstream tasks skipped")
         return False
@@ -145,9 +156,17 @@ def nightly_inference():
         try:
             metadata = registry.resolve(models_uri, params["model_name"], params["model_version"])
             registry.verify_artifact(metadata["model_uri"], metadata["model_sha256"])
-        except (registry.ModelNotFound, registry.ModelIntegrityError) as err:
-            raise AirflowFailException(f"cannot use model {params['model_name']!r} "
-                                       f"({params['model_version']}): {err}") from None
+        except registry.ModelNotFound as err:
+            raise AirflowFailException(
+                f"cannot use model {params['model_name']!r} ({params['model_version']}): {err}. To fix: run "
+                f"tuning_pipeline to register and promote a model, or trigger with model_version set to a "
+                f"registered version") from None
+        except registry.ModelIntegrityError as err:
+            raise AirflowFailException(
+                f"cannot use model {params['model_name']!r} ({params['model_version']}): {err}. The artifact was "
+                f"changed after it was registered, so it is not trusted. To fix: re-register the model (run "
+                f"tuning_pipeline again), or trigger with model_version set to another registered version; "
+                f"never edit an artifact in place") from None
         return {
             "model_name": params["model_name"], "version": int(metadata["version"]),
             "requested": params["model_version"], "model_uri": metadata["model_uri"],
@@ -172,6 +191,8 @@ def nightly_inference():
             "--batch-size", "{{ params.batch_size }}",
             "--fetch-threads", "{{ params.fetch_threads }}",
             "--max-failure-ratio", "{{ params.max_failure_ratio }}",
+            "--max-image-bytes", "{{ params.max_image_bytes }}",
+            "--allow-shrink", "{{ params.allow_shrink }}",
         ],
         result_uri=RESULT_URI,
         conf=SPARK_CONF,
@@ -190,12 +211,15 @@ def nightly_inference():
 
         aws_connection.use_connection()
         manifest = predictions.read_published(job["output_uri"])
-        if manifest is None or manifest.get("attempt_id") != job["attempt_id"]:
-            raise AirflowFailException(f"{job['output_uri']} has no _SUCCESS manifest from this run's job "
-                                       f"(attempt {job['attempt_id']}): the partition was replaced or removed")
+        if manifest is None or manifest.get("publish_id") != job["publish_id"]:
+            current = (manifest or {}).get("attempt_id")
+            raise AirflowFailException(f"{job['output_uri']} no longer holds this run's output (attempt "
+                                       f"{job['attempt_id']}): a later run (attempt {current}) replaced it; "
+                                       f"its own run announces it")
         summary = {
             "date": job["date"], "images_listed": job["listed"], "images_scored": job["scored"],
             "images_set_aside": job["set_aside"], "set_aside_reasons": job["reasons"],
+            "markers_skipped": job["markers_skipped"], "storage_retries": job["storage_retries"],
             "label_histogram": job["label_histogram"], "model_name": model["model_name"],
             "model_version": job["model_version"], "output_uri": job["output_uri"],
             "success_uri": job["success_uri"], "images_per_second": job["images_per_second"],

@@ -39,7 +39,7 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
                                        key="return_value")
             rows = session.scalars(query).all()
             value = XComModel.deserialize_value(rows[0]) if rows else None
-            summary["tasks"][ti.task_id] = {"state": str(ti.state), "xcom": value}
+            summary["tasks"][ti.task_id] = {"state": str(ti.state), "try_number": ti.try_number, "xcom": value}
         # The run's note, as the UI shows it (rendered by the DAG's report task, attached by the plugin).
         summary["note"] = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id,
                                                                DagRun.run_id == dag_run.run_id)).one().note

@@ -9,7 +9,7 @@ with :func:`sparktf.images.decode_image`. Results come back in input order, with
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +20,8 @@ DETAIL_CHARS = 300
 
 def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, channels: int,
                   max_pixels: int, fetch_threads: int = 16, window: int | None = None,
-                  s3=None, resize_policy: str = "resize") -> Iterator[tuple[str, Any, str | None, str | None]]:
+                  s3=None, sizes: Mapping[str, int] | None = None, max_bytes: int | None = None,
+                  resize_policy: str = "resize") -> Iterator[tuple[str, Any, str | None, str | None]]:
     """Fetch and decode objects concurrently; yield ``(key, array | None, reason, detail)`` in key order.
 
     ``resize_policy`` is :func:`sparktf.images.decode_image`'s (``resize`` for digits, the
@@ -28,7 +29,9 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
 
     An image that cannot be used gets :class:`sparktf.images.ImageRejected`'s reason; an object
     that vanished after it was listed gets ``missing``; one the store refuses to serve (e.g.
-    access denied) gets ``unreadable``.
+    access denied) gets ``unreadable``. With ``max_bytes``, an object whose listed size
+    (``sizes``) is larger gets ``too_large`` without being fetched (and so does one that grew
+    past it after listing).
 
     Raises:
         storage.TransientStorageError: an object stayed unreadable through every retry. That is
@@ -43,6 +46,9 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
 
     def work(key: str):
         uri = storage.object_uri(bucket, key)
+        listed = (sizes or {}).get(key)
+        if max_bytes is not None and listed is not None and listed > max_bytes:
+            return key, None, "too_large", f"{listed} bytes listed, over the {max_bytes}-byte cap (not fetched)"
         try:
             data = storage.read_bytes(uri, s3)
         except storage.ObjectNotFound:
@@ -51,6 +57,8 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
             raise
         except Exception as err:  # noqa: BLE001 - the store refused this one object
             return key, None, "unreadable", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
+        if max_bytes is not None and len(data) > max_bytes:
+            return key, None, "too_large", f"{len(data)} bytes, over the {max_bytes}-byte cap"
         try:
             array = decode_image(data, height=height, width=width, channels=channels, max_pixels=max_pixels,
                                  resize_policy=resize_policy)

@@ -53,7 +53,14 @@ def decode_image(
     size are brought to the target with bilinear filtering as ``resize_policy`` says (see
     :data:`RESIZE_POLICIES`): ``resize`` (the default) stretches and composites transparent pixels
     onto black (digits); ``center_crop`` keeps the aspect ratio, cuts out the centre and
-    composites onto white (photos).
+    composites onto white (photos). The EXIF orientation is applied first (phone photos are
+    stored sideways with an orientation tag). Multi-frame files (animated GIF, WebP, multi-page
+    TIFF) use their first frame.
+
+    Memory stays bounded by the decoded image itself: JPEGs are decoded at a reduced scale when
+    the target is much smaller (``draft``), large images are reduced by an integer factor before
+    any conversion, and 16/32-bit images are brought to the target in their own depth before
+    being scaled to 8 bits (never a full-size float copy).
 
     Raises:
         ImageRejected: with reason ``empty``, ``not_an_image``, ``too_large``, ``truncated`` or
@@ -76,6 +83,11 @@ def decode_image(
                 with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
                     if img.width * img.height > max_pixels:
                         raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
+                    if img.format == "JPEG":
+                        # Let the JPEG decoder scale down by 1/2..1/8 while keeping at least twice
+                        # the target on each side (square request: orientation may swap the sides).
+                        side = 2 * max(height, width)
+                        img.draft(img.mode, (side, side))
                     img.load()
                     array = _to_array(img, height=height, width=width, channels=channels,
                                       resize_policy=resize_policy)
@@ -97,10 +109,20 @@ def decode_image(
     return array
 
 
-def _to_array(img, *, height: int, width: int, channels: int, resize_policy: str = DEFAULT_RESIZE_POLICY) -> np.ndarray:
-    from PIL import Image
+# Modes Image.reduce supports (P would average palette indices, 1 and I;16 are refused).
+_REDUCIBLE_MODES = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"}
 
-    img = _to_8bit(img)
+
+def _to_array(img, *, height: int, width: int, channels: int, resize_policy: str = DEFAULT_RESIZE_POLICY) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    ImageOps.exif_transpose(img, in_place=True)  # before any resize; no copy when already upright
+    factor = min(img.width // (2 * width), img.height // (2 * height))
+    if factor >= 2 and img.mode in _REDUCIBLE_MODES:
+        # A box reduction to at least twice the target on each side first: the conversions below
+        # then work on a small image, and the final resample still has the detail it needs.
+        img = img.reduce(factor)
+    img = _to_8bit(img, height=height, width=width, resize_policy=resize_policy)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         shade = _ALPHA_BACKGROUND[resize_policy]
@@ -132,15 +154,23 @@ def _fit(img, *, width: int, height: int, resize_policy: str):
     return img.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def _to_8bit(img):
-    """Scale 16/32-bit integer and float images to 8 bits (Pillow's convert clips instead)."""
+def _to_8bit(img, *, height: int, width: int, resize_policy: str = DEFAULT_RESIZE_POLICY):
+    """Stretch 16/32-bit integer and float images to 8 bits over their full range (Pillow's
+    convert clips instead).
+
+    The range comes from the whole image (computed by Pillow, no copy); the image is brought to
+    the target (as the policy says) in its own depth first, so only a target-sized array is
+    ever converted to float. A 6000 x 6000 16-bit PNG costs its 72 MB decoded buffer, not
+    gigabytes of float64 copies.
+    """
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        low, high = (float(v) for v in img.getextrema())
+        img = _fit(img, width=width, height=height, resize_policy=resize_policy)
         values = np.asarray(img, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(scaled.round(), 0, 255).astype(np.uint8), mode="L")
     return img
 
 

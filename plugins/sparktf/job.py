@@ -15,6 +15,19 @@ from sparktf import storage
 log = logging.getLogger("sparktf")
 
 
+class FinalFailure(RuntimeError):
+    """A failure that running the job again cannot fix (same inputs, same outcome), e.g. a
+    breached failure ratio or a lost publish race.
+
+    :func:`run_spark_job` writes the job's result with ``final_failure`` set to the message before
+    failing, so the submitting operator can fail the Airflow task without retrying it.
+    """
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -57,6 +70,9 @@ def run_spark_job(app_name: str, run: Callable[[Any, Any], dict[str, Any]], args
     spark = spark_session(app_name)
     try:
         write_result(args.result_uri, run(spark, args))
+    except FinalFailure as failure:
+        write_result(args.result_uri, {**failure.result, "final_failure": str(failure)})
+        raise
     finally:
         spark.stop()
     return 0

@@ -82,11 +82,17 @@ def top_k(probabilities, k: int) -> tuple[Any, Any]:
 def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: str, label_names: list[str],
                input_shape: tuple[int, int, int], batch_size: int = 256, fetch_threads: int = 16,
                max_pixels: int = 40_000_000, k: int = 5, cpus: int | None = None,
+               sizes: dict[str, int] | None = None, max_image_bytes: int | None = None,
                resize_policy: str = "resize") -> dict[str, Any]:
     """Score objects: fetch + decode concurrently, then one model call per batch.
 
     ``resize_policy`` is how images reach ``input_shape`` (:data:`sparktf.images.RESIZE_POLICIES`:
     ``resize`` for digits, the default; ``center_crop`` for photos).
+
+    Objects whose listed size (``sizes``) is over ``max_image_bytes`` are set aside as
+    ``too_large`` without being fetched. An object the store keeps failing to serve raises
+    :class:`sparktf.storage.TransientStorageError` (the task fails and Spark retries it): the
+    store's trouble is never recorded as a bad image.
 
     Returns:
         ``{"predictions": [{key, predicted_label, score, top_k}], "errors": [{key, reason, detail}],
@@ -101,6 +107,7 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
     errors: list[dict] = []
     stats = {"keys": len(keys), "model_loaded_now": False, "model_seconds": 0.0, "batches": 0,
              "pid": os.getpid()}
+    retries_before = storage.retries_so_far()
     started = time.perf_counter()
     batch_keys: list[str] = []
     batch_arrays: list = []
@@ -131,7 +138,8 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
     window = int(batch_size) + 2 * max(1, int(fetch_threads))
     for key, array, reason, detail in fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels,
                                                     max_pixels=max_pixels, fetch_threads=fetch_threads,
-                                                    window=window, resize_policy=resize_policy):
+                                                    window=window, sizes=sizes, max_bytes=max_image_bytes,
+                                                    resize_policy=resize_policy):
         if array is None:
             errors.append({"key": key, "reason": reason, "detail": detail or ""})
             continue
@@ -142,6 +150,7 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
     flush()
     stats["seconds"] = time.perf_counter() - started
     stats["model_loads_in_worker"] = model_loads()
+    stats["storage_retries"] = storage.retries_so_far() - retries_before
     return {"predictions": predictions, "errors": errors, "stats": stats}
 
 
@@ -152,7 +161,8 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
 
 def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str, model: dict[str, Any],
                     partition_date: str, processed_at: dt.datetime, batch_size: int, fetch_threads: int,
-                    max_pixels: int, top: int, resize_policy: str | None = None) -> dict[str, Any]:
+                    max_pixels: int, top: int, sizes: dict[str, int] | None = None,
+                    max_image_bytes: int | None = None, resize_policy: str | None = None) -> dict[str, Any]:
     """Score one group of keys and write its predictions and errors parts under ``staged_uri``.
 
     Args:
@@ -160,27 +170,31 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         model: the resolved version's metadata (``name``, ``version``, ``model_uri``,
             ``model_sha256``, ``label_names``, ``input_shape``, and ``resize_policy`` for
             models registered with one: a version without it is decoded the old way, ``resize``).
+        sizes: the listed size of each key (for ``max_image_bytes``).
         resize_policy: overrides the version's ``resize_policy`` (None: the version decides).
 
     Returns:
-        The task's summary: part names, counts, label and reason histograms, a sample of errors,
-        timing stats and the executor it ran on.
+        The task's summary: part names and sizes, counts, label and reason histograms, a sample
+        of errors, timing stats and the executor it ran on.
     """
     scored = score_keys(
         bucket, keys, model_uri=model["model_uri"], model_sha256=model["model_sha256"],
         label_names=model["label_names"], input_shape=tuple(model["input_shape"]), batch_size=batch_size,
         fetch_threads=fetch_threads, max_pixels=max_pixels, k=top, cpus=executor.task_cpus(),
+        sizes=sizes, max_image_bytes=max_image_bytes,
         resize_policy=resize_policy or model.get("resize_policy") or "resize")
     name = f"part-{index:05d}.parquet"
     error_name = f"{predictions.ERRORS_DIR}/{name}"
     s3 = storage.client()
-    storage.write_bytes(storage.join_uri(staged_uri, name), predictions.predictions_parquet(
+    predictions_data = predictions.predictions_parquet(
         scored["predictions"], model_name=model["name"], model_version=model["version"],
-        partition_date=partition_date, processed_at=processed_at), s3)
-    storage.write_bytes(storage.join_uri(staged_uri, error_name),
-                        predictions.errors_parquet(scored["errors"], partition_date=partition_date), s3)
+        partition_date=partition_date, processed_at=processed_at)
+    errors_data = predictions.errors_parquet(scored["errors"], partition_date=partition_date)
+    storage.write_bytes(storage.join_uri(staged_uri, name), predictions_data, s3)
+    storage.write_bytes(storage.join_uri(staged_uri, error_name), errors_data, s3)
     return {
         "index": index, "file": name, "errors_file": error_name,
+        "file_size": len(predictions_data), "errors_size": len(errors_data),
         "scored": len(scored["predictions"]), "set_aside": len(scored["errors"]),
         "labels": dict(Counter(p["predicted_label"] for p in scored["predictions"])),
         "reasons": dict(Counter(e["reason"] for e in scored["errors"])),

@@ -18,7 +18,8 @@ object is never retried: it raises :class:`ObjectNotFound` at once.
 
 **Conditional writes.** :func:`write_bytes` can create only if absent (``If-None-Match: *``) or
 replace only the version read before (``If-Match: <etag>``); a lost race raises
-:class:`PreconditionFailed`.
+:class:`PreconditionFailed`. They are retried like every other call: a resend refused only
+because its own first copy landed (the answer was lost) is recognised and counts as done.
 
 boto3 clients are not fork-safe, so one client is kept per process id (and settings).
 """
@@ -234,6 +235,14 @@ def _backoff(attempt: int) -> None:
     time.sleep(delay * (0.5 + random.random() / 2))
 
 
+_RETRIES = {"count": 0}  # retried attempts in this process (transient failures that were retried)
+
+
+def retries_so_far() -> int:
+    """How many attempts this process has retried after a transient failure (for job statistics)."""
+    return _RETRIES["count"]
+
+
 def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPTS) -> T:
     """Run ``operation`` until it succeeds, retrying transient failures with backoff.
 
@@ -252,6 +261,7 @@ def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPT
             if attempt + 1 == attempts:
                 raise TransientStorageError(
                     f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})") from err
+            _RETRIES["count"] += 1  # a race between threads only blurs a statistic
             log.warning("%s: %s, retrying (attempt %d of %d)", what, type(err).__name__, attempt + 2, attempts)
             _backoff(attempt)
     raise AssertionError("unreachable")
@@ -333,18 +343,20 @@ def download_file(uri: str, path: str, s3=None) -> str:
 
 
 def head(uri: str, s3=None) -> dict[str, Any] | None:
-    """``{"size", "etag"}`` of an object, or None when it does not exist."""
+    """``{"size", "etag", "last_modified"}`` of an object, or None when it does not exist."""
     loc = parse_uri(uri)
     s3 = s3 or client()
     try:
         response = retrying(f"HEAD {uri}", lambda: s3.head_object(Bucket=loc.bucket, Key=loc.key))
     except ObjectNotFound:
         return None
-    return {"size": int(response.get("ContentLength", 0)), "etag": response.get("ETag", "").strip('"')}
+    return {"size": int(response.get("ContentLength", 0)), "etag": response.get("ETag", "").strip('"'),
+            "last_modified": response.get("LastModified")}
 
 
 def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
-    """Yield ``{"key", "size", "etag"}`` for every object under a prefix (recursively), in key order."""
+    """Yield ``{"key", "size", "etag", "last_modified"}`` for every object under a prefix (recursively),
+    in key order (``last_modified``: the store's clock, a timezone-aware datetime)."""
     loc = parse_uri(prefix)
     s3 = s3 or client()
     token = None
@@ -354,7 +366,8 @@ def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
             kwargs["ContinuationToken"] = token
         page = retrying(f"LIST {prefix}", lambda kw=kwargs: s3.list_objects_v2(**kw))
         for obj in page.get("Contents", []):
-            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj.get("ETag", "").strip('"')}
+            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj.get("ETag", "").strip('"'),
+                   "last_modified": obj.get("LastModified")}
         if not page.get("IsTruncated"):
             return
         token = page["NextContinuationToken"]
@@ -389,6 +402,12 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
     Returns:
         The new object's ETag.
 
+    A conditional PUT is retried like any other: a PUT resent after its answer was lost (the
+    store acted, then the connection broke; botocore resends on its own too) meets its own first
+    copy and is refused. So a refusal is checked: if the object now holds exactly ``data``, the
+    write was ours and succeeded. (Every conditional document of this package names its writer
+    or its time, so another writer's bytes are never identical.)
+
     Raises:
         PreconditionFailed: the condition did not hold (someone else wrote first, or the object
             ``if_match`` names was deleted).
@@ -406,15 +425,32 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
         return s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra).get("ETag", "").strip('"')
 
     try:
-        # A conditional PUT is not retried blindly: a retry after a lost answer would see our
-        # own write and report a conflict. botocore still retries connection-level failures.
-        return put() if conditional else retrying(f"PUT {uri}", put)
+        return retrying(f"PUT {uri}", put)
     except Exception as err:  # noqa: BLE001 - classified below
         # If-Match on an object deleted since it was read answers 404: the same lost race.
-        if _error_code(err) in _PRECONDITION_CODES or (if_match and is_not_found(err)):
-            condition = "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
-            raise PreconditionFailed(f"PUT {uri} ({condition}): the object was written by someone else") from None
-        raise
+        refused = _error_code(err) in _PRECONDITION_CODES or (
+            bool(if_match) and (is_not_found(err) or isinstance(err, ObjectNotFound)))
+        if not (conditional and refused):
+            raise
+        etag = _etag_if_holding(loc, data, s3)
+        if etag is not None:
+            log.info("PUT %s: refused on a resend, but the object holds exactly this write: it was ours", uri)
+            return etag
+        condition = "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
+        raise PreconditionFailed(f"PUT {uri} ({condition}): the object was written by someone else") from None
+
+
+def _etag_if_holding(loc: S3Location, data: bytes, s3) -> str | None:
+    """The object's ETag if its bytes are exactly ``data``, else None (also when it is missing)."""
+    def get() -> tuple[bytes, str]:
+        response = s3.get_object(Bucket=loc.bucket, Key=loc.key)
+        return response["Body"].read(), response.get("ETag", "").strip('"')
+
+    try:
+        body, etag = retrying(f"GET {loc.uri}", get)
+    except ObjectNotFound:
+        return None
+    return etag if body == data else None
 
 
 def write_json(uri: str, value: Any, s3=None, **conditions: Any) -> str:

@@ -59,6 +59,7 @@ def test_the_0230_run_scores_the_day_its_interval_starts_on(dag):
 @pytest.mark.parametrize("change", [
     {"date": "2026-13-01"}, {"date": "20261120"}, {"model_version": "latest"}, {"model_version": "0"},
     {"max_failure_ratio": 1.5}, {"batch_size": 0}, {"workspace_uri": "/local/path"},
+    {"max_image_bytes": 0}, {"allow_shrink": "yes"},
 ], ids=lambda c: json.dumps(c))
 def test_bad_trigger_params_are_refused(dag, change):
     from airflow.sdk import Param
@@ -78,3 +79,18 @@ def test_good_manual_params_are_accepted(dag):
     values = {key: dag.params[key] for key in dag.params}
     values.update(date="2026-11-20", model_version="12")
     ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()}).validate()
+
+
+def test_the_job_gets_the_byte_cap_and_the_shrink_permission(dag):
+    from sparktf.jobs import batch_inference
+
+    job_args = dag.get_task("batch_inference").application_args
+    assert job_args[job_args.index("--max-image-bytes") + 1] == "{{ params.max_image_bytes }}"
+    assert job_args[job_args.index("--allow-shrink") + 1] == "{{ params.allow_shrink }}"
+    assert dag.params["allow_shrink"] is False and dag.params["max_image_bytes"] == 50_000_000
+    # How Airflow renders a boolean Param, read back by the job
+    required = ["--incoming-uri", "s3://b/i/", "--output-uri", "s3://b/o/", "--date", "2026-11-20",
+                "--models-uri", "s3://b/m/", "--model-name", "digits"]
+    assert batch_inference.parse_args([*required, "--allow-shrink", "False"]).allow_shrink is False
+    assert batch_inference.parse_args([*required, "--allow-shrink", "True"]).allow_shrink is True
+    assert batch_inference.parse_args(required).allow_shrink is False

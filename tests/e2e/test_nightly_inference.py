@@ -1,5 +1,6 @@
-"""The nightly_inference DAG through Airflow: two dates scored by real spark-submit jobs, an empty
-date that short-circuits, a pinned and a missing model version, and the predictions Asset event."""
+"""The nightly_inference DAG through Airflow: dates scored by real spark-submit jobs, an empty date
+that short-circuits, a pinned, a missing and a tampered model, a failure-ratio breach, a manual
+run with the date Param, a cleared run, a run through a faulty store, and the Asset events."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from sparktf import predictions, storage
+from sparktf.faults import FaultProxy
 from sparktf.testing import land_partition, run_dag, train_tiny_model
 from sparktf.testing import register_trial as register_model
 
@@ -19,17 +21,25 @@ DATES = {  # logical date of the 02:30 run -> the partition its data interval co
     "2026-11-22T02:30:00+00:00": "2026-11-21",
     "2026-11-23T02:30:00+00:00": "2026-11-22",  # nothing landed that day
 }
+BREACH = ("2026-11-24T02:30:00+00:00", "2026-11-23")  # mostly bad files that day
+BIG = 300  # images of 2026-11-21 (re-run through the faulty store)
 
 
 @pytest.fixture(scope="module")
 def workspace(bucket, mnist_subset) -> str:
     ws = f"s3://{bucket}/e2e-nightly/ws"
-    register_model(ws + "/models/", "digits", train_tiny_model(ws + "/scratch", mnist_subset))
+    record = train_tiny_model(ws + "/scratch", mnist_subset)
+    register_model(ws + "/models/", "digits", record)
+    tampered = register_model(ws + "/models/", "tampered", record)
+    storage.write_bytes(tampered["model_uri"], b"not the bytes that were registered")
     _tx, _ty, test_x, test_y = mnist_subset
     land_partition(ws + "/incoming/", "2026-11-20", test_x[100:116], test_y[100:116], with_bad=False)
     storage.write_bytes(f"{ws}/incoming/2026-11-20/late/empty file.png", b"")
     storage.write_bytes(f"{ws}/incoming/2026-11-20/late/index.png", b"<html>404</html>")
-    land_partition(ws + "/incoming/", "2026-11-21", test_x[200:210], test_y[200:210], with_bad=False)
+    storage.write_bytes(f"{ws}/incoming/2026-11-20/late/", b"")  # a folder marker: counted, not listed
+    land_partition(ws + "/incoming/", "2026-11-21", test_x[200:200 + BIG], test_y[200:200 + BIG])
+    storage.write_bytes(f"{ws}/incoming/2026-11-22/", b"")  # only a folder marker that day
+    land_partition(ws + "/incoming/", BREACH[1], test_x[600:602], test_y[600:602])  # 2 valid, 8 bad
     return ws
 
 
@@ -51,13 +61,21 @@ def states(summary: dict) -> dict:
     return {task: info["state"] for task, info in summary["tasks"].items()}
 
 
-@pytest.mark.parametrize("date, scored, set_aside", [("2026-11-20", 16, 2), ("2026-11-21", 10, 0)])
+def rows_of(partition: str) -> tuple[list, list]:
+    scored, errors = predictions.read_predictions(partition)
+    return (sorted((r["key"], r["predicted_label"], r["score"], str(r["top_k"]), r["model_version"],
+                    str(r["processed_at"])) for r in scored),
+            sorted((e["key"], e["reason"], e["detail"]) for e in errors))
+
+
+@pytest.mark.parametrize("date, scored, set_aside", [("2026-11-20", 16, 2), ("2026-11-21", BIG, 8)])
 def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_aside):
     summary = runs[date]
     assert summary["state"].endswith("success")
     assert set(states(summary).values()) == {"success"}
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert found["date"] == date and found["date_from"] == "data_interval" and found["images"] == scored + set_aside
+    assert found["markers_skipped"] == (1 if date == "2026-11-20" else 0)
     model = summary["tasks"]["resolve_model"]["xcom"]
     assert model["version"] == 1 and model["requested"] == ("1" if date == "2026-11-21" else "champion")
     published = summary["tasks"]["publish"]["xcom"]
@@ -69,7 +87,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert len(rows) == scored and len({r["key"] for r in rows}) == scored and len(errors) == set_aside
     # processed_at is the run's logical timestamp, so re-running the run writes identical rows
     assert {r["processed_at"].isoformat() for r in rows} == {found["processed_at"]}
-    if set_aside:
+    if date == "2026-11-20":
         assert {e["reason"] for e in errors} == {"empty", "not_an_image"}
     # The run's note (what the run page shows): counts, reasons, label histogram, model version.
     note = summary["note"]
@@ -107,25 +125,71 @@ def test_empty_date_short_circuits_with_a_summary(runs):
                                "batch_inference": "skipped", "publish": "skipped", "report": "success"}
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert found["images"] == 0 and found["date"] == "2026-11-22" and "no images" in found["skipped_reason"]
+    assert found["markers_skipped"] == 1
     assert "Nightly inference succeeded: 2026-11-22" in summary["note"]
     assert f"0 images: {found['skipped_reason']}" in summary["note"]
 
 
-def test_predictions_asset_events_carry_the_partition(runs, airflow_env, workspace):
-    query = (
-        "import json\n"
-        "from airflow.models.asset import AssetEvent, AssetModel\n"
-        "from airflow.utils.session import create_session\n"
-        "with create_session() as s:\n"
-        "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
-        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
-    out = subprocess.run([sys.executable, "-c", query], env=airflow_env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1])
-              if name == "nightly_predictions" and extra["output_uri"].startswith(workspace + "/")]  # DB is shared
-    assert sorted(e["date"] for e in events) == ["2026-11-20", "2026-11-21"]  # none for the empty day
-    assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits"
-               for e in events)
+def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tmp_path):
+    partition = f"{workspace}/predictions/digits/2026-11-20/"
+    before = predictions.read_published(partition)
+    expected = rows_of(partition)
+    # "Clear": the run of the same logical date runs all its tasks again (dag.test clears them).
+    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference",
+                                    {"workspace_uri": workspace, "model_name": "digits"},
+                                    logical_date="2026-11-21T02:30:00+00:00")
+    assert code == 0, output[-6000:]
+    assert summary["tasks"]["find_new_images"]["xcom"] == runs["2026-11-20"]["tasks"]["find_new_images"]["xcom"]
+    after = predictions.read_published(partition)
+    assert after["publish_id"] != before["publish_id"] and after["replaces"]["publish_id"] == before["publish_id"]
+    assert rows_of(partition) == expected
+
+
+def test_a_manual_run_scores_the_date_param(runs, airflow_env, workspace, tmp_path):
+    conf = {"workspace_uri": workspace, "model_name": "digits", "date": "2026-11-20"}
+    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf,
+                                    logical_date="2026-12-01T10:00:00+00:00")
+    assert code == 0, output[-6000:]
+    assert set(states(summary).values()) == {"success"}
+    found = summary["tasks"]["find_new_images"]["xcom"]
+    assert (found["date"], found["date_from"]) == ("2026-11-20", "param")
+    published = summary["tasks"]["publish"]["xcom"]
+    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["images_scored"] == 16
+    rows, _errors = predictions.read_predictions(published["output_uri"])
+    assert {r["processed_at"].isoformat() for r in rows} == {"2026-12-01T10:00:00+00:00"}
+
+
+@pytest.fixture(scope="module")
+def breach(airflow_env, workspace, tmp_path_factory) -> tuple:
+    conf = {"workspace_uri": workspace, "model_name": "digits"}
+    return run_dag(airflow_env, tmp_path_factory.mktemp("breach"), "nightly_inference", conf, logical_date=BREACH[0])
+
+
+def test_a_failure_ratio_breach_fails_the_run_and_flags_the_partition(breach, workspace):
+    code, summary, output = breach
+    assert code == 1 and summary["state"].endswith("failed")
+    assert states(summary)["batch_inference"] == "failed"
+    assert summary["tasks"]["batch_inference"]["try_number"] == 1  # not retried: it would end the same way
+    assert states(summary)["publish"] == "upstream_failed"  # so no Asset event
+    assert "set aside, more than --max-failure-ratio" in output
+    manifest = predictions.read_published(f"{workspace}/predictions/digits/{BREACH[1]}/")
+    assert manifest["failure_ratio_exceeded"] is True and (manifest["scored"], manifest["set_aside"]) == (2, 8)
+
+
+@pytest.mark.parametrize("model_name, message, what_to_do", [
+    ("nobody", "has no champion", "To fix: run tuning_pipeline"),
+    ("tampered", "changed after it was registered", "To fix: re-register the model"),
+])
+def test_a_missing_or_tampered_model_fails_resolve_model_saying_what_to_do(
+        airflow_env, workspace, runs, tmp_path, model_name, message, what_to_do):
+    conf = {"workspace_uri": workspace, "model_name": model_name, "date": "2026-11-20"}
+    logical = "2026-11-26T02:30:00+00:00" if model_name == "nobody" else "2026-11-27T02:30:00+00:00"
+    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf, logical_date=logical)
+    assert code == 1
+    assert states(summary)["resolve_model"] == "failed"
+    assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
+    assert message in output, output[-4000:]
+    assert what_to_do in output and "trigger with model_version set to" in output
 
 
 def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace, runs, tmp_path):
@@ -143,3 +207,45 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert "`resolve_model` **failed**: see its log" in summary["note"]
     # the partition scored earlier is untouched
     assert predictions.read_published(f"{workspace}/predictions/digits/2026-11-20/")["model_version"] == 1
+
+
+def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, airflow_env, workspace, s3_server,
+                                                                     tmp_path):
+    partition = f"{workspace}/predictions/digits/2026-11-21/"
+    clean = predictions.read_published(partition)
+    expected = rows_of(partition)
+    connection = json.loads(s3_server.connection_json())
+    # 5 % SlowDown, 2 % InternalError, 5 % connections reset mid-body, 3 % latency: every request
+    # of the run (Airflow tasks, Spark driver and executors) goes through the proxy.
+    with FaultProxy(s3_server.endpoint, seed=11, slowdown=0.05, internal=0.02, reset=0.05, latency=0.03) as proxy:
+        connection["extra"]["endpoint_url"] = proxy.endpoint
+        env = {**airflow_env, "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection)}
+        code, summary, output = run_dag(env, tmp_path, "nightly_inference",
+                                        {"workspace_uri": workspace, "model_name": "digits", "model_version": "1"},
+                                        logical_date="2026-11-22T02:30:00+00:00")
+    assert code == 0, output[-6000:]
+    assert min(proxy.faults[k] for k in ("slowdown", "internal", "reset")) > 0, proxy.faults
+    assert all(info["try_number"] == 1 for info in summary["tasks"].values())  # no task needed a retry
+    published = summary["tasks"]["publish"]["xcom"]
+    assert published["storage_retries"] > 0 and "unreadable" not in published["set_aside_reasons"]
+    manifest = predictions.read_published(partition)
+    assert manifest["replaces"]["publish_id"] == clean["publish_id"]
+    assert rows_of(partition) == expected
+
+
+def test_predictions_asset_events_carry_the_partition(runs, breach, airflow_env, workspace):
+    query = (
+        "import json\n"
+        "from airflow.models.asset import AssetEvent, AssetModel\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
+        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
+    out = subprocess.run([sys.executable, "-c", query], env=airflow_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1])
+              if name == "nightly_predictions" and extra["output_uri"].startswith(workspace + "/")]  # DB is shared
+    # none for the empty day, none for the breached one
+    assert {e["date"] for e in events} == {"2026-11-20", "2026-11-21"}
+    assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits"
+               for e in events)

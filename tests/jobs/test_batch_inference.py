@@ -91,18 +91,25 @@ def test_every_bad_file_is_listed_with_its_reason(first_run, workspace):
     assert {e["key"] for e in first_run["errors_sample"]} == set(bad)
 
 
-def test_partition_is_published_with_manifest_last_and_staging_cleaned(first_run, workspace):
+def test_partition_is_published_with_a_manifest_of_sizes_and_etags(first_run, workspace):
     ws = workspace["ws"]
     manifest = predictions.read_published(first_run["output_uri"])
     assert manifest["format"] == predictions.MANIFEST_FORMAT
     assert (manifest["listed"], manifest["scored"], manifest["set_aside"]) == (VALID + 8, VALID, 8)
     assert manifest["model_version"] == 1 and manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
+    assert manifest["replaces"] is None and manifest["publish_id"] == first_run["publish_id"]
+    assert first_run["publish_id"].startswith("first-")
     assert first_run["output_uri"] == f"{ws}/predictions/digits/{DATE}/"  # one folder per model
-    listed = storage.list_keys(first_run["output_uri"])
-    prefix = storage.parse_uri(first_run["output_uri"]).key
-    expected = set(manifest["files"]["predictions"] + manifest["files"]["errors"] + [predictions.MANIFEST_NAME])
-    assert {k[len(prefix):] for k in listed} == expected
-    assert sum(manifest["rows"].values()) == VALID
+    present = {o["key"][len(storage.parse_uri(first_run["output_uri"]).key):]: o
+               for o in storage.iter_objects(first_run["output_uri"])}
+    assert set(present) == set(predictions.listed_files(manifest)) | {predictions.MANIFEST_NAME}
+    for rel in predictions.listed_files(manifest):
+        # every file is named after this attempt and recorded with the size and ETag it has
+        assert predictions.publisher_of(rel) == first_run["publish_id"], rel
+        assert manifest["objects"][rel]["size"] == present[rel]["size"]
+        assert manifest["objects"][rel]["etag"] == present[rel]["etag"]
+    assert sum(manifest["objects"][rel]["rows"] for rel in manifest["files"]["predictions"]) == VALID
+    assert sum(manifest["objects"][rel]["rows"] for rel in manifest["files"]["errors"]) == 8
     assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
 
 
@@ -112,11 +119,22 @@ def test_model_is_loaded_once_per_python_worker(first_run):
     assert 1 <= first_run["model_loads"] <= first_run["python_workers"]
 
 
+def canonical(rows):
+    return sorted((r["key"], r["predicted_label"], round(r["score"], 5), str(r["processed_at"])) for r in rows)
+
+
 def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, workspace):
     ws = workspace["ws"]
-    before_rows, before_errors = predictions.read_predictions(first_run["output_uri"])
-    # Leftovers that a re-run must not keep: a stray file in the partition, an abandoned attempt.
-    storage.write_bytes(first_run["output_uri"] + "part-99999.parquet", b"stale")
+    partition = first_run["output_uri"]
+    before_rows, before_errors = predictions.read_predictions(partition)
+    first_files = predictions.listed_files(predictions.read_published(partition))
+    # A stray file in the partition is removed by the re-run. Another attempt still in flight
+    # (its marker is fresh) keeps its staging and the copies it already made; a staging folder
+    # without a marker is not the re-run's either: both are left for their owners.
+    storage.write_bytes(partition + "part-99999.parquet", b"stale")
+    in_flight = predictions.staging_uri(ws + "/predictions/digits/", DATE, "other-run-1-0a0b0c0d")
+    storage.write_json(in_flight + predictions.ATTEMPT_MARKER, {"publish_id": "other-run-1-0a0b0c0d"})
+    storage.write_bytes(partition + predictions.part_name("other-run-1-0a0b0c0d", 0), b"being copied")
     storage.write_bytes(f"{ws}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet", b"half")
     # Another model scoring the same day at the same time: its partition and staging are its own.
     others = [f"{ws}/predictions/photos/_staging/{DATE}/running/part-00000.parquet", f"{ws}/predictions/photos/{DATE}/_SUCCESS"]
@@ -125,15 +143,32 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     again = batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "second", "--max-keys-per-task", "20"))
     after_rows, after_errors = predictions.read_predictions(again["output_uri"])
 
-    def canonical(rows):
-        return sorted((r["key"], r["predicted_label"], round(r["score"], 5), str(r["processed_at"])) for r in rows)
-
     assert canonical(after_rows) == canonical(before_rows)
     assert sorted((e["key"], e["reason"]) for e in after_errors) == sorted((e["key"], e["reason"]) for e in before_errors)
-    assert storage.head(first_run["output_uri"] + "part-99999.parquet") is None
-    assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
-    assert again["tasks"] == 4 and predictions.read_published(again["output_uri"])["attempt_id"] == "second"
+    manifest = predictions.read_published(partition)
+    assert manifest["attempt_id"] == "second" and manifest["replaces"]["publish_id"] == first_run["publish_id"]
+    assert again["tasks"] == 4 and again["replaced"]["publish_id"] == first_run["publish_id"]
+    assert storage.head(partition + "part-99999.parquet") is None
+    assert all(storage.head(partition + rel) is None for rel in first_files)  # the replaced output is gone
+    assert storage.head(partition + predictions.part_name("other-run-1-0a0b0c0d", 0)) is not None
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{DATE}/") == sorted([
+        storage.parse_uri(in_flight).key + predictions.ATTEMPT_MARKER,
+        f"{storage.parse_uri(ws).key}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet"])
     assert all(storage.read_bytes(uri) == b"another model's" for uri in others)
+
+
+def test_attempts_dead_for_longer_than_the_stale_limit_are_cleaned_up(spark, first_run, workspace, monkeypatch):
+    ws = workspace["ws"]
+    partition = first_run["output_uri"]
+    storage.write_json(predictions.staging_uri(ws + "/predictions/digits/", DATE, "dead-1-00000000") + predictions.ATTEMPT_MARKER,
+                       {"publish_id": "dead-1-00000000"})
+    storage.write_bytes(partition + predictions.part_name("dead-1-00000000", 3), b"never published")
+    monkeypatch.setattr(predictions, "STALE_ATTEMPT_SECONDS", 0)  # every other attempt counts as dead
+    batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "third"))
+    manifest = predictions.read_published(partition)
+    present = {k[len(storage.parse_uri(partition).key):] for k in storage.list_keys(partition)}
+    assert present == set(predictions.listed_files(manifest)) | {predictions.MANIFEST_NAME}
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
 
 
 def test_pinned_version_is_used(spark, workspace, first_run):

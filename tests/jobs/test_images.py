@@ -175,3 +175,78 @@ def test_default_policy_is_the_old_plain_resize(digit):
     assert np.array_equal(decode_image(data), decode_image(data, resize_policy="resize"))
     with pytest.raises(ValueError, match="resize_policy"):
         decode_image(data, resize_policy="letterbox")
+
+
+def peak_memory_delta(action) -> int:
+    """Bytes the process's resident set grew to above where it started, while ``action()`` ran.
+
+    Pillow's buffers are not visible to tracemalloc, so this resets the kernel's high-water mark
+    of this process (``/proc/self/clear_refs``) and reads it back afterwards.
+    """
+    def status(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field))
+
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError as err:
+        pytest.skip(f"cannot reset the peak RSS here: {err}")
+    before = status("VmRSS:")
+    action()
+    return status("VmHWM:") - before
+
+
+def test_a_large_16bit_png_decodes_in_bounded_memory(digit):
+    # 6000 x 6000 pixels pass the 40-megapixel cap; decoded they are 72 MB of 16-bit values.
+    big = Image.fromarray(digit).resize((6000, 6000), Image.Resampling.BILINEAR)
+    data = encode(Image.fromarray(np.asarray(big, dtype=np.uint16) * 257), "PNG", compress_level=1)
+    del big
+    decoded = {}
+    peak = peak_memory_delta(lambda: decoded.update(array=decode_image(data)))
+    assert peak < 200e6, f"decoding took {peak / 1e6:.0f} MB above the baseline"
+    assert decoded["array"].shape == (28, 28, 1)
+    assert np.corrcoef(decoded["array"].ravel().astype(float), digit.ravel().astype(float))[0, 1] > 0.95
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale(digit):
+    photo = Image.fromarray(digit).resize((4032, 3024), Image.Resampling.BILINEAR).convert("RGB")
+    data = encode(photo, "JPEG", quality=90)
+    peak = peak_memory_delta(lambda: decode_image(data))
+    assert peak < 30e6  # full size would be 4032 x 3024 x 4 bytes = 49 MB before any conversion
+    array = decode_image(data, height=28, width=28)
+    reference = np.asarray(Image.fromarray(digit).resize((28, 28)))  # the same digit, squashed to 4:3 and back
+    assert np.corrcoef(array.ravel().astype(float), reference.ravel().astype(float))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("orientation, stored", [
+    (6, Image.Transpose.ROTATE_90),    # phone held upright: pixels stored turned left, tag says turn right
+    (8, Image.Transpose.ROTATE_270),
+    (3, Image.Transpose.ROTATE_180),
+])
+def test_exif_orientation_is_applied_before_resizing(digit, orientation, stored):
+    upright = Image.fromarray(digit).resize((56, 84), Image.Resampling.BILINEAR)  # not square: sides matter
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(upright.transpose(stored), "JPEG", quality=95, exif=exif.tobytes())
+    got = decode_image(data, height=84, width=56)[:, :, 0].astype(float)
+    expected = np.asarray(upright, dtype=float)
+    assert np.abs(got - expected).mean() < 6, "the photo was not turned upright"
+
+
+def test_a_multi_frame_file_uses_its_first_frame(digit):
+    first = Image.fromarray(digit).convert("P")
+    second = Image.fromarray(255 - digit).convert("P")
+    data = encode(first, "GIF", save_all=True, append_images=[second], duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert np.array_equal(decode_image(data)[:, :, 0], digit)
+
+
+def test_objects_over_the_byte_cap_are_set_aside_by_listed_size_without_a_get(bucket):
+    from sparktf import fetch
+
+    # "listed" at 10 MB but never written: were it fetched, its reason would be "missing".
+    [(key, array, reason, detail)] = list(fetch.fetch_decoded(
+        bucket, ["never-fetched/huge.png"], height=28, width=28, channels=1, max_pixels=1_000_000,
+        sizes={"never-fetched/huge.png": 10_000_000}, max_bytes=5_000_000))
+    assert (array, reason) == (None, "too_large") and "not fetched" in detail

@@ -31,7 +31,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # jobs/ sits next to plugins/ in the repository (and in a deployment that copies both).
 JOBS_DIR = Path(os.environ.get("SPARKTF_JOBS_DIR", PACKAGE_DIR.parents[1] / "jobs"))
 # Airflow-side code never runs on executors: it stays out of the --py-files zip.
-EXCLUDED_FROM_ZIP = ("airflow", "testing.py")
+EXCLUDED_FROM_ZIP = ("airflow", "testing.py", "faults.py")
 # Package data read with importlib.resources (it works from inside the zip too).
 DATA_DIR = "data"
 
@@ -74,7 +74,8 @@ class SparkJobOperator(SparkSubmitOperator):
 
     Args:
         result_uri: S3 URI where the job writes its result (templated). Deleted before the job
-            starts, so a retry never reads an earlier attempt's result.
+            starts, so a retry never reads an earlier attempt's result. A failed job whose result
+            carries ``final_failure`` fails the task without retries, with that message.
         aws_conn_id: Airflow connection with the S3 endpoint and credentials. If it does not
             exist, the job uses the standard AWS chain of the machine it runs on.
         **kwargs: passed to SparkSubmitOperator (``application``, ``application_args``, ``conf``...).
@@ -106,7 +107,16 @@ class SparkJobOperator(SparkSubmitOperator):
         storage.delete_object(self.result_uri)
         self._hook = None  # rebuild the hook with the arguments set above
 
-        super().execute(context)
+        try:
+            super().execute(context)
+        except Exception:
+            final = self._final_failure()
+            if final:
+                # The job says another try would end the same way (see sparktf.job.FinalFailure).
+                from airflow.sdk.exceptions import AirflowFailException
+
+                raise AirflowFailException(final) from None
+            raise
 
         try:
             result = storage.read_json(self.result_uri)
@@ -114,3 +124,13 @@ class SparkJobOperator(SparkSubmitOperator):
             raise RuntimeError(f"the Spark job finished without writing its result to {self.result_uri}") from None
         self.log.info("job result: %s", json.dumps(result, sort_keys=True)[:2000])
         return result
+
+    def _final_failure(self) -> str | None:
+        """The message of a failed job that asked not to be retried, if it wrote one."""
+        from sparktf import storage
+
+        try:
+            result = storage.read_json_if_exists(self.result_uri)
+        except Exception:  # noqa: BLE001 - the job's own failure is the one to report
+            return None
+        return (result or {}).get("final_failure")

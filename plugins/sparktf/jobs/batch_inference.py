@@ -7,26 +7,35 @@ and calls the model once per batch. The model is loaded once per Python worker (
 Keras safe mode) and reused by every task and batch that worker runs; TensorFlow's threads are
 pinned to the task's cores. Images that cannot be scored are set aside with their reason.
 
-Output (see ``sparktf.predictions`` for the layout and the reader contract), one folder per model
-so that several models can score the same day side by side::
+Output (see ``sparktf.predictions`` for the layout, the publish protocol and the reader contract),
+one folder per model so that several models can score the same day side by side::
 
-    <output-uri>/<model>/<date>/part-*.parquet           key, predicted_label, score, top_k, model_name,
-                                                          model_version, partition_date, processed_at
-    <output-uri>/<model>/<date>/_errors/part-*.parquet   key, reason, detail
-    <output-uri>/<model>/<date>/_SUCCESS                 manifest, written last
+    <output-uri>/<model>/<date>/part-<publish-id>-*.parquet          key, predicted_label, score,
+                                                                     top_k, model_name, model_version,
+                                                                     partition_date, processed_at
+    <output-uri>/<model>/<date>/_errors/part-<publish-id>-*.parquet  key, reason, detail
+    <output-uri>/<model>/<date>/_SUCCESS                             manifest: counts, model, files
+                                                                     (size, ETag, rows); switched last
 
-Tasks write to ``<output-uri>/<model>/_staging/<date>/<attempt-id>/``; the driver then publishes the
-partition atomically for readers (old ``_SUCCESS`` deleted first, new one written last). A re-run
-replaces the partition with the same rows (``--processed-at`` is the run's logical timestamp).
-If more than ``--max-failure-ratio`` of the images are set aside, the job fails after publishing.
+Tasks write to ``<output-uri>/<model>/_staging/<date>/<publish-id>/``; the driver copies the parts into
+the partition under names unique to the attempt, switches ``_SUCCESS`` with a conditional PUT
+(only if it is still the version seen when the job started: the first overlapping run to publish
+wins, the other fails without touching the partition), then removes the replaced files. A re-run
+replaces the partition with the same rows (``--processed-at`` is the run's logical timestamp); one
+that would score fewer than half the images of the published partition is refused unless
+``--allow-shrink``. If more than ``--max-failure-ratio`` of the images are set aside, the job
+fails after publishing. Objects listed larger than ``--max-image-bytes`` are set aside as
+``too_large`` without being fetched; empty folder markers (keys ending in ``/``) are counted,
+not listed. An image the store keeps failing to serve fails its task (Spark retries it), never
+becomes a set-aside row.
 
 Usage::
 
-    spark-submit --py-files sparktf.zip jobs/batch_predictions.py \\
+    spark-submit --py-files sparktf.zip jobs/batch_inference.py \\
         --incoming-uri s3://bucket/ws/incoming/ --output-uri s3://bucket/ws/predictions/ \\
         --date 2026-11-20 --models-uri s3://bucket/ws/models/ --model-name mnist-cnn \\
         --model-version champion --processed-at 2026-11-21T02:30:00+00:00 \\
-        --result-uri s3://bucket/ws/runs/nightly_inference/<run>/_results/batch_predictions.json
+        --result-uri s3://bucket/ws/runs/nightly_inference/<run>/_results/batch_inference.json
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import sparktf
 from sparktf import job, predictions, progress, registry, scoring, storage
 
 log = job.log
+DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never fetched past it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +80,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb limit per image")
     parser.add_argument("--max-failure-ratio", type=float, default=0.2,
                         help="fail (after publishing) when more than this share of images is set aside")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                        help="set aside as too_large, without fetching, any object listed larger than this")
+    parser.add_argument("--allow-shrink", type=parse_bool, nargs="?", const=True, default=False,
+                        help="replace a published partition even with one scoring fewer than half its images")
     return parser.parse_args(argv)
+
+
+def parse_bool(value: str) -> bool:
+    """``true``/``false`` (any case; also 1/0, yes/no): how Airflow renders a boolean Param."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def processed_timestamp(value: str | None, date: str) -> dt.datetime:
@@ -84,48 +108,85 @@ def processed_timestamp(value: str | None, date: str) -> dt.datetime:
 
 
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
-    """Score the partition, publish it, and return the job result."""
+    """Score the partition, publish it, and return the job result.
+
+    Raises:
+        job.FinalFailure: the failure ratio was breached (after publishing), another run published
+            the date first (nothing published), or the re-run would shrink the partition
+            (nothing changed). Running again would end the same way.
+    """
     s3 = storage.client()
     model = registry.resolve(args.models_uri, args.model_name, args.model_version, s3)
     if args.expected_sha256 and model["model_sha256"] != args.expected_sha256:
         raise registry.ModelIntegrityError(
             f"{args.model_name} v{model['version']} now has sha256 {model['model_sha256']}, not the "
             f"{args.expected_sha256} resolved before the job started")
+    output_root = predictions.model_output_uri(args.output_uri, model["name"])  # models never share a partition
+    attempt = predictions.begin_attempt(output_root, args.date, args.attempt_id or uuid.uuid4().hex[:12], s3,
+                                        model_version=model["version"])
+    try:
+        result = score_and_publish(spark, args, attempt, model, s3)
+    except BaseException:
+        try:
+            predictions.end_attempt(attempt, s3)
+        except Exception as err:  # noqa: BLE001 - the job's own failure is the one to report
+            log.error("could not remove the staging of attempt %s: %s", attempt.publish_id, err)
+        raise
+    predictions.end_attempt(attempt, s3)
+    return result
+
+
+def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Attempt, model: dict[str, Any],
+                      s3) -> dict[str, Any]:
+    """List, score on the executors, and publish (see :mod:`sparktf.predictions`)."""
     source = predictions.partition_uri(args.incoming_uri, args.date)
     bucket = storage.parse_uri(source).bucket
-    objects = predictions.list_partition(args.incoming_uri, args.date, s3)
+    final = predictions.partition_uri(attempt.predictions_uri, args.date)
+    objects, markers = predictions.scan_partition(args.incoming_uri, args.date, s3)
     keys = [o["key"] for o in objects]
     processed_at = processed_timestamp(args.processed_at, args.date)
-    attempt_id = args.attempt_id or uuid.uuid4().hex[:12]
-    output_root = predictions.model_output_uri(args.output_uri, model["name"])  # models never share a partition
-    staged = predictions.staging_uri(output_root, args.date, attempt_id)
-    final = predictions.model_partition_uri(args.output_uri, model["name"], args.date)
-    storage.delete_prefix(staged, s3)  # a retried attempt with the same id starts clean
-    log.info("scoring %d objects of %s with %s v%s", len(keys), source, model["name"], model["version"])
+    base = {"date": args.date, "source_uri": source, "output_uri": final, "model_name": model["name"],
+            "model_version": model["version"], "model_uri": model["model_uri"], "listed": len(keys),
+            "markers_skipped": markers, "attempt_id": attempt.attempt_id, "publish_id": attempt.publish_id,
+            "processed_at": processed_at.isoformat(), "published": False}
+    # Listing fewer images than half of what the partition scored already: refused before scoring.
+    refusal = predictions.shrink_refusal(attempt.previous, len(keys), allow_shrink=args.allow_shrink)
+    if refusal:
+        raise job.FinalFailure(refusal, base)
+    log.info("scoring %d objects of %s with %s v%s (%d folder markers skipped)", len(keys), source,
+             model["name"], model["version"], markers)
 
     sc = spark.sparkContext
     num_tasks = predictions.plan_tasks(len(keys), sc.defaultParallelism, args.max_keys_per_task)
-    groups = list(enumerate(predictions.assign_keys(keys, num_tasks)))
+    sizes = {o["key"]: o["size"] for o in objects}
+    groups = [(index, group, {k: sizes[k] for k in group})
+              for index, group in enumerate(predictions.assign_keys(keys, num_tasks))]
     sc.setJobDescription(f"batch_inference {args.date}: {len(keys)} images in {len(groups)} tasks")
-    settings = {"bucket": bucket, "staged_uri": staged, "model": model, "partition_date": args.date,
+    settings = {"bucket": bucket, "staged_uri": attempt.staged_uri, "model": model, "partition_date": args.date,
                 "processed_at": processed_at, "batch_size": args.batch_size, "fetch_threads": args.fetch_threads,
-                "max_pixels": args.max_pixels, "top": args.top_k}
+                "max_pixels": args.max_pixels, "top": args.top_k, "max_image_bytes": args.max_image_bytes}
 
     def score_task(items):
-        for index, group in items:
-            yield scoring.score_partition(index, group, **settings)
+        for index, group, group_sizes in items:
+            yield scoring.score_partition(index, group, sizes=group_sizes, **settings)
 
     started = time.perf_counter()
-    watch = progress.InferenceProgress(staged, [len(g) for _, g in groups], log=log).start()  # a line per task
-    task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(),
-                          key=lambda r: r["index"])
-    watch.stop()
+    # A log line per finished task, read from the attempt's staging.
+    watch = progress.InferenceProgress(attempt.staged_uri, [len(g) for _, g, _ in groups], log=log).start()
+    try:
+        task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(),
+                              key=lambda r: r["index"])
+    finally:
+        watch.stop()  # also when a task failed: no watcher outlives the attempt
     seconds = time.perf_counter() - started
 
     scored = sum(r["scored"] for r in task_results)
     set_aside = sum(r["set_aside"] for r in task_results)
     if scored + set_aside != len(keys):
         raise RuntimeError(f"accounting error: {scored} scored + {set_aside} set aside != {len(keys)} listed")
+    refusal = predictions.shrink_refusal(attempt.previous, scored, allow_shrink=args.allow_shrink)
+    if refusal:
+        raise job.FinalFailure(refusal, {**base, "scored": scored, "set_aside": set_aside})
     labels: Counter = Counter()
     reasons: Counter = Counter()
     for r in task_results:
@@ -135,43 +196,50 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     histogram = {k: labels[k] for k in sorted(labels, key=lambda k: (label_order.get(k, 1 << 30), k))}
     ratio = set_aside / len(keys) if keys else 0.0
     exceeded = ratio > args.max_failure_ratio
-    files = {"predictions": [r["file"] for r in task_results], "errors": [r["errors_file"] for r in task_results]}
+    stats = [r["stats"] for r in task_results]
+    storage_retries = sum(s.get("storage_retries", 0) for s in stats)
     manifest = {
         "format": predictions.MANIFEST_FORMAT, "date": args.date, "source_uri": source,
         "model_name": model["name"], "model_version": model["version"], "model_uri": model["model_uri"],
         "model_sha256": model["model_sha256"], "processed_at": processed_at.isoformat(),
-        "listed": len(keys), "scored": scored, "set_aside": set_aside, "set_aside_ratio": round(ratio, 6),
-        "max_failure_ratio": args.max_failure_ratio, "failure_ratio_exceeded": exceeded,
-        "label_histogram": histogram, "reasons": dict(sorted(reasons.items())),
-        "files": files, "rows": {r["file"]: r["scored"] for r in task_results},
-        "error_rows": {r["errors_file"]: r["set_aside"] for r in task_results},
-        "attempt_id": attempt_id, "code_version": sparktf.code_version(),
+        "listed": len(keys), "markers_skipped": markers, "scored": scored, "set_aside": set_aside,
+        "set_aside_ratio": round(ratio, 6), "max_failure_ratio": args.max_failure_ratio,
+        "failure_ratio_exceeded": exceeded, "label_histogram": histogram, "reasons": dict(sorted(reasons.items())),
+        "max_image_bytes": args.max_image_bytes, "allow_shrink": args.allow_shrink,
+        "code_version": sparktf.code_version(),
     }
-    success_uri = predictions.publish_partition(staged, final, files["predictions"] + files["errors"], manifest, s3)
-    storage.delete_prefix(predictions.staging_uri(output_root, args.date), s3)
+    staged_files = []
+    for r in task_results:
+        staged_files.append({"name": r["file"], "kind": "predictions", "index": r["index"], "rows": r["scored"],
+                             "size": r["file_size"]})
+        staged_files.append({"name": r["errors_file"], "kind": "errors", "index": r["index"], "rows": r["set_aside"],
+                             "size": r["errors_size"]})
+    try:
+        manifest = predictions.publish_partition(attempt, staged_files, manifest, s3)
+    except predictions.PublishConflict as conflict:
+        raise job.FinalFailure(str(conflict), {**base, "scored": scored, "set_aside": set_aside,
+                                               "conflict": str(conflict)}) from None
 
-    stats = [r["stats"] for r in task_results]
     errors = sorted((e for r in task_results for e in r["errors"]), key=lambda e: e["key"])
     result = {
-        "date": args.date, "source_uri": source, "output_uri": final, "success_uri": success_uri,
-        "model_name": model["name"], "model_version": model["version"], "model_uri": model["model_uri"],
-        "listed": len(keys), "scored": scored, "set_aside": set_aside, "set_aside_ratio": round(ratio, 6),
+        **base, "published": True, "success_uri": storage.join_uri(final, predictions.MANIFEST_NAME),
+        "scored": scored, "set_aside": set_aside, "set_aside_ratio": round(ratio, 6),
         "failure_ratio_exceeded": exceeded, "label_histogram": histogram, "reasons": dict(sorted(reasons.items())),
         "errors_sample": [{"key": e["key"], "reason": e["reason"]} for e in errors[:20]],
+        "files": len(predictions.listed_files(manifest)), "replaced": manifest["replaces"],
         "tasks": len(task_results), "seconds": round(seconds, 3),
         "images_per_second": round(len(keys) / seconds, 1) if seconds > 0 and keys else 0.0,
         "model_loads": sum(1 for s in stats if s["model_loaded_now"]),
         "python_workers": len({s["pid"] for s in stats}),
         "executors": sorted({r["executor"] for r in task_results}),
         "model_seconds": round(sum(s["model_seconds"] for s in stats), 3),
-        "processed_at": processed_at.isoformat(), "attempt_id": attempt_id,
+        "storage_retries": storage_retries,
     }
     if exceeded:
-        job.write_result(args.result_uri, result)
-        raise RuntimeError(
+        raise job.FinalFailure(
             f"{set_aside} of {len(keys)} images ({ratio:.1%}) were set aside, more than --max-failure-ratio "
-            f"{args.max_failure_ratio:.1%}; the partition was published anyway with every reason in "
-            f"{final}{predictions.ERRORS_DIR}/ (reasons: {dict(reasons)})")
+            f"{args.max_failure_ratio:.1%}; the partition was published anyway, flagged failure_ratio_exceeded, "
+            f"with every reason in {final}{predictions.ERRORS_DIR}/ (reasons: {dict(reasons)})", result)
     return result
 
 
