@@ -513,3 +513,18 @@ def run_dag(env: dict[str, str], out_dir: Path, dag_id: str, conf: dict | None =
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     summary = json.loads(out_file.read_text()) if out_file.exists() else None
     return proc.returncode, summary, proc.stdout + proc.stderr
+
+
+def asset_events(env: dict[str, str], asset_name: str) -> list[dict]:
+    """The extras of every event of an Asset in the metadata DB of ``env`` (read in a subprocess)."""
+    query = (
+        "import json\n"
+        "from airflow.models.asset import AssetEvent, AssetModel\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
+        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
+    out = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"reading Asset events failed: {out.stderr[-2000:]}")
+    return [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1]) if name == asset_name]

@@ -12,7 +12,7 @@ import pytest
 
 from sparktf import predictions, storage
 from sparktf.faults import FaultProxy
-from sparktf.testing import land_partition, run_dag, train_tiny_model
+from sparktf.testing import asset_events, land_partition, run_dag, train_tiny_model
 from sparktf.testing import register_trial as register_model
 
 pytestmark = pytest.mark.e2e
@@ -236,17 +236,8 @@ def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, air
 
 
 def test_predictions_asset_events_carry_the_partition(runs, breach, airflow_env, workspace):
-    query = (
-        "import json\n"
-        "from airflow.models.asset import AssetEvent, AssetModel\n"
-        "from airflow.utils.session import create_session\n"
-        "with create_session() as s:\n"
-        "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
-        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
-    out = subprocess.run([sys.executable, "-c", query], env=airflow_env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    events = [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1])
-              if name == "nightly_predictions" and extra["output_uri"].startswith(workspace + "/")]  # DB is shared
+    events = [extra for extra in asset_events(airflow_env, "nightly_predictions")
+              if extra["output_uri"].startswith(workspace + "/")]  # the DB is shared
     # none for the empty day, none for the breached one
     assert {e["date"] for e in events} == {"2026-11-20", "2026-11-21"}
     assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits"

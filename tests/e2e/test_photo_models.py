@@ -10,15 +10,11 @@ this process to the same bytes with the same decode.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from sparktf import applications, images, predictions, registry, scoring, storage
-from sparktf.testing import application_weights, land_photos, run_dag
+from sparktf.testing import application_weights, asset_events, land_photos, run_dag
 
 pytestmark = pytest.mark.e2e
 DATE = "2026-11-20"
@@ -161,16 +157,7 @@ def test_two_models_score_the_same_day_side_by_side(nightly, workspace, airflow_
         assert manifest["scored"] == 10 and manifest["set_aside"] == 4
     assert storage.list_keys(f"{ws}/predictions/{DATE}/") == []  # nothing in a shared, model-less partition
     assert all(storage.list_keys(f"{ws}/predictions/{name}/_staging/") == [] for name in MODELS)
-    query = (
-        "import json\n"
-        "from airflow.models.asset import AssetEvent, AssetModel\n"
-        "from airflow.utils.session import create_session\n"
-        "with create_session() as s:\n"
-        "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
-        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
-    out = subprocess.run([sys.executable, "-c", query], env=airflow_env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    events = [extra for asset, extra in json.loads(out.stdout.strip().splitlines()[-1])
-              if asset == "nightly_predictions" and extra["output_uri"].startswith(ws + "/")]  # the DB is shared
+    events = [extra for extra in asset_events(airflow_env, "nightly_predictions")
+              if extra["output_uri"].startswith(ws + "/")]  # the DB is shared
     assert sorted((e["model_name"], e["output_uri"]) for e in events) == sorted(
         (name, uri) for name, uri in partitions.items())
