@@ -6,6 +6,7 @@ Driver-side only: code that runs on executors imports :mod:`sparktf.executor` in
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -76,3 +77,13 @@ def run_spark_job(app_name: str, run: Callable[[Any, Any], dict[str, Any]], args
     finally:
         spark.stop()
     return 0
+
+
+def parse_bool(value: str) -> bool:
+    """``true``/``false`` (any case; also 1/0, yes/no): how Airflow renders a boolean Param."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")

@@ -82,19 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fail (after publishing) when more than this share of images is set aside")
     parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                         help="set aside as too_large, without fetching, any object listed larger than this")
-    parser.add_argument("--allow-shrink", type=parse_bool, nargs="?", const=True, default=False,
+    parser.add_argument("--allow-shrink", type=job.parse_bool, nargs="?", const=True, default=False,
                         help="replace a published partition even with one scoring fewer than half its images")
     return parser.parse_args(argv)
-
-
-def parse_bool(value: str) -> bool:
-    """``true``/``false`` (any case; also 1/0, yes/no): how Airflow renders a boolean Param."""
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def processed_timestamp(value: str | None, date: str) -> dt.datetime:

@@ -41,15 +41,6 @@ from sparktf.applications import RegistrationRefused
 log = job.log
 
 
-def _flag(value: str) -> bool:
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models-uri", required=True, help="S3 prefix of the model registry")
@@ -62,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label-map-uri", default="", help="S3 URI of the label map (labels label_map)")
     parser.add_argument("--resize-policy", default="center_crop", choices=applications.RESIZE_POLICIES,
                         help="how inference brings images to the input size (center_crop for photos)")
-    parser.add_argument("--promote", type=_flag, default=False, help="make the new version the champion (true/false)")
+    parser.add_argument("--promote", type=job.parse_bool, default=False, help="make the new version the champion (true/false)")
     parser.add_argument("--source-run", default="", help="id of the Airflow run registering it (retries reuse its version)")
     parser.add_argument("--registered-at", default="", help="when (ISO 8601, from the caller; recorded in the metadata)")
     parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
