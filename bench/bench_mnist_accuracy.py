@@ -1,31 +1,42 @@
-"""Accuracy on full MNIST: the seed's default network against a tuned grid, through the tune job.
+"""Accuracy on full MNIST: the seed's network, the DAG's default Params, and a hand-tuned grid.
 
 Prepares MNIST with the prepare_data job (``sparktf.jobs.prepare_data``: 60k training images ->
 stratified train/validation split, the official 10k t10k images as the test set), then runs the
-tune job (``sparktf.jobs.tune``) twice in one local SparkSession:
+tune job (``sparktf.jobs.tune``) in one local SparkSession for each of these runs (``--runs``):
 
+* ``dag-defaults`` ("DAG defaults"): the tune job with no knob flags at all, i.e. the knob
+  table's defaults, which are also the tuning DAG's default Params (``tests/jobs/test_knobs.py``
+  checks that the DAG's rendered defaults parse to the job's), followed by the export_model job
+  into a fresh registry: what the weekly run does with an untouched Trigger form. It runs first
+  and alone, since its wall time (prepare + tune + export) is measured against a two-hour budget;
 * ``default``: the seed's configuration alone (mnist_cnn, 1024 hidden units, learning rate 1e-3,
-  dropout 0.5, batch 128, adam, no augmentation, early stopping on validation accuracy);
-* ``tuned grid``: learning rates x hidden units with augmentation (random shifts/rotations),
-  more epochs and more patience.
+  dropout 0.5, batch 128, adam, no augmentation, constant learning rate, early stopping on
+  validation accuracy): the baseline of the error reduction;
+* ``tuned-grid``: a hand-picked grid of the seed's network (learning rates x hidden units with
+  augmentation, more epochs and more patience, ``--lr-decay-patience``).
 
-By default both jobs run at the same time (the default's single task is submitted first; the
-grid's tasks fill the other slot and then every slot), so no slot idles; ``--sequential`` runs
-them one after the other. Selection is by validation accuracy; the test accuracy reported is the
-selected trial's. Prints a table (config, test accuracy, test error, wall time) and the grid, and
-saves the figure (test error vs learning rate) and the full results under ``--out-dir``.
+After ``dag-defaults``, the other runs go at the same time (the default's single task is
+submitted first; the grid's tasks fill the other slot and then every slot), so no slot idles;
+``--sequential`` runs them one after the other. Selection is by validation accuracy; the test
+accuracy reported is the selected trial's. Prints a table (run, test accuracy, test error, wall
+time), each grid, and the error reduction of each run over the seed's default, and saves each
+grid's figure (test error vs learning rate) and the full results under ``--out-dir``.
 
 Commands are run from the repository root with the project's venv active
-(``source scripts/env.sh``). Full run (about an hour or more on 2 cores)::
+(``source scripts/env.sh``). DAG defaults and the seed's default (about 1-1.5 hours on 2 cores)::
 
     mkdir -p bench-results
-    nohup nice -n 10 python bench/bench_mnist_accuracy.py --out-dir bench-results/mnist \\
+    nohup python bench/bench_mnist_accuracy.py --out-dir bench-results/mnist \\
         > bench-results/bench_mnist.log 2>&1 &
 
-Smoke run (a minute or two)::
+The hand-tuned grid of run C in BENCHMARKS.md: add ``--runs default,tuned-grid --hidden-units
+1024,2048 --learning-rates 0.001,0.002 --epochs 30 --patience 5 --lr-decay-patience 1``.
+
+Smoke run (a few minutes)::
 
     python bench/bench_mnist_accuracy.py --train-limit 1500 --test-limit 300 --epochs 1 \\
-        --default-epochs 1 --hidden-units 32,64 --learning-rates 0.001,0.002 --out-dir bench-results/mnist-smoke
+        --default-epochs 1 --dag-defaults-args='--epochs 1 --hidden-units 32' --runs dag-defaults,default,tuned-grid \\
+        --hidden-units 32,64 --learning-rates 0.001,0.002 --out-dir bench-results/mnist-smoke
 """
 
 from __future__ import annotations
@@ -44,11 +55,18 @@ from sparktf import testing
 BUCKET = "sparktf-bench-mnist"
 
 
+RUNS = {"dag-defaults": "DAG defaults", "default": "default", "tuned-grid": "tuned grid"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="dag-defaults,default",
+                   help=f"comma-separated runs among {', '.join(RUNS)} (default: dag-defaults,default)")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N of the 60k training images")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N of the 10k test images")
     p.add_argument("--slots", type=int, default=2, help="Spark task slots (local[N])")
+    p.add_argument("--dag-defaults-args", default="",
+                   help="extra tune flags for dag-defaults (smoke runs only: the figures are for none)")
     p.add_argument("--learning-rates", default="0.0005,0.001,0.002", help="tuned grid: learning rates")
     p.add_argument("--hidden-units", default="512,1024", help="tuned grid: hidden units")
     p.add_argument("--augment", type=float, default=0.1, help="tuned grid: random shift fraction")
@@ -62,11 +80,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequential", action="store_true", help="run the default job, then the grid")
     p.add_argument("--out-dir", default=str(_harness.RESULTS_DIR / "mnist"),
                    help="local folder for figure and results (default: bench-results/mnist in the repository)")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    opts.run_keys = [key.strip() for key in opts.runs.split(",") if key.strip()]
+    unknown = [key for key in opts.run_keys if key not in RUNS]
+    if unknown or not opts.run_keys:
+        p.error(f"--runs: unknown {unknown}; choose among {', '.join(RUNS)}")
+    return opts
 
 
-def tune_args(prepared_uri: str, output_uri: str, *, learning_rates: str, hidden_units: str, augment: float,
+def seed_args(prepared_uri: str, output_uri: str, *, learning_rates: str, hidden_units: str, augment: float,
               epochs: int, patience: int, seed: int, lr_decay_patience: int = 0) -> argparse.Namespace:
+    """The tune job's arguments for the seed's network (mnist_cnn, dropout 0.5, batch 128, adam)."""
     from sparktf.jobs import tune
 
     return tune.parse_args([
@@ -77,11 +101,41 @@ def tune_args(prepared_uri: str, output_uri: str, *, learning_rates: str, hidden
     ])
 
 
+def job_arguments(opts: argparse.Namespace, prepared_uri: str, base: str) -> dict[str, argparse.Namespace]:
+    """Each selected run's tune-job arguments, by run key."""
+    from sparktf.jobs import tune
+
+    every = {
+        # No knob flag: the job's defaults are the knob table's, which the DAG's Params render.
+        "dag-defaults": lambda: tune.parse_args(["--prepared-uri", prepared_uri, "--output-uri", f"{base}/dag-defaults/",
+                                                 *opts.dag_defaults_args.split()]),
+        "default": lambda: seed_args(prepared_uri, f"{base}/default/", learning_rates="0.001", hidden_units="1024",
+                                     augment=0.0, epochs=opts.default_epochs, patience=opts.default_patience,
+                                     seed=opts.seed),
+        "tuned-grid": lambda: seed_args(prepared_uri, f"{base}/grid/", learning_rates=opts.learning_rates,
+                                        hidden_units=opts.hidden_units, augment=opts.augment, epochs=opts.epochs,
+                                        patience=opts.patience, seed=opts.seed,
+                                        lr_decay_patience=opts.lr_decay_patience),
+    }
+    return {key: every[key]() for key in opts.run_keys}
+
+
+def export_best(results_uri: str, models_uri: str) -> dict:
+    """The export_model job as the DAG runs it, into a fresh registry (so the best trial is promoted)."""
+    from sparktf.jobs import export_model
+
+    args = export_model.parse_args(["--results-uri", results_uri, "--models-uri", models_uri,
+                                    "--model-name", "digits", "--source-run", "bench_mnist_accuracy",
+                                    "--trained-at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
+    return export_model.run(None, args)
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     os.makedirs(opts.out_dir, exist_ok=True)
     started = time.perf_counter()
-    print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}", flush=True)
+    print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}; "
+          f"runs: {', '.join(opts.run_keys)}", flush=True)
     mnist = testing.read_mnist(_harness.check_mnist())
     with testing.S3Server(log_path=_harness.log_file("mnist-moto")):
         from sparktf import storage
@@ -99,97 +153,122 @@ def main(argv=None) -> int:
             prepare_seconds = time.perf_counter() - t0
             print(f"prepared {prepared['counts']} in {prepare_seconds:.1f} s", flush=True)
 
-            jobs = {
-                "default": tune_args(prepared["prepared_uri"], f"{base}/default/", learning_rates="0.001",
-                                     hidden_units="1024", augment=0.0, epochs=opts.default_epochs,
-                                     patience=opts.default_patience, seed=opts.seed),
-                "tuned grid": tune_args(prepared["prepared_uri"], f"{base}/grid/", learning_rates=opts.learning_rates,
-                                        hidden_units=opts.hidden_units, augment=opts.augment, epochs=opts.epochs,
-                                        patience=opts.patience, seed=opts.seed,
-                                        lr_decay_patience=opts.lr_decay_patience),
-            }
-            results, walls, errors = {}, {}, {}
+            jobs = job_arguments(opts, prepared["prepared_uri"], base)
+            results, walls, errors, exported = {}, {}, {}, {}
 
-            def run_job(name: str) -> None:
+            def run_job(key: str) -> None:
                 t = time.perf_counter()
                 try:
-                    results[name] = tune.run(spark, jobs[name])
+                    results[key] = tune.run(spark, jobs[key])
+                    if key == "dag-defaults":
+                        exported[key] = export_best(results[key]["results_uri"], f"{base}/dag-defaults-models/")
                 except BaseException as err:  # noqa: BLE001 - reported by the main thread
-                    errors[name] = err
-                walls[name] = time.perf_counter() - t
-                print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {walls[name]:.0f} s "
+                    errors[key] = err
+                walls[key] = time.perf_counter() - t
+                print(f"[{time.strftime('%H:%M:%S')}] {RUNS[key]}: done in {walls[key]:.0f} s "
                       f"(load average {_harness.load_average()})", flush=True)
 
             t0 = time.perf_counter()
-            if opts.sequential:
-                for name in jobs:
-                    run_job(name)
+            rest = [key for key in jobs if key != "dag-defaults"]
+            if "dag-defaults" in jobs:
+                run_job("dag-defaults")  # alone: its wall time is measured against the two-hour budget
+            if opts.sequential or len(rest) < 2:
+                for key in rest:
+                    run_job(key)
             else:
-                threads = [threading.Thread(target=run_job, args=(name,), name=name) for name in jobs]
+                threads = [threading.Thread(target=run_job, args=(key,), name=key) for key in rest]
                 threads[0].start()
                 # Let the default's one task take a slot first; the grid then fills the others.
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and not spark.sparkContext.statusTracker().getActiveStageIds():
                     time.sleep(0.5)
                 time.sleep(2)
-                threads[1].start()
+                for thread in threads[1:]:
+                    thread.start()
                 for thread in threads:
                     thread.join()
             tuning_seconds = time.perf_counter() - t0
             if errors:
                 raise RuntimeError(f"tune failed: {errors}")
 
-            full = {name: storage.read_json(res["results_uri"]) for name, res in results.items()}
-            figure = storage.read_bytes(results["tuned grid"]["figure_uri"])
+            full = {key: storage.read_json(res["results_uri"]) for key, res in results.items()}
+            figures = {key: storage.read_bytes(res["figure_uri"]) for key, res in results.items()
+                       if len(full[key]["trials"]) > 1}
         finally:
             spark.stop()
 
-    figure_path = os.path.join(opts.out_dir, "error_vs_learning_rate.png")
-    with open(figure_path, "wb") as fh:
-        fh.write(figure)
+    figure_paths = {}
+    for key, figure in figures.items():
+        figure_paths[key] = os.path.join(opts.out_dir, f"{key}_error_vs_learning_rate.png")
+        with open(figure_paths[key], "wb") as fh:
+            fh.write(figure)
     with open(os.path.join(opts.out_dir, "results.json"), "w") as fh:
         json.dump({"options": vars(opts), "prepared": prepared, "prepare_seconds": prepare_seconds,
-                   "walls": walls, "tuning_seconds": tuning_seconds, "results": full}, fh, indent=2, default=str)
-    report(opts, prepared, prepare_seconds, full, walls, tuning_seconds, time.perf_counter() - started, figure_path)
+                   "walls": walls, "tuning_seconds": tuning_seconds, "exported": exported, "results": full},
+                  fh, indent=2, default=str)
+    report(opts, prepared, prepare_seconds, full, walls, exported, tuning_seconds, time.perf_counter() - started,
+           figure_paths)
     return 0
 
 
-def report(opts, prepared, prepare_seconds, full, walls, tuning_seconds, total_seconds, figure_path) -> None:
+def describe_run(res: dict) -> str:
+    fixed, fingerprint = res.get("fixed") or {}, res.get("fingerprint") or {}
+    return (f"{res.get('model_family')}, augment {fixed.get('augment', 0):g}, max {res['epochs']} epochs, "
+            f"patience {fingerprint.get('patience')}, lr decay patience {fingerprint.get('lr_decay_patience', 0)}")
+
+
+def report(opts, prepared, prepare_seconds, full, walls, exported, tuning_seconds, total_seconds, figure_paths) -> None:
     counts = prepared["counts"]
     print()
     print(f"data: train {counts['train']}, validation {counts['validation']}, test {counts['test']} "
           f"(prepare_data {prepare_seconds:.0f} s); slots: local[{opts.slots}]; "
-          f"jobs {'one after the other' if opts.sequential else 'concurrent'}")
+          f"after DAG defaults, jobs {'one after the other' if opts.sequential else 'concurrent'}")
     print()
-    print("| config | trials | selected (by val acc) | epochs run | val acc | test acc | test error "
+    print("| run | settings | trials | selected (by val acc) | epochs run | val acc | test acc | test error "
           "| trial train s | job wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, res in full.items():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, res in full.items():
         best = next(t for t in res["trials"] if t["trial_id"] == res["best_trial_id"])
         p = best["params"]
-        label = (f"lr {p['learning_rate']:g}, hidden {p['hidden_units']}, augment {p['augment']:g}, "
-                 f"max {res['epochs']} epochs")
-        print(f"| {name} | {len(res['trials'])} | {label} | {best['epochs_run']} | {best['val_accuracy']:.4f} "
-              f"| {best['test_accuracy']:.4f} | {100 * best['test_error']:.2f}% | {best['train_seconds']:.0f} "
-              f"| {walls[name]:.0f} |")
+        label = f"lr {p['learning_rate']:g}, hidden {p['hidden_units']}"
+        print(f"| {RUNS[key]} | {describe_run(res)} | {len(res['trials'])} | {label} | {best['epochs_run']} "
+              f"| {best['val_accuracy']:.4f} | {best['test_accuracy']:.4f} | {100 * best['test_error']:.2f}% "
+              f"| {best['train_seconds']:.0f} | {walls[key]:.0f} |")
     print()
-    grid = full["tuned grid"]
-    print(f"tuned grid (augment {opts.augment:g}, max {opts.epochs} epochs, patience {opts.patience}, "
-          f"lr decay patience {opts.lr_decay_patience}):")
-    print("| learning rate | hidden units | status | epochs run | val acc | test acc | test error | train s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for t in sorted(grid["trials"], key=lambda t: (t["params"]["hidden_units"], t["params"]["learning_rate"])):
-        p = t["params"]
-        if t["status"] == "ok":
-            print(f"| {p['learning_rate']:g} | {p['hidden_units']} | ok{' (selected)' if t['trial_id'] == grid['best_trial_id'] else ''} "
-                  f"| {t['epochs_run']} | {t['val_accuracy']:.4f} | {t['test_accuracy']:.4f} "
-                  f"| {100 * t['test_error']:.2f}% | {t['train_seconds']:.0f} |")
-        else:
-            print(f"| {p['learning_rate']:g} | {p['hidden_units']} | failed: {t['reason']} | | | | | |")
-    print()
-    print(f"tuning wall time {tuning_seconds:.0f} s; total wall time {total_seconds:.0f} s; "
+    for key, res in full.items():
+        if len(res["trials"]) < 2:
+            continue
+        print(f"{RUNS[key]} ({describe_run(res)}):")
+        print("| learning rate | hidden units | status | epochs run | val acc | test acc | test error | train s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for t in sorted(res["trials"], key=lambda t: (t["params"]["hidden_units"], t["params"]["learning_rate"])):
+            p = t["params"]
+            if t["status"] == "ok":
+                selected = " (selected)" if t["trial_id"] == res["best_trial_id"] else ""
+                print(f"| {p['learning_rate']:g} | {p['hidden_units']} | ok{selected} | {t['epochs_run']} "
+                      f"| {t['val_accuracy']:.4f} | {t['test_accuracy']:.4f} | {100 * t['test_error']:.2f}% "
+                      f"| {t['train_seconds']:.0f} |")
+            else:
+                print(f"| {p['learning_rate']:g} | {p['hidden_units']} | failed: {t['reason']} | | | | | |")
+        print()
+    if "default" in full:
+        seed = full["default"]
+        seed_best = next(t for t in seed["trials"] if t["trial_id"] == seed["best_trial_id"])
+        for key, res in full.items():
+            if key == "default":
+                continue
+            best = next(t for t in res["trials"] if t["trial_id"] == res["best_trial_id"])
+            reduction = (seed_best["test_error"] - best["test_error"]) / seed_best["test_error"]
+            print(f"{RUNS[key]} vs the seed's default: test error {100 * seed_best['test_error']:.2f}% -> "
+                  f"{100 * best['test_error']:.2f}%: {100 * reduction:.0f}% less error")
+    if "dag-defaults" in exported:
+        export = exported["dag-defaults"]
+        print(f"DAG defaults: prepare {prepare_seconds:.0f} s + tune and export {walls['dag-defaults']:.0f} s = "
+              f"{prepare_seconds + walls['dag-defaults']:.0f} s (budget 7200 s); exported version "
+              f"{export.get('version')}, promoted {export.get('promoted')}")
+    print(f"wall time of the runs {tuning_seconds:.0f} s; total wall time {total_seconds:.0f} s; "
           f"load average at end: {_harness.load_average()}")
-    print(f"figure: {figure_path}; results: {os.path.join(opts.out_dir, 'results.json')}")
+    print(f"figures: {figure_paths}; results: {os.path.join(opts.out_dir, 'results.json')}")
 
 
 if __name__ == "__main__":

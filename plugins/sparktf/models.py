@@ -58,6 +58,66 @@ def build_mnist_cnn(
     return model
 
 
+BN_MOMENTUM = 0.9
+
+
+def build_mnist_cnn_bn(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    learning_rate: float = 1e-3,
+    hidden_units: int = 256,
+    dropout: float = 0.4,
+    optimizer: str = "adam",
+    augment: float = 0.0,
+    conv_filters: tuple[int, int] = (32, 64),
+):
+    """A batch-normalised MNIST network: two blocks of two 3x3 conv layers, one dense layer.
+
+    Each block is conv → batch norm → ReLU twice, then 2x2 max pooling; the dense layer is batch
+    normalised too, followed by dropout and the softmax. Batch normalisation lets it train at
+    larger learning rates and, with augmentation, reach a lower test error than the seed's
+    ``mnist_cnn`` in fewer epochs, for more compute per image (BENCHMARKS.md has the figures). The moving statistics
+    use momentum 0.9 (Keras' default is 0.99), the setting the accuracy benchmark measured.
+
+    Args:
+        input_shape: ``(height, width, channels)`` of the uint8 input.
+        num_classes: number of output classes.
+        learning_rate: optimizer step size.
+        hidden_units: width of the fully connected layer.
+        dropout: dropout rate before the output layer.
+        optimizer: ``adam`` or ``sgd`` (momentum 0.9).
+        augment: as in :func:`build_mnist_cnn`.
+        conv_filters: filters of the two blocks' conv layers.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = _augmentation(x, augment)
+    for block, filters in enumerate(conv_filters, start=1):
+        for index in (1, 2):
+            name = f"block{block}_conv{index}"
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+            x = layers.Activation("relu", name=f"{name}_relu")(x)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(int(hidden_units), use_bias=False, name="hidden")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="hidden_bn")(x)
+    x = layers.Activation("relu", name="hidden_relu")(x)
+    x = layers.Dropout(float(dropout), name="dropout")(x)
+    outputs = layers.Dense(int(num_classes), activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="mnist_cnn_bn")
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def build_mlp(
     input_shape: tuple[int, int, int],
     num_classes: int,
@@ -108,7 +168,7 @@ def make_optimizer(name: str, learning_rate: float):
     raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
 
 
-MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mlp": build_mlp}
+MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mnist_cnn_bn": build_mnist_cnn_bn, "mlp": build_mlp}
 
 
 def build_model(family: str, input_shape, num_classes: int, **hyperparameters):

@@ -4,13 +4,13 @@ Pure Python, no Airflow, no S3: the callers hand in the jobs' results (XCom valu
 job's ``results.json``) and render the facts as Markdown (:mod:`sparktf.airflow.run_notes`) or as
 plain text (``scripts/print_summary.py``).
 
-**The default configuration** is one trial of the knob table (:mod:`sparktf.knobs`): the seed's
-network (model family ``mnist_cnn``, learning rate 0.001, 1024 hidden units) with the table's
-defaults for everything else that a trial's parameters record (batch size 128, dropout 0.5,
-optimizer adam, no augmentation). When a run's grid contains that trial, its test error is the
-baseline of the "default vs tuned" comparison; the tuned model is the trial selected by
-validation accuracy. Budget settings (epochs, patience, learning-rate decay) are the same for
-every trial of a run, so they are not part of the match.
+**The default configuration** is the seed's network and settings, the baseline the mission
+measures against (99.2 % on MNIST): model family ``mnist_cnn``, learning rate 0.001, 1024 hidden
+units, batch size 128, dropout 0.5, optimizer adam, no augmentation. It is a fixed configuration,
+not the knob table's defaults (those are a grid of a better family, chosen to beat it). When a
+run's grid contains it, its test error is the baseline of the "default vs tuned" comparison; the
+tuned model is the trial selected by validation accuracy. Budget settings (epochs, patience,
+learning-rate decay) are the same for every trial of a run, so they are not part of the match.
 """
 
 from __future__ import annotations
@@ -20,20 +20,16 @@ from typing import Any
 
 from sparktf import knobs
 
-# The seed's choice among the knob table's default learning rates and widths.
-SEED_CHOICES = {"learning_rate": 0.001, "hidden_units": 1024}
+# The seed's network and settings: the "default" of "default vs tuned".
+DEFAULT_CONFIGURATION = {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
+                         "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
 # Short column names of the search dimensions, for tables.
 DIMENSION_LABELS = {"learning_rate": "lr", "hidden_units": "hidden", "batch_size": "batch", "dropout": "dropout"}
 
 
 def default_configuration() -> dict[str, Any]:
     """The default configuration as one trial: family, search dimensions and fixed settings."""
-    config: dict[str, Any] = {"model_family": knobs.BY_NAME["model_family"].default}
-    for dimension, knob in knobs.search_dimensions().items():
-        config[dimension] = SEED_CHOICES.get(dimension, knob.default[0])
-    for name in ("optimizer", "augment"):
-        config[name] = knobs.BY_NAME[name].default
-    return config
+    return dict(DEFAULT_CONFIGURATION)
 
 
 def describe_configuration(config: dict[str, Any]) -> str:

@@ -104,3 +104,16 @@ def test_model_builders_refuse_a_hyperparameter_they_do_not_use():
         build_model("mlp", (28, 28, 1), 10, learning_rate=0.01, hiden_units=64)
     model = build_model("mlp", (28, 28, 1), 10, learning_rate=0.01, hidden_units=8, augment=0.1)
     assert "shift" in [layer.name for layer in model.layers]  # mlp honours augment now
+
+
+def test_every_family_takes_every_hyperparameter_the_tune_job_passes():
+    from sparktf import knobs
+    from sparktf.models import MODEL_FAMILIES, build_model
+
+    assert set(knobs.BY_NAME["model_family"].choices) == set(MODEL_FAMILIES)
+    trial = {dimension: knob.default[0] for dimension, knob in knobs.search_dimensions().items()}
+    hyper = {k: v for k, v in trial.items() if k != "batch_size"}  # batch size goes to fit(), not the builder
+    for family in MODEL_FAMILIES:
+        model = build_model(family, (28, 28, 1), 10, optimizer="adam", augment=0.1, **hyper)
+        assert model.output_shape == (None, 10), family
+

@@ -19,8 +19,9 @@ def default_grid_run(spark, bucket, mnist_subset):
     raw, prepared, out = (f"s3://{bucket}/notes/{part}/" for part in ("raw", "prepared", "tuning"))
     testing.upload_mnist(raw, mnist_subset, train_limit=600, test_limit=200)
     testing.prepare(spark, raw, prepared)
-    args = tune.parse_args(["--prepared-uri", prepared, "--output-uri", out, "--learning-rates", "0.001,0.003",
-                            "--hidden-units", "1024", "--epochs", "1", "--patience", "1"])
+    args = tune.parse_args(["--prepared-uri", prepared, "--output-uri", out, "--model-family", "mnist_cnn",
+                            "--augment", "0", "--learning-rates", "0.001,0.003", "--hidden-units", "1024",
+                            "--epochs", "1", "--patience", "1"])
     handler = logging.Handler()
     lines: list[str] = []
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -74,15 +75,15 @@ def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
             "(/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)") in note
 
 
-def test_the_default_configuration_comes_from_the_knob_table():
+def test_the_default_configuration_is_the_seeds_and_names_every_search_dimension():
     from sparktf import knobs
 
     default = run_summary.default_configuration()
     assert default == {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
                        "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
-    # The seed's choices are among the table's default values, so the default grid holds it.
-    assert default["learning_rate"] in knobs.BY_NAME["learning_rates"].default
-    assert default["hidden_units"] in knobs.BY_NAME["hidden_units"].default
+    # A dimension added to the knob table needs the seed's value here, or no run would match.
+    assert set(knobs.search_dimensions()) <= set(default)
+    assert default["model_family"] in knobs.BY_NAME["model_family"].choices
     rows = [{"trial_id": "t", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128, "dropout": 0.5}]
     assert run_summary.find_default_row(rows, model_family="mnist_cnn", fixed={"optimizer": "adam", "augment": 0.0})
     assert run_summary.find_default_row(rows, model_family="mlp", fixed={}) is None
