@@ -10,6 +10,9 @@ upload (``testing.read_mnist`` / ``testing.upload_mnist``) and the prepare job
   ``testing.local_spark``);
 * :func:`run_worker` / :func:`emit_result` -- run a benchmark step in a fresh interpreter and read
   its JSON result (fresh TensorFlow thread settings, fresh JVM);
+* :func:`incoming_keys`, :func:`champion_metadata`, :func:`predict_batch_udf_runs` -- the inference
+  benchmarks' shared steps: the partition to score, the model to score it with, and the
+  ``predict_batch_udf`` pipeline they compare the batch-inference job with;
 * :func:`results_dir`, :func:`log_file`, :func:`check_mnist`, :func:`load_average`, :func:`machine`.
 
 ``sparktf`` is installed in editable mode, so the subprocesses and Spark's Python workers import
@@ -24,6 +27,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +112,83 @@ def machine() -> str:
     except (ValueError, OSError):
         pass
     return f"{os.cpu_count()} cores ({cpu}){memory}, Python {platform.python_version()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference benchmarks: the partition, the model and the predict_batch_udf pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def incoming_keys(ws: str, date: str) -> tuple[str, list[str]]:
+    """The bucket and keys of the partition ``<ws>/incoming/<date>/``, as the job lists them."""
+    from sparktf import predictions, storage
+
+    objects = predictions.list_partition(ws + "/incoming/", date)
+    return storage.parse_uri(ws).bucket, [o["key"] for o in objects]
+
+
+def champion_metadata(ws: str, model_name: str) -> dict:
+    """The metadata of ``model_name``'s champion in the registry ``<ws>/models/``."""
+    from sparktf import registry
+
+    return registry.resolve(ws + "/models/", model_name)
+
+
+def predict_batch_udf_runs(ws: str, date: str, model_name: str, *, slots: int, batch_size: int, fetch_threads: int,
+                           conf: dict[str, str], app_name: str) -> dict[str, dict[str, Any]]:
+    """Score a partition with Spark's own ``predict_batch_udf``, cold then warm, in a local session.
+
+    Keys go through a pandas UDF that fetches and decodes them with the job's pool
+    (:func:`sparktf.fetch.fetch_decoded`, the champion's input shape and resize policy); the model
+    is loaded once per Python worker by ``make_predict_fn`` (sha256-checked) and called on each
+    batch. Returns ``{"cold"|"warm": {"seconds", "rate", "scored"}}``.
+    """
+    import numpy as np
+    import pandas as pd
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+    from pyspark.sql.functions import PandasUDFType
+
+    from sparktf import fetch, predictions
+
+    bucket, keys = incoming_keys(ws, date)
+    meta = champion_metadata(ws, model_name)
+    height, width, channels = meta["input_shape"]
+    resize_policy = meta.get("resize_policy", "resize")
+
+    def fetch_batch(batch):
+        decoded = {k: a for k, a, _r, _d in fetch.fetch_decoded(
+            bucket, batch.tolist(), height=height, width=width, channels=channels, max_pixels=40_000_000,
+            fetch_threads=fetch_threads, resize_policy=resize_policy)}
+        return pd.Series([None if decoded[k] is None else decoded[k].astype(np.float32).ravel() for k in batch])
+
+    fetch_pixels = F.pandas_udf(fetch_batch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
+
+    def make_predict_fn():
+        from sparktf import executor, registry
+
+        executor.pin_threads(executor.task_cpus())
+        model = registry.load_version_model(meta)
+
+        def predict(inputs):
+            return np.asarray(model(inputs.astype(np.uint8), training=False))  # the models take uint8 pixels
+        return predict
+
+    classify = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=batch_size,
+                                 input_tensor_shapes=[[height, width, channels]])
+    spark = testing.local_spark(slots, app_name, conf=conf)
+    try:
+        num_tasks = predictions.plan_tasks(len(keys), spark.sparkContext.defaultParallelism, 2000)
+        runs = {}
+        for label in ("cold", "warm"):
+            started = time.perf_counter()
+            frame = (spark.createDataFrame([(k,) for k in keys], "key string").repartition(num_tasks)
+                     .withColumn("pixels", fetch_pixels("key")).where(F.col("pixels").isNotNull())
+                     .withColumn("probabilities", classify("pixels")))
+            rows = frame.select("key", "probabilities").collect()
+            seconds = time.perf_counter() - started
+            runs[label] = {"seconds": seconds, "rate": len(keys) / seconds, "scored": len(rows), "listed": len(keys)}
+        return runs
+    finally:
+        spark.stop()

@@ -66,16 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def incoming_keys(ws: str) -> tuple[str, list[str]]:
-    from sparktf import predictions, storage
-
-    objects = predictions.list_partition(ws + "/incoming/", DATE)
-    return storage.parse_uri(ws).bucket, [o["key"] for o in objects]
+    return _harness.incoming_keys(ws, DATE)
 
 
 def model_metadata(ws: str) -> dict:
-    from sparktf import registry
-
-    return registry.resolve(ws + "/models/", MODEL_NAME)
+    return _harness.champion_metadata(ws, MODEL_NAME)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,55 +196,9 @@ def worker_job(args) -> dict:
 
 
 def worker_pbudf(args) -> dict:
-    import numpy as np
-    import pandas as pd
-    from pyspark.ml.functions import predict_batch_udf
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    from sparktf import fetch, predictions
-
-    bucket, keys = incoming_keys(args.ws)
-    meta = model_metadata(args.ws)
-    fetch_threads, batch_size = args.fetch_threads, args.batch_size
-
-    def fetch_batch(batch):
-        decoded = {k: a for k, a, _r, _d in fetch.fetch_decoded(
-            bucket, batch.tolist(), height=28, width=28, channels=1, max_pixels=40_000_000,
-            fetch_threads=fetch_threads)}
-        return pd.Series([None if decoded[k] is None else decoded[k].astype(np.float32).ravel() for k in batch])
-
-    from pyspark.sql.functions import PandasUDFType
-
-    fetch_pixels = F.pandas_udf(fetch_batch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
-
-    def make_predict_fn():
-        from sparktf import executor, registry
-
-        executor.pin_threads(executor.task_cpus())
-        model = registry.load_version_model(meta)
-
-        def predict(inputs):
-            return np.asarray(model(inputs, training=False))
-        return predict
-
-    classify = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=batch_size,
-                                 input_tensor_shapes=[[28, 28, 1]])
-    spark = testing.local_spark(args.worker_slots, "bench-inference-pbudf", conf=_harness.SPARK_CONF)
-    try:
-        num_tasks = predictions.plan_tasks(len(keys), args.worker_slots, 2000)
-        runs = {}
-        for label in ("cold", "warm"):
-            started = time.perf_counter()
-            frame = (spark.createDataFrame([(k,) for k in keys], "key string").repartition(num_tasks)
-                     .withColumn("pixels", fetch_pixels("key")).where(F.col("pixels").isNotNull())
-                     .withColumn("probabilities", classify("pixels")))
-            rows = frame.select("key", "probabilities").collect()
-            seconds = time.perf_counter() - started
-            runs[label] = {"seconds": seconds, "rate": len(keys) / seconds, "scored": len(rows)}
-        return runs
-    finally:
-        spark.stop()
+    return _harness.predict_batch_udf_runs(args.ws, DATE, MODEL_NAME, slots=args.worker_slots, batch_size=args.batch_size,
+                                           fetch_threads=args.fetch_threads, conf=_harness.SPARK_CONF,
+                                           app_name="bench-inference-pbudf")
 
 
 WORKERS = {"setup": worker_setup, "ceiling": worker_ceiling, "seed": worker_seed, "job": worker_job,

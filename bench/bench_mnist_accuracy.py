@@ -222,7 +222,8 @@ def report(opts, prepared, prepare_seconds, full, walls, exported, tuning_second
     print()
     print(f"data: train {counts['train']}, validation {counts['validation']}, test {counts['test']} "
           f"(prepare_data {prepare_seconds:.0f} s); slots: local[{opts.slots}]; "
-          f"after DAG defaults, jobs {'one after the other' if opts.sequential else 'concurrent'}")
+          f"after DAG defaults (alone), "
+          f"{'one after the other' if opts.sequential or len(full) - ('dag-defaults' in full) < 2 else 'concurrent'}")
     print()
     print("| run | settings | trials | selected (by val acc) | epochs run | val acc | test acc | test error "
           "| trial train s | job wall s |")

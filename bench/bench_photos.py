@@ -91,16 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def incoming_keys(ws: str) -> tuple[str, list[str]]:
-    from sparktf import predictions, storage
-
-    objects = predictions.list_partition(ws + "/incoming/", DATE)
-    return storage.parse_uri(ws).bucket, [o["key"] for o in objects]
+    return _harness.incoming_keys(ws, DATE)
 
 
 def model_metadata(ws: str) -> dict:
-    from sparktf import registry
-
-    return registry.resolve(ws + "/models/", MODEL_NAME)
+    return _harness.champion_metadata(ws, MODEL_NAME)
 
 
 def decoded_arrays(bucket: str, keys: list[str], meta: dict, fetch_threads: int):
@@ -263,59 +258,13 @@ def worker_job(args) -> dict:
 
 
 def worker_pbudf(args) -> dict:
-    import numpy as np
-    import pandas as pd
-    from pyspark.ml.functions import predict_batch_udf
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    from sparktf import fetch, predictions
-
-    bucket, keys = incoming_keys(args.ws)
-    meta = model_metadata(args.ws)
-    height, width, channels = meta["input_shape"]
-    resize_policy, fetch_threads = meta["resize_policy"], args.fetch_threads
-
-    def fetch_batch(batch):
-        decoded = {k: a for k, a, _r, _d in fetch.fetch_decoded(
-            bucket, batch.tolist(), height=height, width=width, channels=channels, max_pixels=40_000_000,
-            fetch_threads=fetch_threads, resize_policy=resize_policy)}
-        return pd.Series([None if decoded[k] is None else decoded[k].astype(np.float32).ravel() for k in batch])
-
-    from pyspark.sql.functions import PandasUDFType
-
-    fetch_pixels = F.pandas_udf(fetch_batch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
-
-    def make_predict_fn():
-        from sparktf import executor, registry
-
-        executor.pin_threads(executor.task_cpus())
-        model = registry.load_version_model(meta)
-
-        def predict(inputs):
-            return np.asarray(model(inputs.astype(np.uint8), training=False))
-        return predict
-
-    classify = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()),
-                                 batch_size=args.batch_size, input_tensor_shapes=[[height, width, channels]])
     conf = {**layout_conf("tasks", args.cores), "spark.sql.execution.arrow.maxRecordsPerBatch": str(args.batch_size)}
-    spark = testing.local_spark(args.cores, "bench-photos-pbudf", conf=conf)
-    try:
-        num_tasks = predictions.plan_tasks(len(keys), spark.sparkContext.defaultParallelism, 2000)
-        runs = {}
-        for label in ("cold", "warm"):
-            started = time.perf_counter()
-            frame = (spark.createDataFrame([(k,) for k in keys], "key string").repartition(num_tasks)
-                     .withColumn("pixels", fetch_pixels("key")).where(F.col("pixels").isNotNull())
-                     .withColumn("probabilities", classify("pixels")))
-            rows = frame.select("key", "probabilities").collect()
-            seconds = time.perf_counter() - started
-            if len(rows) != len(keys):
-                raise RuntimeError(f"predict_batch_udf scored {len(rows)} of {len(keys)} photos")
-            runs[label] = {"seconds": seconds, "rate": len(keys) / seconds, "scored": len(rows)}
-        return runs
-    finally:
-        spark.stop()
+    runs = _harness.predict_batch_udf_runs(args.ws, DATE, MODEL_NAME, slots=args.cores, batch_size=args.batch_size,
+                                           fetch_threads=args.fetch_threads, conf=conf, app_name="bench-photos-pbudf")
+    for label, run in runs.items():
+        if run["scored"] != run["listed"]:
+            raise RuntimeError(f"predict_batch_udf ({label}) scored {run['scored']} of {run['listed']} photos")
+    return runs
 
 
 WORKERS = {"setup": worker_setup, "ceiling": worker_ceiling, "job": worker_job, "pbudf": worker_pbudf}

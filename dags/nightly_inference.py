@@ -60,7 +60,7 @@ from sparktf.airflow.pipeline_settings import (
 from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
 PREDICTIONS = Asset(name="nightly_predictions", uri=f"{DEFAULT_WORKSPACE_URI}/predictions",
-                    extra={"layout": "<date>/part-*.parquet + _errors/ + _SUCCESS manifest (written last)"})
+                    extra={"layout": "<model name>/<date>/part-*.parquet + _errors/ + _SUCCESS manifest (written last)"})
 RESULT_URI = "{{ params.workspace_uri }}/runs/{{ dag.dag_id }}/{{ run_id | path_safe }}/_results/{{ ti.task_id }}.json"
 FOUND = "ti.xcom_pull(task_ids='find_new_images')"
 RESOLVED = "ti.xcom_pull(task_ids='resolve_model')"

@@ -182,11 +182,6 @@ def add_arguments(parser: argparse.ArgumentParser, job: str) -> None:
                             choices=knob.choices, help=f"{knob.help} (default: {knob.default})")
 
 
-def values_from_args(args: argparse.Namespace, job: str) -> dict[str, Any]:
-    """A job's knob values from its parsed arguments."""
-    return {knob.name: getattr(args, knob.name) for knob in knobs_of(job)}
-
-
 def search_space(values: dict[str, Any]) -> dict[str, list]:
     """The search space (dimension -> values) from knob values (Params or parsed arguments)."""
     return {dimension: list(values[knob.name]) for dimension, knob in search_dimensions().items()}

@@ -224,13 +224,6 @@ def errors_parquet(rows: list[dict], *, partition_date: str) -> bytes:
     return buffer.getvalue()
 
 
-def read_parquet_rows(uri: str, s3=None) -> list[dict]:
-    """All rows of one Parquet object as dicts."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri, s3))).to_pylist()
-
-
 # ---------------------------------------------------------------------------------------------
 # Publishing (driver): attempt ids, staging, the conditional switch, the clean-up
 # ---------------------------------------------------------------------------------------------

@@ -120,7 +120,6 @@ class TrialProgress(Progress):
         self.before: dict[str, str] = {}
         self.reusable: set[str] = set()
         self.reported: set[str] = set()
-        self.latest: dict[str, str] = {}
 
     def _trial_of(self, key: str) -> str | None:
         parts = key.rsplit("/", 2)
@@ -148,7 +147,6 @@ class TrialProgress(Progress):
         trial_id = self._trial_of(obj["key"])
         if trial_id is None or trial_id in self.reported:
             return
-        self.latest[trial_id] = obj["etag"]
         if obj["etag"] != self.before.get(trial_id):
             self._report(trial_id, self._read_json(obj["key"]))
 

@@ -23,18 +23,14 @@ class SearchSpaceError(ValueError):
     """A search space that cannot be run; the message lists every problem and how to fix it."""
 
 
-def dimensions() -> dict[str, knobs.Knob]:
-    return knobs.search_dimensions()
-
-
 def grid_size(space: dict[str, list]) -> int:
-    return math.prod(len(space[name]) for name in dimensions())
+    return math.prod(len(space[name]) for name in knobs.search_dimensions())
 
 
 def validate_search_space(space: dict[str, list], *, strategy: str = "grid", num_samples: int | None = None) -> list[str]:
     """Every problem with a search space, as messages that say what to fix (empty if fine)."""
     problems = []
-    dims = dimensions()
+    dims = knobs.search_dimensions()
     for name, knob in dims.items():
         problems += knobs.check_list(name, knob, space.get(name))
     unknown = sorted(set(space) - set(dims))
@@ -68,7 +64,7 @@ def trial_id(params: dict[str, Any], fingerprint: dict[str, Any] | None = None) 
 
 def _grid_point(space: dict[str, list], index: int) -> dict[str, Any]:
     """The ``index``-th point of the grid in row-major order (the last dimension varies fastest)."""
-    dims = dimensions()
+    dims = knobs.search_dimensions()
     point = {}
     for name in reversed(list(dims)):
         values = space[name]

@@ -44,7 +44,7 @@ def raw_dataset(bucket, mnist_subset) -> str:
 def tuning_run(airflow_env, raw_dataset, bucket, tmp_path_factory):
     conf = {
         "dataset_uri": raw_dataset, "workspace_uri": f"s3://{bucket}/e2e-tuning/ws", "model_name": "digits",
-        "learning_rates": [0.001, 0.003], "hidden_units": [32, 64], "epochs": 2, "patience": 2,
+        "model_family": "mnist_cnn", "augment": 0, "learning_rates": [0.001, 0.003], "hidden_units": [32, 64], "epochs": 2, "patience": 2,
         "batch_sizes": [32], "validation_fraction": 0.2, "test_fraction": 0.2,
     }
     code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("run"), "tuning_pipeline", conf)
@@ -132,7 +132,7 @@ def test_terminal_summary_with_leaderboard_decision_and_figure(tuning_run, airfl
     assert "trials:    4 of 4 trained, 0 failed; selected by validation accuracy" in text
     assert "rank     lr  hidden  val acc  test acc  epochs  seconds" in text
     assert len([line for line in text.splitlines() if line.strip().split(" ")[0] in {"1", "2", "3", "4"}]) == 4
-    assert "default vs tuned: the default (mnist_cnn, lr 0.001, hidden 1024" in text
+    assert "default vs tuned: the seed's default (mnist_cnn, lr 0.001, hidden 1024" in text
     assert "champion:  digits v1 PROMOTED to champion: no champion yet" in text
     figure = tmp_path / "tuning_pipeline.error_vs_learning_rate.png"
     assert f"figure:    {figure}" in text and figure.read_bytes().startswith(b"\x89PNG")

@@ -66,10 +66,10 @@ def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
     assert "| # | lr | val % | test % | epochs | s |" in note  # only the learning rate varies
     assert "Every trial: hidden 1024, batch 128, dropout 0.5." in note
     if best["trial_id"] == default["trial_id"]:
-        assert "the default (lr 0.001) was selected itself" in note
+        assert "the seed's default (lr 0.001) was selected itself" in note
     else:
         change = f"{expected:.0%} less error" if expected >= 0 else f"{-expected:.0%} more error"
-        assert (f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the default (lr 0.001), "
+        assert (f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the seed's default (lr 0.001), "
                 f"{1 - best['test_accuracy']:.2%} tuned (rank 1): **{change}**.") in note
     assert ("[![test error vs learning rate](/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)]"
             "(/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)") in note

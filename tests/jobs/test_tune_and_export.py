@@ -32,7 +32,7 @@ def prepared(spark, bucket, mnist_subset):
 
 def tune_args(prepared_uri: str, output_uri: str, *extra: str):
     return tune.parse_args(["--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mlp",
-                            "--epochs", "2", "--patience", "2", "--batch-sizes", "32", *extra])
+                            "--augment", "0", "--epochs", "2", "--patience", "2", "--batch-sizes", "32", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ Usage::
 
     spark-submit --py-files sparktf.zip jobs/tune.py \\
         --prepared-uri s3://bucket/runs/<run>/prepared/ --output-uri s3://bucket/runs/<run>/tuning/ \\
-        --learning-rates 0.0003,0.001 --hidden-units 128,1024 --epochs 5
+        --learning-rates 0.001,0.003 --hidden-units 128,512 --epochs 5
 """
 
 from __future__ import annotations
