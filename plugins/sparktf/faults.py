@@ -45,13 +45,15 @@ from xml.sax.saxutils import escape
 
 from sparktf import storage
 
-KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "delete_errors")
+KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "conflict", "delete_errors")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                "expect", "content-length"}
 _ERRORS = {
     "internal": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "access_denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
+    "conflict": (409, "Conflict", "ConditionalRequestConflict",
+                 "A conflicting operation occurred. If using PutObject you can retry the request."),
 }
 
 
@@ -61,7 +63,8 @@ class FaultRule:
 
     Args:
         kind: ``internal``, ``slowdown``, ``reset``, ``latency``, ``access_denied`` (403, not
-            forwarded) or ``delete_errors`` (a DeleteObjects answered 200 with every key in
+            forwarded), ``conflict`` (409 ConditionalRequestConflict, not forwarded: S3's answer
+            while another conditional write to the key is in progress) or ``delete_errors`` (a DeleteObjects answered 200 with every key in
             ``Errors``, nothing deleted).
         method: HTTP method to match (``GET``, ``PUT``, ``POST``, ...), or any.
         key: regular expression searched in the object key (the path after the bucket), or any.

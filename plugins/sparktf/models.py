@@ -36,26 +36,16 @@ def build_mnist_cnn(
         conv_filters: filters of the two conv layers.
         kernel_size: conv kernel size.
     """
-    import keras
     from keras import layers
 
-    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _augmentation(x, augment)
+    inputs, x = _pixels_in(input_shape, augment)
     for index, filters in enumerate(conv_filters):
         x = layers.Conv2D(filters, kernel_size, padding="same", activation="relu", name=f"conv{index + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{index + 1}")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
-    x = layers.Dropout(float(dropout), name="dropout")(x)
-    outputs = layers.Dense(int(num_classes), activation="softmax", name="probabilities")(x)
-    model = keras.Model(inputs, outputs, name="mnist_cnn")
-    model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+    return _classifier(inputs, x, "mnist_cnn", num_classes=num_classes, dropout=dropout, optimizer=optimizer,
+                       learning_rate=learning_rate)
 
 
 BN_MOMENTUM = 0.9
@@ -90,12 +80,9 @@ def build_mnist_cnn_bn(
         augment: as in :func:`build_mnist_cnn`.
         conv_filters: filters of the two blocks' conv layers.
     """
-    import keras
     from keras import layers
 
-    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _augmentation(x, augment)
+    inputs, x = _pixels_in(input_shape, augment)
     for block, filters in enumerate(conv_filters, start=1):
         for index in (1, 2):
             name = f"block{block}_conv{index}"
@@ -107,15 +94,8 @@ def build_mnist_cnn_bn(
     x = layers.Dense(int(hidden_units), use_bias=False, name="hidden")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="hidden_bn")(x)
     x = layers.Activation("relu", name="hidden_relu")(x)
-    x = layers.Dropout(float(dropout), name="dropout")(x)
-    outputs = layers.Dense(int(num_classes), activation="softmax", name="probabilities")(x)
-    model = keras.Model(inputs, outputs, name="mnist_cnn_bn")
-    model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+    return _classifier(inputs, x, "mnist_cnn_bn", num_classes=num_classes, dropout=dropout, optimizer=optimizer,
+                       learning_rate=learning_rate)
 
 
 def build_mlp(
@@ -129,17 +109,33 @@ def build_mlp(
     augment: float = 0.0,
 ):
     """A one-hidden-layer perceptron: a cheap family for quick experiments (same augmentation)."""
+    from keras import layers
+
+    inputs, x = _pixels_in(input_shape, augment)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
+    return _classifier(inputs, x, "mlp", num_classes=num_classes, dropout=dropout, optimizer=optimizer,
+                       learning_rate=learning_rate)
+
+
+def _pixels_in(input_shape: tuple[int, int, int], augment: float):
+    """The uint8 input, rescaled to [0, 1], then augmented (training only): ``(inputs, tensor)``."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _augmentation(x, augment)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
+    return inputs, _augmentation(x, augment)
+
+
+def _classifier(inputs, x, name: str, *, num_classes: int, dropout: float, optimizer: str, learning_rate: float):
+    """Dropout and the softmax on top of ``x``; the model, compiled for sparse labels."""
+    import keras
+    from keras import layers
+
     x = layers.Dropout(float(dropout), name="dropout")(x)
     outputs = layers.Dense(int(num_classes), activation="softmax", name="probabilities")(x)
-    model = keras.Model(inputs, outputs, name="mlp")
+    model = keras.Model(inputs, outputs, name=name)
     model.compile(
         optimizer=make_optimizer(optimizer, learning_rate),
         loss="sparse_categorical_crossentropy",

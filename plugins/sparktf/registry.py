@@ -5,8 +5,10 @@ Layout under ``<models-uri>/<name>/``::
 
     versions/<n>/_claim.json         written first and create-only (If-None-Match: *): whoever
                                      creates it owns number n, and nobody else writes under it
-    versions/<n>/model.keras         the Keras artifact (its sha256 is in metadata.json)
-    versions/<n>/saved_model/...     TensorFlow SavedModel export, for serving (every file and its
+    versions/<n>/artifacts/<claim id>/model.keras
+                                     the Keras artifact (its URI and sha256 are in metadata.json)
+    versions/<n>/artifacts/<claim id>/saved_model/...
+                                     TensorFlow SavedModel export, for serving (every file and its
                                      sha256 listed in metadata.json: see verify_saved_model)
     versions/<n>/metadata.json       written last, create-only: a version without it is incomplete
     champion.json                    {"version": n, ...}: moved by compare-and-swap (If-Match on
@@ -16,7 +18,9 @@ Layout under ``<models-uri>/<name>/``::
 never share a number: each claims ``n`` with a conditional create and takes ``n + 1`` when it
 loses; a claimed version is never deleted or overwritten by another export. Only a later attempt
 of the *same* export (same ``source_run`` and ``trial_id``) continues a claimed version that has
-no metadata (the earlier attempt crashed), so exporting a run again keeps its number.
+no metadata (the earlier attempt crashed), so exporting a run again keeps its number. Each claim
+writes its artifacts under its own ``artifacts/<claim id>/``: an earlier attempt that was only
+slow (a zombie) and goes on writing after the retry published cannot change the published files.
 
 **The champion** moves only through :func:`promote`: read the pointer and its ETag, compare,
 write only if the pointer is still the one read; when another export moved it in between, read
@@ -54,7 +58,8 @@ _VERSION_FILE_RE = re.compile(r"(\d+)/(.+)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Test-only: name -> callable(**info), called where two exports can interleave ("version_chosen":
-# a number picked, not claimed yet; "before_metadata": artifacts written, metadata not yet;
+# a number picked, not claimed yet; "claimed": claimed, no artifact written yet;
+# "before_metadata": artifacts written, metadata not yet;
 # "champion_read": champion.json read, not yet replaced). Tests put a barrier there to make a
 # race deterministic. Empty in production.
 TEST_HOOKS: dict[str, Callable[..., None]] = {}
@@ -130,11 +135,6 @@ def _version_files(models_uri: str, name: str, s3=None) -> dict[int, set[str]]:
         if match := _VERSION_FILE_RE.match(key[len(prefix_key):]):
             files.setdefault(int(match.group(1)), set()).add(match.group(2))
     return files
-
-
-def next_version(models_uri: str, name: str, s3=None) -> int:
-    """One more than the highest version number used so far (claimed, complete or not)."""
-    return max(_version_files(models_uri, name, s3), default=0) + 1
 
 
 def find_run_version(models_uri: str, name: str, source_run: str, trial_id: str, s3=None) -> dict[str, Any] | None:
@@ -283,6 +283,11 @@ class VersionClaim:
     claimant: str
     took_over_from: str | None = None
 
+    @property
+    def claim_id(self) -> str:
+        """The claimant's random part: the folder its artifacts go to."""
+        return self.claimant.rsplit(":", 1)[-1]
+
 
 def claim_version(models_uri: str, name: str, *, source_run: str | None = None, trial_id: str | None = None,
                   version: int | None = None, s3=None) -> VersionClaim:
@@ -355,15 +360,17 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
     """
     claim = claim_version(models_uri, name, source_run=metadata.get("source_run"),
                           trial_id=metadata.get("trial_id"), version=version, s3=s3)
+    _hook("claimed", version=claim.version, claimant=claim.claimant)
     base = version_uri(models_uri, name, claim.version)
+    artifacts = storage.join_uri(base, "artifacts", claim.claim_id)
     with open(model_path, "rb") as fh:
         blob = fh.read()
-    model_uri = storage.join_uri(base, "model.keras")
+    model_uri = storage.join_uri(artifacts, "model.keras")
     storage.write_bytes(model_uri, blob, s3)
     full = {**metadata, "name": name, "version": claim.version, "uri": base + "/", "model_uri": model_uri,
             "model_sha256": storage.sha256_hex(blob), "claimant": claim.claimant}
     if saved_model_dir is not None:
-        saved_uri = storage.join_uri(base, "saved_model") + "/"
+        saved_uri = storage.join_uri(artifacts, "saved_model") + "/"
         full["saved_model_uri"] = saved_uri
         full["saved_model_files"] = storage.upload_dir(saved_model_dir, saved_uri, s3)
     _hook("before_metadata", version=claim.version, claimant=claim.claimant)
@@ -405,6 +412,16 @@ def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *
                               if_none_match=if_none_match)
 
 
+def _champion_for_swap(models_uri: str, name: str, s3=None) -> tuple[dict[str, Any] | None, str | None]:
+    """The champion pointer and the ETag a compare-and-swap needs; refuses a pointer without one
+    (an unconditional write would then silently replace whatever is there)."""
+    pointer, etag = read_champion_with_etag(models_uri, name, s3)
+    if pointer is not None and not etag:
+        raise storage.StorageError(f"{champion_uri(models_uri, name)} came back without an ETag: "
+                                   f"the store cannot move the champion safely")
+    return pointer, etag
+
+
 def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
                   source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
     """Make a version the champion because a person asked for it (no comparison), by the same
@@ -413,7 +430,7 @@ def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reaso
     """
     last = None
     for attempt in range(1, max_attempts + 1):
-        pointer, etag = read_champion_with_etag(models_uri, name, s3)
+        pointer, etag = _champion_for_swap(models_uri, name, s3)
         current = pointer["version"] if pointer else None
         last = current
         if current is not None and int(current) == int(metadata["version"]):
@@ -472,11 +489,8 @@ def promote(models_uri: str, name: str, metadata: dict[str, Any], *, metric: str
     conflicts = 0
     last_pointer: dict[str, Any] | None = None
     for attempt in range(1, max_attempts + 1):
-        pointer, etag = read_champion_with_etag(models_uri, name, s3)
+        pointer, etag = _champion_for_swap(models_uri, name, s3)
         last_pointer = pointer
-        if pointer is not None and not etag:
-            raise storage.StorageError(f"{champion_uri(models_uri, name)} came back without an ETag: "
-                                       f"the store cannot move the champion safely")
         _hook("champion_read", version=metadata["version"], champion=pointer, attempt=attempt)
         current = pointer["version"] if pointer else None
         if first_seen == "unread":

@@ -49,9 +49,12 @@ BACKOFF_MAX_SECONDS = 5.0
 STREAM_CHUNK = 1 << 20
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
-_PRECONDITION_CODES = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+_PRECONDITION_CODES = {"412", "PreconditionFailed"}
+# 409 ConditionalRequestConflict: another conditional write to the key was in progress; S3 says to
+# send the request again (it is not an answer to the condition).
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                    "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed"}
+                    "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
+                    "ConditionalRequestConflict"}
 
 
 class StorageError(RuntimeError):

@@ -266,3 +266,18 @@ def test_a_conditional_write_whose_answer_was_lost_is_recognised_as_done(proxy, 
     # Someone else's write is still a conflict.
     with pytest.raises(storage.PreconditionFailed):
         storage.write_json(uri, {"version": 3, "by": "other"}, **conditions)
+
+
+@pytest.mark.parametrize("condition", ["create", "replace"])
+def test_a_conditional_write_the_store_asks_to_resend_is_not_a_lost_race(proxy, s3_prefix, s3_server, condition):
+    """409 ConditionalRequestConflict means another conditional write to the key was in flight
+    (S3: "retry the request"), not that the condition failed: the write is sent again and wins."""
+    uri = s3_prefix + "/conflicted.json"
+    conditions = {"if_none_match": True}
+    if condition == "replace":
+        conditions = {"if_match": storage.write_json(uri, {"version": 1})}
+    proxy.add_rule(FaultRule("conflict", method="PUT", key="conflicted.json$", times=2))
+    with through(proxy, s3_server):
+        etag = storage.write_json(uri, {"version": 2, "by": "me"}, **conditions)
+    assert proxy.faults["conflict"] == 2 and proxy.requested[("PUT", storage.parse_uri(uri).key)] == 3
+    assert storage.read_json_with_etag(uri) == ({"version": 2, "by": "me"}, etag)

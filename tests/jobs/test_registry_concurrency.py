@@ -158,6 +158,28 @@ def test_a_taken_over_export_does_not_publish(s3_prefix, keras_files):
     assert registry.list_versions(models, "digits") == [retried["metadata"]]
 
 
+def test_a_zombie_export_writing_after_the_retry_published_cannot_change_its_files(s3_prefix, keras_files):
+    """The earlier attempt stalls right after its claim; the retry takes the claim over and publishes;
+    then the zombie wakes up and writes its (different) model before it notices: the published
+    version still serves exactly the bytes its metadata names."""
+    models = s3_prefix + "/models/"
+    retried: dict = {}
+
+    def retry_publishes_meanwhile(**_info) -> None:
+        registry.TEST_HOOKS.pop("claimed")
+        retried["metadata"] = registry.write_version(models, "digits", model_path=keras_files[0],
+                                                     metadata=metadata_for("run-z"))
+
+    registry.TEST_HOOKS["claimed"] = retry_publishes_meanwhile
+    with pytest.raises(registry.VersionConflict, match="taken over"):
+        registry.write_version(models, "digits", model_path=keras_files[1], metadata=metadata_for("run-z"))
+    published = registry.resolve(models, "digits", 1)
+    assert published == retried["metadata"]
+    with open(keras_files[0], "rb") as fh:
+        assert storage.read_bytes(published["model_uri"]) == fh.read()  # not the zombie's model
+    registry.load_version_model(published)  # the sha256 check passes
+
+
 # ---------------------------------------------------------------------------------------------
 # Point 2: the champion pointer
 # ---------------------------------------------------------------------------------------------

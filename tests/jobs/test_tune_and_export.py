@@ -114,9 +114,10 @@ def test_export_versions_promotes_and_is_idempotent(tuned, s3_prefix, prepared):
     assert first["version"] == 1 and first["promoted"] and first["champion_version"] == 1
     assert first["trial_id"] == result["best"]["trial_id"]
     version_dir = registry.version_uri(models, "digits", 1)
-    for name in ("model.keras", "metadata.json", "saved_model/saved_model.pb"):
-        assert storage.head(storage.join_uri(version_dir, name)) is not None, name
     metadata = registry.resolve(models, "digits")
+    for uri in (storage.join_uri(version_dir, "metadata.json"), metadata["model_uri"],
+                storage.join_uri(metadata["saved_model_uri"], "saved_model.pb")):
+        assert uri.startswith(version_dir + "/") and storage.head(uri) is not None, uri
     assert metadata["version"] == 1 and metadata["manifest_sha256"] and metadata["code_version"]
     assert metadata["metrics"]["val_accuracy"] == pytest.approx(result["best"]["val_accuracy"], abs=1e-4)
 
