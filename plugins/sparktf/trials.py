@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sparktf import executor, registry, storage
+from sparktf import executor, knobs, registry, storage
 
 log = logging.getLogger("sparktf.trials")
 
@@ -298,12 +298,10 @@ def leaderboard(records: list[dict[str, Any]], *, top: int = 5) -> dict[str, Any
     Returns:
         ``{"leaderboard": top rows, "full_leaderboard": every row, "failed": [...], "best": record}``.
     """
-    from sparktf.search import dimensions
-
     ranked = rank_trials(records)
     failed = [r for r in records if r.get("status") != "ok"]
     rows = [
-        {"rank": i + 1, "trial_id": r["trial_id"], **{k: r["params"][k] for k in dimensions()},
+        {"rank": i + 1, "trial_id": r["trial_id"], **{k: r["params"][k] for k in knobs.search_dimensions()},
          "val_accuracy": round(r["val_accuracy"], 5), "test_accuracy": round(r["test_accuracy"], 5),
          "epochs_run": r["epochs_run"], "train_seconds": r["train_seconds"]}
         for i, r in enumerate(ranked)
