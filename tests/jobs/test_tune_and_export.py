@@ -214,7 +214,7 @@ def test_every_setting_that_changes_a_result_changes_the_trial_ids(monkeypatch):
     reference = ids()
     assert reference == ids() and ids("--max-parallel-trials", "2") == reference  # deterministic
     for extra in (["--model-family", "mlp"], ["--epochs", "9"], ["--patience", "3"], ["--lr-decay-patience", "0"],
-                  ["--augment", "0.1"], ["--seed", "7"], ["--optimizer", "sgd"]):
+                  ["--augment", "0.2"], ["--seed", "7"], ["--optimizer", "sgd"]):
         assert set(ids(*extra)).isdisjoint(reference), extra
     assert set(ids(manifest_sha256="manifest-2")).isdisjoint(reference)
     monkeypatch.setenv(sparktf.CODE_SHA256_ENV, "f" * 64)
