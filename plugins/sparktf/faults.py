@@ -64,8 +64,8 @@ class FaultRule:
     Args:
         kind: ``internal``, ``slowdown``, ``reset``, ``latency``, ``access_denied`` (403, not
             forwarded), ``conflict`` (409 ConditionalRequestConflict, not forwarded: S3's answer
-            while another conditional write to the key is in progress) or ``delete_errors`` (a DeleteObjects answered 200 with every key in
-            ``Errors``, nothing deleted).
+            while another conditional write to the key is in progress) or ``delete_errors`` (a
+            DeleteObjects answered 200 with every key in ``Errors``, nothing deleted).
         method: HTTP method to match (``GET``, ``PUT``, ``POST``, ...), or any.
         key: regular expression searched in the object key (the path after the bucket), or any.
         query: substring of the raw query string (e.g. ``"delete"``, ``"list-type"``), or any.
