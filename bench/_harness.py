@@ -9,7 +9,9 @@ upload (``testing.read_mnist`` / ``testing.upload_mnist``) and the prepare job
 * :data:`SPARK_CONF` -- the benchmarks' extra Spark settings (pass as ``conf=`` to
   ``testing.local_spark``);
 * :func:`run_worker` / :func:`emit_result` -- run a benchmark step in a fresh interpreter and read
-  its JSON result (fresh TensorFlow thread settings, fresh JVM);
+  its JSON result (fresh TensorFlow thread settings, fresh JVM); :func:`run_step` does so with the
+  load average recorded, the time and the result printed;
+* :func:`write_json` -- a run's full report, for ``--json-out``;
 * :func:`incoming_keys`, :func:`champion_metadata`, :func:`predict_batch_udf_runs` -- the inference
   benchmarks' shared steps: the partition to score, the model to score it with, and the
   ``predict_batch_udf`` pipeline they compare the batch-inference job with;
@@ -86,6 +88,24 @@ def run_worker(argv: list[str], *, log_path: str | None = None, env: dict[str, s
             tail = log.read()[-3000:]
         raise RuntimeError(f"worker {argv} failed (exit {completed.returncode}); log {log_path}:\n{tail}")
     return result
+
+
+def run_step(label: str, argv: list[str], *, loads: dict[str, str], log_name: str) -> dict[str, Any]:
+    """:func:`run_worker` for one named step: records the load average at its start in ``loads``
+    and prints how long it took and what it returned."""
+    loads[label] = load_average()
+    started = time.perf_counter()
+    out = run_worker(argv, log_path=log_file(log_name))
+    print(f"  {label} done in {time.perf_counter() - started:.1f} s: "
+          f"{json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
+    return out
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parent folders created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
 
 
 def load_average() -> str:

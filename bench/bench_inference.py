@@ -33,7 +33,6 @@ Usage (from the repository root, with the project's venv active: ``source script
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -248,13 +247,8 @@ def main(argv=None) -> int:
         ws = f"s3://{BUCKET}/ws"
 
         def step(name: str, slots: int = 1) -> dict:
-            report["load"][f"{name}-{slots}"] = _harness.load_average()
-            started = time.perf_counter()
-            out = _harness.run_worker([me, "--worker", name, "--ws", ws, "--worker-slots", str(slots), *common],
-                                      log_path=_harness.log_file(f"inference-{name}-{slots}"))
-            print(f"  {name} (slots={slots}) done in {time.perf_counter() - started:.1f} s: "
-                  f"{json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
-            return out
+            return _harness.run_step(f"{name}-{slots}", [me, "--worker", name, "--ws", ws, "--worker-slots", str(slots),
+                                                         *common], loads=report["load"], log_name=f"inference-{name}-{slots}")
 
         started = time.perf_counter()
         report["uploaded"] = upload_images(ws, args.images)
@@ -293,9 +287,7 @@ def main(argv=None) -> int:
         print(f"  {name}: {value:.2f}")
     print(f"load average per step: {report['load']}")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json_out, "w") as fh:
-            json.dump(report, fh, indent=2, default=str)
+        _harness.write_json(args.json_out, report)
     return 0
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -354,13 +353,8 @@ def main(argv=None) -> int:
 
         def step(name: str, layout: str = "tasks", tag: str = "") -> dict:
             label = f"{name}-{layout}{tag}" if name == "job" else name
-            report["load"][label] = _harness.load_average()
-            started = time.perf_counter()
-            out = _harness.run_worker([me, "--worker", name, "--ws", ws, "--layout", layout, *common],
-                                      log_path=_harness.log_file(f"photos-{label}"))
-            print(f"  {label} done in {time.perf_counter() - started:.1f} s: "
-                  f"{json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
-            return out
+            return _harness.run_step(label, [me, "--worker", name, "--ws", ws, "--layout", layout, *common],
+                                     loads=report["load"], log_name=f"photos-{label}")
 
         started = time.perf_counter()
         report["uploaded"] = upload_photos(ws, args.images, args.width, args.height)
@@ -423,9 +417,7 @@ def main(argv=None) -> int:
     print(f"  layout (warm): {report['layout_verdict_warm']}; (cold): {report['layout_verdict_cold']}")
     print(f"load average: before {report['load']['before']}, after {report['load']['after']}; per step {report['load']}")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json_out, "w") as fh:
-            json.dump(report, fh, indent=2, default=str)
+        _harness.write_json(args.json_out, report)
     return 0
 
 

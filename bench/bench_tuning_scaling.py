@@ -28,7 +28,6 @@ Usage (from the repository root, with the project's venv active: ``source script
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -234,9 +233,7 @@ def main(argv=None) -> int:
             values = [s[key] for s in summaries]
             print(f"  {key:10s} " + "  ".join(f"{v:.3f}" for v in values) + f"   median {statistics.median(values):.3f}")
     if opts.json_out:
-        Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(opts.json_out, "w") as fh:
-            json.dump({"options": vars(opts), "rounds": summaries}, fh, indent=2, default=str)
+        _harness.write_json(opts.json_out, {"options": vars(opts), "rounds": summaries})
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s; load average at end: {_harness.load_average()}")
     return 0
 
