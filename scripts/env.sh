@@ -21,8 +21,14 @@ export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=True
 export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-INFO}"
 # The embedded S3 server (moto) accepts any key pair: these are local placeholders, not secrets.
 # On a real deployment, define aws_default in Airflow (or use the instance's role) instead.
-export AIRFLOW_CONN_AWS_DEFAULT="${AIRFLOW_CONN_AWS_DEFAULT:-{\"conn_type\": \"aws\", \"login\": \"local-access-key\", \"password\": \"local-secret-key\", \"extra\": {\"endpoint_url\": \"$SPARKTF_S3_ENDPOINT\", \"region_name\": \"us-east-1\"}}}"
-export AIRFLOW_CONN_SPARK_DEFAULT="${AIRFLOW_CONN_SPARK_DEFAULT:-{\"conn_type\": \"spark\", \"host\": \"$SPARKTF_SPARK_MASTER\"}}"
+# Each default is built in a variable first: inside ${VAR:-...} the expansion would end at the
+# JSON's first "}", so sourcing this file a second time appended a stray "}" to both connections.
+sparktf_default_conn="{\"conn_type\": \"aws\", \"login\": \"local-access-key\", \"password\": \"local-secret-key\", \"extra\": {\"endpoint_url\": \"$SPARKTF_S3_ENDPOINT\", \"region_name\": \"us-east-1\"}}"
+: "${AIRFLOW_CONN_AWS_DEFAULT:=$sparktf_default_conn}"
+sparktf_default_conn="{\"conn_type\": \"spark\", \"host\": \"$SPARKTF_SPARK_MASTER\"}"
+: "${AIRFLOW_CONN_SPARK_DEFAULT:=$sparktf_default_conn}"
+unset sparktf_default_conn
+export AIRFLOW_CONN_AWS_DEFAULT AIRFLOW_CONN_SPARK_DEFAULT
 export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$VENV/bin/python}"
 export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$VENV/bin/python}"
 export TF_CPP_MIN_LOG_LEVEL=2

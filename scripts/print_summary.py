@@ -27,12 +27,14 @@ from sparktf import run_summary
 def use_storage() -> bool:
     """Point the storage layer at the stack's ``aws_default`` settings (False if there are none)."""
     from sparktf import storage
-    from sparktf.airflow.aws_connection import settings_from_json
+    from sparktf.airflow import aws_connection
 
-    text = os.environ.get("AIRFLOW_CONN_AWS_DEFAULT")
-    if not text:
+    if not os.environ.get(aws_connection.env_variable("aws_default")):
         return False
-    storage.configure(settings_from_json(text))
+    try:
+        storage.configure(aws_connection.settings_from_environment("aws_default"))
+    except aws_connection.ConnectionUnusable as error:
+        raise SystemExit(f"print_summary: {error}") from None
     return True
 
 

@@ -46,6 +46,16 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
     return summary
 
 
+def check_connections(conn_ids: tuple[str, ...] = ("spark_default", "aws_default")) -> None:
+    """Stop before the run when a connection the DAGs use is set as an unparsable ``AIRFLOW_CONN_*``
+    (Airflow would call it undefined, and the Spark provider would fall back to YARN)."""
+    from sparktf.airflow import aws_connection
+
+    problems = [aws_connection.unusable_message(conn_id) for conn_id in conn_ids if aws_connection.parse_problem(conn_id)]
+    if problems:
+        raise SystemExit("run_dag: " + "; ".join(problems))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dag_id")
@@ -53,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", default="{}", help="JSON object of Params")
     parser.add_argument("--json-out", default=None, help="also write the summary to this file")
     args = parser.parse_args(argv)
+    check_connections()
     summary = run(args.dag_id, args.logical_date, json.loads(args.conf))
     text = json.dumps(summary, indent=2, default=str)
     print("=== run summary ===")

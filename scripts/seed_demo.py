@@ -9,12 +9,18 @@ import os
 import sys
 
 from sparktf import storage, testing
-from sparktf.airflow.aws_connection import settings_from_json
+from sparktf.airflow import aws_connection
 
 
 def use_local_stack() -> str:
-    """Point the storage layer at the stack's aws_default settings; the workspace URI."""
-    storage.configure(settings_from_json(os.environ["AIRFLOW_CONN_AWS_DEFAULT"]))
+    """Point the storage layer at the stack's aws_default settings; the workspace URI.
+
+    An unset or unparsable ``AIRFLOW_CONN_AWS_DEFAULT`` stops the script with a message naming it.
+    """
+    try:
+        storage.configure(aws_connection.settings_from_environment("aws_default"))
+    except aws_connection.ConnectionUnusable as error:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {error}") from None
     workspace = os.environ.get("SPARKTF_WORKSPACE_URI", "s3://ml-pipeline")
     storage.create_bucket(storage.parse_uri(workspace).bucket)
     return workspace

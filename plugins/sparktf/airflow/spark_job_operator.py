@@ -95,9 +95,21 @@ class SparkJobOperator(SparkSubmitOperator):
         # The hook reports the driver's UI as it starts: the task's "Spark UI" link, live.
         return spark_ui.watch_output(super()._get_hook(), spark_ui.publisher(self))
 
+    def _check_spark_connection(self) -> None:
+        """Fail (without retries) when the Spark connection cannot be loaded, naming it: the provider
+        would log "Could not load connection string" and spark-submit against YARN instead."""
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+
+        try:
+            BaseHook.get_connection(self._conn_id)
+        except AirflowNotFoundException:
+            raise AirflowFailException(aws_connection.unusable_message(self._conn_id)) from None
+
     def execute(self, context: Any) -> dict[str, Any]:
         from sparktf import storage
 
+        self._check_spark_connection()
         zip_path, code_sha = package_zip()
         self.py_files = ",".join(p for p in (self.py_files, zip_path) if p)
         self.application_args = [*(self.application_args or []), "--result-uri", self.result_uri]
