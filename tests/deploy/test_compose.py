@@ -5,7 +5,10 @@ with .env.example exactly as `docker compose up` would, and fails on a missing v
 checks then hold the file to what the code expects: the connection ids the DAGs and the operator
 use, the Spark master and MinIO service ports, the workspace bucket, where the DAGs/plugins/jobs
 are mounted, loopback-only ports, start order, and the images' pins against requirements.txt.
-The images are never built here.
+What compose cannot check is checked by running the scripts the services run: check-settings
+(docker/check_settings.py) against good, placeholder and weak settings, minio-init's script with a
+stand-in `mc`, docker/spark-auth.sh, and the MinIO policies parsed and evaluated per role.
+The images are never built here and no container is started (no Docker engine on this machine).
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ COMPOSE_FILE = ROOT / "docker-compose.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 AIRFLOW_SERVICES = ("airflow-init", "api-server", "scheduler", "dag-processor", "triggerer")
 SPARK_WORKERS = ("spark-worker-1", "spark-worker-2")
-REQUIRED_SERVICES = (*AIRFLOW_SERVICES, "postgres", "minio", "minio-init", "spark-master", *SPARK_WORKERS)
+REQUIRED_SERVICES = (*AIRFLOW_SERVICES, "check-settings", "postgres", "minio", "minio-init", "spark-master", *SPARK_WORKERS)
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|FERNET", re.IGNORECASE)
+CHECK_SCRIPT = ROOT / "docker" / "check_settings.py"
+SPARK_AUTH_SCRIPT = ROOT / "docker" / "spark-auth.sh"
+POLICY_DIR = ROOT / "docker" / "minio-policies"
 
 
 def compose_binary() -> Path | None:
@@ -181,7 +187,12 @@ def test_services_start_in_order(services):
     def conditions(name):
         return {dep: spec["condition"] for dep, spec in (services[name].get("depends_on") or {}).items()}
 
-    assert conditions("airflow-init") == {"postgres": "service_healthy"}
+    checked = {"check-settings": "service_completed_successfully"}
+    assert "depends_on" not in services["check-settings"] and services["check-settings"].get("restart") == "no"
+    for name in services:  # nothing starts before the settings are checked
+        if name != "check-settings":
+            assert conditions(name).get("check-settings") == "service_completed_successfully", name
+    assert conditions("airflow-init") == {**checked, "postgres": "service_healthy"}
     for name in AIRFLOW_SERVICES[1:]:
         assert conditions(name)["airflow-init"] == "service_completed_successfully", name
         assert conditions(name)["postgres"] == "service_healthy", name
@@ -189,9 +200,9 @@ def test_services_start_in_order(services):
     assert conditions("scheduler")["api-server"] == "service_healthy"
     assert conditions("scheduler")["spark-master"] == "service_healthy"
     assert conditions("scheduler")["minio-init"] == "service_completed_successfully"
-    assert conditions("minio-init") == {"minio": "service_healthy"}
+    assert conditions("minio-init") == {**checked, "minio": "service_healthy"}
     for worker in SPARK_WORKERS:
-        assert conditions(worker) == {"spark-master": "service_healthy"}
+        assert conditions(worker) == {**checked, "spark-master": "service_healthy"}
     for one_shot in ("airflow-init", "minio-init"):
         assert services[one_shot].get("restart") in (None, "no"), one_shot
 
@@ -256,22 +267,50 @@ def test_aws_default_points_at_the_minio_service_with_the_pipeline_keys(services
     assert minio_command[minio_command.index("--address") + 1] == ":9000"
     assert 9000 in [p["target"] for p in services["minio"]["ports"]]
     example = read_env_file(ENV_EXAMPLE)
-    assert (conn["login"], conn["password"]) == (example["S3_ACCESS_KEY_ID"], example["S3_SECRET_ACCESS_KEY"])
+    assert (conn["login"], conn["password"]) == (example["S3_PIPELINE_ACCESS_KEY_ID"], example["S3_PIPELINE_SECRET_ACCESS_KEY"])
     assert conn["extra"]["region_name"] == example["AWS_DEFAULT_REGION"]
     # minio-init creates exactly that account.
     init_env = env_of(services["minio-init"])
-    assert (init_env["S3_ACCESS_KEY_ID"], init_env["S3_SECRET_ACCESS_KEY"]) == (conn["login"], conn["password"])
+    assert (init_env["S3_PIPELINE_ACCESS_KEY_ID"], init_env["S3_PIPELINE_SECRET_ACCESS_KEY"]) == (conn["login"], conn["password"])
 
 
-def test_executors_get_the_same_s3_settings_from_the_workers_environment(services):
+def test_executors_get_the_same_s3_endpoint_with_their_own_keys(services):
     # SparkJobOperator passes aws_default to the driver only (spark-submit's environment);
-    # executors inherit the standalone worker's environment.
+    # executors inherit the standalone worker's environment: the executor role's keys.
     conn = json.loads(env_of(services["scheduler"])["AIRFLOW_CONN_AWS_DEFAULT"])
+    example, init_env = read_env_file(ENV_EXAMPLE), env_of(services["minio-init"])
     for worker in SPARK_WORKERS:
         env = env_of(services[worker])
         assert env["AWS_ENDPOINT_URL"] == conn["extra"]["endpoint_url"]
-        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (conn["login"], conn["password"])
+        keys = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+        assert keys == (example["S3_EXECUTOR_ACCESS_KEY_ID"], example["S3_EXECUTOR_SECRET_ACCESS_KEY"])
+        assert keys == (init_env["S3_EXECUTOR_ACCESS_KEY_ID"], init_env["S3_EXECUTOR_SECRET_ACCESS_KEY"])
+        assert env["AWS_ACCESS_KEY_ID"] != conn["login"]  # never the pipeline's keys (those write models/)
         assert env["AWS_DEFAULT_REGION"] == conn["extra"]["region_name"]
+
+
+def run_minio_init(init: dict, tmp_path: Path, bucket: str) -> tuple[list[str], dict[str, dict]]:
+    """Run minio-init's script with a stand-in `mc` that records its arguments and keeps a copy of
+    each policy file it is given; (the calls, {role: policy created})."""
+    assert init["entrypoint"][0] == "/bin/sh"
+    script = unescape(init["command"][0])
+    log, kept = tmp_path / "mc.log", tmp_path / "kept"
+    kept.mkdir()
+    stub = tmp_path / "bin" / "mc"
+    stub.parent.mkdir()
+    stub.write_text(f'''#!/bin/sh
+echo "$*" >> {log}
+[ "$1 $2 $3" = "admin user info" ] && echo "PolicyName: readwrite"
+[ "$1 $2 $3" = "admin policy create" ] && cp "$6" "{kept}/$5.json"
+exit 0
+''')
+    stub.chmod(0o755)
+    env = {**env_of(init), "PATH": f"{stub.parent}:/usr/bin:/bin", "SPARKTF_POLICY_DIR": str(POLICY_DIR), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["/bin/sh", *init["entrypoint"][1:], script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    rendered = {path.stem.removeprefix("sparktf-"): json.loads(path.read_text()) for path in kept.glob("*.json")}
+    return calls, rendered
 
 
 def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypatch, tmp_path):
@@ -285,21 +324,20 @@ def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypa
     for name in AIRFLOW_SERVICES:
         assert env_of(services[name])["SPARKTF_WORKSPACE_URI"] == default_uri == f"s3://{bucket}"
 
-    # Run the script with a stand-in `mc` that records its arguments.
-    assert init["entrypoint"][0] == "/bin/sh"
-    script = unescape(init["command"][0])
-    log = tmp_path / "mc.log"
-    stub = tmp_path / "bin" / "mc"
-    stub.parent.mkdir()
-    stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n[ "$1 $2 $3" = "admin user info" ] && echo "PolicyName: consoleAdmin"\nexit 0\n')
-    stub.chmod(0o755)
-    env = {**env_of(init), "PATH": f"{stub.parent}:/usr/bin:/bin"}
-    proc = subprocess.run(["/bin/sh", *init["entrypoint"][1:], script], env=env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    calls = log.read_text().splitlines()
-    assert f"mb --ignore-existing local/{bucket}" in calls
-    assert f"admin policy attach local readwrite --user {env['S3_ACCESS_KEY_ID']}" in calls
-    assert f"mirror --overwrite /seed/mnist-demo pipeline/{bucket}/datasets/mnist-demo" in calls
+    calls, rendered = run_minio_init(init, tmp_path, bucket)
+    assert calls[:3] == ["alias set local http://minio:9000 {} {}".format(env_of(init)["MINIO_ROOT_USER"], env_of(init)["MINIO_ROOT_PASSWORD"]),
+                         f"mb --ignore-existing local/{bucket}", f"version enable local/{bucket}"]
+    for role in ("pipeline", "executor"):
+        key, secret = env_of(init)[f"S3_{role.upper()}_ACCESS_KEY_ID"], env_of(init)[f"S3_{role.upper()}_SECRET_ACCESS_KEY"]
+        assert f"admin policy create local sparktf-{role} {tmp_path / f'sparktf-{role}.json'}" in calls
+        assert f"admin user add local {key} {secret}" in calls
+        assert f"admin policy attach local sparktf-{role} --user {key}" in calls
+        assert f"admin policy detach local readwrite --user {key}" in calls  # an older stack's full grant goes
+        assert not [call for call in calls if call.startswith("admin policy attach local readwrite")]
+        # The policy created is the repository's file with the bucket's name put in.
+        assert rendered[role] == json.loads((POLICY_DIR / f"sparktf-{role}.json").read_text().replace("WORKSPACE_BUCKET", bucket))
+    assert f"mirror --overwrite /seed/mnist-demo local/{bucket}/datasets/mnist-demo" in calls
+    assert f"ls executor/{bucket}/datasets/mnist-demo/" in calls  # the executors' keys are tried
     # The demo data set lands where tuning_pipeline's dataset_uri Param points by default.
     seed = next(v for v in init["volumes"] if v["target"] == "/seed/mnist-demo")
     assert Path(seed["source"]) == ROOT / "data" / "demo" / "mnist" and seed["read_only"]
@@ -405,14 +443,15 @@ def test_driver_and_executor_images_run_the_same_python_minor_version():
 
 def test_no_secret_literal_in_the_compose_file():
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    environments = [raw["x-airflow-common"]["environment"], raw["x-spark-worker"]["environment"]]
+    environments = [raw["x-airflow-common"]["environment"], raw["x-spark-common"]["environment"], raw["x-spark-worker"]["environment"]]
     environments += [s.get("environment") or {} for s in raw["services"].values()]
     for env in environments:
         for name, value in env.items():
             if name == "AIRFLOW_CONN_AWS_DEFAULT":
                 conn = json.loads(re.sub(r"\$\{[^}]*\}", "X", value))  # valid JSON around the variables
                 assert "login" in conn and "password" in conn
-                assert re.search(r'"login": "\$\{S3_ACCESS_KEY_ID:\?', value) and re.search(r'"password": "\$\{S3_SECRET_ACCESS_KEY:\?', value)
+                assert re.search(r'"login": "\$\{S3_PIPELINE_ACCESS_KEY_ID:\?', value)
+                assert re.search(r'"password": "\$\{S3_PIPELINE_SECRET_ACCESS_KEY:\?', value)
             elif SECRET_NAME.search(name) and name != "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE":
                 assert re.fullmatch(r"\$\{\w+(:[?-][^}]*)?\}", str(value)), f"{name} is not taken from .env: {value!r}"
     url = raw["x-airflow-common"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
@@ -435,3 +474,204 @@ def test_example_env_holds_placeholders_and_env_is_ignored():
         assert check.returncode == 0
         check = subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=ROOT, timeout=30)
         assert check.returncode == 1
+
+
+# --- weak settings are refused before anything starts ------------------------------------------
+
+def run_check(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """docker/check_settings.py as the check-settings service runs it, with exactly ``env``."""
+    return subprocess.run([sys.executable, str(CHECK_SCRIPT)], env={"PATH": "/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def good_env_file(tmp_path: Path, **overrides: str) -> Path:
+    """.env.example with every placeholder replaced by a strong random value (a real Fernet key)."""
+    import base64
+    import secrets
+
+    values = read_env_file(ENV_EXAMPLE)
+    for name, value in values.items():
+        if "change-me" in value:
+            values[name] = f"{name.split('_')[1].lower()}{secrets.token_hex(4)}" if name.endswith(("_USER", "_KEY_ID")) \
+                else secrets.token_hex(16 if "S3_" in name or "MINIO" in name else 24)
+    values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    values.update(overrides)
+    path = tmp_path / "good.env"
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return path
+
+
+def check_service_env(env_file: Path) -> dict[str, str]:
+    proc = run_config(env_file)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    return env_of(json.loads(proc.stdout)["services"]["check-settings"])
+
+
+def test_check_settings_is_given_every_secret_and_key(services):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_settings", CHECK_SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    used = set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text()))
+    accounts = {name for name in used if name.endswith(("_USER", "_KEY_ID"))} - {"POSTGRES_USER", "AIRFLOW_ADMIN_USER"}
+    secrets_used = {name for name in used if SECRET_NAME.search(name)} | accounts
+    assert secrets_used == set(check.CHECKED)  # a new secret in the compose file must be checked too
+    assert set(env_of(services["check-settings"])) == set(check.CHECKED)
+    assert services["check-settings"]["entrypoint"] == ["python3", "/opt/sparktf/check_settings.py"]
+    mount = next(v for v in services["check-settings"]["volumes"] if v["target"] == "/opt/sparktf/check_settings.py")
+    assert Path(mount["source"]) == CHECK_SCRIPT and mount["read_only"]
+
+
+def test_good_settings_pass_config_and_the_check(tmp_path):
+    proc = run_check(check_service_env(good_env_file(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert "settings checked" in proc.stdout
+
+
+def test_the_example_placeholders_are_refused_naming_each_variable(services):
+    env = env_of(services["check-settings"])  # .env.example resolved by compose: `${VAR:?}` let it through
+    proc = run_check(env)
+    assert proc.returncode == 1
+    for name, value in env.items():
+        assert re.search(rf"^refusing to start: {name} in \.env ", proc.stderr, re.MULTILINE), name
+        assert value not in proc.stderr + proc.stdout  # names, never values
+    assert "AIRFLOW_FERNET_KEY in .env is still the change-me placeholder" in proc.stderr
+
+
+def test_an_empty_fernet_key_is_refused_by_compose_and_by_the_check(tmp_path):
+    empty = good_env_file(tmp_path, AIRFLOW_FERNET_KEY="")
+    proc = run_config(empty)
+    assert "required variable AIRFLOW_FERNET_KEY is missing a value" in proc.stderr
+    if BINARY != Path(sys.executable).with_name("docker-compose"):
+        assert proc.returncode != 0
+    env = check_service_env(good_env_file(tmp_path))
+    for bad in ("", "not-a-fernet-key", "A" * 43 + "=" + "A", "Z" * 42 + "==", "a" * 44):
+        proc = run_check({**env, "AIRFLOW_FERNET_KEY": bad})
+        assert proc.returncode == 1, bad
+        assert "refusing to start: AIRFLOW_FERNET_KEY in .env" in proc.stderr and "generate one with" in proc.stderr
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("POSTGRES_PASSWORD", "short", "must be 16 to 128 characters long"),
+    ("AIRFLOW_JWT_SECRET", "x" * 20, "must be 32 to 256 characters long"),
+    ("SPARK_AUTH_SECRET", "", "is empty"),
+    ("S3_EXECUTOR_SECRET_ACCESS_KEY", "a" * 41, "must be 16 to 40 characters long"),
+    ("AIRFLOW_ADMIN_PASSWORD", "pass word with spaces", "may hold only letters, digits"),
+    ("S3_PIPELINE_SECRET_ACCESS_KEY", 'quote"brace}', "may hold only letters, digits"),
+    ("MINIO_ROOT_USER", "CHANGE-ME-root", "placeholder"),
+])
+def test_weak_settings_are_refused(tmp_path, name, value, message):
+    env = check_service_env(good_env_file(tmp_path))
+    proc = run_check({**env, name: value})
+    assert proc.returncode == 1
+    assert re.search(rf"refusing to start: {name} in \.env .*{re.escape(message)}", proc.stderr), proc.stderr
+
+
+def test_one_key_for_two_roles_is_refused(tmp_path):
+    env = check_service_env(good_env_file(tmp_path))
+    proc = run_check({**env, "S3_EXECUTOR_ACCESS_KEY_ID": env["S3_PIPELINE_ACCESS_KEY_ID"]})
+    assert proc.returncode == 1
+    assert "S3_PIPELINE_ACCESS_KEY_ID and S3_EXECUTOR_ACCESS_KEY_ID in .env are the same key" in proc.stderr
+
+
+# --- MinIO: one user per role ------------------------------------------------------------------
+
+BUCKET = "ml-pipeline"
+PREFIXES = ("incoming", "datasets", "models", "predictions", "runs")
+WRITES = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
+
+
+def policy(role: str) -> dict:
+    return json.loads((POLICY_DIR / f"sparktf-{role}.json").read_text().replace("WORKSPACE_BUCKET", BUCKET))
+
+
+def allowed(document: dict, action: str, key: str | None = None, prefix: str | None = None) -> bool:
+    """Whether an Allow statement of ``document`` grants ``action`` on object ``key`` (or, for
+    s3:ListBucket, on the bucket with a listing ``prefix``). The policies use Allow only."""
+    from fnmatch import fnmatchcase
+
+    resource = f"arn:aws:s3:::{BUCKET}" + (f"/{key}" if key is not None else "")
+    for statement in document["Statement"]:
+        assert statement["Effect"] == "Allow" and set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
+        if action not in statement["Action"] or not any(fnmatchcase(resource, r) for r in statement["Resource"]):
+            continue
+        condition = statement.get("Condition")
+        if condition is None:
+            return True
+        assert list(condition) == ["StringLike"] and list(condition["StringLike"]) == ["s3:prefix"]
+        if prefix is not None and any(fnmatchcase(prefix, p) for p in condition["StringLike"]["s3:prefix"]):
+            return True
+    return False
+
+
+def test_policies_are_valid_json_with_only_object_actions_on_the_workspace():
+    files = sorted(path.name for path in POLICY_DIR.glob("*.json"))
+    assert files == ["sparktf-executor.json", "sparktf-pipeline.json"]
+    for role in ("executor", "pipeline"):
+        document = policy(role)
+        assert document["Version"] == "2012-10-17"
+        for statement in document["Statement"]:
+            assert set(statement["Action"]) <= {"s3:ListBucket", "s3:GetObject"} | WRITES, statement["Action"]
+            assert all(r == f"arn:aws:s3:::{BUCKET}" or r.startswith(f"arn:aws:s3:::{BUCKET}/") for r in statement["Resource"])
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_executors_read_inputs_and_models_and_write_only_predictions_and_runs(prefix):
+    executor = policy("executor")
+    key = f"{prefix}/x/part-0.parquet"
+    assert allowed(executor, "s3:GetObject", key)
+    assert allowed(executor, "s3:ListBucket", prefix=f"{prefix}/2026-11-20/")
+    for action in WRITES:
+        assert allowed(executor, action, key) == (prefix in ("predictions", "runs")), (action, prefix)
+
+
+def test_executors_reach_nothing_outside_the_pipeline_prefixes():
+    executor = policy("executor")
+    for key in ("uploads/inception_v3.weights.h5", "secrets.json", "modelsX/champion.json"):
+        assert not allowed(executor, "s3:GetObject", key) and not allowed(executor, "s3:PutObject", key)
+    assert not allowed(executor, "s3:ListBucket", prefix="")
+    assert not allowed(executor, "s3:ListBucket", prefix="uploads/")
+
+
+def test_the_pipeline_role_reads_everything_and_is_the_one_that_writes_models():
+    pipeline = policy("pipeline")
+    for key in ("uploads/inception_v3.weights.h5", "incoming/2026-11-20/a.png", "models/digits/champion.json"):
+        assert allowed(pipeline, "s3:GetObject", key)
+    assert allowed(pipeline, "s3:ListBucket", prefix="")
+    for prefix in PREFIXES:
+        for action in WRITES:
+            assert allowed(pipeline, action, f"{prefix}/x") == (prefix in ("models", "predictions", "runs")), (action, prefix)
+    assert not allowed(pipeline, "s3:PutObject", "uploads/x") and not allowed(policy("executor"), "s3:PutObject", "models/x")
+
+
+# --- Spark RPC authentication ------------------------------------------------------------------
+
+def test_spark_rpc_authentication_on_master_workers_and_the_driver(services):
+    example = read_env_file(ENV_EXAMPLE)
+    for name in ("spark-master", *SPARK_WORKERS, "scheduler"):
+        service, env = services[name], env_of(services[name])
+        assert service["entrypoint"][:2] == ["/bin/sh", "/opt/sparktf/spark-auth.sh"], name
+        assert env["SPARK_AUTH_SECRET"] == example["SPARK_AUTH_SECRET"] and env["SPARK_CONF_DIR"] == "/tmp/spark-conf", name
+        mount = next(v for v in service["volumes"] if v["target"] == "/opt/sparktf/spark-auth.sh")
+        assert Path(mount["source"]) == SPARK_AUTH_SCRIPT and mount["read_only"], name
+    assert services["scheduler"]["entrypoint"][2:] == ["airflow"] and services["scheduler"]["command"] == ["scheduler"]
+    assert services["spark-master"]["command"][0] == "spark-class"
+    for name in ("api-server", "dag-processor", "triggerer", "airflow-init"):  # no spark-submit there
+        assert "SPARK_AUTH_SECRET" not in env_of(services[name]), name
+
+
+def test_spark_auth_script_writes_the_secret_to_spark_defaults_only(tmp_path):
+    conf_dir = tmp_path / "conf"
+    env = {"PATH": "/usr/bin:/bin", "SPARK_CONF_DIR": str(conf_dir), "SPARK_AUTH_SECRET": "s3cr3t-for-the-test"}
+    proc = subprocess.run(["/bin/sh", str(SPARK_AUTH_SCRIPT), "sh", "-c", 'echo "args:$*"; env', "cmd", "a b"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "args:a b" in proc.stdout  # the command runs with its arguments
+    assert "SPARK_AUTH_SECRET" not in proc.stdout and "s3cr3t" not in proc.stdout  # not in the command's environment
+    defaults = conf_dir / "spark-defaults.conf"
+    assert defaults.read_text().splitlines() == ["spark.authenticate true", "spark.authenticate.secret s3cr3t-for-the-test"]
+    assert defaults.stat().st_mode & 0o077 == 0
+    missing = subprocess.run(["/bin/sh", str(SPARK_AUTH_SCRIPT), "true"], env={**env, "SPARK_AUTH_SECRET": ""},
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "SPARK_AUTH_SECRET is not set" in missing.stderr
