@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sparktf import dataset, idx, storage
+from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import prepare_data
+from sparktf.testing import upload_mnist
 
 PER_CLASS = 20
 
@@ -150,3 +153,18 @@ def test_transform_split_is_stratified_and_seeded(spark):
         return {row["id"] for row in frame.where(F.col("split") == "test").select("id").collect()}
 
     assert test_ids(split) != test_ids(other) and len(test_ids(other)) == 15
+
+
+def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, s3_prefix, s3_server, mnist_subset):
+    """Every GET of the t10k images is cut mid-body: the job fails, instead of setting the file aside
+    as corrupt_idx and carving a test set out of the training images."""
+    raw, out = s3_prefix + "/mnist", s3_prefix + "/prepared/"
+    upload_mnist(raw, mnist_subset, train_limit=300, test_limit=100)
+    images_key = storage.parse_uri(storage.join_uri(raw, "t10k-images-idx3-ubyte.gz")).key
+    with FaultProxy(s3_server.endpoint, rules=[FaultRule("reset", method="GET", key=f"^{re.escape(images_key)}$")]) as proxy:
+        with route_storage(proxy.settings(s3_server.settings()), spark), pytest.raises(Exception) as failed:
+            prepare_data.run(spark, args_for(raw, out))
+    assert "TransientStorageError" in str(failed.value) and "could not be read" in str(failed.value)
+    assert "still failing after 5 attempts" in str(failed.value)
+    assert proxy.requested[("GET", images_key)] >= storage.READ_ATTEMPTS
+    assert storage.head(out + dataset.MANIFEST_NAME) is None  # nothing published

@@ -7,7 +7,10 @@ Reads raw labelled images from object storage in either layout (both may be mixe
   pair whose stem says ``t10k``/``test`` keeps its role as the test set (MNIST's official split).
 
 Decoding happens on the executors. The split is stratified and deterministic for a seed. Corrupt
-images are listed in the manifest with their reason; they do not fail the job.
+images are listed in the manifest with their reason; they do not fail the job. Only content
+decides "corrupt": a file the store fails to serve (after the storage layer's retries) fails the
+task, and the job if Spark's retries fail too, so a lost ``t10k`` file can never turn into a test
+set carved out of the training images.
 
 Usage::
 
@@ -67,7 +70,7 @@ def plan_units(input_uri: str, keys: list[str], s3=None) -> tuple[list[dict], li
         name = stem.rsplit("/", 1)[-1].lower()
         source_split = "test" if ("t10k" in name or "test" in name) else None
         try:
-            labels = idx.parse_idx(storage.read_bytes(storage.object_uri(bucket, labels_key), s3))
+            labels = read_idx(bucket, labels_key, s3)
         except idx.IdxError as err:
             skipped.append({"key": labels_key, "reason": f"corrupt_idx: {err}"})
             continue
@@ -113,16 +116,33 @@ def decode_units(units: Iterator[dict], *, height: int, width: int, channels: in
         yield from _decode_idx_unit(unit, s3, height=height, width=width, channels=channels)
 
 
+def read_idx(bucket: str, key: str, s3=None):
+    """An IDX file's array.
+
+    Raises:
+        idx.IdxError: the content is not a valid IDX file (the only reason to call it corrupt).
+        storage.StorageError: the store failed to serve it (after every retry): never "corrupt";
+            the task fails (Spark retries it) and, if it keeps failing, the job.
+    """
+    uri = storage.object_uri(bucket, key)
+    try:
+        data = storage.read_bytes(uri, s3)
+    except storage.StorageError as err:
+        raise type(err)(f"{uri} could not be read ({err}); a file the store fails to serve is not set aside as "
+                        f"corrupt: check the store and run the job again") from err
+    return idx.parse_idx(data)
+
+
 def _decode_idx_unit(unit: dict, s3, *, height: int, width: int, channels: int) -> Iterator[dict]:
     import numpy as np
     from PIL import Image
 
     try:
-        images = idx.parse_idx(storage.read_bytes(storage.object_uri(unit["bucket"], unit["images_key"]), s3))
-        labels = idx.parse_idx(storage.read_bytes(storage.object_uri(unit["bucket"], unit["labels_key"]), s3))
+        images = read_idx(unit["bucket"], unit["images_key"], s3)
+        labels = read_idx(unit["bucket"], unit["labels_key"], s3)
         if images.ndim != 3 or len(images) != len(labels):
             raise idx.IdxError(f"images {images.shape} do not match labels {labels.shape}")
-    except Exception as err:  # noqa: BLE001 - the whole pair is set aside, with its reason
+    except idx.IdxError as err:  # content only: the whole pair is set aside, with its reason
         yield {"id": unit["images_key"], "label_name": "", "source_split": None, "pixels": None,
                "error": f"corrupt_idx: {err}"}
         return
