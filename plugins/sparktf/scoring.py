@@ -12,6 +12,7 @@ import datetime as dt
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -166,7 +167,7 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
     """Score one group of keys and write its predictions and errors parts under ``staged_uri``.
 
     Args:
-        index: the group's number (names its part files).
+        index: the group's number (names its part files, with the task attempt: :func:`staged_part_names`).
         model: the resolved version's metadata (``name``, ``version``, ``model_uri``,
             ``model_sha256``, ``label_names``, ``input_shape``, and ``resize_policy`` for
             models registered with one: a version without it is decoded the old way, ``resize``).
@@ -183,8 +184,8 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         fetch_threads=fetch_threads, max_pixels=max_pixels, k=top, cpus=executor.task_cpus(),
         sizes=sizes, max_image_bytes=max_image_bytes,
         resize_policy=resize_policy or model.get("resize_policy") or "resize")
-    name = f"part-{index:05d}.parquet"
-    error_name = f"{predictions.ERRORS_DIR}/{name}"
+    identity = executor.executor_identity()
+    name, error_name = staged_part_names(index, f"{int(identity.get('attempt', 0))}-{uuid.uuid4().hex[:12]}")
     s3 = storage.client()
     predictions_data = predictions.predictions_parquet(
         scored["predictions"], model_name=model["name"], model_version=model["version"],
@@ -200,5 +201,16 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         "reasons": dict(Counter(e["reason"] for e in scored["errors"])),
         "errors": scored["errors"][:50],
         "stats": scored["stats"],
-        "executor": str(executor.executor_identity().get("executor_id", "driver")),
+        "executor": str(identity.get("executor_id", "driver")),
     }
+
+
+def staged_part_names(index: int, attempt_token: str) -> tuple[str, str]:
+    """A task attempt's staged parts: ``part-<index>-<attempt>.parquet`` and its ``_errors/`` twin.
+
+    ``attempt_token`` (the Spark attempt number and a random suffix) makes them unique per task
+    attempt, so a speculative or zombie attempt of the same task writes its own files and can never
+    overwrite the parts the winning attempt reported (the publish copies exactly those names).
+    """
+    name = f"part-{index:05d}-{attempt_token}.parquet"
+    return name, f"{predictions.ERRORS_DIR}/{name}"
