@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from sparktf import executor, fetch, predictions, registry, storage
@@ -75,6 +76,20 @@ def top_k(probabilities, k: int) -> tuple[Any, Any]:
     return order, np.take_along_axis(probabilities, order, axis=1)
 
 
+def prediction_rows(keys: list[str], probabilities, labels: list[str], k: int) -> list[dict[str, Any]]:
+    """One row per key of a batch: the best label, its score and the top ``k``.
+
+    Raises:
+        ValueError: the model's output is not one row of ``len(labels)`` scores per key.
+    """
+    if probabilities.shape != (len(keys), len(labels)):
+        raise ValueError(f"model output {probabilities.shape} does not match {len(keys)} images x {len(labels)} labels")
+    order, scores = top_k(probabilities, k)
+    return [{"key": key, "predicted_label": labels[order[row, 0]], "score": float(scores[row, 0]),
+             "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])]}
+            for row, key in enumerate(keys)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring one task's keys
 # ---------------------------------------------------------------------------------------------
@@ -110,49 +125,40 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
              "pid": os.getpid()}
     retries_before = storage.retries_so_far()
     started = time.perf_counter()
-    batch_keys: list[str] = []
-    batch_arrays: list = []
     model = None
-
-    def flush() -> None:
-        nonlocal model
-        if not batch_keys:
-            return
+    window = int(batch_size) + 2 * max(1, int(fetch_threads))
+    decoded = fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels, max_pixels=max_pixels,
+                                  fetch_threads=fetch_threads, window=window, sizes=sizes, max_bytes=max_image_bytes,
+                                  resize_policy=resize_policy)
+    for batch_keys, batch_arrays in _batches(decoded, int(batch_size), errors):
         if model is None:
             model, stats["model_loaded_now"] = cached_model(model_uri, model_sha256, cpus)
         t0 = time.perf_counter()
         probabilities = predict_batch(model, np.stack(batch_arrays))
         stats["model_seconds"] += time.perf_counter() - t0
         stats["batches"] += 1
-        if probabilities.shape != (len(batch_keys), len(labels)):
-            raise ValueError(f"model output {probabilities.shape} does not match {len(batch_keys)} images "
-                             f"x {len(labels)} labels")
-        order, scores = top_k(probabilities, k)
-        for row, key in enumerate(batch_keys):
-            predictions.append({
-                "key": key, "predicted_label": labels[order[row, 0]], "score": float(scores[row, 0]),
-                "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])],
-            })
-        batch_keys.clear()
-        batch_arrays.clear()
-
-    window = int(batch_size) + 2 * max(1, int(fetch_threads))
-    for key, array, reason, detail in fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels,
-                                                    max_pixels=max_pixels, fetch_threads=fetch_threads,
-                                                    window=window, sizes=sizes, max_bytes=max_image_bytes,
-                                                    resize_policy=resize_policy):
-        if array is None:
-            errors.append({"key": key, "reason": reason, "detail": detail or ""})
-            continue
-        batch_keys.append(key)
-        batch_arrays.append(array)
-        if len(batch_keys) >= batch_size:
-            flush()
-    flush()
+        predictions.extend(prediction_rows(batch_keys, probabilities, labels, k))
     stats["seconds"] = time.perf_counter() - started
     stats["model_loads_in_worker"] = model_loads()
     stats["storage_retries"] = storage.retries_so_far() - retries_before
     return {"predictions": predictions, "errors": errors, "stats": stats}
+
+
+def _batches(decoded: Iterator[tuple], batch_size: int, errors: list[dict]) -> Iterator[tuple[list[str], list]]:
+    """``(keys, arrays)`` batches of the decoded images; the keys set aside go to ``errors``."""
+    keys: list[str] = []
+    arrays: list = []
+    for key, array, reason, detail in decoded:
+        if array is None:
+            errors.append({"key": key, "reason": reason, "detail": detail or ""})
+            continue
+        keys.append(key)
+        arrays.append(array)
+        if len(keys) >= batch_size:
+            yield keys, arrays
+            keys, arrays = [], []
+    if keys:
+        yield keys, arrays
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import re
 
@@ -168,3 +169,22 @@ def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, 
     assert "still failing after 5 attempts" in str(failed.value)
     assert proxy.requested[("GET", images_key)] >= storage.READ_ATTEMPTS
     assert storage.head(out + dataset.MANIFEST_NAME) is None  # nothing published
+
+
+def test_shard_planning_manifest_and_result_are_pure_summaries():
+    counts = {("train", 0): 70, ("train", 1): 50, ("validation", 0): 10, ("test", 1): 5}
+    totals, shards = prepare_data.plan_shards(counts, rows_per_shard=60)
+    assert totals == {"train": 120, "validation": 10, "test": 5} and shards == {"train": 2, "validation": 1, "test": 1}
+    assert prepare_data.plan_shards({}, 60) == ({"train": 0, "validation": 0, "test": 0}, {"train": 1, "validation": 1, "test": 1})
+
+    rows = [{"id": "a", "label": 0, "split": "train", "d": "ff"}]
+    assert prepare_data.content_sha256(rows) == hashlib.sha256(b"a\t0\ttrain\tff\n").hexdigest()
+    args = args_for("s3://b/raw/", "s3://b/out")
+    written = [{"split": "train", "shard": "train/part-00001.parquet"}, {"split": "train", "shard": "train/part-00000.parquet"}]
+    manifest = prepare_data.build_manifest(args, ["3", "7"], counts, totals, written, "abc", [{"key": "x"}], [])
+    assert manifest["splits"]["train"] == {"count": 120, "per_class": {"3": 70, "7": 50},
+                                           "shards": ["train/part-00000.parquet", "train/part-00001.parquet"]}
+    assert manifest["num_classes"] == 2 and manifest["content_sha256"] == "abc"
+    result = prepare_data.job_result("s3://b/out", "s3://b/out/manifest.json", manifest)
+    assert result == {"prepared_uri": "s3://b/out/", "manifest_uri": "s3://b/out/manifest.json", "counts": totals,
+                      "num_classes": 2, "image_shape": [28, 28, 1], "rejected": 1, "skipped": 0, "content_sha256": "abc"}
