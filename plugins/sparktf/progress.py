@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from typing import Any
 
@@ -170,12 +171,16 @@ class TrialProgress(Progress):
                           self.total, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
 
+# A task's staged errors part: _errors/part-<index>[-<task attempt>].parquet (sparktf.scoring.staged_part_names).
+_STAGED_ERRORS_PART = re.compile(r"^_errors/part-(?P<index>\d{5})(?:-[A-Za-z0-9_.=-]+)?\.parquet$")
+
+
 class InferenceProgress(Progress):
     """One log line per finished inference task: its images, and the running totals.
 
     Args:
-        staged_uri: the attempt's staging prefix, where task ``i`` writes ``part-<i>.parquet`` and
-            then ``_errors/part-<i>.parquet``.
+        staged_uri: the attempt's staging prefix, where task ``i`` writes ``part-<i>-<attempt>.parquet``
+            and then ``_errors/part-<i>-<attempt>.parquet``.
         task_sizes: images dealt to each task, by task index.
     """
 
@@ -183,13 +188,13 @@ class InferenceProgress(Progress):
         super().__init__(staged_uri, **kwargs)
         self.sizes = list(task_sizes)
         self.total_images = sum(self.sizes)
-        self.names = {f"_errors/part-{i:05d}.parquet": i for i in range(len(self.sizes))}
         self.done: list[int] = []
 
     def seen(self, obj: dict) -> None:
         relative = obj["key"][len(storage.parse_uri(self.prefix).key):]
-        index = self.names.get(relative)
-        if index is None or index in self.done:
+        match = _STAGED_ERRORS_PART.match(relative)
+        index = int(match["index"]) if match else None
+        if index is None or index >= len(self.sizes) or index in self.done:
             return
         self.done.append(index)
         set_aside = self._rows(obj["key"])

@@ -12,7 +12,9 @@ import datetime as dt
 import os
 import threading
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from sparktf import executor, fetch, predictions, registry, storage
@@ -74,6 +76,20 @@ def top_k(probabilities, k: int) -> tuple[Any, Any]:
     return order, np.take_along_axis(probabilities, order, axis=1)
 
 
+def prediction_rows(keys: list[str], probabilities, labels: list[str], k: int) -> list[dict[str, Any]]:
+    """One row per key of a batch: the best label, its score and the top ``k``.
+
+    Raises:
+        ValueError: the model's output is not one row of ``len(labels)`` scores per key.
+    """
+    if probabilities.shape != (len(keys), len(labels)):
+        raise ValueError(f"model output {probabilities.shape} does not match {len(keys)} images x {len(labels)} labels")
+    order, scores = top_k(probabilities, k)
+    return [{"key": key, "predicted_label": labels[order[row, 0]], "score": float(scores[row, 0]),
+             "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])]}
+            for row, key in enumerate(keys)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring one task's keys
 # ---------------------------------------------------------------------------------------------
@@ -109,49 +125,40 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
              "pid": os.getpid()}
     retries_before = storage.retries_so_far()
     started = time.perf_counter()
-    batch_keys: list[str] = []
-    batch_arrays: list = []
     model = None
-
-    def flush() -> None:
-        nonlocal model
-        if not batch_keys:
-            return
+    window = int(batch_size) + 2 * max(1, int(fetch_threads))
+    decoded = fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels, max_pixels=max_pixels,
+                                  fetch_threads=fetch_threads, window=window, sizes=sizes, max_bytes=max_image_bytes,
+                                  resize_policy=resize_policy)
+    for batch_keys, batch_arrays in _batches(decoded, int(batch_size), errors):
         if model is None:
             model, stats["model_loaded_now"] = cached_model(model_uri, model_sha256, cpus)
         t0 = time.perf_counter()
         probabilities = predict_batch(model, np.stack(batch_arrays))
         stats["model_seconds"] += time.perf_counter() - t0
         stats["batches"] += 1
-        if probabilities.shape != (len(batch_keys), len(labels)):
-            raise ValueError(f"model output {probabilities.shape} does not match {len(batch_keys)} images "
-                             f"x {len(labels)} labels")
-        order, scores = top_k(probabilities, k)
-        for row, key in enumerate(batch_keys):
-            predictions.append({
-                "key": key, "predicted_label": labels[order[row, 0]], "score": float(scores[row, 0]),
-                "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])],
-            })
-        batch_keys.clear()
-        batch_arrays.clear()
-
-    window = int(batch_size) + 2 * max(1, int(fetch_threads))
-    for key, array, reason, detail in fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels,
-                                                    max_pixels=max_pixels, fetch_threads=fetch_threads,
-                                                    window=window, sizes=sizes, max_bytes=max_image_bytes,
-                                                    resize_policy=resize_policy):
-        if array is None:
-            errors.append({"key": key, "reason": reason, "detail": detail or ""})
-            continue
-        batch_keys.append(key)
-        batch_arrays.append(array)
-        if len(batch_keys) >= batch_size:
-            flush()
-    flush()
+        predictions.extend(prediction_rows(batch_keys, probabilities, labels, k))
     stats["seconds"] = time.perf_counter() - started
     stats["model_loads_in_worker"] = model_loads()
     stats["storage_retries"] = storage.retries_so_far() - retries_before
     return {"predictions": predictions, "errors": errors, "stats": stats}
+
+
+def _batches(decoded: Iterator[tuple], batch_size: int, errors: list[dict]) -> Iterator[tuple[list[str], list]]:
+    """``(keys, arrays)`` batches of the decoded images; the keys set aside go to ``errors``."""
+    keys: list[str] = []
+    arrays: list = []
+    for key, array, reason, detail in decoded:
+        if array is None:
+            errors.append({"key": key, "reason": reason, "detail": detail or ""})
+            continue
+        keys.append(key)
+        arrays.append(array)
+        if len(keys) >= batch_size:
+            yield keys, arrays
+            keys, arrays = [], []
+    if keys:
+        yield keys, arrays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +173,7 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
     """Score one group of keys and write its predictions and errors parts under ``staged_uri``.
 
     Args:
-        index: the group's number (names its part files).
+        index: the group's number (names its part files, with the task attempt: :func:`staged_part_names`).
         model: the resolved version's metadata (``name``, ``version``, ``model_uri``,
             ``model_sha256``, ``label_names``, ``input_shape``, and ``resize_policy`` for
             models registered with one: a version without it is decoded the old way, ``resize``).
@@ -183,8 +190,8 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         fetch_threads=fetch_threads, max_pixels=max_pixels, k=top, cpus=executor.task_cpus(),
         sizes=sizes, max_image_bytes=max_image_bytes,
         resize_policy=resize_policy or model.get("resize_policy") or "resize")
-    name = f"part-{index:05d}.parquet"
-    error_name = f"{predictions.ERRORS_DIR}/{name}"
+    identity = executor.executor_identity()
+    name, error_name = staged_part_names(index, f"{int(identity.get('attempt', 0))}-{uuid.uuid4().hex[:12]}")
     s3 = storage.client()
     predictions_data = predictions.predictions_parquet(
         scored["predictions"], model_name=model["name"], model_version=model["version"],
@@ -200,5 +207,16 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         "reasons": dict(Counter(e["reason"] for e in scored["errors"])),
         "errors": scored["errors"][:50],
         "stats": scored["stats"],
-        "executor": str(executor.executor_identity().get("executor_id", "driver")),
+        "executor": str(identity.get("executor_id", "driver")),
     }
+
+
+def staged_part_names(index: int, attempt_token: str) -> tuple[str, str]:
+    """A task attempt's staged parts: ``part-<index>-<attempt>.parquet`` and its ``_errors/`` twin.
+
+    ``attempt_token`` (the Spark attempt number and a random suffix) makes them unique per task
+    attempt, so a speculative or zombie attempt of the same task writes its own files and can never
+    overwrite the parts the winning attempt reported (the publish copies exactly those names).
+    """
+    name = f"part-{index:05d}-{attempt_token}.parquet"
+    return name, f"{predictions.ERRORS_DIR}/{name}"

@@ -221,3 +221,41 @@ def test_top_k_and_task_planning():
     assert groups == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
     with pytest.raises(ValueError):
         predictions.check_date("2026-13-01")
+
+
+def task_summary(index: int, scored: int, set_aside: int, labels: dict, reasons: dict, **stats) -> dict:
+    return {"index": index, "file": f"part-{index:05d}-0-x.parquet", "errors_file": f"_errors/part-{index:05d}-0-x.parquet",
+            "file_size": 100 + index, "errors_size": 10 + index, "scored": scored, "set_aside": set_aside,
+            "labels": labels, "reasons": reasons, "errors": [{"key": f"k{index}", "reason": "not_an_image"}] * set_aside,
+            "executor": "driver", "stats": {"model_loaded_now": index == 0, "pid": 7, "model_seconds": 0.5, **stats}}
+
+
+def test_task_summaries_are_added_up_in_label_order():
+    tasks = [task_summary(0, 3, 1, {"10": 1, "2": 2}, {"not_an_image": 1}, storage_retries=2),
+             task_summary(1, 2, 2, {"2": 1, "x": 1}, {"too_large": 1, "not_an_image": 1})]
+    summary = batch_inference.summarise_tasks(tasks, ["2", "10"], listed=8, max_failure_ratio=0.3)
+    assert (summary["scored"], summary["set_aside"], summary["ratio"]) == (5, 3, 3 / 8)
+    assert list(summary["label_histogram"].items()) == [("2", 3), ("10", 1), ("x", 1)]  # the model's order, then others
+    assert summary["reasons"] == {"not_an_image": 2, "too_large": 1} and summary["storage_retries"] == 2
+    assert summary["failure_ratio_exceeded"] is True
+    with pytest.raises(RuntimeError, match="accounting error: 5 scored \\+ 3 set aside != 9 listed"):
+        batch_inference.summarise_tasks(tasks, ["2", "10"], listed=9, max_failure_ratio=0.3)
+    assert batch_inference.summarise_tasks([], [], listed=0, max_failure_ratio=0.0)["ratio"] == 0.0
+
+
+def test_the_publish_gets_exactly_the_parts_the_tasks_reported():
+    files = batch_inference.staged_files([task_summary(1, 2, 0, {}, {})])
+    assert files == [{"name": "part-00001-0-x.parquet", "kind": "predictions", "index": 1, "rows": 2, "size": 101},
+                     {"name": "_errors/part-00001-0-x.parquet", "kind": "errors", "index": 1, "rows": 0, "size": 11}]
+    groups = batch_inference.plan_groups([{"key": k, "size": i} for i, k in enumerate("abcde")], 2, 2)
+    assert groups == [(0, ["a", "e"], {"a": 0, "e": 4}), (1, ["b"], {"b": 1}), (2, ["c"], {"c": 2}), (3, ["d"], {"d": 3})]
+    name, errors_name = scoring.staged_part_names(3, "1-abc")
+    assert (name, errors_name) == ("part-00003-1-abc.parquet", "_errors/part-00003-1-abc.parquet")
+
+
+def test_prediction_rows_keep_the_top_k_and_refuse_a_mismatched_output():
+    rows = scoring.prediction_rows(["a", "b"], np.array([[0.2, 0.8], [0.6, 0.4]], np.float32), ["x", "y"], 1)
+    assert rows == [{"key": "a", "predicted_label": "y", "score": pytest.approx(0.8), "top_k": [{"label": "y", "score": pytest.approx(0.8)}]},
+                    {"key": "b", "predicted_label": "x", "score": pytest.approx(0.6), "top_k": [{"label": "x", "score": pytest.approx(0.6)}]}]
+    with pytest.raises(ValueError, match=r"model output \(2, 2\) does not match 2 images x 3 labels"):
+        scoring.prediction_rows(["a", "b"], np.zeros((2, 2), np.float32), ["x", "y", "z"], 1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparktf import job, predictions, storage
+from sparktf import job, predictions, registry, scoring, storage
 from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import batch_inference
 from sparktf.testing import encode, land_partition, train_tiny_model
@@ -133,6 +133,34 @@ def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, mo
     # Run again afterwards, the manual run replaces it: it has seen the nightly output now.
     batch_inference.run(spark, args(ws, date, "--attempt-id", "manual-again"))
     assert_whole(partition, "manual-again", 1)
+
+
+def test_a_zombie_task_attempt_that_stages_after_the_winner_reported_cannot_change_the_partition(
+        spark, ws, landed, monkeypatch):
+    """After every task reported its parts, a zombie attempt of task 0 (other keys, model v2) stages
+    its output: the publish copies exactly the files the winners reported."""
+    date = landed
+    partition = f"{ws}/predictions/digits/{date}/"
+    keys = storage.list_keys(predictions.partition_uri(ws + "/incoming/", date))
+    zombie: dict = {}
+    publish = predictions.publish_partition
+
+    def zombie_stages_first(attempt, staged_files, *rest, **kwargs):
+        zombie.update(scoring.score_partition(
+            0, keys[:3], bucket=storage.parse_uri(ws).bucket, staged_uri=attempt.staged_uri,
+            model=registry.resolve(ws + "/models/", "digits", "2"), partition_date=date,
+            processed_at=batch_inference.processed_timestamp(PROCESSED_AT, date), batch_size=8, fetch_threads=2,
+            max_pixels=40_000_000, top=5))
+        zombie["winners"] = [f["name"] for f in staged_files]
+        return publish(attempt, staged_files, *rest, **kwargs)
+
+    monkeypatch.setattr(predictions, "publish_partition", zombie_stages_first)
+    batch_inference.run(spark, args(ws, date, "--attempt-id", "winner"))
+    assert zombie["scored"] == 3
+    assert_whole(partition, "winner", 1)  # every row of the winners' parts, none of the zombie's
+    scored, _errors = predictions.read_predictions(partition)
+    assert sorted(r["key"] for r in scored) == keys
+    assert zombie["file"] not in zombie["winners"] and zombie["errors_file"] not in zombie["winners"]
 
 
 def test_a_failed_copy_leaves_the_published_partition_whole(spark, ws, landed, s3_server):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sparktf import dataset, idx, storage
+from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import prepare_data
+from sparktf.testing import upload_mnist
 
 PER_CLASS = 20
 
@@ -150,3 +154,37 @@ def test_transform_split_is_stratified_and_seeded(spark):
         return {row["id"] for row in frame.where(F.col("split") == "test").select("id").collect()}
 
     assert test_ids(split) != test_ids(other) and len(test_ids(other)) == 15
+
+
+def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, s3_prefix, s3_server, mnist_subset):
+    """Every GET of the t10k images is cut mid-body: the job fails, instead of setting the file aside
+    as corrupt_idx and carving a test set out of the training images."""
+    raw, out = s3_prefix + "/mnist", s3_prefix + "/prepared/"
+    upload_mnist(raw, mnist_subset, train_limit=300, test_limit=100)
+    images_key = storage.parse_uri(storage.join_uri(raw, "t10k-images-idx3-ubyte.gz")).key
+    with FaultProxy(s3_server.endpoint, rules=[FaultRule("reset", method="GET", key=f"^{re.escape(images_key)}$")]) as proxy:
+        with route_storage(proxy.settings(s3_server.settings()), spark), pytest.raises(Exception) as failed:
+            prepare_data.run(spark, args_for(raw, out))
+    assert "TransientStorageError" in str(failed.value) and "could not be read" in str(failed.value)
+    assert "still failing after 5 attempts" in str(failed.value)
+    assert proxy.requested[("GET", images_key)] >= storage.READ_ATTEMPTS
+    assert storage.head(out + dataset.MANIFEST_NAME) is None  # nothing published
+
+
+def test_shard_planning_manifest_and_result_are_pure_summaries():
+    counts = {("train", 0): 70, ("train", 1): 50, ("validation", 0): 10, ("test", 1): 5}
+    totals, shards = prepare_data.plan_shards(counts, rows_per_shard=60)
+    assert totals == {"train": 120, "validation": 10, "test": 5} and shards == {"train": 2, "validation": 1, "test": 1}
+    assert prepare_data.plan_shards({}, 60) == ({"train": 0, "validation": 0, "test": 0}, {"train": 1, "validation": 1, "test": 1})
+
+    rows = [{"id": "a", "label": 0, "split": "train", "d": "ff"}]
+    assert prepare_data.content_sha256(rows) == hashlib.sha256(b"a\t0\ttrain\tff\n").hexdigest()
+    args = args_for("s3://b/raw/", "s3://b/out")
+    written = [{"split": "train", "shard": "train/part-00001.parquet"}, {"split": "train", "shard": "train/part-00000.parquet"}]
+    manifest = prepare_data.build_manifest(args, ["3", "7"], counts, totals, written, "abc", [{"key": "x"}], [])
+    assert manifest["splits"]["train"] == {"count": 120, "per_class": {"3": 70, "7": 50},
+                                           "shards": ["train/part-00000.parquet", "train/part-00001.parquet"]}
+    assert manifest["num_classes"] == 2 and manifest["content_sha256"] == "abc"
+    result = prepare_data.job_result("s3://b/out", "s3://b/out/manifest.json", manifest)
+    assert result == {"prepared_uri": "s3://b/out/", "manifest_uri": "s3://b/out/manifest.json", "counts": totals,
+                      "num_classes": 2, "image_shape": [28, 28, 1], "rejected": 1, "skipped": 0, "content_sha256": "abc"}

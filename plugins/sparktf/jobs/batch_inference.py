@@ -130,31 +130,71 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
                       s3) -> dict[str, Any]:
     """List, score on the executors, and publish (see :mod:`sparktf.predictions`)."""
     source = predictions.partition_uri(args.incoming_uri, args.date)
-    bucket = storage.parse_uri(source).bucket
     final = predictions.partition_uri(attempt.predictions_uri, args.date)
     objects, markers = predictions.scan_partition(args.incoming_uri, args.date, s3)
-    keys = [o["key"] for o in objects]
     processed_at = processed_timestamp(args.processed_at, args.date)
-    base = {"date": args.date, "source_uri": source, "output_uri": final, "model_name": model["name"],
-            "model_version": model["version"], "model_uri": model["model_uri"], "listed": len(keys),
-            "markers_skipped": markers, "attempt_id": attempt.attempt_id, "publish_id": attempt.publish_id,
-            "processed_at": processed_at.isoformat(), "published": False}
+    base = result_header(args, attempt, model, source=source, final=final, listed=len(objects), markers=markers,
+                         processed_at=processed_at)
     # Listing fewer images than half of what the partition scored already: refused before scoring.
-    refusal = predictions.shrink_refusal(attempt.previous, len(keys), allow_shrink=args.allow_shrink)
+    refusal = predictions.shrink_refusal(attempt.previous, len(objects), allow_shrink=args.allow_shrink)
     if refusal:
         raise job.FinalFailure(refusal, base)
-    log.info("scoring %d objects of %s with %s v%s (%d folder markers skipped)", len(keys), source,
+    log.info("scoring %d objects of %s with %s v%s (%d folder markers skipped)", len(objects), source,
              model["name"], model["version"], markers)
 
-    sc = spark.sparkContext
-    num_tasks = predictions.plan_tasks(len(keys), sc.defaultParallelism, args.max_keys_per_task)
+    groups = plan_groups(objects, spark.sparkContext.defaultParallelism, args.max_keys_per_task)
+    settings = {"bucket": storage.parse_uri(source).bucket, "staged_uri": attempt.staged_uri, "model": model,
+                "partition_date": args.date, "processed_at": processed_at, "batch_size": args.batch_size,
+                "fetch_threads": args.fetch_threads, "max_pixels": args.max_pixels, "top": args.top_k,
+                "max_image_bytes": args.max_image_bytes}
+    task_results, seconds = score_groups(spark, groups, settings, attempt.staged_uri, description=(
+        f"batch_inference {args.date}: {len(objects)} images in {len(groups)} tasks"))
+
+    summary = summarise_tasks(task_results, model["label_names"], listed=len(objects),
+                              max_failure_ratio=args.max_failure_ratio)
+    counts = {"scored": summary["scored"], "set_aside": summary["set_aside"]}
+    refusal = predictions.shrink_refusal(attempt.previous, summary["scored"], allow_shrink=args.allow_shrink)
+    if refusal:
+        raise job.FinalFailure(refusal, {**base, **counts})
+    manifest = partition_manifest(args, model, summary, source=source, markers=markers, processed_at=processed_at)
+    try:
+        manifest = predictions.publish_partition(attempt, staged_files(task_results), manifest, s3)
+    except predictions.PublishConflict as conflict:
+        raise job.FinalFailure(str(conflict), {**base, **counts, "conflict": str(conflict)}) from None
+
+    result = job_result(base, summary, task_results, manifest, seconds=seconds, final=final)
+    if summary["failure_ratio_exceeded"]:
+        raise job.FinalFailure(
+            f"{summary['set_aside']} of {len(objects)} images ({summary['ratio']:.1%}) were set aside, more than "
+            f"--max-failure-ratio {args.max_failure_ratio:.1%}; the partition was published anyway, flagged "
+            f"failure_ratio_exceeded, with every reason in {final}{predictions.ERRORS_DIR}/ "
+            f"(reasons: {summary['reasons_seen']})", result)
+    return result
+
+
+def result_header(args: argparse.Namespace, attempt: predictions.Attempt, model: dict[str, Any], *, source: str,
+                  final: str, listed: int, markers: int, processed_at: dt.datetime) -> dict[str, Any]:
+    """What every result of this attempt says, published or not."""
+    return {"date": args.date, "source_uri": source, "output_uri": final, "model_name": model["name"],
+            "model_version": model["version"], "model_uri": model["model_uri"], "listed": listed,
+            "markers_skipped": markers, "attempt_id": attempt.attempt_id, "publish_id": attempt.publish_id,
+            "processed_at": processed_at.isoformat(), "published": False}
+
+
+def plan_groups(objects: list[dict[str, Any]], slots: int, max_keys_per_task: int) -> list[tuple]:
+    """The Spark tasks: ``(index, keys, {key: listed size})`` per task, keys dealt round-robin."""
+    keys = [o["key"] for o in objects]
     sizes = {o["key"]: o["size"] for o in objects}
-    groups = [(index, group, {k: sizes[k] for k in group})
-              for index, group in enumerate(predictions.assign_keys(keys, num_tasks))]
-    sc.setJobDescription(f"batch_inference {args.date}: {len(keys)} images in {len(groups)} tasks")
-    settings = {"bucket": bucket, "staged_uri": attempt.staged_uri, "model": model, "partition_date": args.date,
-                "processed_at": processed_at, "batch_size": args.batch_size, "fetch_threads": args.fetch_threads,
-                "max_pixels": args.max_pixels, "top": args.top_k, "max_image_bytes": args.max_image_bytes}
+    num_tasks = predictions.plan_tasks(len(keys), slots, max_keys_per_task)
+    return [(index, group, {k: sizes[k] for k in group})
+            for index, group in enumerate(predictions.assign_keys(keys, num_tasks))]
+
+
+def score_groups(spark, groups: list[tuple], settings: dict[str, Any], staged_uri: str, *,
+                 description: str) -> tuple[list[dict[str, Any]], float]:
+    """Score every group as one Spark task; ``(the tasks' summaries by index, seconds)``."""
+    sc = spark.sparkContext
+    sc.setJobDescription(description)
 
     def score_task(items):
         for index, group, group_sizes in items:
@@ -162,75 +202,90 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
 
     started = time.perf_counter()
     # A log line per finished task, read from the attempt's staging.
-    watch = progress.InferenceProgress(attempt.staged_uri, [len(g) for _, g, _ in groups], log=log).start()
+    watch = progress.InferenceProgress(staged_uri, [len(g) for _, g, _ in groups], log=log).start()
     try:
         task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(),
                               key=lambda r: r["index"])
     finally:
         watch.stop()  # also when a task failed: no watcher outlives the attempt
-    seconds = time.perf_counter() - started
+    return task_results, time.perf_counter() - started
 
+
+def summarise_tasks(task_results: list[dict[str, Any]], label_names: list, *, listed: int,
+                    max_failure_ratio: float) -> dict[str, Any]:
+    """Counts, histograms and the failure ratio of the tasks' summaries (every listed key accounted for).
+
+    Raises:
+        RuntimeError: the tasks scored and set aside a different number of images than listed.
+    """
     scored = sum(r["scored"] for r in task_results)
     set_aside = sum(r["set_aside"] for r in task_results)
-    if scored + set_aside != len(keys):
-        raise RuntimeError(f"accounting error: {scored} scored + {set_aside} set aside != {len(keys)} listed")
-    refusal = predictions.shrink_refusal(attempt.previous, scored, allow_shrink=args.allow_shrink)
-    if refusal:
-        raise job.FinalFailure(refusal, {**base, "scored": scored, "set_aside": set_aside})
+    if scored + set_aside != listed:
+        raise RuntimeError(f"accounting error: {scored} scored + {set_aside} set aside != {listed} listed")
     labels: Counter = Counter()
     reasons: Counter = Counter()
     for r in task_results:
         labels.update(r["labels"])
         reasons.update(r["reasons"])
-    label_order = {str(name): i for i, name in enumerate(model["label_names"])}
-    histogram = {k: labels[k] for k in sorted(labels, key=lambda k: (label_order.get(k, 1 << 30), k))}
-    ratio = set_aside / len(keys) if keys else 0.0
-    exceeded = ratio > args.max_failure_ratio
-    stats = [r["stats"] for r in task_results]
-    storage_retries = sum(s.get("storage_retries", 0) for s in stats)
-    manifest = {
+    label_order = {str(name): i for i, name in enumerate(label_names)}
+    ratio = set_aside / listed if listed else 0.0
+    return {
+        "listed": listed, "scored": scored, "set_aside": set_aside, "ratio": ratio,
+        "failure_ratio_exceeded": ratio > max_failure_ratio,
+        "label_histogram": {k: labels[k] for k in sorted(labels, key=lambda k: (label_order.get(k, 1 << 30), k))},
+        "reasons": dict(sorted(reasons.items())), "reasons_seen": dict(reasons),
+        "storage_retries": sum(r["stats"].get("storage_retries", 0) for r in task_results),
+    }
+
+
+def partition_manifest(args: argparse.Namespace, model: dict[str, Any], summary: dict[str, Any], *, source: str,
+                       markers: int, processed_at: dt.datetime) -> dict[str, Any]:
+    """The ``_SUCCESS`` manifest's content before publishing (the publish adds the files)."""
+    return {
         "format": predictions.MANIFEST_FORMAT, "date": args.date, "source_uri": source,
         "model_name": model["name"], "model_version": model["version"], "model_uri": model["model_uri"],
         "model_sha256": model["model_sha256"], "processed_at": processed_at.isoformat(),
-        "listed": len(keys), "markers_skipped": markers, "scored": scored, "set_aside": set_aside,
-        "set_aside_ratio": round(ratio, 6), "max_failure_ratio": args.max_failure_ratio,
-        "failure_ratio_exceeded": exceeded, "label_histogram": histogram, "reasons": dict(sorted(reasons.items())),
+        "listed": summary["listed"], "markers_skipped": markers, "scored": summary["scored"],
+        "set_aside": summary["set_aside"], "set_aside_ratio": round(summary["ratio"], 6),
+        "max_failure_ratio": args.max_failure_ratio, "failure_ratio_exceeded": summary["failure_ratio_exceeded"],
+        "label_histogram": summary["label_histogram"], "reasons": summary["reasons"],
         "max_image_bytes": args.max_image_bytes, "allow_shrink": args.allow_shrink,
         "code_version": sparktf.code_version(),
     }
-    staged_files = []
-    for r in task_results:
-        staged_files.append({"name": r["file"], "kind": "predictions", "index": r["index"], "rows": r["scored"],
-                             "size": r["file_size"]})
-        staged_files.append({"name": r["errors_file"], "kind": "errors", "index": r["index"], "rows": r["set_aside"],
-                             "size": r["errors_size"]})
-    try:
-        manifest = predictions.publish_partition(attempt, staged_files, manifest, s3)
-    except predictions.PublishConflict as conflict:
-        raise job.FinalFailure(str(conflict), {**base, "scored": scored, "set_aside": set_aside,
-                                               "conflict": str(conflict)}) from None
 
+
+def staged_files(task_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exactly the staged parts the tasks reported (names unique per task attempt), for the publish."""
+    files = []
+    for r in task_results:
+        files.append({"name": r["file"], "kind": "predictions", "index": r["index"], "rows": r["scored"],
+                      "size": r["file_size"]})
+        files.append({"name": r["errors_file"], "kind": "errors", "index": r["index"], "rows": r["set_aside"],
+                      "size": r["errors_size"]})
+    return files
+
+
+def job_result(base: dict[str, Any], summary: dict[str, Any], task_results: list[dict[str, Any]],
+               manifest: dict[str, Any], *, seconds: float, final: str) -> dict[str, Any]:
+    """The job's JSON result once the partition is published."""
+    stats = [r["stats"] for r in task_results]
     errors = sorted((e for r in task_results for e in r["errors"]), key=lambda e: e["key"])
-    result = {
+    listed = summary["listed"]
+    return {
         **base, "published": True, "success_uri": storage.join_uri(final, predictions.MANIFEST_NAME),
-        "scored": scored, "set_aside": set_aside, "set_aside_ratio": round(ratio, 6),
-        "failure_ratio_exceeded": exceeded, "label_histogram": histogram, "reasons": dict(sorted(reasons.items())),
+        "scored": summary["scored"], "set_aside": summary["set_aside"], "set_aside_ratio": round(summary["ratio"], 6),
+        "failure_ratio_exceeded": summary["failure_ratio_exceeded"], "label_histogram": summary["label_histogram"],
+        "reasons": summary["reasons"],
         "errors_sample": [{"key": e["key"], "reason": e["reason"]} for e in errors[:20]],
         "files": len(predictions.listed_files(manifest)), "replaced": manifest["replaces"],
         "tasks": len(task_results), "seconds": round(seconds, 3),
-        "images_per_second": round(len(keys) / seconds, 1) if seconds > 0 and keys else 0.0,
+        "images_per_second": round(listed / seconds, 1) if seconds > 0 and listed else 0.0,
         "model_loads": sum(1 for s in stats if s["model_loaded_now"]),
         "python_workers": len({s["pid"] for s in stats}),
         "executors": sorted({r["executor"] for r in task_results}),
         "model_seconds": round(sum(s["model_seconds"] for s in stats), 3),
-        "storage_retries": storage_retries,
+        "storage_retries": summary["storage_retries"],
     }
-    if exceeded:
-        raise job.FinalFailure(
-            f"{set_aside} of {len(keys)} images ({ratio:.1%}) were set aside, more than --max-failure-ratio "
-            f"{args.max_failure_ratio:.1%}; the partition was published anyway, flagged failure_ratio_exceeded, "
-            f"with every reason in {final}{predictions.ERRORS_DIR}/ (reasons: {dict(reasons)})", result)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

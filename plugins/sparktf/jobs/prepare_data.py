@@ -7,7 +7,10 @@ Reads raw labelled images from object storage in either layout (both may be mixe
   pair whose stem says ``t10k``/``test`` keeps its role as the test set (MNIST's official split).
 
 Decoding happens on the executors. The split is stratified and deterministic for a seed. Corrupt
-images are listed in the manifest with their reason; they do not fail the job.
+images are listed in the manifest with their reason; they do not fail the job. Only content
+decides "corrupt": a file the store fails to serve (after the storage layer's retries) fails the
+task, and the job if Spark's retries fail too, so a lost ``t10k`` file can never turn into a test
+set carved out of the training images.
 
 Usage::
 
@@ -67,7 +70,7 @@ def plan_units(input_uri: str, keys: list[str], s3=None) -> tuple[list[dict], li
         name = stem.rsplit("/", 1)[-1].lower()
         source_split = "test" if ("t10k" in name or "test" in name) else None
         try:
-            labels = idx.parse_idx(storage.read_bytes(storage.object_uri(bucket, labels_key), s3))
+            labels = read_idx(bucket, labels_key, s3)
         except idx.IdxError as err:
             skipped.append({"key": labels_key, "reason": f"corrupt_idx: {err}"})
             continue
@@ -113,16 +116,33 @@ def decode_units(units: Iterator[dict], *, height: int, width: int, channels: in
         yield from _decode_idx_unit(unit, s3, height=height, width=width, channels=channels)
 
 
+def read_idx(bucket: str, key: str, s3=None):
+    """An IDX file's array.
+
+    Raises:
+        idx.IdxError: the content is not a valid IDX file (the only reason to call it corrupt).
+        storage.StorageError: the store failed to serve it (after every retry): never "corrupt";
+            the task fails (Spark retries it) and, if it keeps failing, the job.
+    """
+    uri = storage.object_uri(bucket, key)
+    try:
+        data = storage.read_bytes(uri, s3)
+    except storage.StorageError as err:
+        raise type(err)(f"{uri} could not be read ({err}); a file the store fails to serve is not set aside as "
+                        f"corrupt: check the store and run the job again") from err
+    return idx.parse_idx(data)
+
+
 def _decode_idx_unit(unit: dict, s3, *, height: int, width: int, channels: int) -> Iterator[dict]:
     import numpy as np
     from PIL import Image
 
     try:
-        images = idx.parse_idx(storage.read_bytes(storage.object_uri(unit["bucket"], unit["images_key"]), s3))
-        labels = idx.parse_idx(storage.read_bytes(storage.object_uri(unit["bucket"], unit["labels_key"]), s3))
+        images = read_idx(unit["bucket"], unit["images_key"], s3)
+        labels = read_idx(unit["bucket"], unit["labels_key"], s3)
         if images.ndim != 3 or len(images) != len(labels):
             raise idx.IdxError(f"images {images.shape} do not match labels {labels.shape}")
-    except Exception as err:  # noqa: BLE001 - the whole pair is set aside, with its reason
+    except idx.IdxError as err:  # content only: the whole pair is set aside, with its reason
         yield {"id": unit["images_key"], "label_name": "", "source_split": None, "pixels": None,
                "error": f"corrupt_idx: {err}"}
         return
@@ -205,31 +225,10 @@ def _write_partition(output_uri: str):
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     """Prepare the data set; returns the job result (also summarised in the manifest)."""
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     s3 = storage.client()
-    keys = storage.list_keys(storage.parse_uri(args.input_uri).as_prefix().uri, s3)
-    if not keys:
-        raise FileNotFoundError(f"no objects under {args.input_uri}: upload the raw data set first")
-    units, skipped = plan_units(args.input_uri, keys, s3)
-    if not units:
-        raise ValueError(f"nothing usable under {args.input_uri}: expected <label>/<image> files or "
-                         f"MNIST IDX pairs; skipped {skipped[:5]}")
-    log.info("preparing %d work units from %d objects", len(units), len(keys))
-
-    sc = spark.sparkContext
-    num_slices = max(1, min(len(units), sc.defaultParallelism * 4))
-    decoded = sc.parallelize(units, num_slices).mapPartitions(
-        lambda part: decode_units(part, height=args.image_height, width=args.image_width,
-                                  channels=args.channels, fetch_threads=args.fetch_threads,
-                                  max_pixels=args.max_pixels))
-    schema = T.StructType([
-        T.StructField("id", T.StringType(), False), T.StructField("label_name", T.StringType(), True),
-        T.StructField("source_split", T.StringType(), True), T.StructField("pixels", T.BinaryType(), True),
-        T.StructField("error", T.StringType(), True)])
-    rows = spark.createDataFrame(decoded.map(lambda r: (r["id"], r["label_name"], r["source_split"],
-                                                       r["pixels"], r["error"])), schema).cache()
-
+    units, skipped = list_units(args.input_uri, s3)
+    rows = decode_rows(spark, units, args).cache()
     rejected = [{"key": r["id"], "reason": r["error"]} for r in
                 rows.where(F.col("error").isNotNull()).select("id", "error").orderBy("id").collect()]
     valid = rows.where(F.col("error").isNull()).drop("error")
@@ -242,21 +241,69 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
                             test_fraction=args.test_fraction, seed=args.seed).cache()
 
     counts = {(r["split"], r["label"]): r["count"] for r in split.groupBy("split", "label").count().collect()}
-    split_totals = {s: sum(c for (sp, _), c in counts.items() if sp == s) for s in dataset.SPLITS}
-    shards_per_split = {s: max(1, math.ceil(n / args.rows_per_shard)) for s, n in split_totals.items()}
-
+    split_totals, shards_per_split = plan_shards(counts, args.rows_per_shard)
     storage.delete_prefix(storage.parse_uri(args.output_uri).as_prefix().uri, s3)  # re-runs start clean
-    sharded = transform_shards(split, shards_per_split)
-    total_shards = sum(shards_per_split.values())
-    written = (sharded.repartition(total_shards, "split", "shard").rdd
-               .mapPartitions(_write_partition(args.output_uri)).collect())
-
+    written = (transform_shards(split, shards_per_split).repartition(sum(shards_per_split.values()), "split", "shard")
+               .rdd.mapPartitions(_write_partition(args.output_uri)).collect())
     digests = sorted(split.select("id", "label", "split", F.sha1("pixels").alias("d")).collect())
+
+    manifest = build_manifest(args, label_names, counts, split_totals, written, content_sha256(digests),
+                              rejected, skipped)
+    manifest_uri = storage.join_uri(args.output_uri, dataset.MANIFEST_NAME)
+    storage.write_json(manifest_uri, manifest, s3)
+    return job_result(args.output_uri, manifest_uri, manifest)
+
+
+def list_units(input_uri: str, s3=None) -> tuple[list[dict], list[dict]]:
+    """List the raw data set and plan its work units (:func:`plan_units`); refuse an unusable one."""
+    keys = storage.list_keys(storage.parse_uri(input_uri).as_prefix().uri, s3)
+    if not keys:
+        raise FileNotFoundError(f"no objects under {input_uri}: upload the raw data set first")
+    units, skipped = plan_units(input_uri, keys, s3)
+    if not units:
+        raise ValueError(f"nothing usable under {input_uri}: expected <label>/<image> files or "
+                         f"MNIST IDX pairs; skipped {skipped[:5]}")
+    log.info("preparing %d work units from %d objects", len(units), len(keys))
+    return units, skipped
+
+
+def decode_rows(spark, units: list[dict], args: argparse.Namespace):
+    """The decoded rows ``id, label_name, source_split, pixels, error``, decoded on the executors."""
+    from pyspark.sql import types as T
+
+    sc = spark.sparkContext
+    num_slices = max(1, min(len(units), sc.defaultParallelism * 4))
+    decoded = sc.parallelize(units, num_slices).mapPartitions(
+        lambda part: decode_units(part, height=args.image_height, width=args.image_width,
+                                  channels=args.channels, fetch_threads=args.fetch_threads,
+                                  max_pixels=args.max_pixels))
+    schema = T.StructType([
+        T.StructField("id", T.StringType(), False), T.StructField("label_name", T.StringType(), True),
+        T.StructField("source_split", T.StringType(), True), T.StructField("pixels", T.BinaryType(), True),
+        T.StructField("error", T.StringType(), True)])
+    return spark.createDataFrame(decoded.map(lambda r: (r["id"], r["label_name"], r["source_split"],
+                                                        r["pixels"], r["error"])), schema)
+
+
+def plan_shards(counts: dict[tuple[str, int], int], rows_per_shard: int) -> tuple[dict[str, int], dict[str, int]]:
+    """``(rows per split, shards per split)`` from the rows per ``(split, label)``."""
+    split_totals = {s: sum(c for (sp, _), c in counts.items() if sp == s) for s in dataset.SPLITS}
+    return split_totals, {s: max(1, math.ceil(n / rows_per_shard)) for s, n in split_totals.items()}
+
+
+def content_sha256(digests: list) -> str:
+    """The data set's identity: sha256 over its sorted ``(id, label, split, sha1 of pixels)`` rows."""
     content = hashlib.sha256()
     for row in digests:
         content.update(f"{row['id']}\t{row['label']}\t{row['split']}\t{row['d']}\n".encode())
+    return content.hexdigest()
 
-    manifest = {
+
+def build_manifest(args: argparse.Namespace, label_names: list[str], counts: dict[tuple[str, int], int],
+                   split_totals: dict[str, int], written: list[dict], content: str, rejected: list[dict],
+                   skipped: list[dict]) -> dict[str, Any]:
+    """The prepared data set's manifest (written last, after every shard)."""
+    return {
         "format": dataset.MANIFEST_FORMAT,
         "source_uri": args.input_uri,
         "image_shape": [args.image_height, args.image_width, args.channels],
@@ -269,20 +316,22 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
                 "per_class": {label_names[label]: c for (sp, label), c in sorted(counts.items()) if sp == s},
                 "shards": sorted(w["shard"] for w in written if w["split"] == s)}
             for s in dataset.SPLITS},
-        "content_sha256": content.hexdigest(),
+        "content_sha256": content,
         "rejected": rejected,
         "skipped": skipped,
     }
-    manifest_uri = storage.join_uri(args.output_uri, dataset.MANIFEST_NAME)
-    storage.write_json(manifest_uri, manifest, s3)
+
+
+def job_result(output_uri: str, manifest_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The job's JSON result: where the data set is and what it holds."""
     return {
-        "prepared_uri": storage.parse_uri(args.output_uri).as_prefix().uri,
+        "prepared_uri": storage.parse_uri(output_uri).as_prefix().uri,
         "manifest_uri": manifest_uri,
-        "counts": split_totals,
-        "num_classes": len(label_names),
+        "counts": {s: manifest["splits"][s]["count"] for s in dataset.SPLITS},
+        "num_classes": manifest["num_classes"],
         "image_shape": manifest["image_shape"],
-        "rejected": len(rejected),
-        "skipped": len(skipped),
+        "rejected": len(manifest["rejected"]),
+        "skipped": len(manifest["skipped"]),
         "content_sha256": manifest["content_sha256"],
     }
 
