@@ -24,7 +24,8 @@ slow (a zombie) and goes on writing after the retry published cannot change the 
 
 **The champion** moves only through :func:`promote`: read the pointer and its ETag, compare,
 write only if the pointer is still the one read; when another export moved it in between, read
-the new champion and compare again. The promotion rule (:func:`is_better`) lives here too.
+the new champion and compare again. :func:`make_champion` (a person's move, no comparison) goes
+through the same loop; each round's decision is the pure :func:`decide_promotion`.
 
 Models are loaded only after their recorded sha256 matches (streamed, never whole in memory),
 only from ``.keras`` files, and with Keras safe mode on.
@@ -422,31 +423,6 @@ def _champion_for_swap(models_uri: str, name: str, s3=None) -> tuple[dict[str, A
     return pointer, etag
 
 
-def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
-                  source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
-    """Make a version the champion because a person asked for it (no comparison), by the same
-    compare-and-swap as :func:`promote`: the pointer is replaced only if it is still the one read,
-    so a concurrent move is never silently overwritten with a stale ``promoted_over``.
-    """
-    last = None
-    for attempt in range(1, max_attempts + 1):
-        pointer, etag = _champion_for_swap(models_uri, name, s3)
-        current = pointer["version"] if pointer else None
-        last = current
-        if current is not None and int(current) == int(metadata["version"]):
-            return Promotion(False, "already the champion", current, None, attempt)
-        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
-                                       promotion_reason=reason, promoted_at=_now())
-        try:
-            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
-            return Promotion(True, reason, int(metadata["version"]), None, attempt)
-        except storage.PreconditionFailed:
-            log.warning("model %s: champion.json changed while v%s was being made champion; reading it again",
-                        name, metadata["version"])
-    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
-                            f"(last seen v{last}); trigger again to promote", last, None, max_attempts)
-
-
 def is_better(new: float, old: float, metric: str, min_improvement: float) -> bool:
     """The promotion rule: strictly better than the champion by more than ``min_improvement``."""
     if PROMOTION_METRICS[metric] == "max":
@@ -465,60 +441,133 @@ class Promotion:
     attempts: int  # compare-and-swap rounds (more than 1: another export moved the champion meanwhile)
 
 
+@dataclass(frozen=True)
+class PromotionRule:
+    """How a compare-and-swap round decides.
+
+    Attributes:
+        metric, min_improvement: compare the new version's ``metrics[metric]`` with the champion's
+            score (:func:`is_better`).
+        replace: a reason to make the version the champion without comparing (a person asked for
+            it); None compares.
+    """
+
+    metric: str = "test_accuracy"
+    min_improvement: float = 0.0
+    replace: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One round's decision on the pointer just read: write the new one or not, and why."""
+
+    replace: bool
+    reason: str
+    champion_score: float | None = None
+
+
+def needs_champion_score(version: int, champion: dict[str, Any] | None, rule: PromotionRule) -> bool:
+    """Whether :func:`decide_promotion` needs the champion's score for this pointer."""
+    return rule.replace is None and champion is not None and int(champion["version"]) != int(version)
+
+
+def decide_promotion(version: int, champion: dict[str, Any] | None, rule: PromotionRule, *,
+                     new_score: float | None = None, scored: tuple[float | None, str] | None = None) -> Verdict:
+    """The pure decision of one compare-and-swap round.
+
+    Args:
+        version: the version to promote.
+        champion: the champion pointer read (None: there is none).
+        rule: compare, or replace without comparing.
+        new_score: the version's ``metrics[rule.metric]`` (when comparing).
+        scored: ``(the champion's score, how it was obtained)``, or ``(None, why it cannot be
+            compared)``; needed when :func:`needs_champion_score` says so.
+    """
+    if champion is not None and int(champion["version"]) == int(version):
+        return Verdict(False, "already the champion", new_score if rule.replace is None else None)
+    if rule.replace is not None:
+        return Verdict(True, rule.replace)
+    if champion is None:
+        return Verdict(True, "no champion yet")
+    if scored is None:
+        raise ValueError("comparing with a champion needs its score")
+    score, how = scored
+    if score is None:
+        return Verdict(False, f"not compared with champion v{champion['version']}: {how}")
+    better = is_better(float(new_score), score, rule.metric, rule.min_improvement)
+    return Verdict(better, f"{rule.metric} {new_score:.5f} {'beats' if better else 'does not beat'} champion "
+                           f"v{champion['version']} {score:.5f} ({how}, min improvement {rule.min_improvement})", score)
+
+
+def _conflict_note(conflicts: int, first_seen: Any, current: Any) -> str:
+    if not conflicts:
+        return ""
+    return (f"; compared again after champion.json changed during the comparison "
+            f"({conflicts} time{'s' if conflicts > 1 else ''}: v{first_seen} -> v{current})")
+
+
+def _swap_champion(models_uri: str, name: str, metadata: dict[str, Any], rule: PromotionRule, *,
+                   score_champion: Callable[[dict[str, Any]], tuple[float | None, str]] | None,
+                   source_run: str | None, max_attempts: int, s3=None) -> Promotion:
+    """The one compare-and-swap loop: read the pointer and its ETag, decide
+    (:func:`decide_promotion`), write only if the pointer is still the one read; on a conflict read
+    it again and decide again, at most ``max_attempts`` rounds."""
+    version = int(metadata["version"])
+    new_score = float(metadata["metrics"][rule.metric]) if rule.replace is None else None
+    first_seen: Any = "unread"
+    conflicts, last = 0, None
+    for attempt in range(1, max_attempts + 1):
+        pointer, etag = _champion_for_swap(models_uri, name, s3)
+        _hook("champion_read", version=version, champion=pointer, attempt=attempt)
+        last = current = pointer["version"] if pointer else None
+        first_seen = current if first_seen == "unread" else first_seen
+        scored = score_champion(pointer) if needs_champion_score(version, pointer, rule) else None
+        verdict = decide_promotion(version, pointer, rule, new_score=new_score, scored=scored)
+        reason = verdict.reason + _conflict_note(conflicts, first_seen, current)
+        if not verdict.replace:
+            return Promotion(False, reason, current, verdict.champion_score, attempt)
+        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
+                                       promotion_reason=reason, promoted_at=_now())
+        try:
+            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
+            return Promotion(True, reason, version, verdict.champion_score, attempt)
+        except storage.PreconditionFailed:
+            conflicts += 1
+            log.warning("model %s: champion.json changed while v%s was compared with v%s; reading it again",
+                        name, version, current)
+    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
+                            f"between reading and replacing it (last seen v{last}); try again to promote",
+                     last, None, max_attempts)
+
+
+def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
+                  source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
+    """Make a version the champion because a person asked for it (no comparison), by the same
+    compare-and-swap as :func:`promote`: the pointer is replaced only if it is still the one read,
+    so a concurrent move is never silently overwritten with a stale ``promoted_over``.
+    """
+    return _swap_champion(models_uri, name, metadata, PromotionRule(replace=reason), score_champion=None,
+                          source_run=source_run, max_attempts=max_attempts, s3=s3)
+
+
 def promote(models_uri: str, name: str, metadata: dict[str, Any], *, metric: str, min_improvement: float,
-            score_champion: Callable[[dict[str, Any]], tuple[float, str]], source_run: str | None = None,
+            score_champion: Callable[[dict[str, Any]], tuple[float | None, str]], source_run: str | None = None,
             max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
     """Make ``metadata``'s version the champion if it beats the current one, by compare-and-swap.
 
-    Reads ``champion.json`` and its ETag, compares (:func:`is_better`), and writes the new pointer
-    only if ``champion.json`` is still the one read (``If-Match``; ``If-None-Match: *`` when there
-    was none). When another export moved the champion in between, the new champion is read and
-    compared again; after ``max_attempts`` rounds the export gives up and says so.
+    Reads ``champion.json`` and its ETag, compares (:func:`decide_promotion`), and writes the new
+    pointer only if ``champion.json`` is still the one read (``If-Match``; ``If-None-Match: *`` when
+    there was none). When another export moved the champion in between, the new champion is read
+    and compared again; after ``max_attempts`` rounds the export gives up and says so.
 
     Args:
         metadata: the version's metadata (with ``metrics[metric]``).
         score_champion: champion pointer -> ``(its score, how it was obtained)``, e.g. its
-            recorded score or a re-evaluation on this version's test set.
+            recorded score on the same test split, or ``(None, why it cannot be compared)``.
         source_run: recorded in the pointer.
 
     Returns:
         The decision and its reason.
     """
-    new_score = float(metadata["metrics"][metric])
-    first_seen: Any = "unread"
-    conflicts = 0
-    last_pointer: dict[str, Any] | None = None
-    for attempt in range(1, max_attempts + 1):
-        pointer, etag = _champion_for_swap(models_uri, name, s3)
-        last_pointer = pointer
-        _hook("champion_read", version=metadata["version"], champion=pointer, attempt=attempt)
-        current = pointer["version"] if pointer else None
-        if first_seen == "unread":
-            first_seen = current
-        note = (f"; compared again after champion.json changed during the comparison "
-                f"({conflicts} time{'s' if conflicts > 1 else ''}: v{first_seen} -> v{current})"
-                if conflicts else "")
-        if pointer is None:
-            reason, champion_score = "no champion yet", None
-        elif int(pointer["version"]) == int(metadata["version"]):
-            return Promotion(False, "already the champion" + note, current, new_score, attempt)
-        else:
-            champion_score, how = score_champion(pointer)
-            better = is_better(new_score, champion_score, metric, min_improvement)
-            reason = (f"{metric} {new_score:.5f} {'beats' if better else 'does not beat'} champion "
-                      f"v{pointer['version']} {champion_score:.5f} ({how}, min improvement {min_improvement})")
-            if not better:
-                return Promotion(False, reason + note, current, champion_score, attempt)
-        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
-                                       promotion_reason=reason + note, promoted_at=_now())
-        try:
-            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
-            return Promotion(True, reason + note, int(metadata["version"]), champion_score, attempt)
-        except storage.PreconditionFailed:
-            conflicts += 1
-            log.warning("model %s: champion.json changed while v%s was compared with v%s; reading it again",
-                        name, metadata["version"], current)
-    last = last_pointer["version"] if last_pointer else None
-    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
-                            f"between reading and replacing it (last seen v{last}); export again to compare",
-                     last, None, max_attempts)
+    return _swap_champion(models_uri, name, metadata, PromotionRule(metric, min_improvement),
+                          score_champion=score_champion, source_run=source_run, max_attempts=max_attempts, s3=s3)

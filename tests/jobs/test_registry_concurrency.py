@@ -332,3 +332,29 @@ def test_a_manual_promotion_moves_the_pointer_by_compare_and_swap(s3_prefix, ker
     assert registry.read_champion(models, "photos")["version"] == second["version"]
     again = registry.make_champion(models, "photos", second, reason="asked")
     assert not again.promoted and again.reason == "already the champion"
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision of one compare-and-swap round (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decide_promotion_compares_replaces_and_says_why():
+    decide, rule = registry.decide_promotion, registry.PromotionRule("test_accuracy", 0.01)
+    champion = {"version": 3}
+    assert decide(4, None, rule, new_score=0.5) == registry.Verdict(True, "no champion yet")
+    assert decide(3, champion, rule, new_score=0.5) == registry.Verdict(False, "already the champion", 0.5)
+    assert not registry.needs_champion_score(3, champion, rule) and registry.needs_champion_score(4, champion, rule)
+    better = decide(4, champion, rule, new_score=0.95, scored=(0.9, "recorded"))
+    assert better.replace and better.champion_score == 0.9 and "beats champion v3 0.90000 (recorded" in better.reason
+    assert not decide(4, champion, rule, new_score=0.905, scored=(0.9, "recorded")).replace  # within min_improvement
+    loss = registry.PromotionRule("test_loss", 0.0)
+    assert decide(4, champion, loss, new_score=0.1, scored=(0.2, "recorded")).replace
+    refused = decide(4, champion, rule, new_score=0.99, scored=(None, "another test split"))
+    assert refused == registry.Verdict(False, "not compared with champion v3: another test split")
+    replace = registry.PromotionRule(replace="asked")
+    assert not registry.needs_champion_score(4, champion, replace)
+    assert decide(4, champion, replace) == registry.Verdict(True, "asked")
+    assert decide(3, champion, replace) == registry.Verdict(False, "already the champion")
+    with pytest.raises(ValueError, match="needs its score"):
+        decide(4, champion, rule, new_score=0.5)
