@@ -57,6 +57,9 @@ MAX_PROMOTION_ATTEMPTS = 5  # compare-and-swap rounds before an export gives up 
 _VERSION_RE = re.compile(r"/versions/(\d+)/metadata\.json$")
 _VERSION_FILE_RE = re.compile(r"(\d+)/(.+)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# What a version was trained for and tested on; recorded in its metadata and in the champion
+# pointer, and compared before two versions' scores are (:func:`comparable`).
+LINEAGE_KEYS = ("label_names", "input_shape", "test_split_sha256", "manifest_sha256")
 
 # Test-only: name -> callable(**info), called where two exports can interleave ("version_chosen":
 # a number picked, not claimed yet; "claimed": claimed, no artifact written yet;
@@ -393,10 +396,66 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
 
 
 def champion_pointer(metadata: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The ``champion.json`` document naming a version."""
+    """The ``champion.json`` document naming a version, with its lineage (:data:`LINEAGE_KEYS`)."""
     return {"name": metadata["name"], "version": metadata["version"], "model_uri": metadata["model_uri"],
             "model_sha256": metadata["model_sha256"], "metrics": metadata.get("metrics"),
-            "manifest_sha256": metadata.get("manifest_sha256"), **extra}
+            **{key: metadata.get(key) for key in LINEAGE_KEYS}, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Like for like: what a champion can be compared with
+# ---------------------------------------------------------------------------------------------
+
+
+def _labels_text(labels: list[str] | None) -> str:
+    if not labels:
+        return "(not recorded)"
+    shown = ", ".join(repr(str(label)[:24]) for label in labels[:5])
+    return f"[{shown}{', …' if len(labels) > 5 else ''}] ({len(labels)} labels)"
+
+
+def champion_lineage(models_uri: str, name: str, pointer: dict[str, Any], s3=None) -> dict[str, Any]:
+    """The champion's lineage: its pointer's, completed from its version's metadata when the
+    pointer was written before the lineage was recorded in it."""
+    if all(pointer.get(key) for key in ("label_names", "input_shape")):
+        return pointer
+    try:
+        metadata = resolve(models_uri, name, int(pointer["version"]), s3)
+    except (ModelNotFound, ModelIntegrityError) as err:
+        log.warning("model %s: champion v%s has no readable metadata (%s)", name, pointer.get("version"), err)
+        return pointer
+    return {**{key: metadata.get(key) for key in LINEAGE_KEYS}, **{k: v for k, v in pointer.items() if v is not None}}
+
+
+def comparable(new: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the champion's recorded test score can be compared with the new version's (pure).
+
+    Only like with like: the same label names in the same order, the same input shape, and the
+    same test split (its content hash, or for versions exported before it was recorded, the whole
+    prepared data set's). A champion is never re-scored on another test split: nothing proves that
+    split holds no image the champion was trained on.
+
+    Args:
+        new, champion: version metadata or champion pointers (their :data:`LINEAGE_KEYS`).
+
+    Returns:
+        ``(True, how the scores compare)`` or ``(False, why not, in plain words)``.
+    """
+    who = f"the champion v{champion.get('version')}"
+    if list(champion.get("label_names") or []) != list(new.get("label_names") or []):
+        return False, (f"{who} was trained on labels {_labels_text(champion.get('label_names'))}, "
+                       f"this model on {_labels_text(new.get('label_names'))}")
+    if list(champion.get("input_shape") or []) != list(new.get("input_shape") or []):
+        return False, f"{who} takes inputs of shape {champion.get('input_shape')}, this model {new.get('input_shape')}"
+    if new.get("test_split_sha256") and champion.get("test_split_sha256") == new["test_split_sha256"]:
+        return True, "recorded on the same test split"
+    if new.get("manifest_sha256") and champion.get("manifest_sha256") == new["manifest_sha256"]:
+        return True, "recorded on the same test set"
+    if champion.get("test_split_sha256"):
+        why = f"{who} was tested on another test split"
+    else:
+        why = f"{who} records no test-split identity (exported before it was recorded) and was prepared from other data"
+    return False, f"{why}: scoring it on this run's test split could count images it was trained on"
 
 
 def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *,

@@ -202,6 +202,19 @@ def _write_partition(output_uri: str):
     return write
 
 
+def split_sha256(digests: list, split: str, label_names: list[str]) -> str:
+    """A split's identity by content: the sha256 of its sorted ``label name, pixels' sha1`` lines.
+
+    The same images with the same labels give the same hash whatever their keys, the seed or the
+    other splits (MNIST's t10k file stays one test split); another draw of the split does not.
+
+    Args:
+        digests: rows with ``label`` (index into ``label_names``), ``split`` and ``d`` (pixels' sha1).
+    """
+    lines = sorted(f"{label_names[row['label']]}\t{row['d']}\n" for row in digests if row["split"] == split)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     """Prepare the data set; returns the job result (also summarised in the manifest)."""
     from pyspark.sql import functions as F
@@ -270,6 +283,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
                 "shards": sorted(w["shard"] for w in written if w["split"] == s)}
             for s in dataset.SPLITS},
         "content_sha256": content.hexdigest(),
+        "test_split_sha256": split_sha256(digests, "test", label_names),
         "rejected": rejected,
         "skipped": skipped,
     }
