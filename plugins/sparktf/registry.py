@@ -59,11 +59,15 @@ _VERSION_FILE_RE = re.compile(r"(\d+)/(.+)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # What a version was trained for and tested on; recorded in its metadata and in the champion
 # pointer, and compared before two versions' scores are (:func:`comparable`).
+# What a version was made from: two attempts that agree on these made the same version (a retry
+# adopts what an earlier attempt published; register_model reuses a run's version only for them).
+REQUEST_KEYS = ("source_run", "trial_id", "source", "labels", "resize_policy")
 LINEAGE_KEYS = ("label_names", "input_shape", "test_split_sha256", "manifest_sha256")
 
 # Test-only: name -> callable(**info), called where two exports can interleave ("version_chosen":
 # a number picked, not claimed yet; "claimed": claimed, no artifact written yet;
-# "before_metadata": artifacts written, metadata not yet;
+# "before_metadata": artifacts written, metadata not yet; "claim_checked": the claim is still
+# this export's, its metadata.json not written yet;
 # "champion_read": champion.json read, not yet replaced). Tests put a barrier there to make a
 # race deterministic. Empty in production.
 TEST_HOOKS: dict[str, Callable[..., None]] = {}
@@ -360,7 +364,8 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
 
     Raises:
         VersionConflict: the claim was taken over while the artifacts were written (this export
-            is a zombie of one that was retried), or ``version`` is taken.
+            is a zombie of one that was retried), ``version`` is taken, or another request
+            completed the version first (an earlier attempt of the same request is adopted).
     """
     claim = claim_version(models_uri, name, source_run=metadata.get("source_run"),
                           trial_id=metadata.get("trial_id"), version=version, s3=s3)
@@ -378,16 +383,41 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
         full["saved_model_uri"] = saved_uri
         full["saved_model_files"] = storage.upload_dir(saved_model_dir, saved_uri, s3)
     _hook("before_metadata", version=claim.version, claimant=claim.claimant)
+    return _publish(models_uri, name, claim, full, s3)
+
+
+def same_request(published: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether a published version was made for the same request as ``mine`` (:data:`REQUEST_KEYS`)."""
+    return all(published.get(key) == mine.get(key) for key in REQUEST_KEYS)
+
+
+def _publish(models_uri: str, name: str, claim: VersionClaim, full: dict[str, Any], s3=None) -> dict[str, Any]:
+    """Write ``metadata.json`` last and create-only, if the claim is still this export's.
+
+    When another attempt of the same request published the version first (a zombie that read its
+    claim just before this retry took it over), its complete version is adopted once its
+    artifacts check out, instead of failing the retry.
+    """
     current = storage.read_json_if_exists(claim_uri(models_uri, name, claim.version), s3) or {}
     if current.get("claimant") != claim.claimant:
         raise VersionConflict(f"model {name!r} version {claim.version} was taken over by "
                               f"{current.get('claimant')} while {claim.claimant} wrote it; not publishing")
+    _hook("claim_checked", version=claim.version, claimant=claim.claimant)
+    metadata_uri = storage.join_uri(version_uri(models_uri, name, claim.version), METADATA_NAME)
     try:
-        storage.write_json(storage.join_uri(base, METADATA_NAME), full, s3, if_none_match=True)
+        storage.write_json(metadata_uri, full, s3, if_none_match=True)
+        return full
     except storage.PreconditionFailed:
+        published = storage.read_json(metadata_uri, s3)
+    if not same_request(published, full):
         raise VersionConflict(f"model {name!r} version {claim.version} was completed by another export "
-                              f"while {claim.claimant} wrote it") from None
-    return full
+                              f"({published.get('claimant')}) while {claim.claimant} wrote it")
+    verify_artifact(published["model_uri"], published["model_sha256"], s3)
+    if published.get("saved_model_files"):
+        verify_saved_model(published, s3)
+    log.warning("model %s v%d: an earlier attempt of this export (%s) published it first; adopting it",
+                name, claim.version, published.get("claimant"))
+    return published
 
 
 # ---------------------------------------------------------------------------------------------

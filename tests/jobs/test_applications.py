@@ -277,6 +277,33 @@ def test_job_registers_a_users_keras_file_with_a_text_label_map(s3_prefix, tmp_p
     assert metadata["model_sha256"] == metadata["source"]["model_sha256"] == storage.sha256_hex(open(path, "rb").read())
 
 
+def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_path):
+    """The same run id asking again with a replaced model file or label map registers anew; asking the
+    same again reuses (the request is compared: source, uploads' sha256s, labels)."""
+    ws = s3_prefix
+    model_uri, labels_uri = ws + "/uploads/mine.keras", ws + "/uploads/labels.txt"
+    storage.write_bytes(model_uri, open(small_classifier(str(tmp_path / "a.keras")), "rb").read())
+    storage.write_bytes(labels_uri, b"a\nb\nc\nd\n")
+    args = job_args(ws, "mine", "--source", "keras_file", "--model-uri", model_uri, "--labels", "label_map",
+                    "--label-map-uri", labels_uri, "--source-run", "run-1")
+    first = register_model.run(None, args)
+    assert first["registered"] and first["version"] == 1
+
+    storage.write_bytes(labels_uri, b"w\nx\ny\nz\n")  # the label map replaced between two attempts
+    relabelled = register_model.run(None, args)
+    assert relabelled["version"] == 2 and not relabelled["reused_version"]
+    assert registry.resolve(ws + "/models/", "mine", 2)["label_names"] == ["w", "x", "y", "z"]
+
+    storage.write_bytes(model_uri, open(small_classifier(str(tmp_path / "b.keras"), input_shape=(24, 24, 3)), "rb").read())
+    other_model = register_model.run(None, args)
+    assert other_model["version"] == 3 and other_model["input_shape"] == [24, 24, 3]
+
+    again = register_model.run(None, args)
+    assert again["version"] == 3 and again["reused_version"]
+    assert register_model.request_differences(registry.resolve(ws + "/models/", "mine", 1),
+                                              register_model.asked_fields(args)) == ["model_sha256", "label_map_sha256"]
+
+
 @pytest.mark.parametrize("case", ["lambda", "labels", "weights", "missing", "params"])
 def test_job_refusals_register_nothing(s3_prefix, tmp_path, mobilenet_weights, case):
     ws = s3_prefix

@@ -358,3 +358,76 @@ def test_decide_promotion_compares_replaces_and_says_why():
     assert decide(3, champion, replace) == registry.Verdict(False, "already the champion")
     with pytest.raises(ValueError, match="needs its score"):
         decide(4, champion, rule, new_score=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries adopt finished work (issue 15, point 8)
+# ---------------------------------------------------------------------------------------------
+
+
+def zombie_publishes_first(models: str, zombie_file: str, retry_file: str, retry_metadata: dict,
+                           after_zombie: Callable[[dict], None] = lambda published: None) -> dict[str, object]:
+    """The zombie checks its claim (still its own) and stalls; the retry takes the claim over,
+    writes its artifacts and checks the claim too; then the zombie publishes, then the retry goes on.
+
+    Returns:
+        Each export's metadata, or the error it raised.
+    """
+    zombie_checked, retry_checked, zombie_published = threading.Event(), threading.Event(), threading.Event()
+    checked: list[str] = []
+
+    def interleave(version: int, claimant: str) -> None:
+        checked.append(claimant)
+        if len(checked) == 1:  # the zombie: let the retry run up to the same point
+            zombie_checked.set()
+            assert retry_checked.wait(60)
+        else:  # the retry: wait until the zombie's metadata is there
+            retry_checked.set()
+            assert zombie_published.wait(60)
+
+    def zombie() -> object:
+        try:
+            published = registry.write_version(models, "digits", model_path=zombie_file, metadata=metadata_for("run-x"))
+            after_zombie(published)
+            return published
+        finally:
+            zombie_published.set()
+
+    def retry() -> object:
+        assert zombie_checked.wait(60)
+        return registry.write_version(models, "digits", model_path=retry_file, metadata=retry_metadata)
+
+    def outcome(fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            try:
+                return fn()
+            except (registry.VersionConflict, registry.ModelIntegrityError) as err:
+                return err
+        return call
+
+    registry.TEST_HOOKS["claim_checked"] = interleave
+    results = run_together({"zombie": outcome(zombie), "retry": outcome(retry)})
+    assert len(checked) == 2 and checked[0] != checked[1]  # both passed the claim check: the race happened
+    return results
+
+
+def test_a_retry_adopts_the_version_its_zombie_published_first(s3_prefix, keras_files):
+    models = s3_prefix + "/models/"
+    results = zombie_publishes_first(models, keras_files[0], keras_files[0], metadata_for("run-x"))
+    zombie, retry = results["zombie"], results["retry"]
+    assert isinstance(zombie, dict) and retry == zombie  # the retry returns the complete version, no conflict
+    assert registry.list_versions(models, "digits") == [zombie]
+    registry.load_version_model(registry.resolve(models, "digits", 1))
+
+
+def test_a_retry_adopts_neither_another_request_nor_a_damaged_version(s3_prefix, keras_files):
+    other = {**metadata_for("run-x"), "labels": {"kind": "label_map", "sha256": "another map"}}
+    results = zombie_publishes_first(s3_prefix + "/a/", keras_files[0], keras_files[1], other)
+    assert isinstance(results["zombie"], dict)
+    assert isinstance(results["retry"], registry.VersionConflict) and "completed by another export" in str(results["retry"])
+
+    def damage(published: dict) -> None:
+        storage.write_bytes(published["model_uri"], b"not the model")
+
+    results = zombie_publishes_first(s3_prefix + "/b/", keras_files[0], keras_files[0], metadata_for("run-x"), damage)
+    assert isinstance(results["retry"], registry.ModelIntegrityError)
