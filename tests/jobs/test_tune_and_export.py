@@ -104,7 +104,7 @@ def test_max_parallel_trials_deals_round_robin():
 
 
 def export(results_uri: str, models_uri: str, run: str, *extra: str) -> dict:
-    return export_model.run(None, export_model.parse_args([
+    return export_model.run(export_model.parse_args([
         "--results-uri", results_uri, "--models-uri", models_uri, "--model-name", "digits", "--source-run", run,
         "--trained-at", "2026-11-22T03:00:00+00:00", *extra]))
 

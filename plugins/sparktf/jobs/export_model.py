@@ -98,8 +98,7 @@ def decide(args: argparse.Namespace, metadata: dict[str, Any]) -> registry.Promo
             champion, metadata, metric, models_uri=args.models_uri, model_name=args.model_name))
 
 
-def run(spark, args: argparse.Namespace) -> dict[str, Any]:
-    del spark  # exporting needs no cluster; the job runs through spark-submit for shipping and logs
+def run(args: argparse.Namespace) -> dict[str, Any]:
     executor.pin_threads(int(os.environ.get("SPARKTF_EXPORT_THREADS", "2")))
     results = storage.read_json(args.results_uri)
     by_id = {t["trial_id"]: t for t in results["trials"]}
@@ -130,7 +129,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job.run_spark_job("export_model", run, parse_args(argv))
+    return job.run_driver_job("export_model", run, parse_args(argv))
 
 
 if __name__ == "__main__":

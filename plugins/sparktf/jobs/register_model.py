@@ -191,8 +191,7 @@ def reusable_version(args: argparse.Namespace, s3=None) -> dict[str, Any] | None
     return None
 
 
-def run(spark, args: argparse.Namespace) -> dict[str, Any]:
-    del spark  # registering needs no cluster; the job runs through spark-submit for shipping and logs
+def run(args: argparse.Namespace) -> dict[str, Any]:
     executor.pin_threads(int(os.environ.get("SPARKTF_EXPORT_THREADS", "2")))
     metadata = reusable_version(args)
     reused = metadata is not None
@@ -222,7 +221,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job.run_spark_job("register_model", run, parse_args(argv))
+    return job.run_driver_job("register_model", run, parse_args(argv))
 
 
 if __name__ == "__main__":
