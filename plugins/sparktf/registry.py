@@ -247,6 +247,56 @@ def verify_saved_model(metadata: dict[str, Any], s3=None) -> int:
     return len(listed)
 
 
+# The object classes a loaded .keras file may name: what our families (sparktf.models) and the stock
+# networks (sparktf.applications) save, found by scanning their config.json. Nothing else is loaded.
+_KERAS_LAYERS = frozenset((
+    "Activation", "Add", "AveragePooling2D", "BatchNormalization", "Concatenate", "Conv2D", "Dense",
+    "DepthwiseConv2D", "Dropout", "Flatten", "GlobalAveragePooling2D", "InputLayer", "MaxPooling2D", "Multiply",
+    "Normalization", "RandomRotation", "RandomTranslation", "ReLU", "Rescaling", "Reshape", "Resizing",
+    "SeparableConv2D", "ZeroPadding2D"))
+ALLOWED_CLASSES = frozenset(
+    {("keras.layers", name) for name in _KERAS_LAYERS}
+    | {("keras.initializers", name) for name in ("Constant", "GlorotUniform", "Ones", "VarianceScaling", "Zeros")}
+    | {("keras.optimizers", "Adam"), ("keras.optimizers", "SGD"), ("keras", "DTypePolicy"),
+       ("keras.src.models.functional", "Functional"), ("keras.src.ops.numpy", "Add"), ("keras.src.ops.numpy", "Multiply"),
+       ("keras.src.applications.inception_resnet_v2", "CustomScaleLayer"), (None, "__keras_tensor__")})
+MAX_CONFIG_BYTES = 64 * 1024 * 1024
+
+
+def _classes_in(node: Any):
+    if isinstance(node, dict):
+        if "class_name" in node:
+            yield node.get("module"), node.get("class_name"), node.get("registered_name")
+        for value in node.values():
+            yield from _classes_in(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _classes_in(value)
+
+
+def check_layer_classes(path: str, label: str) -> None:
+    """Refuse a ``.keras`` file whose ``config.json`` names a class outside :data:`ALLOWED_CLASSES`
+    (read before Keras deserialises anything: safe mode is not trusted to refuse all code).
+
+    Raises:
+        ModelIntegrityError: naming the first class refused, or if the archive is unreadable.
+    """
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.getinfo("config.json").file_size > MAX_CONFIG_BYTES:
+                raise ModelIntegrityError(f"{label}: config.json is larger than {MAX_CONFIG_BYTES} bytes")
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise ModelIntegrityError(f"{label}: not a readable .keras archive ({err})") from None
+    for module, class_name, registered in _classes_in(config):
+        if (module, class_name) not in ALLOWED_CLASSES or registered not in (None, class_name):
+            raise ModelIntegrityError(f"{label}: refused to load class {module}.{class_name} "
+                                      f"(registered as {registered!r}): not on the registry's allowlist of layer classes")
+
+
 def load_verified_model(model_uri: str, expected_sha256: str, s3=None, *, keep_at: str | None = None):
     """Download a ``.keras`` artifact (streamed to a local file), check its sha256, and load it in
     Keras safe mode.
@@ -270,6 +320,7 @@ def load_verified_model(model_uri: str, expected_sha256: str, s3=None, *, keep_a
         except storage.ObjectNotFound:
             raise ModelNotFound(f"{model_uri} does not exist") from None
         _check_sha(model_uri, actual, expected_sha256)
+        check_layer_classes(path, model_uri)
         return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 

@@ -431,3 +431,18 @@ def test_a_retry_adopts_neither_another_request_nor_a_damaged_version(s3_prefix,
 
     results = zombie_publishes_first(s3_prefix + "/b/", keras_files[0], keras_files[0], metadata_for("run-x"), damage)
     assert isinstance(results["retry"], registry.ModelIntegrityError)
+
+
+def test_only_allowlisted_layer_classes_are_loaded(s3_prefix, keras_files, tmp_path):
+    import keras
+
+    models = s3_prefix + "/models/"
+    ours = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-1"))
+    registry.load_version_model(ours)  # our family loads
+    pixels = keras.Input((28, 28, 1))
+    x = keras.layers.Lambda(lambda t: t / 255.0)(pixels)
+    path = str(tmp_path / "lambda.keras")
+    keras.Model(pixels, keras.layers.Dense(10)(keras.layers.Flatten()(x))).save(path)
+    bad = registry.write_version(models, "digits", model_path=path, metadata=metadata_for("run-2"))
+    with pytest.raises(registry.ModelIntegrityError, match=r"refused to load class keras.layers.Lambda"):
+        registry.load_version_model(bad)
