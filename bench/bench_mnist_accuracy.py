@@ -127,7 +127,7 @@ def export_best(results_uri: str, models_uri: str) -> dict:
     args = export_model.parse_args(["--results-uri", results_uri, "--models-uri", models_uri,
                                     "--model-name", "digits", "--source-run", "bench_mnist_accuracy",
                                     "--trained-at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
-    return export_model.run(None, args)
+    return export_model.run(args)
 
 
 def main(argv=None) -> int:

@@ -145,7 +145,7 @@ def worker_setup(args) -> dict:
         storage.write_bytes(weights_uri, Path(path).read_bytes())
     weights_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    result = register_model.run(None, register_model.parse_args([
+    result = register_model.run(register_model.parse_args([
         "--models-uri", args.ws + "/models/", "--model-name", MODEL_NAME, "--source", "keras_application",
         "--application", APPLICATION, "--weights-uri", weights_uri, "--labels", "imagenet",
         "--promote", "true", "--source-run", "bench-photos", "--registered-at", f"{DATE}T00:00:00+00:00"]))

@@ -65,17 +65,35 @@ def write_result(result_uri: str | None, result: dict[str, Any]) -> None:
     log.info("job result: %s", result)
 
 
+def _run_and_report(run: Callable[[], dict[str, Any]], result_uri: str | None) -> None:
+    try:
+        write_result(result_uri, run())
+    except FinalFailure as failure:
+        write_result(result_uri, {**failure.result, "final_failure": str(failure)})
+        raise
+
+
 def run_spark_job(app_name: str, run: Callable[[Any, Any], dict[str, Any]], args) -> int:
     """A job's main(): ``run(spark, args)`` in a SparkSession, its result written to ``--result-uri``."""
     configure_logging()
     spark = spark_session(app_name)
     try:
-        write_result(args.result_uri, run(spark, args))
-    except FinalFailure as failure:
-        write_result(args.result_uri, {**failure.result, "final_failure": str(failure)})
-        raise
+        _run_and_report(lambda: run(spark, args), args.result_uri)
     finally:
         spark.stop()
+    return 0
+
+
+def run_driver_job(app_name: str, run: Callable[[Any], dict[str, Any]], args) -> int:
+    """A job's main() for work done on the driver alone (exporting, registering): ``run(args)``,
+    its result written to ``--result-uri`` as :func:`run_spark_job` does, but no SparkSession.
+
+    spark-submit still launches it (the DAG ships the code and reads the logs and the result the
+    same way), but no SparkContext, executors or Spark UI are started only to be discarded.
+    """
+    configure_logging()
+    log.info("%s runs on the driver only: no SparkSession", app_name)
+    _run_and_report(lambda: run(args), args.result_uri)
     return 0
 
 

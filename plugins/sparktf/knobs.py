@@ -105,6 +105,10 @@ KNOBS: tuple[Knob, ...] = (
          "Metric compared with the champion's on the same test set.", choices=("test_accuracy", "test_loss")),
     Knob("min_improvement", "export_model", "float", 0.0, "Minimum improvement to promote",
          "Promote only when better than the champion by more than this.", minimum=0, maximum=1),
+    Knob("champion_policy", "export_model", "str", "compare", "Champion policy",
+         "compare: promote only when better than the champion trained for the same labels and input shape and "
+         "tested on the same test split; replace: make this run's model the champion without comparing "
+         "(a new lineage on purpose, e.g. after changing the data).", choices=("compare", "replace")),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 # The seed as prepare_data reads it too (one value: the split and the trials share it).

@@ -24,7 +24,8 @@ slow (a zombie) and goes on writing after the retry published cannot change the 
 
 **The champion** moves only through :func:`promote`: read the pointer and its ETag, compare,
 write only if the pointer is still the one read; when another export moved it in between, read
-the new champion and compare again. The promotion rule (:func:`is_better`) lives here too.
+the new champion and compare again. :func:`make_champion` (a person's move, no comparison) goes
+through the same loop; each round's decision is the pure :func:`decide_promotion`.
 
 Models are loaded only after their recorded sha256 matches (streamed, never whole in memory),
 only from ``.keras`` files, and with Keras safe mode on.
@@ -56,10 +57,17 @@ MAX_PROMOTION_ATTEMPTS = 5  # compare-and-swap rounds before an export gives up 
 _VERSION_RE = re.compile(r"/versions/(\d+)/metadata\.json$")
 _VERSION_FILE_RE = re.compile(r"(\d+)/(.+)$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# What a version was trained for and tested on; recorded in its metadata and in the champion
+# pointer, and compared before two versions' scores are (:func:`comparable`).
+# What a version was made from: two attempts that agree on these made the same version (a retry
+# adopts what an earlier attempt published; register_model reuses a run's version only for them).
+REQUEST_KEYS = ("source_run", "trial_id", "source", "labels", "resize_policy")
+LINEAGE_KEYS = ("label_names", "input_shape", "test_split_sha256", "manifest_sha256")
 
 # Test-only: name -> callable(**info), called where two exports can interleave ("version_chosen":
 # a number picked, not claimed yet; "claimed": claimed, no artifact written yet;
-# "before_metadata": artifacts written, metadata not yet;
+# "before_metadata": artifacts written, metadata not yet; "claim_checked": the claim is still
+# this export's, its metadata.json not written yet;
 # "champion_read": champion.json read, not yet replaced). Tests put a barrier there to make a
 # race deterministic. Empty in production.
 TEST_HOOKS: dict[str, Callable[..., None]] = {}
@@ -239,6 +247,56 @@ def verify_saved_model(metadata: dict[str, Any], s3=None) -> int:
     return len(listed)
 
 
+# The object classes a loaded .keras file may name: what our families (sparktf.models) and the stock
+# networks (sparktf.applications) save, found by scanning their config.json. Nothing else is loaded.
+_KERAS_LAYERS = frozenset((
+    "Activation", "Add", "AveragePooling2D", "BatchNormalization", "Concatenate", "Conv2D", "Dense",
+    "DepthwiseConv2D", "Dropout", "Flatten", "GlobalAveragePooling2D", "InputLayer", "MaxPooling2D", "Multiply",
+    "Normalization", "RandomRotation", "RandomTranslation", "ReLU", "Rescaling", "Reshape", "Resizing",
+    "SeparableConv2D", "ZeroPadding2D"))
+ALLOWED_CLASSES = frozenset(
+    {("keras.layers", name) for name in _KERAS_LAYERS}
+    | {("keras.initializers", name) for name in ("Constant", "GlorotUniform", "Ones", "VarianceScaling", "Zeros")}
+    | {("keras.optimizers", "Adam"), ("keras.optimizers", "SGD"), ("keras", "DTypePolicy"),
+       ("keras.src.models.functional", "Functional"), ("keras.src.ops.numpy", "Add"), ("keras.src.ops.numpy", "Multiply"),
+       ("keras.src.applications.inception_resnet_v2", "CustomScaleLayer"), (None, "__keras_tensor__")})
+MAX_CONFIG_BYTES = 64 * 1024 * 1024
+
+
+def _classes_in(node: Any):
+    if isinstance(node, dict):
+        if "class_name" in node:
+            yield node.get("module"), node.get("class_name"), node.get("registered_name")
+        for value in node.values():
+            yield from _classes_in(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _classes_in(value)
+
+
+def check_layer_classes(path: str, label: str) -> None:
+    """Refuse a ``.keras`` file whose ``config.json`` names a class outside :data:`ALLOWED_CLASSES`
+    (read before Keras deserialises anything: safe mode is not trusted to refuse all code).
+
+    Raises:
+        ModelIntegrityError: naming the first class refused, or if the archive is unreadable.
+    """
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.getinfo("config.json").file_size > MAX_CONFIG_BYTES:
+                raise ModelIntegrityError(f"{label}: config.json is larger than {MAX_CONFIG_BYTES} bytes")
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise ModelIntegrityError(f"{label}: not a readable .keras archive ({err})") from None
+    for module, class_name, registered in _classes_in(config):
+        if (module, class_name) not in ALLOWED_CLASSES or registered not in (None, class_name):
+            raise ModelIntegrityError(f"{label}: refused to load class {module}.{class_name} "
+                                      f"(registered as {registered!r}): not on the registry's allowlist of layer classes")
+
+
 def load_verified_model(model_uri: str, expected_sha256: str, s3=None, *, keep_at: str | None = None):
     """Download a ``.keras`` artifact (streamed to a local file), check its sha256, and load it in
     Keras safe mode.
@@ -262,6 +320,7 @@ def load_verified_model(model_uri: str, expected_sha256: str, s3=None, *, keep_a
         except storage.ObjectNotFound:
             raise ModelNotFound(f"{model_uri} does not exist") from None
         _check_sha(model_uri, actual, expected_sha256)
+        check_layer_classes(path, model_uri)
         return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
@@ -356,7 +415,8 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
 
     Raises:
         VersionConflict: the claim was taken over while the artifacts were written (this export
-            is a zombie of one that was retried), or ``version`` is taken.
+            is a zombie of one that was retried), ``version`` is taken, or another request
+            completed the version first (an earlier attempt of the same request is adopted).
     """
     claim = claim_version(models_uri, name, source_run=metadata.get("source_run"),
                           trial_id=metadata.get("trial_id"), version=version, s3=s3)
@@ -374,16 +434,41 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
         full["saved_model_uri"] = saved_uri
         full["saved_model_files"] = storage.upload_dir(saved_model_dir, saved_uri, s3)
     _hook("before_metadata", version=claim.version, claimant=claim.claimant)
+    return _publish(models_uri, name, claim, full, s3)
+
+
+def same_request(published: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether a published version was made for the same request as ``mine`` (:data:`REQUEST_KEYS`)."""
+    return all(published.get(key) == mine.get(key) for key in REQUEST_KEYS)
+
+
+def _publish(models_uri: str, name: str, claim: VersionClaim, full: dict[str, Any], s3=None) -> dict[str, Any]:
+    """Write ``metadata.json`` last and create-only, if the claim is still this export's.
+
+    When another attempt of the same request published the version first (a zombie that read its
+    claim just before this retry took it over), its complete version is adopted once its
+    artifacts check out, instead of failing the retry.
+    """
     current = storage.read_json_if_exists(claim_uri(models_uri, name, claim.version), s3) or {}
     if current.get("claimant") != claim.claimant:
         raise VersionConflict(f"model {name!r} version {claim.version} was taken over by "
                               f"{current.get('claimant')} while {claim.claimant} wrote it; not publishing")
+    _hook("claim_checked", version=claim.version, claimant=claim.claimant)
+    metadata_uri = storage.join_uri(version_uri(models_uri, name, claim.version), METADATA_NAME)
     try:
-        storage.write_json(storage.join_uri(base, METADATA_NAME), full, s3, if_none_match=True)
+        storage.write_json(metadata_uri, full, s3, if_none_match=True)
+        return full
     except storage.PreconditionFailed:
+        published = storage.read_json(metadata_uri, s3)
+    if not same_request(published, full):
         raise VersionConflict(f"model {name!r} version {claim.version} was completed by another export "
-                              f"while {claim.claimant} wrote it") from None
-    return full
+                              f"({published.get('claimant')}) while {claim.claimant} wrote it")
+    verify_artifact(published["model_uri"], published["model_sha256"], s3)
+    if published.get("saved_model_files"):
+        verify_saved_model(published, s3)
+    log.warning("model %s v%d: an earlier attempt of this export (%s) published it first; adopting it",
+                name, claim.version, published.get("claimant"))
+    return published
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,10 +477,66 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
 
 
 def champion_pointer(metadata: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The ``champion.json`` document naming a version."""
+    """The ``champion.json`` document naming a version, with its lineage (:data:`LINEAGE_KEYS`)."""
     return {"name": metadata["name"], "version": metadata["version"], "model_uri": metadata["model_uri"],
             "model_sha256": metadata["model_sha256"], "metrics": metadata.get("metrics"),
-            "manifest_sha256": metadata.get("manifest_sha256"), **extra}
+            **{key: metadata.get(key) for key in LINEAGE_KEYS}, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Like for like: what a champion can be compared with
+# ---------------------------------------------------------------------------------------------
+
+
+def _labels_text(labels: list[str] | None) -> str:
+    if not labels:
+        return "(not recorded)"
+    shown = ", ".join(repr(str(label)[:24]) for label in labels[:5])
+    return f"[{shown}{', …' if len(labels) > 5 else ''}] ({len(labels)} labels)"
+
+
+def champion_lineage(models_uri: str, name: str, pointer: dict[str, Any], s3=None) -> dict[str, Any]:
+    """The champion's lineage: its pointer's, completed from its version's metadata when the
+    pointer was written before the lineage was recorded in it."""
+    if all(pointer.get(key) for key in ("label_names", "input_shape")):
+        return pointer
+    try:
+        metadata = resolve(models_uri, name, int(pointer["version"]), s3)
+    except (ModelNotFound, ModelIntegrityError) as err:
+        log.warning("model %s: champion v%s has no readable metadata (%s)", name, pointer.get("version"), err)
+        return pointer
+    return {**{key: metadata.get(key) for key in LINEAGE_KEYS}, **{k: v for k, v in pointer.items() if v is not None}}
+
+
+def comparable(new: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the champion's recorded test score can be compared with the new version's (pure).
+
+    Only like with like: the same label names in the same order, the same input shape, and the
+    same test split (its content hash, or for versions exported before it was recorded, the whole
+    prepared data set's). A champion is never re-scored on another test split: nothing proves that
+    split holds no image the champion was trained on.
+
+    Args:
+        new, champion: version metadata or champion pointers (their :data:`LINEAGE_KEYS`).
+
+    Returns:
+        ``(True, how the scores compare)`` or ``(False, why not, in plain words)``.
+    """
+    who = f"the champion v{champion.get('version')}"
+    if list(champion.get("label_names") or []) != list(new.get("label_names") or []):
+        return False, (f"{who} was trained on labels {_labels_text(champion.get('label_names'))}, "
+                       f"this model on {_labels_text(new.get('label_names'))}")
+    if list(champion.get("input_shape") or []) != list(new.get("input_shape") or []):
+        return False, f"{who} takes inputs of shape {champion.get('input_shape')}, this model {new.get('input_shape')}"
+    if new.get("test_split_sha256") and champion.get("test_split_sha256") == new["test_split_sha256"]:
+        return True, "recorded on the same test split"
+    if new.get("manifest_sha256") and champion.get("manifest_sha256") == new["manifest_sha256"]:
+        return True, "recorded on the same test set"
+    if champion.get("test_split_sha256"):
+        why = f"{who} was tested on another test split"
+    else:
+        why = f"{who} records no test-split identity (exported before it was recorded) and was prepared from other data"
+    return False, f"{why}: scoring it on this run's test split could count images it was trained on"
 
 
 def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *,
@@ -422,31 +563,6 @@ def _champion_for_swap(models_uri: str, name: str, s3=None) -> tuple[dict[str, A
     return pointer, etag
 
 
-def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
-                  source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
-    """Make a version the champion because a person asked for it (no comparison), by the same
-    compare-and-swap as :func:`promote`: the pointer is replaced only if it is still the one read,
-    so a concurrent move is never silently overwritten with a stale ``promoted_over``.
-    """
-    last = None
-    for attempt in range(1, max_attempts + 1):
-        pointer, etag = _champion_for_swap(models_uri, name, s3)
-        current = pointer["version"] if pointer else None
-        last = current
-        if current is not None and int(current) == int(metadata["version"]):
-            return Promotion(False, "already the champion", current, None, attempt)
-        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
-                                       promotion_reason=reason, promoted_at=_now())
-        try:
-            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
-            return Promotion(True, reason, int(metadata["version"]), None, attempt)
-        except storage.PreconditionFailed:
-            log.warning("model %s: champion.json changed while v%s was being made champion; reading it again",
-                        name, metadata["version"])
-    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
-                            f"(last seen v{last}); trigger again to promote", last, None, max_attempts)
-
-
 def is_better(new: float, old: float, metric: str, min_improvement: float) -> bool:
     """The promotion rule: strictly better than the champion by more than ``min_improvement``."""
     if PROMOTION_METRICS[metric] == "max":
@@ -465,60 +581,133 @@ class Promotion:
     attempts: int  # compare-and-swap rounds (more than 1: another export moved the champion meanwhile)
 
 
+@dataclass(frozen=True)
+class PromotionRule:
+    """How a compare-and-swap round decides.
+
+    Attributes:
+        metric, min_improvement: compare the new version's ``metrics[metric]`` with the champion's
+            score (:func:`is_better`).
+        replace: a reason to make the version the champion without comparing (a person asked for
+            it); None compares.
+    """
+
+    metric: str = "test_accuracy"
+    min_improvement: float = 0.0
+    replace: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One round's decision on the pointer just read: write the new one or not, and why."""
+
+    replace: bool
+    reason: str
+    champion_score: float | None = None
+
+
+def needs_champion_score(version: int, champion: dict[str, Any] | None, rule: PromotionRule) -> bool:
+    """Whether :func:`decide_promotion` needs the champion's score for this pointer."""
+    return rule.replace is None and champion is not None and int(champion["version"]) != int(version)
+
+
+def decide_promotion(version: int, champion: dict[str, Any] | None, rule: PromotionRule, *,
+                     new_score: float | None = None, scored: tuple[float | None, str] | None = None) -> Verdict:
+    """The pure decision of one compare-and-swap round.
+
+    Args:
+        version: the version to promote.
+        champion: the champion pointer read (None: there is none).
+        rule: compare, or replace without comparing.
+        new_score: the version's ``metrics[rule.metric]`` (when comparing).
+        scored: ``(the champion's score, how it was obtained)``, or ``(None, why it cannot be
+            compared)``; needed when :func:`needs_champion_score` says so.
+    """
+    if champion is not None and int(champion["version"]) == int(version):
+        return Verdict(False, "already the champion", new_score if rule.replace is None else None)
+    if rule.replace is not None:
+        return Verdict(True, rule.replace)
+    if champion is None:
+        return Verdict(True, "no champion yet")
+    if scored is None:
+        raise ValueError("comparing with a champion needs its score")
+    score, how = scored
+    if score is None:
+        return Verdict(False, f"not compared with champion v{champion['version']}: {how}")
+    better = is_better(float(new_score), score, rule.metric, rule.min_improvement)
+    return Verdict(better, f"{rule.metric} {new_score:.5f} {'beats' if better else 'does not beat'} champion "
+                           f"v{champion['version']} {score:.5f} ({how}, min improvement {rule.min_improvement})", score)
+
+
+def _conflict_note(conflicts: int, first_seen: Any, current: Any) -> str:
+    if not conflicts:
+        return ""
+    return (f"; compared again after champion.json changed during the comparison "
+            f"({conflicts} time{'s' if conflicts > 1 else ''}: v{first_seen} -> v{current})")
+
+
+def _swap_champion(models_uri: str, name: str, metadata: dict[str, Any], rule: PromotionRule, *,
+                   score_champion: Callable[[dict[str, Any]], tuple[float | None, str]] | None,
+                   source_run: str | None, max_attempts: int, s3=None) -> Promotion:
+    """The one compare-and-swap loop: read the pointer and its ETag, decide
+    (:func:`decide_promotion`), write only if the pointer is still the one read; on a conflict read
+    it again and decide again, at most ``max_attempts`` rounds."""
+    version = int(metadata["version"])
+    new_score = float(metadata["metrics"][rule.metric]) if rule.replace is None else None
+    first_seen: Any = "unread"
+    conflicts, last = 0, None
+    for attempt in range(1, max_attempts + 1):
+        pointer, etag = _champion_for_swap(models_uri, name, s3)
+        _hook("champion_read", version=version, champion=pointer, attempt=attempt)
+        last = current = pointer["version"] if pointer else None
+        first_seen = current if first_seen == "unread" else first_seen
+        scored = score_champion(pointer) if needs_champion_score(version, pointer, rule) else None
+        verdict = decide_promotion(version, pointer, rule, new_score=new_score, scored=scored)
+        reason = verdict.reason + _conflict_note(conflicts, first_seen, current)
+        if not verdict.replace:
+            return Promotion(False, reason, current, verdict.champion_score, attempt)
+        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
+                                       promotion_reason=reason, promoted_at=_now())
+        try:
+            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
+            return Promotion(True, reason, version, verdict.champion_score, attempt)
+        except storage.PreconditionFailed:
+            conflicts += 1
+            log.warning("model %s: champion.json changed while v%s was compared with v%s; reading it again",
+                        name, version, current)
+    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
+                            f"between reading and replacing it (last seen v{last}); try again to promote",
+                     last, None, max_attempts)
+
+
+def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
+                  source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
+    """Make a version the champion because a person asked for it (no comparison), by the same
+    compare-and-swap as :func:`promote`: the pointer is replaced only if it is still the one read,
+    so a concurrent move is never silently overwritten with a stale ``promoted_over``.
+    """
+    return _swap_champion(models_uri, name, metadata, PromotionRule(replace=reason), score_champion=None,
+                          source_run=source_run, max_attempts=max_attempts, s3=s3)
+
+
 def promote(models_uri: str, name: str, metadata: dict[str, Any], *, metric: str, min_improvement: float,
-            score_champion: Callable[[dict[str, Any]], tuple[float, str]], source_run: str | None = None,
+            score_champion: Callable[[dict[str, Any]], tuple[float | None, str]], source_run: str | None = None,
             max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
     """Make ``metadata``'s version the champion if it beats the current one, by compare-and-swap.
 
-    Reads ``champion.json`` and its ETag, compares (:func:`is_better`), and writes the new pointer
-    only if ``champion.json`` is still the one read (``If-Match``; ``If-None-Match: *`` when there
-    was none). When another export moved the champion in between, the new champion is read and
-    compared again; after ``max_attempts`` rounds the export gives up and says so.
+    Reads ``champion.json`` and its ETag, compares (:func:`decide_promotion`), and writes the new
+    pointer only if ``champion.json`` is still the one read (``If-Match``; ``If-None-Match: *`` when
+    there was none). When another export moved the champion in between, the new champion is read
+    and compared again; after ``max_attempts`` rounds the export gives up and says so.
 
     Args:
         metadata: the version's metadata (with ``metrics[metric]``).
         score_champion: champion pointer -> ``(its score, how it was obtained)``, e.g. its
-            recorded score or a re-evaluation on this version's test set.
+            recorded score on the same test split, or ``(None, why it cannot be compared)``.
         source_run: recorded in the pointer.
 
     Returns:
         The decision and its reason.
     """
-    new_score = float(metadata["metrics"][metric])
-    first_seen: Any = "unread"
-    conflicts = 0
-    last_pointer: dict[str, Any] | None = None
-    for attempt in range(1, max_attempts + 1):
-        pointer, etag = _champion_for_swap(models_uri, name, s3)
-        last_pointer = pointer
-        _hook("champion_read", version=metadata["version"], champion=pointer, attempt=attempt)
-        current = pointer["version"] if pointer else None
-        if first_seen == "unread":
-            first_seen = current
-        note = (f"; compared again after champion.json changed during the comparison "
-                f"({conflicts} time{'s' if conflicts > 1 else ''}: v{first_seen} -> v{current})"
-                if conflicts else "")
-        if pointer is None:
-            reason, champion_score = "no champion yet", None
-        elif int(pointer["version"]) == int(metadata["version"]):
-            return Promotion(False, "already the champion" + note, current, new_score, attempt)
-        else:
-            champion_score, how = score_champion(pointer)
-            better = is_better(new_score, champion_score, metric, min_improvement)
-            reason = (f"{metric} {new_score:.5f} {'beats' if better else 'does not beat'} champion "
-                      f"v{pointer['version']} {champion_score:.5f} ({how}, min improvement {min_improvement})")
-            if not better:
-                return Promotion(False, reason + note, current, champion_score, attempt)
-        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
-                                       promotion_reason=reason + note, promoted_at=_now())
-        try:
-            set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
-            return Promotion(True, reason + note, int(metadata["version"]), champion_score, attempt)
-        except storage.PreconditionFailed:
-            conflicts += 1
-            log.warning("model %s: champion.json changed while v%s was compared with v%s; reading it again",
-                        name, metadata["version"], current)
-    last = last_pointer["version"] if last_pointer else None
-    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
-                            f"between reading and replacing it (last seen v{last}); export again to compare",
-                     last, None, max_attempts)
+    return _swap_champion(models_uri, name, metadata, PromotionRule(metric, min_improvement),
+                          score_champion=score_champion, source_run=source_run, max_attempts=max_attempts, s3=s3)

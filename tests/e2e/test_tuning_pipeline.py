@@ -253,3 +253,34 @@ def test_a_trial_that_kills_its_worker_is_recorded_and_the_run_ends_green(airflo
     export = summary["tasks"]["export_best_model"]["xcom"]
     assert export["trial_id"] == tune["best"]["trial_id"] != failed["trial_id"]
     assert export["promoted"] and export["promotion_reason"] == "no champion yet"
+
+
+def test_the_champion_policy_reaches_the_export_job():
+    """The Trigger form offers champion_policy (compare by default, or replace) and refuses anything
+    else; the export task passes it to the job's parser. A DAG parse only: no run."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
+
+    from sparktf.jobs import export_model
+
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "tuning_pipeline.py"))
+    assert bag.import_errors == {}
+    dag = bag.dags["tuning_pipeline"]
+    param = dag.params.get_param("champion_policy")
+    assert param.value == "compare" and param.schema["enum"] == ["compare", "replace"]
+
+    def params_with(value: str) -> ParamsDict:
+        return ParamsDict({"champion_policy": Param(value, **param.schema)})
+
+    params_with("replace").validate()
+    with pytest.raises(Exception) as err:
+        params_with("sometimes").validate()
+    assert type(err.value).__name__ == "ParamValidationError"
+    args = dag.task_dict["export_best_model"].application_args
+    flag = args.index("--champion-policy")
+    assert args[flag + 1] == "{{ params.champion_policy }}"
+    rendered = [args[flag], args[flag + 1].replace("{{ params.champion_policy }}", "replace")]
+    parsed = export_model.parse_args(["--results-uri", "s3://b/r.json", "--models-uri", "s3://b/m/", "--model-name", "m",
+                                      "--source-run", "r", "--trained-at", "t", *rendered])
+    assert parsed.champion_policy == "replace"

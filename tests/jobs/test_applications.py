@@ -243,7 +243,7 @@ def test_job_registers_a_small_network_with_imagenet_labels_and_promotes_it(s3_p
     args = job_args(ws, "mobilenet", "--source", "keras_application", "--application", "MobileNetV3Small",
                     "--weights-uri", weights_uri, "--labels", "imagenet", "--promote", "true", "--source-run", "run-1",
                     "--registered-at", "2026-11-24T10:00:00+00:00")
-    result = register_model.run(None, args)
+    result = register_model.run(args)
     assert result["registered"] and result["version"] == 1 and result["promoted"] and result["champion_version"] == 1
     assert result["labels_sample"] == ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
     metadata = registry.resolve(ws + "/models/", "mobilenet")
@@ -256,7 +256,7 @@ def test_job_registers_a_small_network_with_imagenet_labels_and_promotes_it(s3_p
     model = registry.load_version_model(metadata)  # sha256-checked, safe mode
     assert applications.describe_model(model) == ((224, 224, 3), 1000)
     # A retry of the same run reuses its version instead of registering another.
-    again = register_model.run(None, args)
+    again = register_model.run(args)
     assert again["reused_version"] and again["version"] == 1 and not again["promoted"]
     assert [m["version"] for m in registry.list_versions(ws + "/models/", "mobilenet")] == [1]
 
@@ -266,7 +266,7 @@ def test_job_registers_a_users_keras_file_with_a_text_label_map(s3_prefix, tmp_p
     path = small_classifier(str(tmp_path / "mine.keras"))
     storage.write_bytes(ws + "/uploads/mine.keras", open(path, "rb").read())
     storage.write_bytes(ws + "/uploads/labels.txt", "chat\nchien\nécureuil\npoisson\n".encode())
-    result = register_model.run(None, job_args(
+    result = register_model.run(job_args(
         ws, "mine", "--source", "keras_file", "--model-uri", ws + "/uploads/mine.keras", "--labels", "label_map",
         "--label-map-uri", ws + "/uploads/labels.txt", "--resize-policy", "resize"))
     assert result["registered"] and not result["promoted"] and result["champion_version"] is None
@@ -275,6 +275,33 @@ def test_job_registers_a_users_keras_file_with_a_text_label_map(s3_prefix, tmp_p
     assert metadata["input_shape"] == [32, 32, 3] and metadata["resize_policy"] == "resize"
     # the user's file is registered byte for byte
     assert metadata["model_sha256"] == metadata["source"]["model_sha256"] == storage.sha256_hex(open(path, "rb").read())
+
+
+def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_path):
+    """The same run id asking again with a replaced model file or label map registers anew; asking the
+    same again reuses (the request is compared: source, uploads' sha256s, labels)."""
+    ws = s3_prefix
+    model_uri, labels_uri = ws + "/uploads/mine.keras", ws + "/uploads/labels.txt"
+    storage.write_bytes(model_uri, open(small_classifier(str(tmp_path / "a.keras")), "rb").read())
+    storage.write_bytes(labels_uri, b"a\nb\nc\nd\n")
+    args = job_args(ws, "mine", "--source", "keras_file", "--model-uri", model_uri, "--labels", "label_map",
+                    "--label-map-uri", labels_uri, "--source-run", "run-1")
+    first = register_model.run(args)
+    assert first["registered"] and first["version"] == 1
+
+    storage.write_bytes(labels_uri, b"w\nx\ny\nz\n")  # the label map replaced between two attempts
+    relabelled = register_model.run(args)
+    assert relabelled["version"] == 2 and not relabelled["reused_version"]
+    assert registry.resolve(ws + "/models/", "mine", 2)["label_names"] == ["w", "x", "y", "z"]
+
+    storage.write_bytes(model_uri, open(small_classifier(str(tmp_path / "b.keras"), input_shape=(24, 24, 3)), "rb").read())
+    other_model = register_model.run(args)
+    assert other_model["version"] == 3 and other_model["input_shape"] == [24, 24, 3]
+
+    again = register_model.run(args)
+    assert again["version"] == 3 and again["reused_version"]
+    assert register_model.request_differences(registry.resolve(ws + "/models/", "mine", 1),
+                                              register_model.asked_fields(args)) == ["model_sha256", "label_map_sha256"]
 
 
 @pytest.mark.parametrize("case", ["lambda", "labels", "weights", "missing", "params"])
@@ -297,7 +324,7 @@ def test_job_refusals_register_nothing(s3_prefix, tmp_path, mobilenet_weights, c
         extra, message = ["--source", "keras_file", "--model-uri", ws + "/up/absent.keras"], "does not exist"
     else:
         extra, message = ["--source", "keras_application", "--application", "ResNet50", "--weights-uri", "x"], "ResNet50"
-    result = register_model.run(None, job_args(ws, "refused", *extra, "--promote", "true"))
+    result = register_model.run(job_args(ws, "refused", *extra, "--promote", "true"))
     assert result["registered"] is False and message in result["refused"]
     assert storage.list_keys(ws + "/models/") == []  # no version, no champion
 
@@ -313,3 +340,32 @@ def test_weights_saved_from_a_compiled_model_still_fit(tmp_path, mobilenet_weigh
     model.save_weights(path)
     built = applications.build_application("MobileNetV3Small", path)
     assert applications.describe_model(built) == ((224, 224, 3), 1000)
+
+
+def test_the_job_runs_under_spark_submit_without_a_spark_session(s3_prefix, tmp_path):
+    """register_model (like export_model) is launched by spark-submit, as the DAG does, but starts no
+    SparkContext: its result reaches --result-uri all the same."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sparktf
+    from sparktf.airflow.spark_job_operator import package_zip
+    from sparktf.testing import ROOT
+
+    zip_path, _sha = package_zip()
+    plugins = str(Path(sparktf.__file__).resolve().parents[1])
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
+    result_uri = s3_prefix + "/result.json"
+    command = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]", "--py-files", zip_path,
+               str(ROOT / "jobs" / "register_model.py"), "--models-uri", s3_prefix + "/models/", "--model-name", "absent",
+               "--source", "keras_file", "--model-uri", s3_prefix + "/up/absent.keras", "--result-uri", result_uri]
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    output = job.stdout + job.stderr
+    assert "register_model runs on the driver only: no SparkSession" in output
+    assert "Running Spark version" not in output and "Spark UI of application" not in output  # no SparkContext
+    result = storage.read_json(result_uri)
+    assert result["registered"] is False and "does not exist" in result["refused"]

@@ -196,7 +196,7 @@ def tuning_run(spark, raw: str, out: str) -> dict:
         "--prepared-uri", out + "prepared/", "--output-uri", out + "tuning/", "--model-family", "mlp",
         "--epochs", "1", "--patience", "1", "--batch-sizes", "32", "--hidden-units", "32",
         "--learning-rates", "0.003,0.03"]))
-    exported = export_model.run(None, export_model.parse_args([
+    exported = export_model.run(export_model.parse_args([
         "--results-uri", out + "tuning/results.json", "--models-uri", out + "models/", "--model-name", "digits",
         "--source-run", "run-1", "--trained-at", "2026-11-22T03:00:00+00:00"]))
     results = storage.read_json(out + "tuning/results.json")

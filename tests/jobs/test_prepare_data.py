@@ -181,10 +181,10 @@ def test_shard_planning_manifest_and_result_are_pure_summaries():
     assert prepare_data.content_sha256(rows) == hashlib.sha256(b"a\t0\ttrain\tff\n").hexdigest()
     args = args_for("s3://b/raw/", "s3://b/out")
     written = [{"split": "train", "shard": "train/part-00001.parquet"}, {"split": "train", "shard": "train/part-00000.parquet"}]
-    manifest = prepare_data.build_manifest(args, ["3", "7"], counts, totals, written, "abc", [{"key": "x"}], [])
+    manifest = prepare_data.build_manifest(args, ["3", "7"], counts, totals, written, "abc", "def", [{"key": "x"}], [])
     assert manifest["splits"]["train"] == {"count": 120, "per_class": {"3": 70, "7": 50},
                                            "shards": ["train/part-00000.parquet", "train/part-00001.parquet"]}
-    assert manifest["num_classes"] == 2 and manifest["content_sha256"] == "abc"
+    assert manifest["num_classes"] == 2 and manifest["content_sha256"] == "abc" and manifest["test_split_sha256"] == "def"
     result = prepare_data.job_result("s3://b/out", "s3://b/out/manifest.json", manifest)
     assert result == {"prepared_uri": "s3://b/out/", "manifest_uri": "s3://b/out/manifest.json", "counts": totals,
                       "num_classes": 2, "image_shape": [28, 28, 1], "rejected": 1, "skipped": 0, "content_sha256": "abc"}

@@ -332,3 +332,117 @@ def test_a_manual_promotion_moves_the_pointer_by_compare_and_swap(s3_prefix, ker
     assert registry.read_champion(models, "photos")["version"] == second["version"]
     again = registry.make_champion(models, "photos", second, reason="asked")
     assert not again.promoted and again.reason == "already the champion"
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision of one compare-and-swap round (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decide_promotion_compares_replaces_and_says_why():
+    decide, rule = registry.decide_promotion, registry.PromotionRule("test_accuracy", 0.01)
+    champion = {"version": 3}
+    assert decide(4, None, rule, new_score=0.5) == registry.Verdict(True, "no champion yet")
+    assert decide(3, champion, rule, new_score=0.5) == registry.Verdict(False, "already the champion", 0.5)
+    assert not registry.needs_champion_score(3, champion, rule) and registry.needs_champion_score(4, champion, rule)
+    better = decide(4, champion, rule, new_score=0.95, scored=(0.9, "recorded"))
+    assert better.replace and better.champion_score == 0.9 and "beats champion v3 0.90000 (recorded" in better.reason
+    assert not decide(4, champion, rule, new_score=0.905, scored=(0.9, "recorded")).replace  # within min_improvement
+    loss = registry.PromotionRule("test_loss", 0.0)
+    assert decide(4, champion, loss, new_score=0.1, scored=(0.2, "recorded")).replace
+    refused = decide(4, champion, rule, new_score=0.99, scored=(None, "another test split"))
+    assert refused == registry.Verdict(False, "not compared with champion v3: another test split")
+    replace = registry.PromotionRule(replace="asked")
+    assert not registry.needs_champion_score(4, champion, replace)
+    assert decide(4, champion, replace) == registry.Verdict(True, "asked")
+    assert decide(3, champion, replace) == registry.Verdict(False, "already the champion")
+    with pytest.raises(ValueError, match="needs its score"):
+        decide(4, champion, rule, new_score=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries adopt finished work (issue 15, point 8)
+# ---------------------------------------------------------------------------------------------
+
+
+def zombie_publishes_first(models: str, zombie_file: str, retry_file: str, retry_metadata: dict,
+                           after_zombie: Callable[[dict], None] = lambda published: None) -> dict[str, object]:
+    """The zombie checks its claim (still its own) and stalls; the retry takes the claim over,
+    writes its artifacts and checks the claim too; then the zombie publishes, then the retry goes on.
+
+    Returns:
+        Each export's metadata, or the error it raised.
+    """
+    zombie_checked, retry_checked, zombie_published = threading.Event(), threading.Event(), threading.Event()
+    checked: list[str] = []
+
+    def interleave(version: int, claimant: str) -> None:
+        checked.append(claimant)
+        if len(checked) == 1:  # the zombie: let the retry run up to the same point
+            zombie_checked.set()
+            assert retry_checked.wait(60)
+        else:  # the retry: wait until the zombie's metadata is there
+            retry_checked.set()
+            assert zombie_published.wait(60)
+
+    def zombie() -> object:
+        try:
+            published = registry.write_version(models, "digits", model_path=zombie_file, metadata=metadata_for("run-x"))
+            after_zombie(published)
+            return published
+        finally:
+            zombie_published.set()
+
+    def retry() -> object:
+        assert zombie_checked.wait(60)
+        return registry.write_version(models, "digits", model_path=retry_file, metadata=retry_metadata)
+
+    def outcome(fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            try:
+                return fn()
+            except (registry.VersionConflict, registry.ModelIntegrityError) as err:
+                return err
+        return call
+
+    registry.TEST_HOOKS["claim_checked"] = interleave
+    results = run_together({"zombie": outcome(zombie), "retry": outcome(retry)})
+    assert len(checked) == 2 and checked[0] != checked[1]  # both passed the claim check: the race happened
+    return results
+
+
+def test_a_retry_adopts_the_version_its_zombie_published_first(s3_prefix, keras_files):
+    models = s3_prefix + "/models/"
+    results = zombie_publishes_first(models, keras_files[0], keras_files[0], metadata_for("run-x"))
+    zombie, retry = results["zombie"], results["retry"]
+    assert isinstance(zombie, dict) and retry == zombie  # the retry returns the complete version, no conflict
+    assert registry.list_versions(models, "digits") == [zombie]
+    registry.load_version_model(registry.resolve(models, "digits", 1))
+
+
+def test_a_retry_adopts_neither_another_request_nor_a_damaged_version(s3_prefix, keras_files):
+    other = {**metadata_for("run-x"), "labels": {"kind": "label_map", "sha256": "another map"}}
+    results = zombie_publishes_first(s3_prefix + "/a/", keras_files[0], keras_files[1], other)
+    assert isinstance(results["zombie"], dict)
+    assert isinstance(results["retry"], registry.VersionConflict) and "completed by another export" in str(results["retry"])
+
+    def damage(published: dict) -> None:
+        storage.write_bytes(published["model_uri"], b"not the model")
+
+    results = zombie_publishes_first(s3_prefix + "/b/", keras_files[0], keras_files[0], metadata_for("run-x"), damage)
+    assert isinstance(results["retry"], registry.ModelIntegrityError)
+
+
+def test_only_allowlisted_layer_classes_are_loaded(s3_prefix, keras_files, tmp_path):
+    import keras
+
+    models = s3_prefix + "/models/"
+    ours = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-1"))
+    registry.load_version_model(ours)  # our family loads
+    pixels = keras.Input((28, 28, 1))
+    x = keras.layers.Lambda(lambda t: t / 255.0)(pixels)
+    path = str(tmp_path / "lambda.keras")
+    keras.Model(pixels, keras.layers.Dense(10)(keras.layers.Flatten()(x))).save(path)
+    bad = registry.write_version(models, "digits", model_path=path, metadata=metadata_for("run-2"))
+    with pytest.raises(registry.ModelIntegrityError, match=r"refused to load class keras.layers.Lambda"):
+        registry.load_version_model(bad)

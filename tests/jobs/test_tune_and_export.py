@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import sparktf
 from sparktf import dataset, idx, registry, search, storage, trials
@@ -102,7 +104,7 @@ def test_max_parallel_trials_deals_round_robin():
 
 
 def export(results_uri: str, models_uri: str, run: str, *extra: str) -> dict:
-    return export_model.run(None, export_model.parse_args([
+    return export_model.run(export_model.parse_args([
         "--results-uri", results_uri, "--models-uri", models_uri, "--model-name", "digits", "--source-run", run,
         "--trained-at", "2026-11-22T03:00:00+00:00", *extra]))
 
@@ -125,19 +127,146 @@ def test_export_versions_promotes_and_is_idempotent(tuned, s3_prefix, prepared):
     again = export(out + "results.json", models, "run-1")
     assert again["version"] == 1 and again["reused_version"] and not again["promoted"]
 
-    # Another run with the same test set and the same score does not beat the champion.
+    # Another run with the same test split and the same score does not beat the champion.
     second = export(out + "results.json", models, "run-2")
     assert second["version"] == 2 and not second["promoted"]
-    assert "does not beat" in second["promotion_reason"] and "same test set" in second["promotion_reason"]
+    assert "does not beat" in second["promotion_reason"] and "same test split" in second["promotion_reason"]
     assert registry.read_champion(models, "digits")["version"] == 1
 
-    # A champion tested on another test set is re-evaluated on this one before comparing.
+
+# ---------------------------------------------------------------------------------------------
+# Like-for-like promotion (issue 15, point 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def champion_with(models: str, **changes) -> dict:
+    """Rewrite the champion pointer (as a champion of another lineage would have it): its recorded
+    test accuracy is 0, so any comparison would replace it."""
     pointer = registry.read_champion(models, "digits")
-    registry.set_champion(models, "digits", {**pointer, "manifest_sha256": "other", "metrics": {"test_accuracy": 0.0}})
+    registry.set_champion(models, "digits", {**pointer, "metrics": {"test_accuracy": 0.0, "test_loss": 9.0}, **changes})
+    return pointer
+
+
+def test_the_champion_records_its_lineage(tuned, s3_prefix, prepared):
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    export(out + "results.json", models, "run-1")
+    manifest = dataset.read_manifest(prepared)
+    pointer, metadata = registry.read_champion(models, "digits"), registry.resolve(models, "digits")
+    for record in (pointer, metadata):
+        assert record["label_names"] == manifest["label_names"] and record["input_shape"] == [28, 28, 1]
+        assert record["test_split_sha256"] == manifest["test_split_sha256"] and len(record["test_split_sha256"]) == 64
+
+
+def test_a_champion_trained_on_other_labels_is_not_replaced(tuned, s3_prefix):
+    """Same input shape, same class count, other label names: the scores say nothing about each other."""
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    export(out + "results.json", models, "run-1")
+    champion_with(models, label_names=list("abcdefghij"))
+    second = export(out + "results.json", models, "run-2")
+    assert not second["promoted"] and second["champion_version"] == 1 and second["champion_score"] is None
+    reason = second["promotion_reason"]
+    assert reason.startswith("not compared with champion v1: the champion v1 was trained on labels ['a', 'b'")
+    assert "new model_name" in reason and "champion_policy 'replace'" in reason
+    assert registry.read_champion(models, "digits")["version"] == 1
+
+
+def test_a_champion_of_another_shape_and_class_count_is_not_compared_and_nothing_raises(tuned, s3_prefix, tmp_path):
+    """Re-scoring such a champion on this run's test set raised on every retry: now it is a plain refusal."""
+    import keras
+
+    from sparktf.models import build_model
+
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    path = str(tmp_path / "photos.keras")
+    build_model("mlp", (32, 32, 3), 5, hidden_units=4).save(path)
+    other = registry.write_version(models, "digits", model_path=path, metadata={
+        "input_shape": [32, 32, 3], "label_names": list("abcde"), "manifest_sha256": "other-data",
+        "metrics": {"test_accuracy": 0.0, "test_loss": 9.0}})
+    keras.backend.clear_session()
+    assert registry.make_champion(models, "digits", other, reason="test").promoted
+    exported = export(out + "results.json", models, "run-1")
+    assert not exported["promoted"] and exported["champion_version"] == other["version"]
+    assert "was trained on labels ['a', 'b', 'c', 'd', 'e'] (5 labels)" in exported["promotion_reason"]
+
+
+def test_a_champion_tested_on_another_split_is_not_compared(tuned, s3_prefix):
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    export(out + "results.json", models, "run-1")
+    champion_with(models, test_split_sha256="0" * 64, manifest_sha256="other-data")
+    second = export(out + "results.json", models, "run-2")
+    assert not second["promoted"] and second["champion_score"] is None
+    assert "the champion v1 was tested on another test split" in second["promotion_reason"]
+    assert registry.read_champion(models, "digits")["version"] == 1
+
+
+def old_champion(models: str, model_path: str, first: dict, manifest_sha256: str) -> None:
+    """A champion exported before the lineage was recorded: neither its metadata nor its pointer
+    name the test split, and the pointer carries no labels or input shape either."""
+    version = registry.write_version(models, "digits", model_path=model_path, metadata={
+        "input_shape": first["input_shape"], "label_names": first["label_names"], "manifest_sha256": manifest_sha256,
+        "metrics": {"test_accuracy": 0.0, "test_loss": 9.0}})
+    pointer = registry.champion_pointer(version)
+    registry.set_champion(models, "digits", {k: v for k, v in pointer.items()
+                                             if k not in ("label_names", "input_shape", "test_split_sha256")})
+
+
+def test_an_old_champion_is_compared_by_its_version_metadata(tuned, s3_prefix, tmp_path):
+    """Labels and shape come from the old champion's version metadata; the same prepared data
+    (manifest sha256) proves the same test split, other data proves nothing."""
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    export(out + "results.json", models, "run-1")
+    first = registry.resolve(models, "digits", 1)
+    path = str(tmp_path / "old.keras")
+    storage.download_file(first["model_uri"], path)
+
+    old_champion(models, path, first, first["manifest_sha256"])
+    second = export(out + "results.json", models, "run-2")
+    assert second["promoted"] and "beats champion v2 0.00000 (recorded on the same test set" in second["promotion_reason"]
+
+    old_champion(models, path, first, "other-data")
     third = export(out + "results.json", models, "run-3")
-    assert "re-evaluated" in third["promotion_reason"]
-    assert third["champion_score"] == pytest.approx(first["metrics"]["test_accuracy"], abs=1e-4)
-    assert not third["promoted"]  # same weights, same score: not strictly better
+    assert not third["promoted"] and third["champion_version"] == 4
+    assert "the champion v4 records no test-split identity" in third["promotion_reason"]
+
+
+def test_champion_policy_replace_moves_the_champion_without_comparing(tuned, s3_prefix):
+    out, _result = tuned
+    models = s3_prefix + "/models/"
+    export(out + "results.json", models, "run-1")
+    champion_with(models, label_names=list("abcdefghij"), metrics={"test_accuracy": 1.0, "test_loss": 0.0})
+    second = export(out + "results.json", models, "run-2", "--champion-policy", "replace")
+    assert second["promoted"] and second["champion_version"] == 2
+    assert second["promotion_reason"] == "champion_policy 'replace': made the champion without comparing"
+    champion = registry.read_champion(models, "digits")
+    assert champion["version"] == 2 and champion["promoted_over"] == 1 and champion["label_names"][0] == "0"
+    again = export(out + "results.json", models, "run-2", "--champion-policy", "replace")
+    assert not again["promoted"] and again["promotion_reason"] == "already the champion"
+
+
+def test_the_test_split_identity_follows_the_test_images(spark, bucket, mnist_subset, prepared):
+    """MNIST's t10k file is the test split whatever the seed; a redrawn ImageFolder split is another."""
+    from sparktf.testing import prepare
+
+    reseeded = prepare(spark, f"s3://{bucket}/tune/raw", f"s3://{bucket}/tune/prepared-seed-7/", "--seed", "7")
+    first, again = dataset.read_manifest(prepared), dataset.read_manifest(reseeded["prepared_uri"])
+    assert first["content_sha256"] != again["content_sha256"]  # train/validation were redrawn
+    assert first["test_split_sha256"] == again["test_split_sha256"]
+
+    images, labels = mnist_subset[0], mnist_subset[1]
+    raw = f"s3://{bucket}/tune/folder-raw"
+    client = storage.client()
+    for index in range(40):
+        buffer = io.BytesIO()
+        Image.fromarray(images[index]).save(buffer, format="PNG")
+        storage.write_bytes(f"{raw}/{labels[index] % 2}/{index:03d}.png", buffer.getvalue(), client)
+    hashes = [dataset.read_manifest(prepare(spark, raw + "/", f"s3://{bucket}/tune/folder-{n}/", "--seed",
+                                            str(seed))["prepared_uri"])["test_split_sha256"] for n, seed in enumerate((1, 2, 1))]
+    assert hashes[0] == hashes[2] != hashes[1]
 
 
 def test_champion_loads_and_predicts_sensibly(tuned, s3_prefix, prepared):

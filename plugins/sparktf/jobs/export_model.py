@@ -3,12 +3,15 @@
 Picks the trial with the best validation accuracy from the tuning results and registers it
 (:func:`sparktf.registry.write_version`: the ``.keras`` file, a TensorFlow SavedModel and
 ``metadata.json`` last), then moves ``champion.json`` only when the new model beats the current
-champion on the same test set by ``--min-improvement`` on ``--promotion-metric``
-(:func:`sparktf.registry.promote`: compare-and-swap, so two exports at once cannot leave the worse
-model as champion). When the champion was tested on a different test set, it is re-evaluated on
-this run's test set first. The result says whether the champion moved and why (``promoted``,
-``promotion_reason``). Exporting the same tuning run again reuses its version (after checking its
-files), also when an earlier attempt died before finishing it.
+champion by ``--min-improvement`` on ``--promotion-metric`` (:func:`sparktf.registry.promote`:
+compare-and-swap, so two exports at once cannot leave the worse model as champion). Only like is
+compared with like (:func:`sparktf.registry.comparable`): the same label names, input shape and
+test split (the champion's recorded score is used; it is never re-scored on another split, which
+may hold images it trained on). Otherwise the champion stays and the reason says why and what to
+do; ``--champion-policy replace`` makes the new version the champion without comparing. The result
+says whether the champion moved and why (``promoted``, ``promotion_reason``). Exporting the same
+tuning run again reuses its version (after checking its files), also when an earlier attempt died
+before finishing it.
 
 Usage::
 
@@ -45,15 +48,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def champion_score_on(champion: dict[str, Any], results: dict[str, Any], metric: str) -> tuple[float, str]:
-    """The champion's metric on this run's test set, re-evaluated when it was tested on another."""
-    if champion.get("manifest_sha256") == results["manifest_sha256"]:
-        return float(champion["metrics"][metric]), "recorded on the same test set"
-    model = registry.load_verified_model(champion["model_uri"], champion["model_sha256"])
-    x_test, y_test = dataset.read_split(results["prepared_uri"], "test")
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    loss, accuracy = model.evaluate(x_test, y_test, batch_size=512, verbose=0)
-    return float({"test_accuracy": accuracy, "test_loss": loss}[metric]), "re-evaluated on this run's test set"
+NEW_LINEAGE_HINT = "start a new lineage with a new model_name, or trigger with champion_policy 'replace'"
+
+
+def champion_score_on(champion: dict[str, Any], metadata: dict[str, Any], metric: str, *,
+                      models_uri: str, model_name: str) -> tuple[float | None, str]:
+    """The champion's recorded ``metric`` when it can be compared like for like with this version
+    (:func:`sparktf.registry.comparable`), else ``(None, why not, and what to do)``."""
+    lineage = registry.champion_lineage(models_uri, model_name, champion)
+    ok, how = registry.comparable(metadata, lineage)
+    recorded = (champion.get("metrics") or {}).get(metric)
+    if ok and recorded is None:
+        ok, how = False, f"the champion v{champion['version']} records no {metric}"
+    if not ok:
+        return None, f"{how}; {NEW_LINEAGE_HINT}"
+    return float(recorded), how
 
 
 def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +73,7 @@ def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict
         "metrics": {k: best[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")},
         "epochs_run": best["epochs_run"], "input_shape": list(manifest["image_shape"]),
         "label_names": manifest["label_names"], "manifest_sha256": results["manifest_sha256"],
+        "test_split_sha256": manifest.get("test_split_sha256"),
         "prepared_uri": results["prepared_uri"], "source_run": args.source_run, "results_uri": args.results_uri,
         "trained_at": args.trained_at, "code_version": sparktf.code_version(),
     }
@@ -76,8 +86,19 @@ def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict
                                       metadata=metadata, saved_model_dir=saved)
 
 
-def run(spark, args: argparse.Namespace) -> dict[str, Any]:
-    del spark  # exporting needs no cluster; the job runs through spark-submit for shipping and logs
+def decide(args: argparse.Namespace, metadata: dict[str, Any]) -> registry.Promotion:
+    """Move the champion: by comparison like for like, or (``champion_policy`` replace) without one."""
+    if args.champion_policy == "replace":
+        return registry.make_champion(args.models_uri, args.model_name, metadata, source_run=args.source_run,
+                                      reason="champion_policy 'replace': made the champion without comparing")
+    metric = args.promotion_metric
+    return registry.promote(
+        args.models_uri, args.model_name, metadata, metric=metric, min_improvement=args.min_improvement,
+        source_run=args.source_run, score_champion=lambda champion: champion_score_on(
+            champion, metadata, metric, models_uri=args.models_uri, model_name=args.model_name))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     executor.pin_threads(int(os.environ.get("SPARKTF_EXPORT_THREADS", "2")))
     results = storage.read_json(args.results_uri)
     by_id = {t["trial_id"]: t for t in results["trials"]}
@@ -94,10 +115,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     else:
         metadata = export_version(args, best, results)
 
-    metric = args.promotion_metric
-    decision = registry.promote(
-        args.models_uri, args.model_name, metadata, metric=metric, min_improvement=args.min_improvement,
-        score_champion=lambda champion: champion_score_on(champion, results, metric), source_run=args.source_run)
+    decision = decide(args, metadata)
     log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], decision.promoted,
              decision.reason)
     return {
@@ -111,7 +129,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job.run_spark_job("export_model", run, parse_args(argv))
+    return job.run_driver_job("export_model", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -222,6 +222,19 @@ def _write_partition(output_uri: str):
     return write
 
 
+def split_sha256(digests: list, split: str, label_names: list[str]) -> str:
+    """A split's identity by content: the sha256 of its sorted ``label name, pixels' sha1`` lines.
+
+    The same images with the same labels give the same hash whatever their keys, the seed or the
+    other splits (MNIST's t10k file stays one test split); another draw of the split does not.
+
+    Args:
+        digests: rows with ``label`` (index into ``label_names``), ``split`` and ``d`` (pixels' sha1).
+    """
+    lines = sorted(f"{label_names[row['label']]}\t{row['d']}\n" for row in digests if row["split"] == split)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     """Prepare the data set; returns the job result (also summarised in the manifest)."""
     from pyspark.sql import functions as F
@@ -248,7 +261,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     digests = sorted(split.select("id", "label", "split", F.sha1("pixels").alias("d")).collect())
 
     manifest = build_manifest(args, label_names, counts, split_totals, written, content_sha256(digests),
-                              rejected, skipped)
+                              split_sha256(digests, "test", label_names), rejected, skipped)
     manifest_uri = storage.join_uri(args.output_uri, dataset.MANIFEST_NAME)
     storage.write_json(manifest_uri, manifest, s3)
     return job_result(args.output_uri, manifest_uri, manifest)
@@ -300,9 +313,10 @@ def content_sha256(digests: list) -> str:
 
 
 def build_manifest(args: argparse.Namespace, label_names: list[str], counts: dict[tuple[str, int], int],
-                   split_totals: dict[str, int], written: list[dict], content: str, rejected: list[dict],
-                   skipped: list[dict]) -> dict[str, Any]:
-    """The prepared data set's manifest (written last, after every shard)."""
+                   split_totals: dict[str, int], written: list[dict], content: str, test_split: str,
+                   rejected: list[dict], skipped: list[dict]) -> dict[str, Any]:
+    """The prepared data set's manifest (written last, after every shard). ``content`` is
+    :func:`content_sha256`, ``test_split`` the test split's :func:`split_sha256`."""
     return {
         "format": dataset.MANIFEST_FORMAT,
         "source_uri": args.input_uri,
@@ -317,6 +331,7 @@ def build_manifest(args: argparse.Namespace, label_names: list[str], counts: dic
                 "shards": sorted(w["shard"] for w in written if w["split"] == s)}
             for s in dataset.SPLITS},
         "content_sha256": content,
+        "test_split_sha256": test_split,
         "rejected": rejected,
         "skipped": skipped,
     }

@@ -15,7 +15,8 @@ the DAG's ``report`` task fails the run with that message.
 The version's ``metadata.json`` records the input shape, channels, ``resize_policy``
 (``center_crop`` for photos), the label names, the sha256s of the artifact, the uploaded file and
 the label map, and where they came from. ``--promote`` also makes it the champion (the registry's
-pointer move). A retried run (same ``--source-run``) reuses the version it already registered.
+pointer move). A retried run (same ``--source-run``) reuses the version it already registered for
+the same request (source, the uploads' sha256s, labels); a changed upload is registered anew.
 
 Usage::
 
@@ -136,16 +137,67 @@ def register(args: argparse.Namespace) -> dict[str, Any]:
         return registry.write_version(args.models_uri, args.model_name, model_path=path, metadata=metadata)
 
 
-def run(spark, args: argparse.Namespace) -> dict[str, Any]:
-    del spark  # registering needs no cluster; the job runs through spark-submit for shipping and logs
-    executor.pin_threads(int(os.environ.get("SPARKTF_EXPORT_THREADS", "2")))
-    existing = [m for m in registry.list_versions(args.models_uri, args.model_name)
-                if args.source_run and m.get("source_run") == args.source_run]
-    if existing:
-        metadata, reused = existing[-1], True
+def _sha256_or_none(uri: str, s3=None) -> str | None:
+    try:
+        return storage.stream_sha256(uri, s3) if uri else None
+    except storage.ObjectNotFound:
+        return None
+
+
+def request_fields(source: dict[str, Any], labels: dict[str, Any], resize_policy: str | None) -> dict[str, Any]:
+    """What a registration was made from, flat: the model's source, its uploads' sha256s, the labels."""
+    return {"source": source.get("kind"), "application": source.get("application"),
+            "weights_uri": source.get("weights_uri"), "weights_sha256": source.get("weights_sha256"),
+            "model_uri": source.get("model_uri"), "model_sha256": source.get("model_sha256"),
+            "labels": labels.get("kind"), "label_map_uri": labels.get("uri"), "label_map_sha256": labels.get("sha256"),
+            "resize_policy": resize_policy}
+
+
+def asked_fields(args: argparse.Namespace, s3=None) -> dict[str, Any]:
+    """:func:`request_fields` of this request, with the uploads' current sha256s (streamed)."""
+    if args.source == "keras_application":
+        source = {"kind": args.source, "application": args.application, "weights_uri": args.weights_uri,
+                  "weights_sha256": _sha256_or_none(args.weights_uri, s3)}
     else:
+        source = {"kind": args.source, "model_uri": args.model_uri, "model_sha256": _sha256_or_none(args.model_uri, s3)}
+    labels = {"kind": args.labels}
+    if args.labels == "label_map":
+        labels.update(uri=args.label_map_uri, sha256=_sha256_or_none(args.label_map_uri, s3))
+    return request_fields(source, labels, args.resize_policy)
+
+
+def request_differences(metadata: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The fields in which a registered version's request differs from ``asked`` (pure)."""
+    recorded = request_fields(metadata.get("source") or {}, metadata.get("labels") or {}, metadata.get("resize_policy"))
+    return [key for key in asked if recorded.get(key) != asked[key]]
+
+
+def reusable_version(args: argparse.Namespace, s3=None) -> dict[str, Any] | None:
+    """The version this run (``--source-run``) already registered for the same request (source,
+    uploads' sha256s, labels), with its artifact checked; None when there is none. A version of the
+    run made from other inputs (an upload replaced between attempts) is never reused for this one."""
+    if not args.source_run:
+        return None
+    mine = [m for m in registry.list_versions(args.models_uri, args.model_name, s3) if m.get("source_run") == args.source_run]
+    if not mine:
+        return None
+    asked = asked_fields(args, s3)
+    for metadata in reversed(mine):
+        if not request_differences(metadata, asked):
+            registry.verify_artifact(metadata["model_uri"], metadata["model_sha256"], s3)
+            return metadata
+    log.warning("model %s: run %s registered v%s from another request (differs in %s); registering this one anew",
+                args.model_name, args.source_run, mine[-1]["version"], request_differences(mine[-1], asked))
+    return None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    executor.pin_threads(int(os.environ.get("SPARKTF_EXPORT_THREADS", "2")))
+    metadata = reusable_version(args)
+    reused = metadata is not None
+    if not reused:
         try:
-            metadata, reused = register(args), False
+            metadata = register(args)
         except RegistrationRefused as refused:
             log.error("model %s not registered: %s", args.model_name, refused)
             return {"model_name": args.model_name, "registered": False, "refused": str(refused),
@@ -169,7 +221,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job.run_spark_job("register_model", run, parse_args(argv))
+    return job.run_driver_job("register_model", run, parse_args(argv))
 
 
 if __name__ == "__main__":
