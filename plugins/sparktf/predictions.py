@@ -272,6 +272,7 @@ def begin_attempt(predictions_uri: str, date: str, attempt_id: str, s3=None, **i
     its marker (and leaves them), and any run that publishes after the read below is one this
     attempt has not seen, so this attempt's switch will be refused.
     """
+    storage.check_conditional_writes(storage.parse_uri(predictions_uri).bucket, s3)  # step 3 relies on it
     publish_id = new_publish_id(attempt_id)
     staged = staging_uri(predictions_uri, date, publish_id)
     storage.write_json(storage.join_uri(staged, ATTEMPT_MARKER), {
