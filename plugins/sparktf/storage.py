@@ -387,6 +387,37 @@ def stream_sha256(uri: str, s3=None, sink: Callable[[bytes], None] | None = None
     return retrying(f"GET {uri}", read)
 
 
+def open_object(uri: str, s3=None, *, if_match: str | None = None) -> tuple[int, Iterator[bytes]]:
+    """``(length, chunks)`` of an object streamed from one GET (never whole in memory).
+
+    The GET is retried until its body starts; a failure after that raises from the iterator
+    (the caller has already passed the first bytes on). ``if_match`` reads only the version with
+    that ETag (e.g. the one a HEAD checked).
+
+    Raises:
+        ObjectNotFound: the object does not exist.
+        PreconditionFailed: the object is no longer the version ``if_match`` names.
+    """
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+    extra = {"IfMatch": f'"{normal_etag(if_match)}"'} if if_match else {}
+    try:
+        response = retrying(f"GET {uri}", lambda: s3.get_object(Bucket=loc.bucket, Key=loc.key, **extra))
+    except Exception as err:  # noqa: BLE001 - classified below
+        if _error_code(err) in _PRECONDITION_CODES:
+            raise PreconditionFailed(f"GET {uri}: the object changed since it was checked") from None
+        raise
+    body = response["Body"]
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(STREAM_CHUNK)
+        finally:
+            body.close()
+
+    return int(response.get("ContentLength", 0)), chunks()
+
+
 def download_file(uri: str, path: str, s3=None) -> str:
     """Download an object to a local file (streamed); returns its sha256."""
     with open(path, "wb") as fh:
