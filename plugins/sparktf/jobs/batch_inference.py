@@ -49,7 +49,7 @@ from collections import Counter
 from typing import Any
 
 import sparktf
-from sparktf import job, predictions, progress, registry, scoring, storage
+from sparktf import incoming, job, predictions, progress, registry, scoring, storage
 
 log = job.log
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never fetched past it
@@ -132,7 +132,7 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
     source = predictions.partition_uri(args.incoming_uri, args.date)
     bucket = storage.parse_uri(source).bucket
     final = predictions.partition_uri(attempt.predictions_uri, args.date)
-    objects, markers = predictions.scan_partition(args.incoming_uri, args.date, s3)
+    objects, markers = incoming.scan_partition(args.incoming_uri, args.date, s3)
     keys = [o["key"] for o in objects]
     processed_at = processed_timestamp(args.processed_at, args.date)
     base = {"date": args.date, "source_uri": source, "output_uri": final, "model_name": model["name"],
@@ -147,10 +147,10 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
              model["name"], model["version"], markers)
 
     sc = spark.sparkContext
-    num_tasks = predictions.plan_tasks(len(keys), sc.defaultParallelism, args.max_keys_per_task)
+    num_tasks = incoming.plan_tasks(len(keys), sc.defaultParallelism, args.max_keys_per_task)
     sizes = {o["key"]: o["size"] for o in objects}
     groups = [(index, group, {k: sizes[k] for k in group})
-              for index, group in enumerate(predictions.assign_keys(keys, num_tasks))]
+              for index, group in enumerate(incoming.assign_keys(keys, num_tasks))]
     sc.setJobDescription(f"batch_inference {args.date}: {len(keys)} images in {len(groups)} tasks")
     settings = {"bucket": bucket, "staged_uri": attempt.staged_uri, "model": model, "partition_date": args.date,
                 "processed_at": processed_at, "batch_size": args.batch_size, "fetch_threads": args.fetch_threads,
