@@ -141,9 +141,9 @@ def machine() -> str:
 
 def incoming_keys(ws: str, date: str) -> tuple[str, list[str]]:
     """The bucket and keys of the partition ``<ws>/incoming/<date>/``, as the job lists them."""
-    from sparktf import predictions, storage
+    from sparktf import incoming, storage
 
-    objects = predictions.list_partition(ws + "/incoming/", date)
+    objects = incoming.list_partition(ws + "/incoming/", date)
     return storage.parse_uri(ws).bucket, [o["key"] for o in objects]
 
 
@@ -170,7 +170,7 @@ def predict_batch_udf_runs(ws: str, date: str, model_name: str, *, slots: int, b
     from pyspark.sql import types as T
     from pyspark.sql.functions import PandasUDFType
 
-    from sparktf import fetch, predictions
+    from sparktf import fetch, incoming
 
     bucket, keys = incoming_keys(ws, date)
     meta = champion_metadata(ws, model_name)
@@ -199,7 +199,7 @@ def predict_batch_udf_runs(ws: str, date: str, model_name: str, *, slots: int, b
                                  input_tensor_shapes=[[height, width, channels]])
     spark = testing.local_spark(slots, app_name, conf=conf)
     try:
-        num_tasks = predictions.plan_tasks(len(keys), spark.sparkContext.defaultParallelism, 2000)
+        num_tasks = incoming.plan_tasks(len(keys), spark.sparkContext.defaultParallelism, 2000)
         runs = {}
         for label in ("cold", "warm"):
             started = time.perf_counter()

@@ -121,9 +121,9 @@ def stage_costs(args, ws: str) -> dict:
     """CPU seconds of each stage of the job's work, done by hand in this process."""
     import numpy as np
 
-    from sparktf import images, predictions, registry, scoring, storage
+    from sparktf import images, incoming, predictions, registry, scoring, storage
 
-    objects = predictions.list_partition(ws + "/incoming/", DATE)
+    objects = incoming.list_partition(ws + "/incoming/", DATE)
     uris = [storage.object_uri(BUCKET, o["key"]) for o in objects]
     s3 = storage.client()
     costs: dict[str, float] = {}
@@ -147,7 +147,7 @@ def stage_costs(args, ws: str) -> dict:
     costs["model"] = time.process_time() - started
 
     keys = [o["key"] for o in objects]
-    groups = predictions.assign_keys(keys, predictions.plan_tasks(len(keys), args.slots, 2000))
+    groups = incoming.assign_keys(keys, incoming.plan_tasks(len(keys), args.slots, 2000))
     row_of = {key: i for i, key in enumerate(keys)}
     stamp = dt.datetime(2026, 11, 21, tzinfo=dt.UTC)
     started = time.process_time()

@@ -118,6 +118,7 @@ def nightly_inference():
         """List the day's partition; with nothing in it, skip everything downstream (not a failure)."""
         from sparktf import predictions
         from sparktf.airflow import aws_connection
+        from sparktf.incoming import scan_partition
 
         aws_connection.use_connection()
         context = get_current_context()
@@ -126,7 +127,7 @@ def nightly_inference():
         stamp = context.get("logical_date") or context["dag_run"].run_after
         interval = [str(context.get("data_interval_start")), str(context.get("data_interval_end"))]
         incoming = predictions.partition_uri(params["workspace_uri"] + "/incoming", date)
-        objects, markers = predictions.scan_partition(params["workspace_uri"] + "/incoming", date)
+        objects, markers = scan_partition(params["workspace_uri"] + "/incoming", date)
         summary = {
             "date": date, "date_from": source, "data_interval": interval, "incoming_uri": incoming,
             "images": len(objects), "bytes": sum(o["size"] for o in objects), "markers_skipped": markers,

@@ -45,11 +45,11 @@ def shard_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def read_shard(uri: str, client=None) -> tuple[list[str], np.ndarray, np.ndarray]:
+def read_shard(uri: str, s3=None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Read one shard: ``(ids, pixels uint8 (n, h*w*c), labels int32 (n,))``."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri, client)))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri, s3)))
     ids = table.column("id").to_pylist()
     labels = table.column("label").to_numpy().astype(np.int32)
     blobs = table.column("pixels").to_pylist()
@@ -57,13 +57,13 @@ def read_shard(uri: str, client=None) -> tuple[list[str], np.ndarray, np.ndarray
     return ids, pixels, labels
 
 
-def read_manifest(prepared_uri: str, client=None) -> dict[str, Any]:
+def read_manifest(prepared_uri: str, s3=None) -> dict[str, Any]:
     """Read a prepared data set's manifest.
 
     Raises:
         FileNotFoundError: if the data set has no manifest (missing or not completely written).
     """
-    manifest = storage.read_json_if_exists(storage.join_uri(prepared_uri, MANIFEST_NAME), client)
+    manifest = storage.read_json_if_exists(storage.join_uri(prepared_uri, MANIFEST_NAME), s3)
     if manifest is None:
         raise FileNotFoundError(f"no prepared data set at {prepared_uri} (no {MANIFEST_NAME})")
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -71,13 +71,13 @@ def read_manifest(prepared_uri: str, client=None) -> dict[str, Any]:
     return manifest
 
 
-def read_split(prepared_uri: str, split: str, manifest: dict[str, Any] | None = None, client=None):
+def read_split(prepared_uri: str, split: str, manifest: dict[str, Any] | None = None, s3=None):
     """Load one split into memory: ``(x uint8 (n, h, w, c), y int32 (n,))``, ordered by id."""
-    manifest = manifest or read_manifest(prepared_uri, client)
+    manifest = manifest or read_manifest(prepared_uri, s3)
     shape = tuple(manifest["image_shape"])
     all_ids, all_pixels, all_labels = [], [], []
     for shard in manifest["splits"][split]["shards"]:
-        ids, pixels, labels = read_shard(storage.join_uri(prepared_uri, shard), client)
+        ids, pixels, labels = read_shard(storage.join_uri(prepared_uri, shard), s3)
         all_ids.extend(ids)
         all_pixels.append(pixels)
         all_labels.append(labels)
@@ -95,13 +95,13 @@ def prepared_size_bytes(manifest: dict[str, Any]) -> int:
     return sum(manifest["splits"][s]["count"] for s in SPLITS) * per_image
 
 
-def load_arrays(prepared_uri: str, manifest: dict[str, Any] | None = None, client=None) -> dict[str, Any]:
+def load_arrays(prepared_uri: str, manifest: dict[str, Any] | None = None, s3=None) -> dict[str, Any]:
     """All three splits as arrays (``x_train, y_train, x_val, y_val, x_test, y_test``), plus
     ``input_shape`` and ``num_classes``."""
-    manifest = manifest or read_manifest(prepared_uri, client)
+    manifest = manifest or read_manifest(prepared_uri, s3)
     data: dict[str, Any] = {"input_shape": tuple(manifest["image_shape"]), "num_classes": manifest["num_classes"]}
     for split, suffix in (("train", "train"), ("validation", "val"), ("test", "test")):
-        data[f"x_{suffix}"], data[f"y_{suffix}"] = read_split(prepared_uri, split, manifest, client)
+        data[f"x_{suffix}"], data[f"y_{suffix}"] = read_split(prepared_uri, split, manifest, s3)
     return data
 
 

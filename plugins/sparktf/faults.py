@@ -19,7 +19,10 @@ tries three times always succeeds.
 
 :class:`FaultRule` adds targeted, non-random faults (e.g. "every copy into this prefix fails",
 "the store refuses these deletes") that ignore that bound: they are for tests of what happens
-when the store keeps failing.
+when the store keeps failing, or when it answers with a given S3 error code (``ExpiredToken``
+after N reads: credentials that expire part-way). Two modes imitate stores that break promises:
+``ignore_conditions`` drops ``If-None-Match``/``If-Match`` before forwarding, ``weak_etags``
+answers ``W/"..."`` ETags.
 
 Everything listens on 127.0.0.1 only.
 """
@@ -45,7 +48,7 @@ from xml.sax.saxutils import escape
 
 from sparktf import storage
 
-KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "conflict", "delete_errors")
+KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "conflict", "delete_errors", "error")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                "expect", "content-length"}
 _ERRORS = {
@@ -65,12 +68,17 @@ class FaultRule:
         kind: ``internal``, ``slowdown``, ``reset``, ``latency``, ``access_denied`` (403, not
             forwarded), ``conflict`` (409 ConditionalRequestConflict, not forwarded: S3's answer
             while another conditional write to the key is in progress) or ``delete_errors`` (a
-            DeleteObjects answered 200 with every key in ``Errors``, nothing deleted).
+            DeleteObjects answered 200 with every key in ``Errors``, nothing deleted) or ``error``
+            (an S3 error answer with ``code``, ``status`` and ``message``, not forwarded: e.g.
+            ``ExpiredToken`` to make credentials expire part-way through a job).
         method: HTTP method to match (``GET``, ``PUT``, ``POST``, ...), or any.
         key: regular expression searched in the object key (the path after the bucket), or any.
         query: substring of the raw query string (e.g. ``"delete"``, ``"list-type"``), or any.
         copy: True: only CopyObject requests; False: never them; None: either.
         times: how many matching requests to fault; None: all of them.
+        after: let this many matching requests through first (e.g. credentials that expire after
+            the first objects of a job were read).
+        code, status, message: the ``error`` kind's S3 error code, HTTP status and message.
     """
 
     kind: str
@@ -79,10 +87,22 @@ class FaultRule:
     query: str | None = None
     copy: bool | None = None
     times: int | None = None
+    after: int = 0
+    code: str | None = None
+    status: int = 403
+    message: str = "The store refused the request"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; one of {KINDS}")
+        if (self.kind == "error") != (self.code is not None):
+            raise ValueError("the error kind needs a code, and only it takes one")
+
+    def error_answer(self) -> tuple[int, str, str, str]:
+        """``(status, reason, code, message)`` of the S3 error answer this rule gives."""
+        if self.kind == "error":
+            return self.status, http.client.responses.get(self.status, "Error"), str(self.code), self.message
+        return _ERRORS[self.kind]
 
     def matches(self, method: str, key: str, query: str, is_copy: bool) -> bool:
         return ((self.method is None or self.method == method)
@@ -102,11 +122,16 @@ class FaultProxy:
         latency_seconds: range of an added delay.
         max_consecutive: never fault the same request more than this many times in a row.
         rules: targeted faults, checked before the random ones.
+        ignore_conditions: drop ``If-None-Match`` / ``If-Match`` before forwarding (a store that
+            ignores conditional writes: every conditional PUT succeeds).
+        weak_etags: answer every ``ETag`` header as a weak one (``W/"..."``), as some stores and
+            proxies do.
     """
 
     def __init__(self, upstream: str, *, seed: int = 0, internal: float = 0.0, slowdown: float = 0.0,
                  reset: float = 0.0, latency: float = 0.0, latency_seconds: tuple[float, float] = (0.02, 0.2),
-                 max_consecutive: int = 2, rules: tuple[FaultRule, ...] | list[FaultRule] = ()) -> None:
+                 max_consecutive: int = 2, rules: tuple[FaultRule, ...] | list[FaultRule] = (),
+                 ignore_conditions: bool = False, weak_etags: bool = False) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
@@ -114,8 +139,10 @@ class FaultProxy:
         self.seed = seed
         self.latency_seconds = latency_seconds
         self.max_consecutive = max_consecutive
+        self.ignore_conditions = ignore_conditions
+        self.weak_etags = weak_etags
         self._lock = threading.Lock()
-        self._rules: list[list[Any]] = []  # [rule, remaining]
+        self._rules: list[list[Any]] = []  # [rule, remaining, matches still to let through]
         self._seen: Counter = Counter()
         self._streak: Counter = Counter()
         self.faults: Counter = Counter()  # injected faults by kind
@@ -142,7 +169,7 @@ class FaultProxy:
 
     def add_rule(self, rule: FaultRule) -> None:
         with self._lock:
-            self._rules.append([rule, rule.times])
+            self._rules.append([rule, rule.times, rule.after])
 
     def clear_rules(self) -> None:
         with self._lock:
@@ -181,6 +208,12 @@ class FaultProxy:
 
     def decide(self, method: str, path: str, query: str, copy_source: str | None) -> tuple[str | None, float]:
         """The fault for one request (None: forward untouched) and the delay to add first."""
+        rule, delay = self.decide_rule(method, path, query, copy_source)
+        return (rule if rule is None or isinstance(rule, str) else rule.kind), delay
+
+    def decide_rule(self, method: str, path: str, query: str,
+                    copy_source: str | None) -> tuple[FaultRule | str | None, float]:
+        """As :meth:`decide`, with the matching :class:`FaultRule` instead of its kind."""
         key = path.lstrip("/").partition("/")[2]
         identity = f"{method} {path}?{query} <{copy_source or ''}>"
         key = urllib.parse.unquote(key)
@@ -188,32 +221,39 @@ class FaultProxy:
             self.requests += 1
             self.requested[(method, key)] += 1
             for entry in self._rules:
-                rule, remaining = entry
+                rule, remaining, skip = entry
                 if remaining != 0 and rule.matches(method, key, query, copy_source is not None):
+                    if skip > 0:
+                        entry[2] = skip - 1
+                        continue
                     if remaining is not None:
                         entry[1] = remaining - 1
                     self.faults[rule.kind] += 1
-                    return rule.kind, self._delay(identity, -1) if rule.kind == "latency" else 0.0
-            seen = self._seen[identity]
-            self._seen[identity] += 1
-            draw = _uniform(self.seed, identity, seen, "kind")
-            kind = None
-            threshold = 0.0
-            for name in ("internal", "slowdown", "reset", "latency"):
-                threshold += self._rates[name]
-                if draw < threshold:
-                    kind = name
-                    break
-            if kind in ("internal", "slowdown", "reset") and self._streak[identity] >= self.max_consecutive:
-                kind = None  # this request already failed max_consecutive times in a row: let it through
-            if kind in ("internal", "slowdown", "reset"):
-                self._streak[identity] += 1
-                self.longest_streak = max(self.longest_streak, self._streak[identity])
-            else:
-                self._streak[identity] = 0
-            if kind is not None:
-                self.faults[kind] += 1
-            return kind, self._delay(identity, seen) if kind == "latency" else 0.0
+                    return rule, self._delay(identity, -1) if rule.kind == "latency" else 0.0
+            return self._random_kind(identity)
+
+    def _random_kind(self, identity: str) -> tuple[str | None, float]:
+        """The random fault (by the shares of :meth:`set_rates`) of one request; the lock is held."""
+        seen = self._seen[identity]
+        self._seen[identity] += 1
+        draw = _uniform(self.seed, identity, seen, "kind")
+        kind = None
+        threshold = 0.0
+        for name in ("internal", "slowdown", "reset", "latency"):
+            threshold += self._rates[name]
+            if draw < threshold:
+                kind = name
+                break
+        if kind in ("internal", "slowdown", "reset") and self._streak[identity] >= self.max_consecutive:
+            kind = None  # this request already failed max_consecutive times in a row: let it through
+        if kind in ("internal", "slowdown", "reset"):
+            self._streak[identity] += 1
+            self.longest_streak = max(self.longest_streak, self._streak[identity])
+        else:
+            self._streak[identity] = 0
+        if kind is not None:
+            self.faults[kind] += 1
+        return kind, self._delay(identity, seen) if kind == "latency" else 0.0
 
     def _delay(self, identity: str, seen: int) -> float:
         low, high = self.latency_seconds
@@ -315,18 +355,20 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         proxy: FaultProxy = self.server.fault_proxy  # type: ignore[attr-defined]
         body = self._read_body()
         path, _, query = self.path.partition("?")
-        kind, delay = proxy.decide(self.command, path, query, self.headers.get("x-amz-copy-source"))
+        rule, delay = proxy.decide_rule(self.command, path, query, self.headers.get("x-amz-copy-source"))
+        kind = rule.kind if isinstance(rule, FaultRule) else rule
         if delay:
             time.sleep(delay)
-        if kind in _ERRORS:
-            status, reason, code, message = _ERRORS[kind]
+        if kind in _ERRORS or kind == "error":
+            status, reason, code, message = rule.error_answer() if isinstance(rule, FaultRule) else _ERRORS[kind]
             payload = b"" if self.command == "HEAD" else _error_body(code, message, path)
             self._send(status, reason, [("Content-Type", "application/xml")], payload)
             return
         if kind == "delete_errors" and self.command == "POST" and "delete" in query:
             self._send(200, "OK", [("Content-Type", "application/xml")], _delete_errors_body(body))
             return
-        headers = [(name, value) for name, value in self.headers.items() if name.lower() not in _HOP_BY_HOP]
+        dropped = _HOP_BY_HOP | ({"if-none-match", "if-match"} if proxy.ignore_conditions else set())
+        headers = [(name, value) for name, value in self.headers.items() if name.lower() not in dropped]
         try:
             self._upstream, status, reason, answer_headers, data = proxy.forward(
                 getattr(self, "_upstream", None), self.command, self.path, headers, body)
@@ -334,6 +376,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._send(502, "Bad Gateway", [("Content-Type", "text/plain")], f"upstream failed: {err}".encode())
             return
         upstream_length = next((v for k, v in answer_headers if k.lower() == "content-length"), None)
+        if proxy.weak_etags:
+            answer_headers = [(k, f"W/{v}" if k.lower() == "etag" and not v.startswith("W/") else v)
+                              for k, v in answer_headers]
         self._send(status, reason, answer_headers, data,
                    content_length=upstream_length if self.command == "HEAD" else None, cut=kind == "reset")
 

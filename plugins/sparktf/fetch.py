@@ -29,7 +29,7 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
 
     An image that cannot be used gets :class:`sparktf.images.ImageRejected`'s reason; an object
     that vanished after it was listed gets ``missing``; one the store refuses to serve (e.g.
-    access denied) gets ``unreadable``. With ``max_bytes``, an object whose listed size
+    access denied on that key) gets ``unreadable``. With ``max_bytes``, an object whose listed size
     (``sizes``) is larger gets ``too_large`` without being fetched (and so does one that grew
     past it after listing).
 
@@ -37,36 +37,17 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
         storage.TransientStorageError: an object stayed unreadable through every retry. That is
             the store's problem, not the image's: the task fails (and Spark retries it) rather
             than setting a good image aside.
+        storage.CallerRefused: the store refused the caller (expired credentials, a rejected
+            signature, a KMS denial): every image would be "unreadable", so the task fails.
     """
-    from sparktf.images import ImageRejected, decode_image
-
     s3 = s3 or storage.client()
     threads = max(1, int(fetch_threads))
     window = max(threads, int(window or threads * 4))
+    decode = {"height": height, "width": width, "channels": channels, "max_pixels": max_pixels,
+              "resize_policy": resize_policy}
 
     def work(key: str):
-        uri = storage.object_uri(bucket, key)
-        listed = (sizes or {}).get(key)
-        if max_bytes is not None and listed is not None and listed > max_bytes:
-            return key, None, "too_large", f"{listed} bytes listed, over the {max_bytes}-byte cap (not fetched)"
-        try:
-            data = storage.read_bytes(uri, s3)
-        except storage.ObjectNotFound:
-            return key, None, "missing", "listed, then gone before it was read"
-        except storage.TransientStorageError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the store refused this one object
-            return key, None, "unreadable", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
-        if max_bytes is not None and len(data) > max_bytes:
-            return key, None, "too_large", f"{len(data)} bytes, over the {max_bytes}-byte cap"
-        try:
-            array = decode_image(data, height=height, width=width, channels=channels, max_pixels=max_pixels,
-                                 resize_policy=resize_policy)
-            return key, array, None, None
-        except ImageRejected as rejected:
-            return key, None, rejected.reason, rejected.detail[:DETAIL_CHARS]
-        except Exception as err:  # noqa: BLE001 - a decoder bug is this image's problem only
-            return key, None, "corrupt", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
+        return _fetch_one(bucket, key, s3, listed=(sizes or {}).get(key), max_bytes=max_bytes, decode=decode)
 
     pending: deque = deque()
     key_iter = iter(keys)
@@ -81,3 +62,28 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
             if following is not None:
                 pending.append(pool.submit(work, following))
             yield result
+
+
+def _fetch_one(bucket: str, key: str, s3, *, listed: int | None, max_bytes: int | None,
+               decode: dict[str, Any]) -> tuple[str, Any, str | None, str | None]:
+    """Fetch and decode one object: ``(key, array | None, reason, detail)`` (see :func:`fetch_decoded`)."""
+    from sparktf.images import ImageRejected, decode_image
+
+    if max_bytes is not None and listed is not None and listed > max_bytes:
+        return key, None, "too_large", f"{listed} bytes listed, over the {max_bytes}-byte cap (not fetched)"
+    try:
+        data = storage.read_bytes(storage.object_uri(bucket, key), s3)
+    except storage.ObjectNotFound:
+        return key, None, "missing", "listed, then gone before it was read"
+    except (storage.TransientStorageError, storage.CallerRefused):
+        raise  # the store's or the caller's trouble, never the image's
+    except Exception as err:  # noqa: BLE001 - the store refused this one object
+        return key, None, "unreadable", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]
+    if max_bytes is not None and len(data) > max_bytes:
+        return key, None, "too_large", f"{len(data)} bytes, over the {max_bytes}-byte cap"
+    try:
+        return key, decode_image(data, **decode), None, None
+    except ImageRejected as rejected:
+        return key, None, rejected.reason, rejected.detail[:DETAIL_CHARS]
+    except Exception as err:  # noqa: BLE001 - a decoder bug is this image's problem only
+        return key, None, "corrupt", f"{type(err).__name__}: {err}"[:DETAIL_CHARS]

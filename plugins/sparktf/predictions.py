@@ -2,7 +2,11 @@
 
 The light side of batch inference: the DAG and downstream readers import this (heavy modules such
 as pyarrow are imported inside the functions that need them). What runs on executors is in
-:mod:`sparktf.scoring`.
+:mod:`sparktf.scoring`; the incoming side (listing a date's images, dealing their keys to tasks)
+is :mod:`sparktf.incoming`.
+
+This docstring is the one description of the publish protocol and the reader contract; the
+README, the nightly DAG and the job link here.
 
 Layout under ``<predictions-uri>/<model-name>/`` (:func:`model_partition_uri`: predictions of
 different models never share a partition)::
@@ -92,7 +96,7 @@ class Attempt:
     previous_etag: str | None
 
 # ---------------------------------------------------------------------------------------------
-# Listing (driver or Airflow worker)
+# Layout
 # ---------------------------------------------------------------------------------------------
 
 
@@ -121,49 +125,6 @@ def model_output_uri(root_uri: str, model_name: str) -> str:
 def model_partition_uri(root_uri: str, model_name: str, date: str) -> str:
     """``<root>/<model_name>/<date>/``: one model's predictions of one day."""
     return partition_uri(model_output_uri(root_uri, model_name), date)
-
-
-def scan_partition(incoming_uri: str, date: str, s3=None) -> tuple[list[dict], int]:
-    """Every object of a date partition (nested folders included), sorted by key, and how many
-    folder markers were skipped.
-
-    A folder marker is an empty object whose key ends in ``/`` (consoles and some tools create
-    them): it is not an image and is only counted. An object whose key ends in ``/`` but that
-    has content is listed like any other (scored, or set aside with its reason): nothing that
-    carries bytes vanishes unaccounted. Everything else is listed whatever its name or
-    extension (content decides what it is when it is decoded).
-
-    Returns:
-        ``([{"key", "size", "etag", "last_modified"}], markers_skipped)``.
-    """
-    prefix = partition_uri(incoming_uri, date)
-    objects, markers = [], 0
-    for obj in storage.iter_objects(prefix, s3):
-        if obj["key"].endswith("/") and obj["size"] == 0:
-            markers += 1
-        else:
-            objects.append(obj)
-    return sorted(objects, key=lambda o: o["key"]), markers
-
-
-def list_partition(incoming_uri: str, date: str, s3=None) -> list[dict]:
-    """The objects of :func:`scan_partition` (folder markers left out)."""
-    return scan_partition(incoming_uri, date, s3)[0]
-
-
-def assign_keys(keys: list[str], num_tasks: int) -> list[list[str]]:
-    """Deal sorted keys round-robin into ``num_tasks`` groups (deterministic, balanced)."""
-    num_tasks = max(1, min(int(num_tasks), len(keys))) if keys else 1
-    return [keys[i::num_tasks] for i in range(num_tasks)]
-
-
-def plan_tasks(num_keys: int, slots: int, max_keys_per_task: int) -> int:
-    """Number of Spark tasks: a multiple of the slots, each task at most ``max_keys_per_task``."""
-    if num_keys <= 0:
-        return 1
-    slots = max(1, int(slots))
-    rounds = -(-num_keys // (slots * max(1, int(max_keys_per_task))))
-    return max(1, min(num_keys, slots * rounds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +233,8 @@ def begin_attempt(predictions_uri: str, date: str, attempt_id: str, s3=None, **i
     its marker (and leaves them), and any run that publishes after the read below is one this
     attempt has not seen, so this attempt's switch will be refused.
     """
+    location = storage.parse_uri(storage.join_uri(predictions_uri, ATTEMPT_MARKER))
+    storage.check_conditional_writes(location.bucket, s3, location.key)  # step 3 relies on it
     publish_id = new_publish_id(attempt_id)
     staged = staging_uri(predictions_uri, date, publish_id)
     storage.write_json(storage.join_uri(staged, ATTEMPT_MARKER), {
@@ -329,30 +292,8 @@ def publish_partition(attempt: Attempt, staged_files: list[dict[str, Any]], mani
     ordered = sorted(staged_files, key=lambda f: (f["kind"] != "predictions", f["index"]))
     targets = {f["name"]: part_name(attempt.publish_id, f["index"], errors=f["kind"] == "errors") for f in ordered}
     copied: list[str] = []
-
-    def copy(staged: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        target = targets[staged["name"]]
-        etag = storage.copy_object(storage.join_uri(attempt.staged_uri, staged["name"]),
-                                   storage.join_uri(final, target), s3)
-        copied.append(target)
-        return target, {"size": int(staged["size"]), "etag": etag, "rows": int(staged["rows"])}
-
-    try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            objects = dict(pool.map(copy, ordered))
-    except BaseException:
-        _discard(final, copied, s3)
-        raise
-    previous = attempt.previous
-    manifest = {
-        **manifest, "publish_id": attempt.publish_id, "attempt_id": attempt.attempt_id,
-        "files": {"predictions": [targets[f["name"]] for f in ordered if f["kind"] == "predictions"],
-                  "errors": [targets[f["name"]] for f in ordered if f["kind"] == "errors"]},
-        "objects": objects,
-        "replaces": None if previous is None else {
-            "publish_id": previous.get("publish_id"), "attempt_id": previous.get("attempt_id"),
-            "etag": attempt.previous_etag, "scored": previous.get("scored")},
-    }
+    objects = _copy_staged(attempt, ordered, targets, copied, s3)
+    manifest = _full_manifest(attempt, manifest, ordered, targets, objects)
     won, current = _switch(attempt, manifest, s3)
     if not won:
         _discard(final, copied, s3)
@@ -368,6 +309,43 @@ def publish_partition(attempt: Attempt, staged_files: list[dict[str, Any]], mani
         raise storage.StorageError(f"{final} was published by attempt {attempt.attempt_id}, but the files of "
                                    f"the output it replaced could not all be removed: {err}") from err
     return manifest
+
+
+def _copy_staged(attempt: Attempt, ordered: list[dict[str, Any]], targets: dict[str, str], copied: list[str],
+                 s3) -> dict[str, dict[str, Any]]:
+    """Copy the staged parts into the partition under their published names (step 2); on any
+    failure remove the copies made so far and raise. ``copied`` collects the names copied."""
+    final = partition_uri(attempt.predictions_uri, attempt.date)
+
+    def copy(staged: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        target = targets[staged["name"]]
+        etag = storage.copy_object(storage.join_uri(attempt.staged_uri, staged["name"]),
+                                   storage.join_uri(final, target), s3)
+        copied.append(target)
+        return target, {"size": int(staged["size"]), "etag": etag, "rows": int(staged["rows"])}
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return dict(pool.map(copy, ordered))
+    except BaseException:
+        _discard(final, copied, s3)
+        raise
+
+
+def _full_manifest(attempt: Attempt, manifest: dict[str, Any], ordered: list[dict[str, Any]], targets: dict[str, str],
+                   objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``_SUCCESS`` document: the job's manifest plus the attempt, the files, their objects and
+    the version it replaces."""
+    previous = attempt.previous
+    return {
+        **manifest, "publish_id": attempt.publish_id, "attempt_id": attempt.attempt_id,
+        "files": {"predictions": [targets[f["name"]] for f in ordered if f["kind"] == "predictions"],
+                  "errors": [targets[f["name"]] for f in ordered if f["kind"] == "errors"]},
+        "objects": objects,
+        "replaces": None if previous is None else {
+            "publish_id": previous.get("publish_id"), "attempt_id": previous.get("attempt_id"),
+            "etag": attempt.previous_etag, "scored": previous.get("scored")},
+    }
 
 
 def _switch(attempt: Attempt, manifest: dict[str, Any], s3) -> tuple[bool, dict[str, Any] | None]:

@@ -14,12 +14,18 @@ botocore's standard retry mode for the request. botocore does not retry reading 
 so every read here (:func:`read_bytes`, :func:`stream_sha256`, :func:`download_file`) retries the
 whole GET with exponential backoff on throttling, 5xx answers, connection resets and truncated
 bodies, and raises :class:`TransientStorageError` when the object stays unreadable. A missing
-object is never retried: it raises :class:`ObjectNotFound` at once.
+object is never retried: it raises :class:`ObjectNotFound` at once. Nor is an answer that says the
+caller, not the object, is wrong (expired or invalid credentials, a rejected signature, a KMS
+refusal: :func:`is_caller_refused`): it raises :class:`CallerRefused`, which no caller may take
+for a verdict on one object.
 
 **Conditional writes.** :func:`write_bytes` can create only if absent (``If-None-Match: *``) or
 replace only the version read before (``If-Match: <etag>``); a lost race raises
 :class:`PreconditionFailed`. They are retried like every other call: a resend refused only
-because its own first copy landed (the answer was lost) is recognised and counts as done.
+because its own first copy landed (the answer was lost) is recognised and counts as done. Before
+the first conditional write to a bucket, the process checks that the store keeps the conditions
+(:func:`check_conditional_writes`, once per workspace) and refuses to go on, naming the store, if it does not. ETags
+are compared normalised (:func:`normal_etag`: weak ``W/"..."`` ETags work like strong ones).
 
 boto3 clients are not fork-safe, so one client is kept per process id (and settings).
 """
@@ -52,6 +58,15 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _PRECONDITION_CODES = {"412", "PreconditionFailed"}
 # 409 ConditionalRequestConflict: another conditional write to the key was in progress; S3 says to
 # send the request again (it is not an answer to the condition).
+# Answers that say the caller is wrong, not one object: expired, invalid or refused credentials, a
+# signature the store rejects, a disabled account, a missing bucket, a KMS key the caller may not
+# use. Every later request fails the same way, so no object may be set aside for them.
+_CALLER_CODES = frozenset({
+    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken", "InvalidAccessKeyId",
+    "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch", "IncompleteSignature",
+    "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError", "MissingSecurityHeader", "InvalidSecurity",
+    "RequestExpired", "AccountProblem", "AllAccessDisabled", "NotSignedUp", "NoSuchBucket", "InvalidBucketName",
+})
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
                     "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
                     "ConditionalRequestConflict"}
@@ -71,6 +86,14 @@ class PreconditionFailed(StorageError):
 
 class TransientStorageError(StorageError):
     """The store kept failing (throttling, 5xx, resets) after every retry: try again later."""
+
+
+class CallerRefused(StorageError):
+    """The store refused the caller, not an object (credentials, signature, account, bucket, KMS key).
+
+    Never a verdict on the object named: every other request would be refused the same way, so the
+    task fails instead of setting objects aside.
+    """
 
 
 @dataclass(frozen=True)
@@ -209,8 +232,31 @@ def _error_code(err: BaseException) -> str | None:
     return None
 
 
+def _error_message(err: BaseException) -> str:
+    response = getattr(err, "response", None)
+    return str(response.get("Error", {}).get("Message") or "") if isinstance(response, dict) else ""
+
+
 def is_not_found(err: BaseException) -> bool:
     return _error_code(err) in _NOT_FOUND_CODES
+
+
+def is_caller_refused(err: BaseException) -> bool:
+    """True when the error says the caller is wrong, not the object: expired or invalid
+    credentials, a rejected signature, a disabled account, a missing bucket, a KMS refusal
+    (``KMS.*`` codes, or ``AccessDenied`` whose message names KMS), or no credentials at all.
+
+    A plain ``AccessDenied`` (a policy refusing one key) or ``NoSuchKey`` is about the object.
+    """
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    if isinstance(err, (NoCredentialsError, PartialCredentialsError)) or type(err).__name__ in (
+            "CredentialRetrievalError", "TokenRetrievalError", "UnauthorizedSSOTokenError", "SSOTokenLoadError"):
+        return True
+    code = _error_code(err) or ""
+    if code in _CALLER_CODES or code.upper().startswith("KMS"):
+        return True
+    return code in ("AccessDenied", "403", "AccessDeniedException") and "kms" in _error_message(err).lower()
 
 
 def is_transient(err: BaseException) -> bool:
@@ -251,6 +297,7 @@ def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPT
 
     Raises:
         ObjectNotFound: at once, if the object does not exist.
+        CallerRefused: at once, if the store refused the caller (:func:`is_caller_refused`).
         TransientStorageError: if every attempt failed transiently.
     """
     for attempt in range(attempts):
@@ -259,6 +306,10 @@ def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPT
         except Exception as err:  # noqa: BLE001 - classified below
             if is_not_found(err):
                 raise ObjectNotFound(f"{what}: no such object") from None
+            if is_caller_refused(err):
+                raise CallerRefused(
+                    f"{what}: the store refused the caller, not this object ({type(err).__name__}: {err}). Check the "
+                    f"credentials, their expiry and the KMS key policy; nothing was set aside for it") from err
             if not is_transient(err):
                 raise
             if attempt + 1 == attempts:
@@ -304,7 +355,7 @@ def read_json_with_etag(uri: str, s3=None) -> tuple[Any | None, str | None]:
 
     def get():
         response = s3.get_object(Bucket=loc.bucket, Key=loc.key)
-        return json.loads(response["Body"].read().decode("utf-8")), response.get("ETag", "").strip('"')
+        return json.loads(response["Body"].read().decode("utf-8")), normal_etag(response.get("ETag"))
 
     try:
         return retrying(f"GET {uri}", get)
@@ -336,6 +387,37 @@ def stream_sha256(uri: str, s3=None, sink: Callable[[bytes], None] | None = None
     return retrying(f"GET {uri}", read)
 
 
+def open_object(uri: str, s3=None, *, if_match: str | None = None) -> tuple[int, Iterator[bytes]]:
+    """``(length, chunks)`` of an object streamed from one GET (never whole in memory).
+
+    The GET is retried until its body starts; a failure after that raises from the iterator
+    (the caller has already passed the first bytes on). ``if_match`` reads only the version with
+    that ETag (e.g. the one a HEAD checked).
+
+    Raises:
+        ObjectNotFound: the object does not exist.
+        PreconditionFailed: the object is no longer the version ``if_match`` names.
+    """
+    loc = parse_uri(uri)
+    s3 = s3 or client()
+    extra = {"IfMatch": f'"{normal_etag(if_match)}"'} if if_match else {}
+    try:
+        response = retrying(f"GET {uri}", lambda: s3.get_object(Bucket=loc.bucket, Key=loc.key, **extra))
+    except Exception as err:  # noqa: BLE001 - classified below
+        if _error_code(err) in _PRECONDITION_CODES:
+            raise PreconditionFailed(f"GET {uri}: the object changed since it was checked") from None
+        raise
+    body = response["Body"]
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(STREAM_CHUNK)
+        finally:
+            body.close()
+
+    return int(response.get("ContentLength", 0)), chunks()
+
+
 def download_file(uri: str, path: str, s3=None) -> str:
     """Download an object to a local file (streamed); returns its sha256."""
     with open(path, "wb") as fh:
@@ -353,7 +435,7 @@ def head(uri: str, s3=None) -> dict[str, Any] | None:
         response = retrying(f"HEAD {uri}", lambda: s3.head_object(Bucket=loc.bucket, Key=loc.key))
     except ObjectNotFound:
         return None
-    return {"size": int(response.get("ContentLength", 0)), "etag": response.get("ETag", "").strip('"'),
+    return {"size": int(response.get("ContentLength", 0)), "etag": normal_etag(response.get("ETag")),
             "last_modified": response.get("LastModified")}
 
 
@@ -369,7 +451,7 @@ def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
             kwargs["ContinuationToken"] = token
         page = retrying(f"LIST {prefix}", lambda kw=kwargs: s3.list_objects_v2(**kw))
         for obj in page.get("Contents", []):
-            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": obj.get("ETag", "").strip('"'),
+            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": normal_etag(obj.get("ETag")),
                    "last_modified": obj.get("LastModified")}
         if not page.get("IsTruncated"):
             return
@@ -392,6 +474,108 @@ def has_objects(prefix: str, s3=None) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
+
+
+def normal_etag(value: str | None) -> str:
+    """An ETag as this package stores and compares it: no quotes, no weak marker (``W/"abc"`` -> ``abc``).
+
+    Some stores and proxies answer weak ETags; S3 compares ``If-Match`` against the strong value,
+    so every ETag read is normalised here and sent back quoted.
+    """
+    text = (value or "").strip()
+    if text[:2] in ("W/", "w/"):
+        text = text[2:]
+    return text.strip('"')
+
+
+PROBE_KEY = "runs/_store-check/conditional-writes"
+"""Where the check writes, under the workspace: ``runs/`` is writable by every role that writes."""
+WORKSPACE_FOLDERS = ("runs", "models", "predictions", "datasets", "incoming")
+_PROBE_BODY = b"sparktf checks here that the store refuses writes whose If-None-Match / If-Match fails\n"
+_WRONG_ETAG = '"00000000000000000000000000000000"'
+_CHECKED: set[tuple[str, str, str]] = set()
+_CHECK_LOCK = threading.Lock()
+
+
+class ConditionalWritesIgnored(StorageError):
+    """The store accepts writes whose condition fails: every compare-and-swap would be last-writer-wins."""
+
+
+def probe_key(key: str) -> str:
+    """The check's object for a write to ``key``: :data:`PROBE_KEY` under the key's workspace.
+
+    The workspace is what comes before the key's first workspace folder (``runs/``, ``models/``,
+    ...): ``ws/models/m/champion.json`` -> ``ws/runs/_store-check/conditional-writes``. A key
+    outside any workspace folder is checked at the bucket's root ``runs/``.
+    """
+    parts = key.split("/")[:-1]
+    for i, part in enumerate(parts):
+        if part in WORKSPACE_FOLDERS:
+            return "/".join([*parts[:i], PROBE_KEY])
+    return PROBE_KEY
+
+
+def check_conditional_writes(bucket: str, s3=None, key: str = "") -> None:
+    """Check, once per process, endpoint and workspace, that the store keeps conditional writes.
+
+    On the probe object :func:`probe_key` (``<workspace>/runs/_store-check/...``, a place every
+    role that writes may write; ``key`` is the object about to be written): a create with ``If-None-Match: *`` must be refused
+    (it exists), a replace with ``If-Match`` of a wrong ETag must be refused, and one with its own
+    ETag must succeed. :func:`write_bytes` calls this before its first conditional write, so the
+    version claim, the champion swap and the ``_SUCCESS`` switch never run on a store (or a proxy)
+    that would turn them into last-writer-wins.
+
+    Raises:
+        ConditionalWritesIgnored: the store broke one of the three; the message names it.
+    """
+    s3 = s3 or client()
+    endpoint = str(getattr(getattr(s3, "meta", None), "endpoint_url", None) or "the default AWS endpoint")
+    probe = probe_key(key)
+    if (endpoint, bucket, probe) in _CHECKED:
+        return
+    with _CHECK_LOCK:
+        if (endpoint, bucket, probe) in _CHECKED:
+            return
+        broken = _probe_conditional_writes(bucket, probe, s3)
+        if broken:
+            raise ConditionalWritesIgnored(
+                f"the store at {endpoint} (bucket {bucket}) {broken}: the model version claim, the champion swap and "
+                f"the predictions' _SUCCESS switch would silently become last-writer-wins, so nothing is written. "
+                f"Use a store that honours If-None-Match and If-Match on PUT (AWS S3, MinIO), or remove the proxy "
+                f"that drops them")
+        _CHECKED.add((endpoint, bucket, probe))
+
+
+def _probe_conditional_writes(bucket: str, key: str, s3) -> str | None:
+    """What the store got wrong on the probe object ``key`` (None: it kept every condition)."""
+    uri = object_uri(bucket, key)
+
+    def put(**condition: str) -> str:
+        return normal_etag(s3.put_object(Bucket=bucket, Key=key, Body=_PROBE_BODY, **condition).get("ETag"))
+
+    etag = retrying(f"PUT {uri}", put)
+    for condition, wrong in (({"IfNoneMatch": "*"}, "accepted a create (If-None-Match: *) of an existing object"),
+                             ({"IfMatch": _WRONG_ETAG}, "accepted a replace whose If-Match names another ETag")):
+        outcome = _probe_outcome(uri, lambda c=condition: put(**c))
+        if outcome != "refused":
+            return wrong if outcome == "accepted" else f"does not implement conditional writes ({outcome})"
+    if etag and _probe_outcome(uri, lambda: put(IfMatch=f'"{etag}"')) != "accepted":
+        return f"refused a replace whose If-Match names the object's own ETag ({etag})"
+    return None
+
+
+def _probe_outcome(uri: str, operation: Callable[[], Any]) -> str:
+    """``accepted``, ``refused`` (412), or the error code of a store that does not know the header."""
+    try:
+        retrying(f"PUT {uri} (conditional-write probe)", operation)
+    except Exception as err:  # noqa: BLE001 - classified below
+        code = _error_code(err)
+        if code in _PRECONDITION_CODES:
+            return "refused"
+        if code in ("NotImplemented", "501", "InvalidArgument"):
+            return code
+        raise
+    return "accepted"
 
 
 def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None, *,
@@ -421,11 +605,13 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
     if if_none_match:
         extra["IfNoneMatch"] = "*"
     if if_match:
-        extra["IfMatch"] = f'"{if_match}"'
+        extra["IfMatch"] = f'"{normal_etag(if_match)}"'
     conditional = if_none_match or bool(if_match)
+    if conditional:
+        check_conditional_writes(loc.bucket, s3, loc.key)
 
     def put() -> str:
-        return s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra).get("ETag", "").strip('"')
+        return normal_etag(s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra).get("ETag"))
 
     try:
         return retrying(f"PUT {uri}", put)
@@ -447,7 +633,7 @@ def _etag_if_holding(loc: S3Location, data: bytes, s3) -> str | None:
     """The object's ETag if its bytes are exactly ``data``, else None (also when it is missing)."""
     def get() -> tuple[bytes, str]:
         response = s3.get_object(Bucket=loc.bucket, Key=loc.key)
-        return response["Body"].read(), response.get("ETag", "").strip('"')
+        return response["Body"].read(), normal_etag(response.get("ETag"))
 
     try:
         body, etag = retrying(f"GET {loc.uri}", get)
@@ -468,7 +654,7 @@ def copy_object(src_uri: str, dst_uri: str, s3=None) -> str:
     s3 = s3 or client()
     response = retrying(f"COPY {src_uri} -> {dst_uri}", lambda: s3.copy_object(
         Bucket=dst.bucket, Key=dst.key, CopySource={"Bucket": src.bucket, "Key": src.key}))
-    return response.get("CopyObjectResult", {}).get("ETag", "").strip('"')
+    return normal_etag(response.get("CopyObjectResult", {}).get("ETag"))
 
 
 def upload_dir(local_dir: str, prefix: str, s3=None) -> list[dict[str, Any]]:

@@ -645,6 +645,16 @@ def test_the_pipeline_role_reads_everything_and_is_the_one_that_writes_models():
     assert not allowed(pipeline, "s3:PutObject", "uploads/x") and not allowed(policy("executor"), "s3:PutObject", "models/x")
 
 
+def test_every_role_may_write_the_stores_conditional_write_check():
+    from sparktf import storage
+
+    for key in ("models/m/champion.json", "predictions/m/2026-11-20/_SUCCESS", "runs/nightly/r/_results/x.json"):
+        probe = storage.probe_key(key)
+        assert probe == "runs/_store-check/conditional-writes"
+        for role in ("pipeline", "executor"):
+            assert allowed(policy(role), "s3:PutObject", probe) and allowed(policy(role), "s3:GetObject", probe), role
+
+
 # --- Spark RPC authentication ------------------------------------------------------------------
 
 def test_spark_rpc_authentication_on_master_workers_and_the_driver(services):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparktf import predictions, registry, scoring, storage
+from sparktf import incoming, predictions, registry, scoring, storage
 from sparktf.images import decode_image
 from sparktf.jobs import batch_inference
 from sparktf.testing import LABEL_NAMES, land_partition, train_tiny_model
@@ -215,9 +215,9 @@ def test_top_k_and_task_planning():
     probabilities = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]], np.float32)
     order, scores = scoring.top_k(probabilities, 5)
     assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and np.allclose(scores[1], [0.5, 0.25, 0.25])
-    assert predictions.plan_tasks(0, 2, 10) == 1 and predictions.plan_tasks(58, 2, 10) == 6
-    assert predictions.plan_tasks(5000, 2, 2000) == 4 and predictions.plan_tasks(3, 8, 10) == 3
-    groups = predictions.assign_keys([str(i) for i in range(7)], 3)
+    assert incoming.plan_tasks(0, 2, 10) == 1 and incoming.plan_tasks(58, 2, 10) == 6
+    assert incoming.plan_tasks(5000, 2, 2000) == 4 and incoming.plan_tasks(3, 8, 10) == 3
+    groups = incoming.assign_keys([str(i) for i in range(7)], 3)
     assert groups == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
     with pytest.raises(ValueError):
         predictions.check_date("2026-13-01")

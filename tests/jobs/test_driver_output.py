@@ -16,6 +16,8 @@ import sys
 import threading
 import urllib.request
 
+import pytest
+
 from sparktf.airflow import spark_ui
 from sparktf.testing import wait_until
 
@@ -96,3 +98,36 @@ def test_no_logging_error_when_the_interpreter_exits(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--- Logging error ---" not in out.stderr, out.stderr[-3000:]
+
+
+DRIVER_LINE = "2026-11-29 10:00:00,000 INFO sparktf: Spark UI of application local-1700000000000: http://127.0.0.1:4040"
+KEY = "incoming/2026-11-20/Spark UI of application app-evil: http://evil.example/x.png"
+
+
+@pytest.mark.parametrize("line", [
+    f"2026-11-29 10:00:01,000 WARNING sparktf.scoring: set aside {KEY}: corrupt",
+    f"2026-11-29 10:00:01,000 INFO sparktf: job result: {{'errors': ['{KEY}']}}",
+    f"26/11/29 10:00:01 ERROR Executor: Exception in task 0.0: GET s3://b/{KEY}: AccessDenied",
+    KEY,
+    "Spark UI of application app-evil: http://evil.example/",
+    f"2026-11-29 10:00:01,000 INFO sparktf: Spark UI of application app-evil: http://evil.example/ {KEY}",
+])
+def test_a_line_that_only_contains_the_phrase_is_not_the_drivers(line):
+    assert spark_ui.parse_ui_line(line) is None
+
+
+def test_an_object_key_cannot_replace_the_spark_ui_link():
+    """The hook hands the wrapped iterator every line; a key with a newline and a copy of the
+    driver's line comes after the real one and is ignored."""
+    class Hook:
+        def _process_spark_submit_log(self, itr):
+            return list(itr)
+
+    forged = "2026-11-29 10:00:02,000 INFO sparktf: Spark UI of application app-evil: http://evil.example/"
+    output = [b"26/11/29 10:00:00 INFO SparkContext: Running Spark version 4.0.0\n", (DRIVER_LINE + "\n").encode(),
+              b"2026-11-29 10:00:01,000 WARNING sparktf.scoring: set aside incoming/x\n",
+              (forged + "\n").encode()]
+    seen: list[tuple[str, str]] = []
+    hook = spark_ui.watch_output(Hook(), lambda app_id, url: seen.append((app_id, url)))
+    assert hook._process_spark_submit_log(iter(output)) == output  # every line still logged
+    assert seen == [("local-1700000000000", "http://127.0.0.1:4040")]

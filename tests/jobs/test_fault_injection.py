@@ -281,3 +281,118 @@ def test_a_conditional_write_the_store_asks_to_resend_is_not_a_lost_race(proxy, 
         etag = storage.write_json(uri, {"version": 2, "by": "me"}, **conditions)
     assert proxy.faults["conflict"] == 2 and proxy.requested[("PUT", storage.parse_uri(uri).key)] == 3
     assert storage.read_json_with_etag(uri) == ({"version": 2, "by": "me"}, etag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors that blame the caller, not the object
+# ---------------------------------------------------------------------------------------------
+
+
+def client_error(code: str, message: str = "", status: int = 403):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    ("ExpiredToken", "The provided token has expired."),
+    ("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+    ("SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
+    ("InvalidToken", "The provided token is malformed or otherwise invalid."),
+    ("TokenRefreshRequired", "The provided token must be refreshed."),
+    ("AccountProblem", "There is a problem with your AWS account."),
+    ("AllAccessDisabled", "All access to this Amazon S3 resource has been disabled."),
+    ("NoSuchBucket", "The specified bucket does not exist"),
+    ("KMS.DisabledException", "arn:aws:kms:...:key/... is disabled."),
+    ("KMS.NotFoundException", "Invalid keyId"),
+    ("AccessDenied", "User: arn:aws:iam::1:user/x is not authorized to perform: kms:Decrypt on resource: arn:aws:kms:..."),
+])
+def test_errors_that_blame_the_caller_are_told_from_those_about_one_object(code, message):
+    assert storage.is_caller_refused(client_error(code, message))
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "NoSuchKey", "InvalidObjectState", "SlowDown", "InternalError"])
+def test_errors_about_one_object_or_a_busy_store_do_not_blame_the_caller(code):
+    assert not storage.is_caller_refused(client_error(code, "Access Denied" if code == "AccessDenied" else ""))
+
+
+def test_missing_credentials_blame_the_caller():
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    assert storage.is_caller_refused(NoCredentialsError())
+    assert storage.is_caller_refused(PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"))
+
+
+def test_credentials_that_expire_part_way_fail_the_rerun_and_keep_the_published_partition(
+        spark, ws, proxy, s3_server):
+    partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
+    published = predictions.read_published(partition) or batch_inference.run(
+        spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
+    published = predictions.read_published(partition)
+    rows = rows_of(partition)
+    incoming = storage.parse_uri(ws["ws"] + "/incoming/2026-11-20/").key
+    # The first 80 reads of images get through; from then on the store says the token expired (a
+    # 60 % run would pass the shrink guard and be published over the complete partition).
+    proxy.add_rule(FaultRule("error", method="GET", key=f"^{re.escape(incoming)}", after=80, code="ExpiredToken",
+                             status=400, message="The provided token has expired."))
+    with through(proxy, s3_server, spark):
+        with pytest.raises(Exception, match="CallerRefused") as failed:
+            batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "expired"))
+    assert proxy.faults["error"] > 0 and "ExpiredToken" in str(failed.value)
+    assert predictions.read_published(partition) == published
+    assert rows_of(partition) == rows
+    assert storage.list_keys(f"{ws['ws']}/predictions/digits/_staging/") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A store that does not keep conditional writes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_by_name(spark, ws, s3_server, s3_prefix):
+    partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
+    published = predictions.read_published(partition) or batch_inference.run(
+        spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
+    published = predictions.read_published(partition)
+    with FaultProxy(s3_server.endpoint, ignore_conditions=True) as ignoring:
+        with through(ignoring, s3_server):
+            with pytest.raises(storage.ConditionalWritesIgnored, match=re.escape(ignoring.endpoint)):
+                storage.write_json(s3_prefix + "/claim.json", {"by": "me"}, if_none_match=True)
+            assert not storage.has_objects(s3_prefix + "/claim.json")  # nothing written unconditionally
+        with through(ignoring, s3_server, spark):
+            with pytest.raises(storage.ConditionalWritesIgnored, match="If-None-Match"):
+                batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "ignored"))
+    assert predictions.read_published(partition) == published
+
+
+def test_the_store_is_checked_once_per_endpoint_and_workspace(proxy, s3_server, s3_prefix):
+    assert storage.probe_key("ws/a/models/m/champion.json") == "ws/a/runs/_store-check/conditional-writes"
+    assert storage.probe_key("top.json") == storage.probe_key("x/top.json") == storage.PROBE_KEY
+    probe = (storage.parse_uri(s3_prefix).bucket, storage.probe_key(storage.parse_uri(s3_prefix + "/one.json").key))
+    with through(proxy, s3_server):
+        storage.write_json(s3_prefix + "/one.json", {"n": 1}, if_none_match=True)
+        etag = storage.write_json(s3_prefix + "/two.json", {"n": 2}, if_none_match=True)
+        storage.write_json(s3_prefix + "/two.json", {"n": 3}, if_match=etag)
+    assert proxy.requested[("PUT", probe[1])] == 4  # one probe: the object, two refusals, its own ETag
+
+
+def test_weak_etags_do_not_break_a_swap(spark, ws, s3_server, s3_prefix):
+    with FaultProxy(s3_server.endpoint, weak_etags=True) as weak:
+        with through(weak, s3_server):
+            uri = s3_prefix + "/weak.json"
+            first = storage.write_json(uri, {"n": 1}, if_none_match=True)
+            value, etag = storage.read_json_with_etag(uri)
+            assert value == {"n": 1} and etag == first and not etag.startswith("W/")
+            storage.write_json(uri, {"n": 2}, if_match=etag)
+            storage.write_json(uri, {"n": 3}, if_match=f'W/"{storage.head(uri)["etag"]}"')
+            with pytest.raises(storage.PreconditionFailed):
+                storage.write_json(uri, {"n": 4}, if_match=etag)
+        with through(weak, s3_server, spark):
+            result = batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "weak-etags"))
+    assert predictions.read_published(result["output_uri"])["attempt_id"] == "weak-etags"
+
+
+def test_etags_are_compared_without_quotes_or_weak_markers():
+    assert storage.normal_etag('W/"abc"') == storage.normal_etag('"abc"') == storage.normal_etag("abc") == "abc"
+    assert storage.normal_etag(None) == ""

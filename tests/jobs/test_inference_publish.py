@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparktf import job, predictions, registry, scoring, storage
+from sparktf import incoming, job, predictions, registry, scoring, storage
 from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import batch_inference
 from sparktf.testing import encode, land_partition, train_tiny_model
@@ -186,9 +186,9 @@ def test_a_rerun_that_would_shrink_the_partition_is_refused_unless_allowed(spark
     date = landed
     partition = f"{ws}/predictions/digits/{date}/"
     first = batch_inference.run(spark, args(ws, date, "--attempt-id", "full"))
-    incoming = predictions.list_partition(ws + "/incoming/", date)
+    listed = incoming.list_partition(ws + "/incoming/", date)
     bucket = storage.parse_uri(ws).bucket
-    storage.delete_keys(bucket, [o["key"] for o in incoming[: IMAGES - 5]])  # most images expired: 5 left
+    storage.delete_keys(bucket, [o["key"] for o in listed[: IMAGES - 5]])  # most images expired: 5 left
 
     refused = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "expired")))
     assert_whole(partition, "full", 1)
@@ -196,7 +196,7 @@ def test_a_rerun_that_would_shrink_the_partition_is_refused_unless_allowed(spark
     assert isinstance(refused, job.FinalFailure)
     assert re.search("refusing to replace .* with 5: fewer than 50%", str(refused)), refused
 
-    storage.delete_keys(bucket, [o["key"] for o in incoming])  # nothing left at all
+    storage.delete_keys(bucket, [o["key"] for o in listed])  # nothing left at all
     refused = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "empty")))
     assert_whole(partition, "full", 1)
     assert isinstance(refused, job.FinalFailure) and "with 0" in str(refused)

@@ -143,3 +143,50 @@ def test_nightly_note_when_too_many_images_are_set_aside():
     assert "**6 scored**, **4 set aside** of 10 images, with model `digits` v2." in note
     assert "Set aside: corrupt 3, too_large 1." in note and "published, then failed" in note
     assert "| label | 3 | 7 |" in note and "| images | 4 | 2 |" in note
+
+
+PIXEL = "![x](http://tracker.example/p.png?run=1)"
+HOSTILE = [PIXEL, "[click](javascript:alert(1))", "<img src=http://tracker.example/p.png>", "**bold** _it_ ~~gone~~",
+           "a | b", "`code`", "www.tracker.example", "http://tracker.example/", "x@tracker.example", "&lt;b&gt;",
+           "line one\n# heading\n- item", "\\![x](http://tracker.example/)"]
+
+
+def rendered(note: str) -> str:
+    """The note as CommonMark with tables renders it (raw HTML allowed, to see it if it got through)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(note)
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_untrusted_text_renders_as_the_same_text(text):
+    from html import unescape
+
+    html = rendered(run_notes.escape_markdown(text))
+    assert "<img" not in html and "<a " not in html and "<em>" not in html and "<strong>" not in html
+    assert "<code>" not in html and "<h1>" not in html and "<li>" not in html and "<del>" not in html
+    assert unescape(html.removeprefix("<p>").removesuffix("</p>\n")) == " ".join(text.splitlines())
+    assert "http:" not in run_notes.escape_markdown(text) and "www." not in run_notes.escape_markdown(text)
+
+
+def test_label_names_reasons_and_keys_stay_text_in_the_nightly_note():
+    job = {"date": "2026-11-20", "listed": 3, "scored": 2, "set_aside": 1, "reasons": {PIXEL: 1},
+           "label_histogram": {PIXEL: 1, "<img src=http://tracker.example/q.png>": 1}, "model_name": "digits`![x](y)",
+           "model_version": 2, "output_uri": "s3://b/ws/`![x](http://tracker.example/r.png)`/",
+           "failure_ratio_exceeded": False}
+    facts = run_summary.nightly_facts({"date": "2026-11-20", "images": 3}, job)
+    html = rendered(run_notes.nightly_note(facts, state="succeeded", problems=[]))
+    assert "<img" not in html and "<a " not in html and "tracker.example/p.png" in html
+    skipped = run_summary.nightly_facts({"date": "2026-11-20", "images": 0, "skipped_reason": f"no images under {PIXEL}"},
+                                        None)
+    assert "<img" not in rendered(run_notes.nightly_note(skipped, state="succeeded", problems=[]))
+
+
+def test_reasons_and_error_messages_stay_text_in_the_tuning_note():
+    tune_xcom, results = synthetic_grid(2, 1)
+    results["failed"] = [{"trial_id": "t", "reason": f"ValueError: {PIXEL}"}]
+    export = {"model_name": "digits", "version": 2, "promoted": False, "champion_version": 1,
+              "promotion_reason": f"the champion was trained on {PIXEL}"}
+    facts = run_summary.tuning_facts(tune_xcom, results, export)
+    html = rendered(run_notes.tuning_note(facts, state="succeeded", problems=[], figure=None))
+    assert "<img" not in html and "<a " not in html and "tracker.example/p.png" in html

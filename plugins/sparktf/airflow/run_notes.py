@@ -21,6 +21,7 @@ credential in the browser); the note shows it and links to it full size.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any
 
@@ -64,8 +65,26 @@ def figure_url(dag_id: str, run_id: str, task_id: str = "tune", root: str | None
 # ---------------------------------------------------------------------------------------------
 
 
+# What makes Markdown of text: links and images ([ ] !), emphasis and strikethrough (* ~, and "_"
+# at a word's edge: inside a word, as in too_large, it is none), code (`), table cells (|), raw
+# HTML and entities (< > &), autolinks (: @ and the dot of "www."), escapes (\\).
+_MARKUP = re.compile(r"[\\`*\[\]!<>|&~:@]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|(?<=\bwww)\.", re.IGNORECASE)
+
+
+def escape_markdown(value: Any, *, code: bool = False) -> str:
+    """Untrusted text (label names, reasons, keys, error messages, names from XCom) as plain text
+    in a note: every character that could start Markdown or HTML is backslash-escaped, line breaks
+    become spaces. ``code``: for inside a code span instead (where escapes do not work), backticks
+    become quotes.
+    """
+    text = " ".join(str(value).splitlines())
+    if code:
+        return text.replace("`", "'")
+    return _MARKUP.sub(lambda m: "\\" + m.group(0), text)
+
+
 def _cell(value: Any) -> str:
-    return run_summary.format_value(value).replace("|", "\\|")
+    return escape_markdown(run_summary.format_value(value))
 
 
 def _pct(accuracy: float | None) -> str:
@@ -116,12 +135,12 @@ def _cap(text: str, limit: int | None) -> str:
 def champion_line(decision: dict[str, Any] | None, reason_chars: int | None = None) -> str | None:
     if decision is None:
         return None
-    name = f"`{decision['model_name']}` " if decision.get("model_name") else ""
+    name = f"`{escape_markdown(decision['model_name'], code=True)}` " if decision.get("model_name") else ""
     if decision["promoted"]:
         verdict = f"{name}v{decision['version']} **promoted to champion**"
     else:
         verdict = f"{name}v{decision['version']} **not promoted** (champion stays v{decision['champion_version']})"
-    return f"**Champion:** {verdict}: {_cap(decision['reason'], reason_chars)}."
+    return f"**Champion:** {verdict}: {escape_markdown(_cap(str(decision['reason']), reason_chars))}."
 
 
 def fit(build, variants: list[dict[str, Any]]) -> str:
@@ -155,14 +174,14 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
             more = len(facts["rows"]) - rows
             if (more > 0 or not facts["rows_complete"]) and not minimal:
                 lines.append(f"\n…{str(more) + ' more ' if more > 0 else ''}(every trial: `tune` XCom, `results.json`)")
-            constant = ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} {run_summary.format_value(v)}"
+            constant = ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} {_cell(v)}"
                                  for k, v in facts["constant"].items())
             if constant and not minimal:
                 lines.append(f"\nEvery trial: {constant}.")
             lines += ["", default_line(facts, short_default)]
         if isinstance(facts["failed"], list) and facts["failed"] and not minimal:
             first = facts["failed"][0]
-            reason = _cap(run_summary.format_value(first.get("reason")), 60 if brief else 120)
+            reason = escape_markdown(_cap(run_summary.format_value(first.get("reason")), 60 if brief else 120))
             lines.append(f"\nFailed: {failed} trial(s), e.g. {reason}")
         champion = champion_line(facts["champion"], 160 if brief else None)
         if champion:
@@ -189,26 +208,26 @@ def nightly_note(facts: dict[str, Any], *, state: str, problems: list[str]) -> s
     """The nightly run's note: counts, reasons set aside, label histogram, model version."""
 
     def build(labels: bool = True) -> str:
-        lines = [NOTE_MARKER, f"**Nightly inference {state}: {facts['date'] or 'date unknown'}**"]
+        lines = [NOTE_MARKER, f"**Nightly inference {state}: {escape_markdown(facts['date'] or 'date unknown')}**"]
         lines += [f"- {p}" for p in problems]
         if facts["skipped_reason"]:
-            lines.append(f"\n0 images: {facts['skipped_reason']}; nothing to score.")
+            lines.append(f"\n0 images: {escape_markdown(facts['skipped_reason'])}; nothing to score.")
             return "\n".join(lines)
         if facts["scored"] is not None:
-            model = f"`{facts['model_name']}` v{facts['model_version']}" if facts["model_name"] else \
+            model = f"`{escape_markdown(facts['model_name'], code=True)}` v{facts['model_version']}" if facts["model_name"] else \
                 f"v{facts['model_version']}"
             lines.append(f"\n**{facts['scored']} scored**, **{facts['set_aside']} set aside** of {facts['listed']} "
                          f"images, with model {model}.")
             if facts["failure_ratio_exceeded"]:
                 lines.append("\n**More images set aside than `max_failure_ratio` allows**: published, then failed.")
             if facts["reasons"]:
-                lines.append("\nSet aside: " + ", ".join(f"{k} {v}" for k, v in facts["reasons"].items()) + ".")
+                lines.append("\nSet aside: " + ", ".join(f"{_cell(k)} {_cell(v)}" for k, v in facts["reasons"].items()) + ".")
             if labels and facts["labels"]:
                 lines += ["", "| label | " + " | ".join(_cell(k) for k in facts["labels"]) + " |",
                           "|--|" + "--:|" * len(facts["labels"]),
-                          "| images | " + " | ".join(str(v) for v in facts["labels"].values()) + " |"]
+                          "| images | " + " | ".join(_cell(v) for v in facts["labels"].values()) + " |"]
             if facts["output_uri"]:
-                lines.append(f"\nPredictions: `{facts['output_uri']}` (trust it once `_SUCCESS` is there).")
+                lines.append(f"\nPredictions: `{escape_markdown(facts['output_uri'], code=True)}` (trust it once `_SUCCESS` is there).")
         elif facts["listed"] is not None:
             lines.append(f"\n{facts['listed']} images listed; not scored.")
         return "\n".join(lines)

@@ -24,7 +24,11 @@ from typing import Any
 
 from airflow.sdk import BaseOperatorLink
 
-SPARK_UI_LINE = re.compile(r"Spark UI of application (?P<app>\S+): (?P<url>https?://\S+)")
+# The driver's own line, whole: the job skeleton's log format (sparktf.job.configure_logging:
+# "%(asctime)s %(levelname)s %(name)s: %(message)s"), its "sparktf" logger at INFO, and nothing
+# after the URL. A message that merely contains the phrase (an object key, an error) never matches.
+SPARK_UI_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} INFO sparktf: "
+                           r"Spark UI of application (?P<app>[A-Za-z0-9_.-]+): (?P<url>https?://[^\s\"'<>]+)\s*$")
 
 
 class SparkUILink(BaseOperatorLink):
@@ -42,8 +46,8 @@ class SparkUILink(BaseOperatorLink):
 
 
 def parse_ui_line(line: str) -> tuple[str, str] | None:
-    """``(application id, UI URL)`` from the job's log line, or None."""
-    match = SPARK_UI_LINE.search(line)
+    """``(application id, UI URL)`` from the driver's own log line (the whole line), or None."""
+    match = SPARK_UI_LINE.match(line)
     return (match["app"], match["url"]) if match else None
 
 
@@ -52,14 +56,20 @@ def watch_output(hook: Any, on_ui: Callable[[str, str], None]) -> Any:
 
     The provider's hook reads spark-submit's output in ``_process_spark_submit_log(iterator)``;
     this wraps that iterator (the hook still logs every line, unchanged).
+
+    Only the first matching line counts: the driver logs it as soon as its session exists, before
+    the job reads anything, so a later line built from untrusted text (an object key holding a
+    newline and a copy of the line) cannot replace the link.
     """
     process = hook._process_spark_submit_log
 
     def lines(itr: Iterator[Any]) -> Iterator[Any]:
+        found = None
         for line in itr:
-            found = parse_ui_line(line.decode(errors="replace") if isinstance(line, bytes) else str(line))
-            if found:
-                on_ui(*found)
+            if found is None:
+                found = parse_ui_line(line.decode(errors="replace") if isinstance(line, bytes) else str(line))
+                if found:
+                    on_ui(*found)
             yield line
 
     hook._process_spark_submit_log = lambda itr: process(lines(itr))

@@ -49,7 +49,7 @@ from collections import Counter
 from typing import Any
 
 import sparktf
-from sparktf import job, predictions, progress, registry, scoring, storage
+from sparktf import incoming, job, predictions, progress, registry, scoring, storage
 
 log = job.log
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never fetched past it
@@ -131,7 +131,7 @@ def score_and_publish(spark, args: argparse.Namespace, attempt: predictions.Atte
     """List, score on the executors, and publish (see :mod:`sparktf.predictions`)."""
     source = predictions.partition_uri(args.incoming_uri, args.date)
     final = predictions.partition_uri(attempt.predictions_uri, args.date)
-    objects, markers = predictions.scan_partition(args.incoming_uri, args.date, s3)
+    objects, markers = incoming.scan_partition(args.incoming_uri, args.date, s3)
     processed_at = processed_timestamp(args.processed_at, args.date)
     base = result_header(args, attempt, model, source=source, final=final, listed=len(objects), markers=markers,
                          processed_at=processed_at)
@@ -185,9 +185,9 @@ def plan_groups(objects: list[dict[str, Any]], slots: int, max_keys_per_task: in
     """The Spark tasks: ``(index, keys, {key: listed size})`` per task, keys dealt round-robin."""
     keys = [o["key"] for o in objects]
     sizes = {o["key"]: o["size"] for o in objects}
-    num_tasks = predictions.plan_tasks(len(keys), slots, max_keys_per_task)
+    num_tasks = incoming.plan_tasks(len(keys), slots, max_keys_per_task)
     return [(index, group, {k: sizes[k] for k in group})
-            for index, group in enumerate(predictions.assign_keys(keys, num_tasks))]
+            for index, group in enumerate(incoming.assign_keys(keys, num_tasks))]
 
 
 def score_groups(spark, groups: list[tuple], settings: dict[str, Any], staged_uri: str, *,
