@@ -49,8 +49,7 @@ import threading
 import time
 
 import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
-
-from sparktf import testing
+from sparktf_dev import testing
 
 BUCKET = "sparktf-bench-mnist"
 

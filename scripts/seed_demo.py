@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
-from sparktf import storage, testing
+from sparktf_dev import testing
+
+from sparktf import storage
 from sparktf.airflow.aws_connection import settings_from_json
 
 

@@ -12,8 +12,9 @@ import argparse
 import sys
 
 from seed_demo import use_local_stack
+from sparktf_dev import testing
 
-from sparktf import storage, testing
+from sparktf import storage
 from sparktf.images import encode_png
 
 

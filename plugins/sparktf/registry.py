@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sparktf
 from sparktf import storage
 
 log = logging.getLogger("sparktf.registry")
@@ -55,7 +56,7 @@ MAX_CLAIM_ATTEMPTS = 100  # numbers tried before an export gives up claiming one
 MAX_PROMOTION_ATTEMPTS = 5  # compare-and-swap rounds before an export gives up moving the champion
 _VERSION_RE = re.compile(r"/versions/(\d+)/metadata\.json$")
 _VERSION_FILE_RE = re.compile(r"(\d+)/(.+)$")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(sparktf.MODEL_NAME_PATTERN)
 
 # Test-only: name -> callable(**info), called where two exports can interleave ("version_chosen":
 # a number picked, not claimed yet; "claimed": claimed, no artifact written yet;

@@ -14,9 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from sparktf_dev.testing import TEST_SECRET_KEY, free_port
 
 from sparktf.airflow.local_ui import LocalAirflow
-from sparktf.testing import TEST_SECRET_KEY, free_port
 
 pytestmark = pytest.mark.e2e
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -129,15 +129,10 @@ def airflow_server(airflow_env, bucket, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_mnist(bucket, mnist_subset) -> str:
-    import gzip
+    from sparktf_dev.testing import upload_mnist
 
-    from sparktf import idx, storage
-
-    train_x, train_y, test_x, test_y = mnist_subset
     prefix = f"s3://{bucket}/rest/raw"
-    for name, array in {"train-images-idx3-ubyte.gz": train_x[:400], "train-labels-idx1-ubyte.gz": train_y[:400],
-                        "t10k-images-idx3-ubyte.gz": test_x[:100], "t10k-labels-idx1-ubyte.gz": test_y[:100]}.items():
-        storage.write_bytes(f"{prefix}/{name}", gzip.compress(idx.encode_idx(array)))
+    upload_mnist(prefix, mnist_subset, train_limit=400, test_limit=100)
     return prefix + "/"
 
 
@@ -246,8 +241,9 @@ def test_ui_listens_on_loopback_only(airflow_server, tuning_run):
 def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bucket, mnist_subset):
     """A backfill created through the API (as the UI's backfill dialog does) over three past nights,
     scored with the champion the tuning run above exported: three runs, three partitions."""
+    from sparktf_dev.testing import land_partition
+
     from sparktf import predictions
-    from sparktf.testing import land_partition
 
     assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
     workspace = f"s3://{bucket}/{REST_WORKSPACE}"

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from sparktf_dev.faults import FaultProxy
+from sparktf_dev.testing import asset_events, land_partition, run_dag, train_tiny_model
+from sparktf_dev.testing import register_trial as register_model
 
 from sparktf import predictions, storage
-from sparktf.faults import FaultProxy
-from sparktf.testing import asset_events, land_partition, run_dag, train_tiny_model
-from sparktf.testing import register_trial as register_model
 
 pytestmark = pytest.mark.e2e
 DATES = {  # logical date of the 02:30 run -> the partition its data interval covers
@@ -104,7 +104,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
 
 def test_terminal_summary_per_date(runs, airflow_env, tmp_path):
     """scripts/print_summary.py after a nightly run: the date's counts, reasons, labels, model version."""
-    from sparktf.testing import ROOT
+    from sparktf_dev.testing import ROOT
 
     for date, lines in {"2026-11-20": ["2026-11-20: 16 scored, 2 set aside of 18 images, model digits v1",
                                        "  set aside: empty 1, not_an_image 1"],

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sparktf_dev.testing import application_weights, asset_events, land_photos, run_dag
 
 from sparktf import applications, images, predictions, registry, scoring, storage
-from sparktf.testing import application_weights, asset_events, land_photos, run_dag
 
 pytestmark = pytest.mark.e2e
 DATE = "2026-11-20"

@@ -12,9 +12,9 @@ import urllib.parse
 import numpy as np
 import pytest
 from PIL import Image
+from sparktf_dev.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 from sparktf import dataset, registry, storage, trials
-from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 30

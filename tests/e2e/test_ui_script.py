@@ -14,9 +14,9 @@ import sys
 import urllib.request
 
 import pytest
+from sparktf_dev.testing import ROOT, free_port
 
 from sparktf.airflow.local_ui import COMPONENTS, LocalAirflow, _alive
-from sparktf.testing import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

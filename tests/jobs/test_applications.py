@@ -9,11 +9,11 @@ import re
 
 import numpy as np
 import pytest
+from sparktf_dev.testing import application_weights
 
 from sparktf import applications, registry, storage
 from sparktf.applications import RegistrationRefused
 from sparktf.jobs import register_model
-from sparktf.testing import application_weights
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def inception_artifact(inception_weights, tmp_path_factory) -> str:
 
 
 def probe_batch(side: int) -> np.ndarray:
-    from sparktf.testing import photo
+    from sparktf_dev.testing import photo
 
     return np.stack([np.asarray(photo(seed, side, side)) for seed in (21, 22)])
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sparktf_dev.testing import LABEL_NAMES, land_partition, train_tiny_model
+from sparktf_dev.testing import register_trial as register_model
 
 from sparktf import predictions, registry, scoring, storage
 from sparktf.images import decode_image
 from sparktf.jobs import batch_inference
-from sparktf.testing import LABEL_NAMES, land_partition, train_tiny_model
-from sparktf.testing import register_trial as register_model
 
 DATE = "2026-11-20"
 PROCESSED_AT = "2026-11-21T02:30:00+00:00"

@@ -13,12 +13,12 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
+from sparktf_dev.testing import encode, land_partition, train_tiny_model
+from sparktf_dev.testing import register_trial as register_model
 
 from sparktf import job, predictions, storage
-from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import batch_inference
-from sparktf.testing import encode, land_partition, train_tiny_model
-from sparktf.testing import register_trial as register_model
 
 PROCESSED_AT = "2026-11-21T02:30:00+00:00"
 IMAGES = 12

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+from sparktf_dev.testing import wait_until
 
 from sparktf import predictions, progress, search, storage
-from sparktf.testing import wait_until
 
 
 class Lines(logging.Handler):

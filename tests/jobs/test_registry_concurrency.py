@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from sparktf_dev.testing import LABEL_NAMES, wait_until
 
 from sparktf import registry, storage
-from sparktf.testing import LABEL_NAMES, wait_until
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+from sparktf_dev import testing
 
-from sparktf import run_summary, storage, testing
+from sparktf import run_summary, storage
 from sparktf.airflow import run_notes
 from sparktf.jobs import tune
 

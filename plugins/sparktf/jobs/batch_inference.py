@@ -49,10 +49,9 @@ from collections import Counter
 from typing import Any
 
 import sparktf
-from sparktf import job, predictions, progress, registry, scoring, storage
+from sparktf import job, knobs, predictions, progress, registry, scoring, storage
 
 log = job.log
-DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never fetched past it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,18 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "are identical); default: midnight UTC of --date")
     parser.add_argument("--attempt-id", default=None,
                         help="path-safe id of this attempt's staging folder (default: a random id)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    parser.add_argument("--fetch-threads", type=int, default=16, help="concurrent GETs per task")
     parser.add_argument("--max-keys-per-task", type=int, default=2000,
                         help="upper bound of images per Spark task (tasks are a multiple of the slots)")
     parser.add_argument("--top-k", type=int, default=5, help="labels with scores kept per image")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb limit per image")
-    parser.add_argument("--max-failure-ratio", type=float, default=0.2,
-                        help="fail (after publishing) when more than this share of images is set aside")
-    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                        help="set aside as too_large, without fetching, any object listed larger than this")
-    parser.add_argument("--allow-shrink", type=job.parse_bool, nargs="?", const=True, default=False,
-                        help="replace a published partition even with one scoring fewer than half its images")
+    # --max-failure-ratio, --batch-size, --fetch-threads, --max-image-bytes, --allow-shrink: the
+    # nightly DAG's Params, from the same table (sparktf.knobs.NIGHTLY_KNOBS).
+    knobs.add_arguments(parser, "batch_inference")
     return parser.parse_args(argv)
 
 
