@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
-from sparktf_dev.testing import land_partition, train_tiny_model, upload_mnist
+from sparktf_dev.testing import batch_inference_argv, land_partition, train_tiny_model, upload_mnist
 from sparktf_dev.testing import register_trial as register_model
 
 from sparktf import job, predictions, storage
@@ -107,10 +107,8 @@ def ws(bucket, mnist_subset) -> dict:
 
 
 def args(ws: str, date: str, *extra: str):
-    return batch_inference.parse_args([
-        "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
-        "--models-uri", ws + "/models/", "--model-name", "digits", "--processed-at", PROCESSED_AT,
-        "--batch-size", "32", "--max-keys-per-task", "40", "--fetch-threads", "8", *extra])
+    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "32", "--max-keys-per-task", "40",
+                                                           "--fetch-threads", "8", *extra, processed_at=PROCESSED_AT))
 
 
 def rows_of(partition: str) -> tuple[list, list]:

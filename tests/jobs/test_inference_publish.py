@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
-from sparktf_dev.testing import encode, land_partition, train_tiny_model
+from sparktf_dev.testing import batch_inference_argv, encode, land_partition, train_tiny_model
 from sparktf_dev.testing import register_trial as register_model
 
 from sparktf import job, predictions, storage
@@ -47,10 +47,8 @@ def landed(ws, mnist_subset) -> str:
 
 
 def args(ws: str, date: str, *extra: str):
-    return batch_inference.parse_args([
-        "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
-        "--models-uri", ws + "/models/", "--model-name", "digits", "--processed-at", PROCESSED_AT,
-        "--batch-size", "8", "--max-keys-per-task", "8", *extra])
+    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "8", "--max-keys-per-task", "8",
+                                                           *extra, processed_at=PROCESSED_AT))
 
 
 def run_once_inside(monkeypatch, module, name: str, when, action) -> list:
