@@ -288,7 +288,7 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         published = airflow_server.xcom("nightly_inference", run["dag_run_id"], "publish")
         assert (found["date"], found["date_from"]) == (date, "data_interval")
         assert published["date"] == date and published["model_version"] == 1
-        assert (published["images_scored"], published["images_set_aside"]) == (landed[date], 0)
+        assert (published["scored"], published["set_aside"]) == (landed[date], 0)
         assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
         rows, errors = predictions.read_predictions(published["output_uri"])
         assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
@@ -302,5 +302,5 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         assert "| images | " + " | ".join(str(n) for n in labels.values()) + " |" in note and sum(labels.values()) == landed[date]
         log = airflow_server.task_log("nightly_inference", run["dag_run_id"], "batch_inference")
         tasks = [line for line in log.splitlines() if "inference progress: task" in line]
-        assert len(tasks) == published["spark_tasks"], log[-4000:]
-        assert f"{published['spark_tasks']}/{published['spark_tasks']} tasks, {landed[date]}/{landed[date]} images" in tasks[-1]
+        assert len(tasks) == published["tasks"], log[-4000:]
+        assert f"{published['tasks']}/{published['tasks']} tasks, {landed[date]}/{landed[date]} images" in tasks[-1]

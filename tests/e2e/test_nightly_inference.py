@@ -80,7 +80,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert model["version"] == 1 and model["requested"] == ("1" if date == "2026-11-21" else "champion")
     published = summary["tasks"]["publish"]["xcom"]
     assert published["date"] == date and published["model_version"] == 1
-    assert (published["images_scored"], published["images_set_aside"]) == (scored, set_aside)
+    assert (published["scored"], published["set_aside"]) == (scored, set_aside)
     assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
     assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
     rows, errors = predictions.read_predictions(published["output_uri"])
@@ -156,7 +156,7 @@ def test_a_manual_run_scores_the_date_param(runs, airflow_env, workspace, tmp_pa
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert (found["date"], found["date_from"]) == ("2026-11-20", "param")
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["images_scored"] == 16
+    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["scored"] == 16
     rows, _errors = predictions.read_predictions(published["output_uri"])
     assert {r["processed_at"].isoformat() for r in rows} == {"2026-12-01T10:00:00+00:00"}
 
@@ -229,7 +229,7 @@ def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, air
     assert min(proxy.faults[k] for k in ("slowdown", "internal", "reset")) > 0, proxy.faults
     assert all(info["try_number"] == 1 for info in summary["tasks"].values())  # no task needed a retry
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["storage_retries"] > 0 and "unreadable" not in published["set_aside_reasons"]
+    assert published["storage_retries"] > 0 and "unreadable" not in published["reasons"]
     manifest = predictions.read_published(partition)
     assert manifest["replaces"]["publish_id"] == clean["publish_id"]
     assert rows_of(partition) == expected

@@ -17,10 +17,8 @@ one folder per model so that several models can score the same day side by side:
     <output-uri>/<model>/<date>/_SUCCESS                             manifest: counts, model, files
                                                                      (size, ETag, rows); switched last
 
-Tasks write to ``<output-uri>/<model>/_staging/<date>/<publish-id>/``; the driver copies the parts into
-the partition under names unique to the attempt, switches ``_SUCCESS`` with a conditional PUT
-(only if it is still the version seen when the job started: the first overlapping run to publish
-wins, the other fails without touching the partition), then removes the replaced files. A re-run
+How the job publishes (staging, one conditional ``_SUCCESS`` switch, the first overlapping run to
+publish wins, clean-up) and what readers rely on: the :mod:`sparktf.predictions` docstring. A re-run
 replaces the partition with the same rows (``--processed-at`` is the run's logical timestamp); one
 that would score fewer than half the images of the published partition is refused unless
 ``--allow-shrink``. If more than ``--max-failure-ratio`` of the images are set aside, the job
