@@ -1,4 +1,4 @@
-"""What only the benchmarks in bench/ need; everything else comes from :mod:`sparktf.testing`.
+"""What only the benchmarks in bench/ need; everything else comes from :mod:`sparktf_dev.testing`.
 
 The S3 server (``testing.S3Server``), local Spark (``testing.local_spark``), MNIST reading and
 upload (``testing.read_mnist`` / ``testing.upload_mnist``) and the prepare job
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparktf import testing
+from sparktf_dev import testing
 
 ROOT = testing.ROOT
 MNIST_DIR = Path(os.environ.get("SPARKTF_MNIST_DIR", ROOT.parent / "shared" / "datasets" / "mnist"))

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sparktf.testing import ROOT
+from sparktf_dev.testing import ROOT
 
 HEAVY = ("tensorflow", "keras", "pyspark", "pandas", "numpy", "botocore", "PIL", "matplotlib", "pyarrow")
 MARKER = "PARSE_RESULT "

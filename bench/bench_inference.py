@@ -40,7 +40,7 @@ from pathlib import Path
 
 import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
 
-from sparktf import testing
+from sparktf_dev import testing
 
 DATE = "2026-11-20"
 MODEL_NAME = "bench-digits"

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from _harness import load_average, machine
 
-from sparktf import testing
+from sparktf_dev import testing
 
 DATE = "2026-11-20"
 MODEL_NAME = "bench-cpu"

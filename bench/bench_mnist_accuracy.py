@@ -50,7 +50,7 @@ import time
 
 import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
 
-from sparktf import testing
+from sparktf_dev import testing
 
 BUCKET = "sparktf-bench-mnist"
 

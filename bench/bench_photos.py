@@ -1,11 +1,11 @@
 """Throughput of the batch inference job on photos with InceptionV3 (compute-bound) against its
 ceiling, ``pyspark.ml.functions.predict_batch_udf`` and the two task layouts, side by side in one run.
 
-Setup: ``--images`` synthetic ``--width`` x ``--height`` photos (``sparktf.testing.photo``: colour
+Setup: ``--images`` synthetic ``--width`` x ``--height`` photos (``sparktf_dev.testing.photo``: colour
 gradient, shapes, grain), JPEG quality 90, uploaded to a private moto S3 server on 127.0.0.1 (free
 port) under ``incoming/<date>/``. InceptionV3 is registered through the ``register_model`` job's own
 code path (``keras.applications.InceptionV3(weights=None)`` + a ``.weights.h5`` file the caller
-made, here ``sparktf.testing.application_weights``: no pretrained weights can be downloaded, and
+made, here ``sparktf_dev.testing.application_weights``: no pretrained weights can be downloaded, and
 the cost of a forward pass does not depend on the weights' values). Every image is decoded and
 centre-cropped to 299x299 as the job does (``resize_policy: center_crop``). Each measurement runs in
 a fresh interpreter (own TensorFlow thread settings, own JVM):
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
 
-from sparktf import testing
+from sparktf_dev import testing
 
 DATE = "2026-11-20"
 MODEL_NAME = "bench-inception-v3"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import _harness  # bench/ is importable: Python puts the running script's folder first on the import path
 
-from sparktf import testing
+from sparktf_dev import testing
 
 VALIDATION_FRACTION = 0.1
 BUCKET = "sparktf-bench-scaling"

@@ -25,7 +25,7 @@ Param).
 |---|---|---|
 | `validate_params` | no Spark, no TensorFlow: refuses inconsistent Params, missing uploads and a label map of the wrong size for a stock network | the checked request |
 | `register_model` | Spark job `jobs/register_model.py`: builds/loads the model, checks it loads in safe mode, takes uint8 pixels, fits its weights and labels, then writes the version (and moves the champion if asked) | version, URI, sha256, input shape, promoted |
-| `report` | fails the run with the reason when the job refused the model (nothing was registered) | the version summary |
+| `check_registered` | fails the run with the reason when the job refused the model (nothing was registered) | the version summary |
 
 The version's `metadata.json` records the input shape, channels, resize policy, label names,
 sha256 of the artifact and of the uploaded files, and where they came from.
@@ -37,17 +37,14 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sparktf import applications
-from sparktf.airflow.pipeline_settings import DEFAULT_ARGS, DEFAULT_WORKSPACE_URI, DRIVER_MEMORY, SPARK_CONF, path_safe
+from sparktf.airflow.pipeline_settings import DEFAULT_ARGS, model_name_param_spec, path_safe, workspace_param_spec
 from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
-RESULT_URI = "{{ params.workspace_uri }}/runs/{{ dag.dag_id }}/{{ run_id | path_safe }}/_results/{{ ti.task_id }}.json"
 S3_OR_EMPTY = r"^(s3a?://[^/]+/.+)?$"
 
 PARAMS = {
-    "workspace_uri": Param(DEFAULT_WORKSPACE_URI, type="string", pattern=r"^s3a?://[^/]+(/.*[^/])?$",
-                           title="Workspace", description="S3 prefix (no trailing slash) holding models/."),
-    "model_name": Param("inception-v3", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", title="Model name",
-                        description="Registered name; a new name starts at version 1."),
+    "workspace_uri": Param(**workspace_param_spec("S3 prefix (no trailing slash) holding models/.")),
+    "model_name": Param(**model_name_param_spec("inception-v3", "Registered name; a new name starts at version 1.")),
     "source": Param("keras_application", type="string", enum=list(applications.SOURCES), title="Source",
                     description="keras_application: a stock network + your weights file; keras_file: your .keras file."),
     "application": Param("InceptionV3", type="string", enum=sorted(applications.APPLICATIONS), title="Network",
@@ -84,41 +81,19 @@ def register_model():
     @task(retries=1)
     def validate_params(params=None) -> dict:
         """Refuse bad Params before the Spark job starts (no TensorFlow here), saying what to fix."""
-        from airflow.sdk.exceptions import AirflowFailException
-
         from sparktf import storage
-        from sparktf.airflow import aws_connection
+        from sparktf.airflow import aws_connection, validation
 
-        request = {name: params[name] for name in ("model_name", "source", "application", "weights_uri", "model_uri",
-                                                   "labels", "label_map_uri", "resize_policy")}
+        request = validation.registration_request(params)
         problems = applications.check_request(request)
         if not problems:
             aws_connection.use_connection()
-            uploads = {"weights_uri": request["weights_uri"]} if request["source"] == "keras_application" \
-                else {"model_uri": request["model_uri"]}
-            if request["labels"] == "label_map":
-                uploads["label_map_uri"] = request["label_map_uri"]
-            for name, uri in uploads.items():
-                found = storage.head(uri)
-                if found is None:
-                    problems.append(f"{name} {uri} does not exist: upload it first (aws s3 cp / mc cp)")
-                elif name == "label_map_uri" and found["size"] > applications.LABEL_MAP_MAX_BYTES:
-                    problems.append(f"label_map_uri {uri} is {found['size']} bytes: not a label map")
-        if not problems and request["labels"] == "label_map":
-            try:
-                labels = applications.parse_label_map(storage.read_bytes(request["label_map_uri"]))
-                expected = applications.expected_classes(request)
-                if expected is not None:
-                    applications.check_labels(labels, expected)
-            except applications.RegistrationRefused as refused:
-                problems.append(f"label_map_uri: {refused}")
-        if problems:
-            raise AirflowFailException("invalid parameters, nothing registered: " + "; ".join(problems))
+            problems = validation.upload_problems(request, storage.head, storage.read_bytes)
+        validation.refuse(problems, "invalid parameters, nothing registered")
         return {**request, "promote": bool(params["promote"])}
 
     register = SparkJobOperator(
         task_id="register_model",
-        name="register_model",
         application=job_path("register_model.py"),
         application_args=[
             "--models-uri", "{{ params.workspace_uri }}/models/",
@@ -135,22 +110,19 @@ def register_model():
             "--source-run", "{{ run_id }}",
             "--registered-at", "{{ dag_run.run_after.isoformat() }}",
         ],
-        result_uri=RESULT_URI,
-        conf=SPARK_CONF,
-        driver_memory=DRIVER_MEMORY,
     )
 
     @task
-    def report(result: dict) -> dict:
+    def check_registered(result: dict) -> dict:
         """The registered version, or the job's refusal as this run's failure."""
-        from airflow.sdk.exceptions import AirflowFailException
+        from sparktf.airflow import validation
 
         if not result.get("registered"):
-            raise AirflowFailException(f"model {result.get('model_name')!r} was not registered: {result.get('refused')}")
+            raise validation.failure(f"model {result.get('model_name')!r} was not registered: {result.get('refused')}")
         return result
 
     validate_params() >> register
-    report(register.output)
+    check_registered(register.output)
 
 
 register_model()

@@ -27,28 +27,23 @@ from sparktf import knobs
 from sparktf.airflow import run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
-    DEFAULT_MODEL_NAME,
     DEFAULT_WORKSPACE_URI,
-    DRIVER_MEMORY,
-    EXECUTOR_MEMORY,
-    SPARK_CONF,
+    RUN_URI,
+    model_name_param_spec,
     path_safe,
+    workspace_param_spec,
 )
 from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
-RUN_URI = "{{ params.workspace_uri }}/runs/{{ dag.dag_id }}/{{ run_id | path_safe }}"
 PREPARED_URI = RUN_URI + "/prepared/"
 TUNING_URI = RUN_URI + "/tuning/"
-RESULT_URI = RUN_URI + "/_results/{{ ti.task_id }}.json"
 
 PARAMS = {
     "dataset_uri": Param(f"{DEFAULT_WORKSPACE_URI}/datasets/mnist-demo/", type="string", pattern=r"^s3a?://[^/]+/.+",
                          title="Dataset location",
                          description="S3 prefix with <label>/<image> files and/or MNIST IDX files."),
-    "workspace_uri": Param(DEFAULT_WORKSPACE_URI, type="string", pattern=r"^s3a?://[^/]+(/.*[^/])?$",
-                           title="Workspace", description="S3 prefix (no trailing slash) for runs and models."),
-    "model_name": Param(DEFAULT_MODEL_NAME, type="string", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
-                        title="Model name"),
+    "workspace_uri": Param(**workspace_param_spec("S3 prefix (no trailing slash) for runs and models.")),
+    "model_name": Param(**model_name_param_spec()),
     # The tuning knobs: one table (sparktf.knobs) gives the form, the job arguments and the checks.
     **{name: Param(**spec) for name, spec in knobs.param_specs().items()},
 }
@@ -71,73 +66,39 @@ def tuning_pipeline():
     @task(retries=1)
     def validate_params(params=None) -> dict:
         """Refuse bad Params before any Spark job starts, saying what to fix."""
-        from airflow.sdk.exceptions import AirflowFailException
+        from sparktf import storage
+        from sparktf.airflow import aws_connection, validation
 
-        from sparktf import search, storage
-        from sparktf.airflow import aws_connection
-
-        values = {name: params[name] for name in knobs.BY_NAME}
-        problems = knobs.validate(values)
-        space = knobs.search_space(values)
-        if not problems:
-            problems = search.validate_search_space(space, strategy=values["search_strategy"],
-                                                    num_samples=values["num_random_trials"])
-        trials: list = []
-        if not problems:
-            # The tuning job's own trial list (random search samples by index: a huge space is
-            # never built in memory).
-            trials = search.build_trials(space, strategy=values["search_strategy"],
-                                         num_samples=values["num_random_trials"], seed=values["seed"])
-        for name in ("dataset_uri", "workspace_uri"):
-            try:
-                storage.parse_uri(params[name])
-            except ValueError as err:
-                problems.append(f"{name}: {err}")
+        problems, summary = validation.tuning_problems(params)
         if not problems:
             aws_connection.use_connection()
-            location = storage.prefix_uri(params["dataset_uri"])
-            if not storage.has_objects(location):
-                problems.append(f"dataset_uri {location} holds no objects: upload the data set there "
-                                f"(<label>/<image> files or MNIST IDX files) or point dataset_uri at it")
-        if problems:
-            raise AirflowFailException("invalid parameters: " + "; ".join(problems))
-        return {"dataset_uri": params["dataset_uri"], "trials": len(trials),
-                "search_strategy": values["search_strategy"], "epochs": values["epochs"]}
+            problems = validation.dataset_problems(params["dataset_uri"], storage.has_objects)
+        validation.refuse(problems, "invalid parameters")
+        return summary
 
     prepare_data = SparkJobOperator(
         task_id="prepare_data",
-        name="prepare_data",
         application=job_path("prepare_data.py"),
         application_args=[
             "--input-uri", "{{ params.dataset_uri }}",
             "--output-uri", PREPARED_URI,
             *knobs.job_arguments("prepare_data"),
         ],
-        result_uri=RESULT_URI,
-        conf=SPARK_CONF,
-        driver_memory=DRIVER_MEMORY,
-        executor_memory=EXECUTOR_MEMORY,
     )
 
     tune = SparkJobOperator(
         task_id="tune",
-        name="tune",
         application=job_path("tune.py"),
         application_args=[
             "--prepared-uri", PREPARED_URI,
             "--output-uri", TUNING_URI,
             *knobs.job_arguments("tune"),
         ],
-        result_uri=RESULT_URI,
-        conf=SPARK_CONF,
-        driver_memory=DRIVER_MEMORY,
-        executor_memory=EXECUTOR_MEMORY,
         execution_timeout=pendulum.duration(hours=12),
     )
 
     export_best_model = SparkJobOperator(
         task_id="export_best_model",
-        name="export_best_model",
         application=job_path("export_model.py"),
         application_args=[
             "--results-uri", TUNING_URI + "results.json",
@@ -147,9 +108,6 @@ def tuning_pipeline():
             "--trained-at", "{{ dag_run.run_after.isoformat() }}",
             *knobs.job_arguments("export_model"),
         ],
-        result_uri=RESULT_URI,
-        conf=SPARK_CONF,
-        driver_memory=DRIVER_MEMORY,
     )
 
     validate_params() >> prepare_data >> tune >> export_best_model

@@ -85,10 +85,10 @@ def tuning_lines(summary: dict[str, Any], json_path: Path, storage_ok: bool) -> 
             reduction = comparison["reduction"]
             change = "n/a" if reduction is None else (f"{reduction:.0%} less error" if reduction >= 0
                                                       else f"{-reduction:.0%} more error")
-            lines.append(f"default vs tuned: test error {comparison['default_error']:.2%} (the seed's default: "
+            lines.append(f"default vs tuned: test error {comparison['default_error']:.2%} (the reference network: "
                          f"{comparison['description']}) -> {comparison['tuned_error']:.2%} tuned: {change}")
         else:
-            lines.append(f"default vs tuned: the seed's default ({comparison['description']}) is {comparison['why']}")
+            lines.append(f"default vs tuned: the reference network ({comparison['description']}) is {comparison['why']}")
     decision = facts["champion"]
     if decision:
         verdict = "PROMOTED to champion" if decision["promoted"] else \

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
-from sparktf import storage, testing
+from sparktf import storage
 from sparktf.airflow import aws_connection
+from sparktf_dev import testing
 
 
 def use_local_stack() -> str:

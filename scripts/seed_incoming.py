@@ -13,8 +13,9 @@ import sys
 
 from seed_demo import use_local_stack
 
-from sparktf import storage, testing
+from sparktf import storage
 from sparktf.images import encode_png
+from sparktf_dev import testing
 
 
 def names(n: int, date: str) -> str:

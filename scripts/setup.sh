@@ -21,6 +21,12 @@ if ! "$VENV/bin/python" -c "import sparktf, sys; sys.exit(0 if sparktf.__file__.
   echo "==> installing the sparktf package (editable)"
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
 fi
+# The development harness (devtools/sparktf_dev: tests, benchmarks and scripts use it), editable too;
+# never part of the library or of the executors' zip.
+if ! "$VENV/bin/python" -c "import sparktf_dev, sys; sys.exit(0 if sparktf_dev.__file__.startswith('$ROOT/') else 1)" 2>/dev/null; then
+  echo "==> installing the sparktf_dev harness (editable)"
+  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT/devtools"
+fi
 if ! command -v java >/dev/null 2>&1; then
   echo "Java 17 is required by Spark: install it (e.g. apt-get install openjdk-17-jre-headless)" >&2
   exit 1

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from sparktf.testing import S3Server
+from sparktf_dev.testing import S3Server
 
 STATE_DIR = os.environ.get("SPARKTF_STATE_DIR", os.path.join(os.path.dirname(__file__), "..", ".stack"))
 PORT = int(os.environ.get("SPARKTF_S3_PORT", "5055"))

@@ -2,7 +2,8 @@
 
 Everything is session-scoped and cheap: one S3 server and one SparkSession per test process.
 Tests never use ../shared: their data comes from the demo subset shipped in data/demo/. The
-helpers behind these fixtures live in :mod:`sparktf.testing` (shared with bench/).
+helpers behind these fixtures live in :mod:`sparktf_dev.testing` (the development package beside the
+library, shared with bench/ and scripts/).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from sparktf import storage, testing
+from sparktf import storage
+from sparktf_dev import testing
 
 ROOT = testing.ROOT
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -29,6 +31,14 @@ os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="sparktf-airflow-")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+
+@pytest.fixture(scope="session")
+def dag_bag():
+    """Every DAG file of ``dags/`` parsed once for the session (``dag_bag.dags[dag_id]``; get_dag() would query the DB)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ __version__ = "0.2.0"
 
 # Set by the submitting operator to the sha256 of the shipped sources (see sparktf.airflow).
 CODE_SHA256_ENV = "SPARKTF_CODE_SHA256"
+# A registered model's name (the registry's folder, the DAGs' Params): lower case, digits, '.', '_', '-'.
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
 def code_version() -> str:

@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import sparktf
+
 SOURCES = ("keras_application", "keras_file")
 LABEL_SOURCES = ("imagenet", "label_map")
 RESIZE_POLICIES = ("center_crop", "resize")  # the same names as sparktf.images.RESIZE_POLICIES
@@ -99,7 +101,7 @@ def check_request(request: dict[str, Any]) -> list[str]:
     """
     problems = []
     source = request.get("source")
-    if not re.match(r"^[a-z0-9][a-z0-9._-]{0,63}$", str(request.get("model_name") or "")):
+    if not re.match(sparktf.MODEL_NAME_PATTERN, str(request.get("model_name") or "")):
         problems.append(f"model_name must be lower-case letters, digits, '.', '_' or '-', got {request.get('model_name')!r}")
     if source == "keras_application":
         if request.get("application") not in APPLICATIONS:

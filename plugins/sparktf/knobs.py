@@ -1,11 +1,12 @@
-"""The one table of the tuning pipeline's knobs (pure Python, cheap to import).
+"""The tables of the pipelines' knobs: the tuning pipeline's and the nightly inference's (pure Python, cheap to import).
 
 Each :class:`Knob` says once what a setting is called in the Trigger form (Param name), on a job's
 command line (flag), in the search space (dimension), its type, default, bounds and help. From
 this table come the DAG's Params (:func:`param_specs`), each job's rendered arguments
 (:func:`job_arguments`), each job's argparse flags (:func:`add_arguments`) and the checks the
 DAG's ``validate_params`` runs before any Spark job starts (:func:`validate`). A default therefore
-cannot drift between the form and the job.
+cannot drift between the form and the job. :data:`KNOBS` are the tuning pipeline's;
+:data:`NIGHTLY_KNOBS` the nightly inference's (``batch_inference`` job).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Knob:
     Attributes:
         name: Param name in the Trigger form (and key in ``params``).
         job: the job whose command line takes it (``prepare_data``, ``tune``, ``export_model``).
-        kind: ``int``, ``float``, ``str``, ``int_list`` or ``float_list``.
+        kind: ``int``, ``float``, ``str``, ``bool``, ``int_list`` or ``float_list``.
         default: the default, for the form and the job alike.
         title, help: what the form shows.
         dimension: for list knobs, the search-space dimension the values span.
@@ -69,7 +70,7 @@ KNOBS: tuple[Knob, ...] = (
          exclusive_minimum=0, exclusive_maximum=0.5),
     # tune: the search space
     Knob("model_family", "tune", "str", "mnist_cnn_bn", "Model family",
-         "mnist_cnn_bn: 4 batch-normalised 3x3 conv layers (the default); mnist_cnn: the seed's 2-conv network; "
+         "mnist_cnn_bn: 4 batch-normalised 3x3 conv layers (the default); mnist_cnn: the reference network (2 conv layers); "
          "mlp: a quick 1-hidden-layer net.", choices=("mnist_cnn_bn", "mnist_cnn", "mlp")),
     Knob("learning_rates", "tune", "float_list", [0.001, 0.003], "Learning rates",
          "Optimizer step sizes to try.", dimension="learning_rate", exclusive_minimum=0),
@@ -111,13 +112,29 @@ KNOBS: tuple[Knob, ...] = (
          "(a new lineage on purpose, e.g. after changing the data).", choices=("compare", "replace")),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
+
+# The nightly inference's settings (the ``batch_inference`` job's tuning flags).
+NIGHTLY_KNOBS: tuple[Knob, ...] = (
+    Knob("max_failure_ratio", "batch_inference", "float", 0.2, "Maximum share set aside",
+         "Fail the run (after publishing) when more images are set aside.", minimum=0, maximum=1),
+    Knob("batch_size", "batch_inference", "int", 256, "Images per model call",
+         "Images per model call (refused when a batch cannot fit the executor's memory).", minimum=1, maximum=8192),
+    Knob("fetch_threads", "batch_inference", "int", 16, "Concurrent GETs per Spark task",
+         "Concurrent GETs per Spark task.", minimum=1, maximum=128),
+    Knob("max_image_bytes", "batch_inference", "int", 50_000_000, "Largest image fetched (bytes)",
+         "Objects listed larger are set aside as too_large without being fetched.", minimum=1),
+    Knob("allow_shrink", "batch_inference", "bool", False, "Allow a much smaller re-run",
+         "Replace a published partition even with one scoring fewer than half its images."),
+)
+NIGHTLY_BY_NAME = {knob.name: knob for knob in NIGHTLY_KNOBS}
 # The seed as prepare_data reads it too (one value: the split and the trials share it).
 SHARED_WITH_PREPARE = ("seed",)
 
 
 def knobs_of(job: str) -> list[Knob]:
     """The knobs a job's command line takes."""
-    return [k for k in KNOBS if k.job == job or (job == "prepare_data" and k.name in SHARED_WITH_PREPARE)]
+    return [k for k in (*KNOBS, *NIGHTLY_KNOBS)
+            if k.job == job or (job == "prepare_data" and k.name in SHARED_WITH_PREPARE)]
 
 
 def search_dimensions() -> dict[str, Knob]:
@@ -130,15 +147,15 @@ def search_dimensions() -> dict[str, Knob]:
 # ---------------------------------------------------------------------------------------------
 
 
-def param_specs() -> dict[str, dict[str, Any]]:
-    """Keyword arguments of ``airflow.sdk.Param`` for every knob (JSON schema + form text)."""
+def param_specs(table: tuple[Knob, ...] = KNOBS) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of ``airflow.sdk.Param`` for every knob of a table (JSON schema + form text)."""
     specs = {}
-    for knob in KNOBS:
+    for knob in table:
         bounds = {key: value for key, value in (
             ("minimum", knob.minimum), ("maximum", knob.maximum),
             ("exclusiveMinimum", knob.exclusive_minimum), ("exclusiveMaximum", knob.exclusive_maximum))
             if value is not None}
-        json_type = {"int": "integer", "float": "number", "str": "string"}[knob.item_kind]
+        json_type = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}[knob.item_kind]
         spec: dict[str, Any] = {"title": knob.title, "description": knob.help}
         if knob.is_list:
             spec.update(type="array", minItems=1, items={"type": json_type, **bounds})
@@ -171,7 +188,19 @@ def parse_number_list(text: str, kind: type = float) -> list:
     return [kind(float(v)) if kind is int else kind(v) for v in values]
 
 
+def parse_bool(value: str) -> bool:
+    """``true``/``false`` (any case; also 1/0, yes/no, empty = false): how Airflow renders a boolean Param."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def _parser_type(knob: Knob):
+    if knob.kind == "bool":
+        return parse_bool
     if knob.kind == "int_list":
         return lambda text: parse_number_list(text, int)
     if knob.kind == "float_list":
@@ -182,8 +211,10 @@ def _parser_type(knob: Knob):
 def add_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     """Add a job's knob flags to its parser, with the table's defaults and help."""
     for knob in knobs_of(job):
+        # A bare boolean flag (``--allow-shrink``) means true; the DAG renders ``--allow-shrink True``.
+        optional_value = {"nargs": "?", "const": True} if knob.kind == "bool" else {}
         parser.add_argument(knob.flag, dest=knob.name, type=_parser_type(knob), default=knob.default,
-                            choices=knob.choices, help=f"{knob.help} (default: {knob.default})")
+                            choices=knob.choices, help=f"{knob.help} (default: {knob.default})", **optional_value)
 
 
 def search_space(values: dict[str, Any]) -> dict[str, list]:
@@ -200,6 +231,8 @@ def describe(knob: Knob) -> str:
     """What an acceptable value (item, for lists) is, in words: ``a number > 0 and <= 10``."""
     if knob.item_kind == "str":
         return f"one of {list(knob.choices or [])}"
+    if knob.item_kind == "bool":
+        return "true or false"
     bounds = [f"{op} {int(value) if float(value).is_integer() else value}" for op, value in ((">=", knob.minimum), (">", knob.exclusive_minimum),
                                                   ("<=", knob.maximum), ("<", knob.exclusive_maximum))
               if value is not None]
@@ -211,6 +244,8 @@ def check_value(knob: Knob, value: Any) -> str | None:
     """Why one value (one item, for list knobs) is not acceptable (``must be ...``), or None."""
     if knob.item_kind == "str":
         ok = isinstance(value, str) and (not knob.choices or value in knob.choices)
+    elif knob.item_kind == "bool":
+        ok = isinstance(value, bool)
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         ok = False
     elif isinstance(value, float) and not math.isfinite(value):
@@ -237,17 +272,18 @@ def check_list(label: str, knob: Knob, values: Any) -> list[str]:
     return problems
 
 
-def validate(values: dict[str, Any]) -> list[str]:
+def validate(values: dict[str, Any], table: tuple[Knob, ...] = KNOBS) -> list[str]:
     """Every problem with a set of knob values, as messages that say what to fix (empty if fine).
 
-    Checks each knob present in ``values`` (types, finiteness, bounds, duplicates in lists) and
-    the rules that span knobs. Unknown names are reported too.
+    Checks each knob of ``table`` present in ``values`` (types, finiteness, bounds, duplicates in
+    lists) and the rules that span knobs. Unknown names are reported too.
     """
+    by_name = {knob.name: knob for knob in table}
     problems = []
     for name, value in values.items():
-        knob = BY_NAME.get(name)
+        knob = by_name.get(name)
         if knob is None:
-            problems.append(f"{name}: unknown setting; known: {sorted(BY_NAME)}")
+            problems.append(f"{name}: unknown setting; known: {sorted(by_name)}")
             continue
         if knob.is_list:
             problems += check_list(name, knob, value)

@@ -59,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import sparktf
 from sparktf import storage
 
 log = logging.getLogger("sparktf.predictions")
@@ -69,7 +70,7 @@ ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
 ATTEMPT_MARKER = "_ATTEMPT"
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the registry's model names
+MODEL_NAME_RE = re.compile(sparktf.MODEL_NAME_PATTERN)  # the registry's model names
 _SAFE_ID_RE = re.compile(r"^[A-Za-z0-9_.=-]+$")
 _PART_RE = re.compile(r"^part-(?P<publish_id>[A-Za-z0-9_.=-]+)-(?P<index>\d{5})\.parquet$")
 # An attempt whose marker is older than this is dead (the DAG's job timeout is 3 hours): its

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sparktf
 from sparktf import storage
 
 log = logging.getLogger("sparktf.registry")
@@ -56,12 +57,12 @@ MAX_CLAIM_ATTEMPTS = 100  # numbers tried before an export gives up claiming one
 MAX_PROMOTION_ATTEMPTS = 5  # compare-and-swap rounds before an export gives up moving the champion
 _VERSION_RE = re.compile(r"/versions/(\d+)/metadata\.json$")
 _VERSION_FILE_RE = re.compile(r"(\d+)/(.+)$")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-# What a version was trained for and tested on; recorded in its metadata and in the champion
-# pointer, and compared before two versions' scores are (:func:`comparable`).
+_NAME_RE = re.compile(sparktf.MODEL_NAME_PATTERN)
 # What a version was made from: two attempts that agree on these made the same version (a retry
 # adopts what an earlier attempt published; register_model reuses a run's version only for them).
 REQUEST_KEYS = ("source_run", "trial_id", "source", "labels", "resize_policy")
+# What a version was trained for and tested on; recorded in its metadata and in the champion
+# pointer, and compared before two versions' scores are (:func:`comparable`).
 LINEAGE_KEYS = ("label_names", "input_shape", "test_split_sha256", "manifest_sha256")
 
 # Test-only: name -> callable(**info), called where two exports can interleave ("version_chosen":

@@ -4,8 +4,8 @@ Pure Python, no Airflow, no S3: the callers hand in the jobs' results (XCom valu
 job's ``results.json``) and render the facts as Markdown (:mod:`sparktf.airflow.run_notes`) or as
 plain text (``scripts/print_summary.py``).
 
-**The default configuration** is the seed's network and settings, the baseline the mission
-measures against (99.2 % on MNIST): model family ``mnist_cnn``, learning rate 0.001, 1024 hidden
+**The default configuration** is the reference network (``mnist_cnn`` defaults), the baseline the
+project measures against (99.2 % on MNIST): model family ``mnist_cnn``, learning rate 0.001, 1024 hidden
 units, batch size 128, dropout 0.5, optimizer adam, no augmentation. It is a fixed configuration,
 not the knob table's defaults (those are a grid of a better family, chosen to beat it). When a
 run's grid contains it, its test error is the baseline of the "default vs tuned" comparison; the
@@ -20,7 +20,7 @@ from typing import Any
 
 from sparktf import knobs
 
-# The seed's network and settings: the "default" of "default vs tuned".
+# The reference network (mnist_cnn defaults): the "default" of "default vs tuned".
 DEFAULT_CONFIGURATION = {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
                          "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
 # Short column names of the search dimensions, for tables.
@@ -150,28 +150,22 @@ def nightly_facts(found: dict[str, Any] | None, result: dict[str, Any] | None) -
 
     Args:
         found: the ``find_new_images`` result (date, images listed; a skip reason on an empty night).
-        result: the ``publish`` summary, or the ``batch_inference`` job's result (either naming).
+        result: the ``publish`` summary or the ``batch_inference`` job's result: both use the job's
+            keys (``listed``, ``scored``, ``set_aside``, ``reasons``, ``label_histogram``...).
     """
     found = found or {}
     result = result or {}
-
-    def pick(*names: str, default: Any = None) -> Any:
-        for name in names:
-            if result.get(name) is not None:
-                return result[name]
-        return default
-
-    listed = pick("images_listed", "listed", default=found.get("images"))
+    listed = result.get("listed")
     return {
-        "date": pick("date", default=found.get("date")),
-        "listed": listed,
-        "scored": pick("images_scored", "scored"),
-        "set_aside": pick("images_set_aside", "set_aside"),
-        "reasons": dict(pick("set_aside_reasons", "reasons", default={}) or {}),
-        "labels": dict(pick("label_histogram", default={}) or {}),
-        "model_name": pick("model_name"), "model_version": pick("model_version"),
-        "output_uri": pick("output_uri"), "images_per_second": pick("images_per_second"),
-        "failure_ratio_exceeded": bool(pick("failure_ratio_exceeded", default=False)),
+        "date": result.get("date") or found.get("date"),
+        "listed": found.get("images") if listed is None else listed,
+        "scored": result.get("scored"),
+        "set_aside": result.get("set_aside"),
+        "reasons": dict(result.get("reasons") or {}),
+        "labels": dict(result.get("label_histogram") or {}),
+        "model_name": result.get("model_name"), "model_version": result.get("model_version"),
+        "output_uri": result.get("output_uri"), "images_per_second": result.get("images_per_second"),
+        "failure_ratio_exceeded": bool(result.get("failure_ratio_exceeded")),
         "skipped_reason": found.get("skipped_reason"), "incoming_uri": found.get("incoming_uri"),
     }
 

@@ -8,7 +8,6 @@ Every process started here is stopped by its process group id.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sparktf import idx, storage, trials
-from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, run_dag
+from sparktf import storage, trials
+from sparktf_dev.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, run_dag, upload_mnist
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 SPARK_HOME = str(Path(__import__("pyspark").__file__).parent)
@@ -116,11 +115,8 @@ def cluster_airflow_env(airflow_env, cluster) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def raw_mnist(bucket, mnist_subset) -> str:
-    train_x, train_y, test_x, test_y = mnist_subset
     prefix = f"s3://{bucket}/cluster/raw"
-    for name, array in {"train-images-idx3-ubyte.gz": train_x[:800], "train-labels-idx1-ubyte.gz": train_y[:800],
-                        "t10k-images-idx3-ubyte.gz": test_x[:200], "t10k-labels-idx1-ubyte.gz": test_y[:200]}.items():
-        storage.write_bytes(f"{prefix}/{name}", gzip.compress(idx.encode_idx(array)))
+    upload_mnist(prefix, mnist_subset, train_limit=800, test_limit=200)
     return prefix + "/"
 
 
@@ -143,7 +139,7 @@ def test_tuning_dag_runs_on_the_cluster_and_uses_both_workers(cluster_tuning_run
 
 
 def start_dag(env: dict[str, str], out_dir: Path, dag_id: str, conf: dict) -> tuple[subprocess.Popen, Path, Path]:
-    """Start a DAG run like :func:`sparktf.testing.run_dag`, in the background (own process group)."""
+    """Start a DAG run like :func:`sparktf_dev.testing.run_dag`, in the background (own process group)."""
     summary, log_path = out_dir / f"{dag_id}-summary.json", out_dir / f"{dag_id}.log"
     command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf),
                "--json-out", str(summary)]
@@ -231,7 +227,7 @@ def test_losing_a_worker_while_the_dags_tune_task_runs_trains_every_trial_once(
 def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(
         cluster_airflow_env, cluster_tuning_run, bucket, mnist_subset, tmp_path):
     from sparktf import predictions
-    from sparktf.testing import land_partition
+    from sparktf_dev.testing import land_partition
 
     conf, _summary = cluster_tuning_run
     _tx, _ty, test_x, test_y = mnist_subset

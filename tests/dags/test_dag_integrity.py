@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from sparktf_dev.testing import params_with
+
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
 HEAVY_MODULES = ("tensorflow", "keras", "pyspark", "pandas", "boto3", "botocore", "PIL", "numpy", "matplotlib")
 ALLOWED_TAGS = {"ml", "spark", "tensorflow", "tuning", "inference", "registry"}
 MANUAL_DAGS = {"register_model"}  # triggered by hand with a form, never scheduled
-
-
-@pytest.fixture(scope="session")
-def dag_bag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(ROOT / "dags"))
 
 
 def dags_of(dag_bag, path: Path):
@@ -50,6 +45,50 @@ def test_dag_file_imports_nothing_heavy(path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# Counts every connection lookup (the Task SDK's and the metadata DB's) while a DAG file is parsed.
+COUNT_LOOKUPS = (
+    "import importlib.util, json, sys\n"
+    "import airflow.sdk.execution_time.context as sdk_context\n"
+    "from airflow.models.connection import Connection as DbConnection\n"
+    "lookups = []\n"
+    "def counted(original):\n"
+    "    def lookup(*args, **kwargs):\n"
+    "        lookups.append(str(args[-1] if args else kwargs))\n"
+    "        return original(*args, **kwargs)\n"
+    "    return lookup\n"
+    "sdk_context._get_connection = counted(sdk_context._get_connection)\n"
+    "DbConnection.get_connection_from_secrets = counted(DbConnection.get_connection_from_secrets)\n"
+    "spec = importlib.util.spec_from_file_location('dagfile', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+    "print(json.dumps(lookups))\n"
+)
+
+
+def connection_lookups(path: Path) -> list[str]:
+    """Connection lookups made while parsing ``path`` in a fresh interpreter whose connections are all invalid."""
+    import os
+
+    env = {**os.environ, "AIRFLOW_CONN_AWS_DEFAULT": "not-a-connection", "AIRFLOW_CONN_SPARK_DEFAULT": "not-a-connection"}
+    out = subprocess.run([sys.executable, "-c", COUNT_LOOKUPS, str(path)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_dag_file_parses_without_a_connection_lookup(path):
+    """Parsing runs often, on the DAG processor: a connection lookup there costs a secrets-backend call each time."""
+    assert connection_lookups(path) == []
+
+
+def test_the_lookup_count_sees_a_lookup_at_parse_time(tmp_path):
+    """The counter itself: a DAG file that reads a connection at the top is caught."""
+    bad = tmp_path / "reads_a_connection.py"
+    bad.write_text("from airflow.sdk import Connection\n"
+                   "try:\n    Connection.get('aws_default')\nexcept Exception:\n    pass\n")
+    assert connection_lookups(bad) == ["aws_default"]
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
@@ -101,14 +140,8 @@ def test_spark_tasks_use_the_result_operator_with_job_files(dag_bag):
 )
 def test_bad_trigger_params_are_refused(dag_bag, change):
     """The same JSON-schema check Airflow runs when a run is triggered from the UI or the API."""
-    from airflow.sdk import Param
-    from airflow.sdk.definitions.param import ParamsDict
-
-    dag = dag_bag.dags["tuning_pipeline"]  # get_dag() would query the metadata DB
-    values = {key: change.get(key, dag.params[key]) for key in dag.params}
-    params = ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()})
     with pytest.raises(Exception) as err:
-        params.validate()
+        params_with(dag_bag.dags["tuning_pipeline"], change).validate()
     assert type(err.value).__name__ == "ParamValidationError"
 
 

@@ -1,23 +1,27 @@
-"""nightly_inference: schedule, partition date from the data interval, Params refused at trigger time."""
+"""nightly_inference: schedule, partition date from the data interval, Params refused at trigger time,
+the job's command line rendered by Airflow from the Params and the upstream XComs."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from sparktf_dev.testing import batch_inference_argv, params_with, rendered_task
+
+XCOMS = {("find_new_images", "date"): "2026-11-20", ("find_new_images", "processed_at"): "2026-11-21T02:30:00+00:00",
+         ("resolve_model", "version"): 12, ("resolve_model", "model_sha256"): "ab" * 32}
 
 
 @pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
+def dag(dag_bag):
+    return dag_bag.dags["nightly_inference"]
 
-    bag = DagBag(dag_folder=str(ROOT / "dags" / "nightly_inference.py"))
-    assert bag.import_errors == {}
-    return bag.dags["nightly_inference"]  # get_dag() would query the metadata DB
+
+def rendered_args(dag, conf: dict | None = None) -> list[str]:
+    """batch_inference's command line as the operator passes it (it makes every argument a string)."""
+    return [str(a) for a in rendered_task(dag, "batch_inference", conf, xcoms=XCOMS).application_args]
 
 
 def test_shape_schedule_and_asset(dag):
@@ -34,63 +38,68 @@ def test_shape_schedule_and_asset(dag):
 
 
 def test_the_0230_run_scores_the_day_its_interval_starts_on(dag):
-    import importlib.util
-
     import pendulum
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    from sparktf.airflow.nightly import partition_date
 
     # The run at 2026-11-21 02:30 covers 2026-11-20 02:30 -> 2026-11-21 02:30.
     run_after = pendulum.datetime(2026, 11, 21, 2, 30, tz="UTC")
-    from airflow.serialization.encoders import coerce_to_core_timetable
-
     interval = coerce_to_core_timetable(dag.timetable).infer_manual_data_interval(run_after=run_after)
     assert (interval.start, interval.end) == (run_after - dt.timedelta(days=1), run_after)
-    spec = importlib.util.spec_from_file_location("nightly_dagfile", ROOT / "dags" / "nightly_inference.py")
-    dagfile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dagfile)
-    start = pendulum.datetime(2026, 11, 20, 2, 30, tz="UTC")
-    assert dagfile.partition_date({"date": ""}, start) == ("2026-11-20", "data_interval")
-    assert dagfile.partition_date({"date": ""}, pendulum.datetime(2026, 11, 20, 23, 30, tz="America/New_York")) == (
-        "2026-11-21", "data_interval")  # partitions are UTC dates
-    assert dagfile.partition_date({"date": "2026-01-02"}, start) == ("2026-01-02", "param")
-    with pytest.raises(Exception, match="set the 'date' Param"):
-        dagfile.partition_date({"date": ""}, None)
+    assert partition_date({"date": None}, interval.start) == ("2026-11-20", "data_interval")
 
 
 @pytest.mark.parametrize("change", [
-    {"date": "2026-13-01"}, {"date": "20261120"}, {"model_version": "latest"}, {"model_version": "0"},
+    {"date": "2026-13-01"}, {"date": "20261120"}, {"date": "2026-02-31"}, {"model_version": "latest"}, {"model_version": "0"},
     {"max_failure_ratio": 1.5}, {"batch_size": 0}, {"workspace_uri": "/local/path"},
     {"max_image_bytes": 0}, {"allow_shrink": "yes"},
 ], ids=lambda c: json.dumps(c))
 def test_bad_trigger_params_are_refused(dag, change):
-    from airflow.sdk import Param
-    from airflow.sdk.definitions.param import ParamsDict
-
-    values = {key: change.get(key, dag.params[key]) for key in dag.params}
-    params = ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()})
     with pytest.raises(Exception) as err:
-        params.validate()
+        params_with(dag, change).validate()
     assert type(err.value).__name__ == "ParamValidationError"
 
 
 def test_good_manual_params_are_accepted(dag):
-    from airflow.sdk import Param
-    from airflow.sdk.definitions.param import ParamsDict
-
-    values = {key: dag.params[key] for key in dag.params}
-    values.update(date="2026-11-20", model_version="12")
-    ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()}).validate()
+    params_with(dag, {"date": "2026-11-20", "model_version": "12"}).validate()
+    params_with(dag, {"date": "2028-02-29"}).validate()  # a leap day
 
 
 def test_the_job_gets_the_byte_cap_and_the_shrink_permission(dag):
     from sparktf.jobs import batch_inference
 
-    job_args = dag.get_task("batch_inference").application_args
-    assert job_args[job_args.index("--max-image-bytes") + 1] == "{{ params.max_image_bytes }}"
-    assert job_args[job_args.index("--allow-shrink") + 1] == "{{ params.allow_shrink }}"
+    args = batch_inference.parse_args(rendered_args(dag, {"max_image_bytes": 1000, "allow_shrink": True}))
+    assert (args.max_image_bytes, args.allow_shrink) == (1000, True)
     assert dag.params["allow_shrink"] is False and dag.params["max_image_bytes"] == 50_000_000
     # How Airflow renders a boolean Param, read back by the job
-    required = ["--incoming-uri", "s3://b/i/", "--output-uri", "s3://b/o/", "--date", "2026-11-20",
-                "--models-uri", "s3://b/m/", "--model-name", "digits"]
+    required = batch_inference_argv("s3://b/ws", "2026-11-20")
     assert batch_inference.parse_args([*required, "--allow-shrink", "False"]).allow_shrink is False
     assert batch_inference.parse_args([*required, "--allow-shrink", "True"]).allow_shrink is True
+    assert batch_inference.parse_args([*required, "--allow-shrink"]).allow_shrink is True
     assert batch_inference.parse_args(required).allow_shrink is False
+
+
+def test_the_job_gets_the_resolved_version_and_the_found_date_as_xcoms(dag):
+    """The upstream results reach the command line as XComArgs (no hand-written ``ti.xcom_pull`` Jinja)."""
+    from sparktf.jobs import batch_inference
+
+    task = rendered_task(dag, "batch_inference", {"model_name": "digits", "workspace_uri": "s3://b/ws"}, xcoms=XCOMS)
+    args = batch_inference.parse_args([str(a) for a in task.application_args])
+    assert (args.date, args.model_name, args.model_version, args.expected_sha256) == ("2026-11-20", "digits", "12", "ab" * 32)
+    assert args.processed_at == "2026-11-21T02:30:00+00:00" and args.models_uri == "s3://b/ws/models/"
+    assert args.attempt_id == "manual__2026-11-24T100000_0000-1"
+    assert task.result_uri == "s3://b/ws/runs/nightly_inference/manual__2026-11-24T100000_0000/_results/batch_inference.json"
+    assert dag.get_task("batch_inference").upstream_task_ids == {"find_new_images", "resolve_model"}
+
+
+def test_the_form_and_the_job_share_one_knob_table(dag):
+    """Each NIGHTLY_KNOBS entry is a Param with the job's own default, and the DAG's defaults parse to them."""
+    from sparktf import knobs
+    from sparktf.jobs import batch_inference
+
+    own = vars(batch_inference.parse_args(batch_inference_argv("s3://b/ws", "2026-11-20")))
+    from_dag = vars(batch_inference.parse_args(rendered_args(dag)))
+    for knob in knobs.NIGHTLY_KNOBS:
+        assert dag.params[knob.name] == own[knob.name] == from_dag[knob.name] == knob.default, knob.name
+        assert dag.params.get_param(knob.name).schema["title"] == knob.title

@@ -1,48 +1,26 @@
 """register_model: a hand-triggered DAG whose Params form reaches the job's parser intact, whose
-bad Params are refused at trigger time, and whose report task turns a refusal into a failed run."""
+bad Params are refused at trigger time, and whose check_registered task turns a refusal into a failed run."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from sparktf_dev.testing import params_with, rendered_task
+
 WEIGHTS = "s3://bucket/uploads/inception_v3.weights.h5"
 
 
 @pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(ROOT / "dags" / "register_model.py"))
-    assert bag.import_errors == {}
-    return bag.dags["register_model"]  # get_dag() would query the metadata DB
-
-
-def params_with(dag, change: dict):
-    from airflow.sdk import Param
-    from airflow.sdk.definitions.param import ParamsDict
-
-    values = {key: change.get(key, dag.params[key]) for key in dag.params}
-    return ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()})
-
-
-def rendered_args(task, params: dict) -> list[str]:
-    """The Spark task's application_args rendered with the given Params (as Jinja renders them)."""
-    import jinja2
-
-    env = jinja2.Environment()
-    context = {"params": params, "run_id": "manual__2026-11-24T10:00:00+00:00",
-               "dag_run": type("R", (), {"run_after": type("T", (), {"isoformat": lambda self: "2026-11-24T10:00:00+00:00"})()})()}
-    return [env.from_string(arg).render(**context) for arg in task.application_args]
+def dag(dag_bag):
+    return dag_bag.dags["register_model"]
 
 
 def test_shape_manual_trigger_and_form(dag):
     from sparktf.applications import APPLICATIONS
 
-    assert [t.task_id for t in dag.topological_sort()] == ["validate_params", "register_model", "report"]
+    assert [t.task_id for t in dag.topological_sort()] == ["validate_params", "register_model", "check_registered"]
     assert dag.schedule is None and dag.max_active_runs == 1
     schema = dag.params.get_param("application").schema
     assert {"InceptionV3", "MobileNetV3Small"} <= set(schema["enum"]) == set(APPLICATIONS)
@@ -64,20 +42,20 @@ def test_bad_trigger_params_are_refused(dag, change):
 def test_the_form_reaches_the_job_intact(dag, promote):
     from sparktf.jobs import register_model
 
-    params = {**{key: dag.params[key] for key in dag.params}, "weights_uri": WEIGHTS, "promote": promote,
-              "workspace_uri": "s3://bucket/ws"}
-    params_with(dag, params).validate()
-    args = register_model.parse_args(rendered_args(dag.get_task("register_model"), params))
+    conf = {"weights_uri": WEIGHTS, "promote": promote, "workspace_uri": "s3://bucket/ws"}
+    params_with(dag, conf).validate()
+    args = register_model.parse_args(rendered_task(dag, "register_model", conf).application_args)
     assert (args.source, args.application, args.weights_uri, args.model_uri) == ("keras_application", "InceptionV3",
                                                                                  WEIGHTS, "")
     assert (args.labels, args.label_map_uri, args.resize_policy, args.promote) == ("imagenet", "", "center_crop", promote)
-    assert args.models_uri == "s3://bucket/ws/models/" and args.source_run.startswith("manual__")
+    assert args.models_uri == "s3://bucket/ws/models/" and args.source_run == "manual__2026-11-24T10:00:00+00:00"
+    assert args.registered_at == "2026-11-24T10:00:00+00:00"
 
 
 def test_a_refusal_by_the_job_fails_the_run_with_its_reason(dag):
     from airflow.sdk.exceptions import AirflowFailException
 
-    report = dag.get_task("report").python_callable
+    report = dag.get_task("check_registered").python_callable
     refusal = {"model_name": "mine", "registered": False, "refused": "the model holds Lambda layers ['lambda']"}
     with pytest.raises(AirflowFailException, match=r"'mine' was not registered: the model holds Lambda layers"):
         report(refusal)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sparktf.testing import free_port
+from sparktf_dev.testing import free_port
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]

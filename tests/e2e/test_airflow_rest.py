@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sparktf.airflow.local_ui import LocalAirflow
-from sparktf.testing import TEST_SECRET_KEY, free_port
+from sparktf_dev.testing import TEST_SECRET_KEY, free_port
 
 pytestmark = pytest.mark.e2e
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -129,15 +129,10 @@ def airflow_server(airflow_env, bucket, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_mnist(bucket, mnist_subset) -> str:
-    import gzip
+    from sparktf_dev.testing import upload_mnist
 
-    from sparktf import idx, storage
-
-    train_x, train_y, test_x, test_y = mnist_subset
     prefix = f"s3://{bucket}/rest/raw"
-    for name, array in {"train-images-idx3-ubyte.gz": train_x[:400], "train-labels-idx1-ubyte.gz": train_y[:400],
-                        "t10k-images-idx3-ubyte.gz": test_x[:100], "t10k-labels-idx1-ubyte.gz": test_y[:100]}.items():
-        storage.write_bytes(f"{prefix}/{name}", gzip.compress(idx.encode_idx(array)))
+    upload_mnist(prefix, mnist_subset, train_limit=400, test_limit=100)
     return prefix + "/"
 
 
@@ -247,7 +242,7 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
     """A backfill created through the API (as the UI's backfill dialog does) over three past nights,
     scored with the champion the tuning run above exported: three runs, three partitions."""
     from sparktf import predictions
-    from sparktf.testing import land_partition
+    from sparktf_dev.testing import land_partition
 
     assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
     workspace = f"s3://{bucket}/{REST_WORKSPACE}"
@@ -292,7 +287,7 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         published = airflow_server.xcom("nightly_inference", run["dag_run_id"], "publish")
         assert (found["date"], found["date_from"]) == (date, "data_interval")
         assert published["date"] == date and published["model_version"] == 1
-        assert (published["images_scored"], published["images_set_aside"]) == (landed[date], 0)
+        assert (published["scored"], published["set_aside"]) == (landed[date], 0)
         assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
         rows, errors = predictions.read_predictions(published["output_uri"])
         assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
@@ -306,5 +301,5 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         assert "| images | " + " | ".join(str(n) for n in labels.values()) + " |" in note and sum(labels.values()) == landed[date]
         log = airflow_server.task_log("nightly_inference", run["dag_run_id"], "batch_inference")
         tasks = [line for line in log.splitlines() if "inference progress: task" in line]
-        assert len(tasks) == published["spark_tasks"], log[-4000:]
-        assert f"{published['spark_tasks']}/{published['spark_tasks']} tasks, {landed[date]}/{landed[date]} images" in tasks[-1]
+        assert len(tasks) == published["tasks"], log[-4000:]
+        assert f"{published['tasks']}/{published['tasks']} tasks, {landed[date]}/{landed[date]} images" in tasks[-1]

@@ -19,7 +19,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from sparktf import storage
 from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
-from sparktf.testing import ROOT
+from sparktf_dev.testing import ROOT
 
 CONN_VARIABLES = ("AIRFLOW_CONN_AWS_DEFAULT", "AIRFLOW_CONN_SPARK_DEFAULT")
 BROKEN = '{"conn_type": "spark", "host": "local[2]"}}'  # what a second `source` of the old env.sh left

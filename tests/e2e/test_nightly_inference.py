@@ -12,9 +12,9 @@ import pytest
 
 from sparktf import predictions, storage
 from sparktf.airflow import run_notes
-from sparktf.faults import FaultProxy
-from sparktf.testing import asset_events, land_partition, run_dag, train_tiny_model
-from sparktf.testing import register_trial as register_model
+from sparktf_dev.faults import FaultProxy
+from sparktf_dev.testing import asset_events, land_partition, run_dag, train_tiny_model
+from sparktf_dev.testing import register_trial as register_model
 
 pytestmark = pytest.mark.e2e
 DATES = {  # logical date of the 02:30 run -> the partition its data interval covers
@@ -81,7 +81,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     assert model["version"] == 1 and model["requested"] == ("1" if date == "2026-11-21" else "champion")
     published = summary["tasks"]["publish"]["xcom"]
     assert published["date"] == date and published["model_version"] == 1
-    assert (published["images_scored"], published["images_set_aside"]) == (scored, set_aside)
+    assert (published["scored"], published["set_aside"]) == (scored, set_aside)
     assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
     assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
     rows, errors = predictions.read_predictions(published["output_uri"])
@@ -105,7 +105,7 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
 
 def test_terminal_summary_per_date(runs, airflow_env, tmp_path):
     """scripts/print_summary.py after a nightly run: the date's counts, reasons, labels, model version."""
-    from sparktf.testing import ROOT
+    from sparktf_dev.testing import ROOT
 
     for date, lines in {"2026-11-20": ["2026-11-20: 16 scored, 2 set aside of 18 images, model digits v1",
                                        "  set aside: empty 1, not_an_image 1"],
@@ -157,7 +157,7 @@ def test_a_manual_run_scores_the_date_param(runs, airflow_env, workspace, tmp_pa
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert (found["date"], found["date_from"]) == ("2026-11-20", "param")
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["images_scored"] == 16
+    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["scored"] == 16
     rows, _errors = predictions.read_predictions(published["output_uri"])
     assert {r["processed_at"].isoformat() for r in rows} == {"2026-12-01T10:00:00+00:00"}
 
@@ -230,7 +230,7 @@ def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, air
     assert min(proxy.faults[k] for k in ("slowdown", "internal", "reset")) > 0, proxy.faults
     assert all(info["try_number"] == 1 for info in summary["tasks"].values())  # no task needed a retry
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["storage_retries"] > 0 and "unreadable" not in published["set_aside_reasons"]
+    assert published["storage_retries"] > 0 and "unreadable" not in published["reasons"]
     manifest = predictions.read_published(partition)
     assert manifest["replaces"]["publish_id"] == clean["publish_id"]
     assert rows_of(partition) == expected

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sparktf import applications, images, predictions, registry, scoring, storage
-from sparktf.testing import application_weights, asset_events, land_photos, run_dag
+from sparktf_dev.testing import application_weights, asset_events, land_photos, run_dag
 
 pytestmark = pytest.mark.e2e
 DATE = "2026-11-20"
@@ -77,7 +77,7 @@ def test_stock_networks_are_registered_through_the_dag(registered, workspace):
     for name, (application, *_rest) in MODELS.items():
         summary = registered[name]
         assert set(states(summary).values()) == {"success"}, states(summary)
-        report = summary["tasks"]["report"]["xcom"]
+        report = summary["tasks"]["check_registered"]["xcom"]
         spec = applications.APPLICATIONS[application]
         assert report["registered"] and report["version"] == 1 and report["promoted"] and report["champion_version"] == 1
         assert report["input_shape"] == list(spec.input_shape) and report["num_classes"] == 1000
@@ -98,7 +98,7 @@ def test_a_label_map_of_the_wrong_size_is_refused_before_spark(airflow_env, work
     code, summary, output = run_dag(airflow_env, tmp_path, "register_model", conf)
     assert code == 1
     assert states(summary) == {"validate_params": "failed", "register_model": "upstream_failed",
-                               "report": "upstream_failed"}
+                               "check_registered": "upstream_failed"}
     assert "has 999 labels but the model has 1000 outputs" in output
     assert storage.list_keys(workspace["ws"] + "/models/wrong-labels/") == []
 

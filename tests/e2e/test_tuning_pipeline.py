@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sparktf import dataset, registry, storage, trials
-from sparktf.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
+from sparktf_dev.testing import ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_dag
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 30
@@ -132,7 +132,7 @@ def test_terminal_summary_with_leaderboard_decision_and_figure(tuning_run, airfl
     assert "trials:    4 of 4 trained, 0 failed; selected by validation accuracy" in text
     assert "rank     lr  hidden  val acc  test acc  epochs  seconds" in text
     assert len([line for line in text.splitlines() if line.strip().split(" ")[0] in {"1", "2", "3", "4"}]) == 4
-    assert "default vs tuned: the seed's default (mnist_cnn, lr 0.001, hidden 1024" in text
+    assert "default vs tuned: the reference network (mnist_cnn, lr 0.001, hidden 1024" in text
     assert "champion:  digits v1 PROMOTED to champion: no champion yet" in text
     figure = tmp_path / "tuning_pipeline.error_vs_learning_rate.png"
     assert f"figure:    {figure}" in text and figure.read_bytes().startswith(b"\x89PNG")

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from sparktf.airflow.local_ui import COMPONENTS, LocalAirflow, _alive
-from sparktf.testing import ROOT, free_port
+from sparktf_dev.testing import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

@@ -13,7 +13,7 @@ import pytest
 from sparktf import applications, registry, storage
 from sparktf.applications import RegistrationRefused
 from sparktf.jobs import register_model
-from sparktf.testing import application_weights
+from sparktf_dev.testing import application_weights
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def inception_artifact(inception_weights, tmp_path_factory) -> str:
 
 
 def probe_batch(side: int) -> np.ndarray:
-    from sparktf.testing import photo
+    from sparktf_dev.testing import photo
 
     return np.stack([np.asarray(photo(seed, side, side)) for seed in (21, 22)])
 
@@ -352,7 +352,7 @@ def test_the_job_runs_under_spark_submit_without_a_spark_session(s3_prefix, tmp_
 
     import sparktf
     from sparktf.airflow.spark_job_operator import package_zip
-    from sparktf.testing import ROOT
+    from sparktf_dev.testing import ROOT
 
     zip_path, _sha = package_zip()
     plugins = str(Path(sparktf.__file__).resolve().parents[1])

@@ -9,8 +9,8 @@ import pytest
 from sparktf import incoming, predictions, registry, scoring, storage
 from sparktf.images import decode_image
 from sparktf.jobs import batch_inference
-from sparktf.testing import LABEL_NAMES, land_partition, train_tiny_model
-from sparktf.testing import register_trial as register_model
+from sparktf_dev.testing import LABEL_NAMES, batch_inference_argv, land_partition, train_tiny_model
+from sparktf_dev.testing import register_trial as register_model
 
 DATE = "2026-11-20"
 PROCESSED_AT = "2026-11-21T02:30:00+00:00"
@@ -29,10 +29,8 @@ def workspace(bucket, mnist_subset) -> dict:
 
 
 def job_args(ws: str, date: str = DATE, *extra: str, models: str | None = None):
-    return batch_inference.parse_args([
-        "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
-        "--models-uri", models or ws + "/models/", "--model-name", "digits", "--processed-at", PROCESSED_AT,
-        "--batch-size", "16", "--max-keys-per-task", "10", *extra])
+    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "16", "--max-keys-per-task", "10",
+                                                           *extra, models_uri=models, processed_at=PROCESSED_AT))
 
 
 @pytest.fixture(scope="module")

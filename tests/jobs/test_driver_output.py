@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from sparktf.airflow import spark_ui
-from sparktf.testing import wait_until
+from sparktf_dev.testing import wait_until
 
 WAITING_JOB = """
 import os, sys, time
@@ -85,7 +85,7 @@ EXIT_WITH_A_CLOSED_STREAM = """
 import logging, sys
 stream = open(sys.argv[1], "w")
 logging.basicConfig(level=logging.INFO, stream=stream)  # a handler like Airflow's, on a stream pytest closes
-from sparktf.testing import local_spark
+from sparktf_dev.testing import local_spark
 spark = local_spark(1, "py4j-shutdown")
 assert spark.range(3).count() == 3
 spark.stop()

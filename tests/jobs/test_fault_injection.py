@@ -1,4 +1,4 @@
-"""The jobs against a misbehaving store: the fault-injecting proxy (:mod:`sparktf.faults`) in front
+"""The jobs against a misbehaving store: the fault-injecting proxy (:mod:`sparktf_dev.faults`) in front
 of the S3 server answers 503 SlowDown, 500 InternalError, resets connections mid-body and adds
 latency, with a fixed seed and never three faults in a row for one request.
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from sparktf import job, predictions, storage
-from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import batch_inference, export_model, prepare_data, tune
-from sparktf.testing import land_partition, train_tiny_model, upload_mnist
-from sparktf.testing import register_trial as register_model
+from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
+from sparktf_dev.testing import batch_inference_argv, land_partition, train_tiny_model, upload_mnist
+from sparktf_dev.testing import register_trial as register_model
 
 # The shares the issue was reported with: 5 % SlowDown, 2 % InternalError, 5 % resets mid-body.
 ISSUE_FAULTS = {"slowdown": 0.05, "internal": 0.02, "reset": 0.05, "latency": 0.03}
@@ -107,10 +107,8 @@ def ws(bucket, mnist_subset) -> dict:
 
 
 def args(ws: str, date: str, *extra: str):
-    return batch_inference.parse_args([
-        "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
-        "--models-uri", ws + "/models/", "--model-name", "digits", "--processed-at", PROCESSED_AT,
-        "--batch-size", "32", "--max-keys-per-task", "40", "--fetch-threads", "8", *extra])
+    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "32", "--max-keys-per-task", "40",
+                                                           "--fetch-threads", "8", *extra, processed_at=PROCESSED_AT))
 
 
 def rows_of(partition: str) -> tuple[list, list]:
@@ -246,7 +244,8 @@ def test_production_code_never_imports_the_proxy():
     import zipfile
 
     with zipfile.ZipFile(package_zip()[0]) as archive:
-        assert "sparktf/faults.py" not in archive.namelist() and "sparktf/storage.py" in archive.namelist()
+        assert not any(name.startswith("sparktf_dev/") for name in archive.namelist())  # the harness is not shipped
+        assert "sparktf/storage.py" in archive.namelist()
 
 
 @pytest.mark.parametrize("condition", ["create", "replace"])

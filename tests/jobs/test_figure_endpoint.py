@@ -12,7 +12,7 @@ import pytest
 
 from sparktf import storage
 from sparktf.airflow.ui_plugin import FigureRefused, figure_refusal, open_figure, run_folder_uri
-from sparktf.faults import FaultProxy
+from sparktf_dev.faults import FaultProxy
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
 RUN_ID = "manual__2026-11-24T10:00:00+00:00"

@@ -160,7 +160,7 @@ def test_photos_are_composited_on_white_digits_on_black(digit):
 
 
 def test_every_kind_of_photo_decodes_to_the_models_rgb_input():
-    from sparktf.testing import photo_files
+    from sparktf_dev.testing import photo_files
 
     for name, (data, kind) in photo_files().items():
         array = decode_image(data, height=224, width=224, channels=3, resize_policy="center_crop")

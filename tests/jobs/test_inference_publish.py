@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from sparktf import incoming, job, predictions, registry, scoring, storage
-from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import batch_inference
-from sparktf.testing import encode, land_partition, train_tiny_model
-from sparktf.testing import register_trial as register_model
+from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
+from sparktf_dev.testing import batch_inference_argv, encode, land_partition, train_tiny_model
+from sparktf_dev.testing import register_trial as register_model
 
 PROCESSED_AT = "2026-11-21T02:30:00+00:00"
 IMAGES = 12
@@ -47,10 +47,8 @@ def landed(ws, mnist_subset) -> str:
 
 
 def args(ws: str, date: str, *extra: str):
-    return batch_inference.parse_args([
-        "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
-        "--models-uri", ws + "/models/", "--model-name", "digits", "--processed-at", PROCESSED_AT,
-        "--batch-size", "8", "--max-keys-per-task", "8", *extra])
+    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "8", "--max-keys-per-task", "8",
+                                                           *extra, processed_at=PROCESSED_AT))
 
 
 def run_once_inside(monkeypatch, module, name: str, when, action) -> list:

@@ -9,6 +9,7 @@ import pytest
 
 from sparktf import knobs, search
 from sparktf.jobs import export_model, prepare_data, tune
+from sparktf_dev.testing import rendered_task
 
 JOB_PARSERS = {"prepare_data": prepare_data.parse_args, "tune": tune.parse_args, "export_model": export_model.parse_args}
 REQUIRED = {
@@ -20,25 +21,8 @@ REQUIRED = {
 
 
 @pytest.fixture(scope="module")
-def tuning_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    from sparktf.testing import ROOT
-
-    bag = DagBag(dag_folder=str(ROOT / "dags" / "tuning_pipeline.py"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags["tuning_pipeline"]
-
-
-def rendered_args(task, params: dict) -> list[str]:
-    """A Spark task's application_args rendered with the given Params (as Jinja renders them)."""
-    import jinja2
-
-    env = jinja2.Environment()
-    env.filters["path_safe"] = lambda value: value
-    context = {"params": params, "run_id": "manual__x", "dag": {"dag_id": "d"}, "ti": {"task_id": task.task_id},
-               "dag_run": type("R", (), {"run_after": type("T", (), {"isoformat": lambda self: "2026-11-22T03:00:00"})()})()}
-    return [env.from_string(arg).render(**context) for arg in task.application_args]
+def tuning_dag(dag_bag):
+    return dag_bag.dags["tuning_pipeline"]
 
 
 @pytest.mark.parametrize("job", sorted(JOB_PARSERS))
@@ -46,7 +30,7 @@ def test_dag_defaults_reach_the_job_unchanged(tuning_dag, job):
     """The DAG's default Params, rendered into the job's command line, parse to the job's own defaults."""
     params = {name: param.value for name, param in tuning_dag.params.items()}
     task = {"prepare_data": "prepare_data", "tune": "tune", "export_model": "export_best_model"}[job]
-    argv = rendered_args(tuning_dag.get_task(task), params)
+    argv = rendered_task(tuning_dag, task).application_args
     from_dag = vars(JOB_PARSERS[job](argv))
     own_defaults = vars(JOB_PARSERS[job](REQUIRED[job]))
     for knob in knobs.knobs_of(job):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import re
@@ -12,9 +11,9 @@ import pytest
 from PIL import Image
 
 from sparktf import dataset, idx, storage
-from sparktf.faults import FaultProxy, FaultRule, route_storage
 from sparktf.jobs import prepare_data
-from sparktf.testing import upload_mnist
+from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
+from sparktf_dev.testing import upload_mnist
 
 PER_CLASS = 20
 
@@ -109,10 +108,7 @@ def test_mnist_idx_pairs_keep_the_official_test_set(spark, s3_prefix, mnist_subs
     train_x, train_y, test_x, test_y = mnist_subset
     client = storage.client()
     raw = s3_prefix + "/mnist"
-    files = {"train-images-idx3-ubyte.gz": train_x[:300], "train-labels-idx1-ubyte.gz": train_y[:300],
-             "t10k-images-idx3-ubyte.gz": test_x[:100], "t10k-labels-idx1-ubyte.gz": test_y[:100]}
-    for name, array in files.items():
-        storage.write_bytes(storage.join_uri(raw, name), gzip.compress(idx.encode_idx(array)), client)
+    upload_mnist(raw, mnist_subset, train_limit=300, test_limit=100)
     # An unpaired and a corrupt pair are reported, not fatal.
     storage.write_bytes(storage.join_uri(raw, "extra-images-idx3-ubyte"), idx.encode_idx(train_x[:5]), client)
     storage.write_bytes(storage.join_uri(raw, "bad-images-idx3-ubyte"), b"\x00\x00\x08\x03garbage", client)

@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from sparktf import predictions, progress, search, storage
-from sparktf.testing import wait_until
+from sparktf_dev.testing import wait_until
 
 
 class Lines(logging.Handler):

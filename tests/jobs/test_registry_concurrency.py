@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from sparktf import registry, storage
-from sparktf.testing import LABEL_NAMES, wait_until
+from sparktf_dev.testing import LABEL_NAMES, wait_until
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from sparktf import run_summary, storage, testing
+from sparktf import run_summary, storage
 from sparktf.airflow import run_notes
 from sparktf.jobs import tune
+from sparktf_dev import testing
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +67,22 @@ def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
     assert "| # | lr | val % | test % | epochs | s |" in note  # only the learning rate varies
     assert "Every trial: hidden 1024, batch 128, dropout 0.5." in note
     if best["trial_id"] == default["trial_id"]:
-        assert "the seed's default (lr 0.001) was selected itself" in note
+        assert "the reference network (lr 0.001) was selected itself" in note
     else:
         change = f"{expected:.0%} less error" if expected >= 0 else f"{-expected:.0%} more error"
-        assert (f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the seed's default (lr 0.001), "
+        assert (f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the reference network (lr 0.001), "
                 f"{1 - best['test_accuracy']:.2%} tuned (rank 1): **{change}**.") in note
     assert ("[![test error vs learning rate](/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)]"
             "(/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)") in note
 
 
-def test_the_default_configuration_is_the_seeds_and_names_every_search_dimension():
+def test_the_default_configuration_is_the_reference_network_and_names_every_search_dimension():
     from sparktf import knobs
 
     default = run_summary.default_configuration()
     assert default == {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
                        "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
-    # A dimension added to the knob table needs the seed's value here, or no run would match.
+    # A dimension added to the knob table needs the reference network's value here, or no run would match.
     assert set(knobs.search_dimensions()) <= set(default)
     assert default["model_family"] in knobs.BY_NAME["model_family"].choices
     rows = [{"trial_id": "t", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128, "dropout": 0.5}]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sparktf import registry, search, storage, trials
-from sparktf.faults import FaultProxy, FaultRule, route_storage
+from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
 
 
 @pytest.fixture(autouse=True)

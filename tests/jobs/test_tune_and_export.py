@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import subprocess
@@ -14,19 +13,16 @@ import pytest
 from PIL import Image
 
 import sparktf
-from sparktf import dataset, idx, registry, search, storage, trials
+from sparktf import dataset, registry, search, storage, trials
 from sparktf.jobs import export_model, prepare_data, tune
-from sparktf.testing import ROOT, prepare, upload_mnist
+from sparktf_dev.testing import ROOT, prepare, upload_mnist
 
 
 @pytest.fixture(scope="module")
 def prepared(spark, bucket, mnist_subset):
     train_x, train_y, test_x, test_y = mnist_subset
     raw = f"s3://{bucket}/tune/raw"
-    client = storage.client()
-    for name, array in {"train-images-idx3-ubyte.gz": train_x[:600], "train-labels-idx1-ubyte.gz": train_y[:600],
-                        "t10k-images-idx3-ubyte.gz": test_x[:200], "t10k-labels-idx1-ubyte.gz": test_y[:200]}.items():
-        storage.write_bytes(storage.join_uri(raw, name), gzip.compress(idx.encode_idx(array)), client)
+    upload_mnist(raw, mnist_subset, train_limit=600, test_limit=200)
     out = f"s3://{bucket}/tune/prepared/"
     prepare_data.run(spark, prepare_data.parse_args(["--input-uri", raw, "--output-uri", out]))
     return out
@@ -250,7 +246,7 @@ def test_champion_policy_replace_moves_the_champion_without_comparing(tuned, s3_
 
 def test_the_test_split_identity_follows_the_test_images(spark, bucket, mnist_subset, prepared):
     """MNIST's t10k file is the test split whatever the seed; a redrawn ImageFolder split is another."""
-    from sparktf.testing import prepare
+    from sparktf_dev.testing import prepare
 
     reseeded = prepare(spark, f"s3://{bucket}/tune/raw", f"s3://{bucket}/tune/prepared-seed-7/", "--seed", "7")
     first, again = dataset.read_manifest(prepared), dataset.read_manifest(reseeded["prepared_uri"])

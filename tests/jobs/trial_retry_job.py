@@ -20,7 +20,8 @@ def train_group(trials_uri: str, job_id: str):
     def task(trial_ids: Iterator[str]) -> Iterator[dict]:
         import numpy as np
 
-        from sparktf import storage, testing, trials
+        from sparktf import storage, trials
+        from sparktf_dev import testing
 
         # One try per request and short backoffs: a failing request outlives its retries quickly.
         storage.REQUEST_MAX_ATTEMPTS = 0

@@ -108,16 +108,16 @@ def leaderboard_table(facts: dict[str, Any], rows: int) -> list[str]:
 
 
 def default_line(facts: dict[str, Any], short: bool = False) -> str:
-    """Default vs tuned. The default is the seed's configuration (:data:`sparktf.run_summary.DEFAULT_CONFIGURATION`,
-    not the DAG's default Params), named by what varies in this grid (the rest is shown as "every
-    trial"); ``short`` names it "seed's default" only."""
+    """Default vs tuned. The default is the reference network (``mnist_cnn`` defaults,
+    :data:`sparktf.run_summary.DEFAULT_CONFIGURATION`, not the DAG's default Params), named by what
+    varies in this grid (the rest is shown as "every trial"); ``short`` names it "reference network" only."""
     comparison = facts["default"]
     config = comparison["configuration"]
     shown = {k: config[k] for k in facts["varying"] if k in config} if comparison["present"] else config
-    what = "seed's default" if short else f"seed's default ({run_summary.describe_configuration(shown)})"
+    what = "reference network" if short else f"reference network ({run_summary.describe_configuration(shown)})"
     if not comparison["present"]:
         if short:
-            return f"**Default vs tuned:** the seed's default ({run_summary.describe_configuration(shown)[:60]}…) is {comparison['why']}."
+            return f"**Default vs tuned:** the reference network ({run_summary.describe_configuration(shown)[:60]}…) is {comparison['why']}."
         return f"**Default vs tuned:** the {what} is {comparison['why']}: no comparison."
     if comparison["best_is_default"]:
         return f"**Default vs tuned:** the {what} was selected itself (test error {comparison['default_error']:.2%})."

@@ -25,13 +25,13 @@ from typing import Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 import sparktf
-from sparktf.airflow import aws_connection, spark_ui
+from sparktf.airflow import aws_connection, pipeline_settings, spark_ui
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # jobs/ sits next to plugins/ in the repository (and in a deployment that copies both).
 JOBS_DIR = Path(os.environ.get("SPARKTF_JOBS_DIR", PACKAGE_DIR.parents[1] / "jobs"))
 # Airflow-side code never runs on executors: it stays out of the --py-files zip.
-EXCLUDED_FROM_ZIP = ("airflow", "testing.py", "faults.py")
+EXCLUDED_FROM_ZIP = ("airflow",)
 # Package data read with importlib.resources (it works from inside the zip too).
 DATA_DIR = "data"
 
@@ -72,9 +72,14 @@ def job_path(name: str) -> str:
 class SparkJobOperator(SparkSubmitOperator):
     """Run a ``jobs/`` application with spark-submit and return its JSON result (to XCom).
 
+    What every Spark step repeats is the default: ``name`` = the task id, ``conf`` =
+    :data:`~sparktf.airflow.pipeline_settings.SPARK_CONF`, driver and executor memory from
+    :mod:`~sparktf.airflow.pipeline_settings`, ``conn_id="spark_default"``.
+
     Args:
-        result_uri: S3 URI where the job writes its result (templated). Deleted before the job
-            starts, so a retry never reads an earlier attempt's result. A failed job whose result
+        result_uri: S3 URI where the job writes its result (templated); default: the run's
+            ``_results/<task id>.json`` (:data:`~sparktf.airflow.pipeline_settings.RESULT_URI`). Deleted before
+            the job starts, so a retry never reads an earlier attempt's result. A failed job whose result
             carries ``final_failure`` fails the task without retries, with that message.
         aws_conn_id: Airflow connection with the S3 endpoint and credentials. If it does not
             exist, the job uses the standard AWS chain of the machine it runs on.
@@ -85,8 +90,13 @@ class SparkJobOperator(SparkSubmitOperator):
     # "Spark UI" on the task page, live while the job runs (see sparktf.airflow.spark_ui).
     operator_extra_links = (spark_ui.SparkUILink(),)
 
-    def __init__(self, *, result_uri: str, aws_conn_id: str = "aws_default", **kwargs: Any) -> None:
+    def __init__(self, *, result_uri: str = pipeline_settings.RESULT_URI, aws_conn_id: str = "aws_default",
+                 **kwargs: Any) -> None:
         kwargs.setdefault("conn_id", "spark_default")
+        kwargs.setdefault("name", kwargs.get("task_id"))
+        kwargs.setdefault("conf", dict(pipeline_settings.SPARK_CONF))
+        kwargs.setdefault("driver_memory", pipeline_settings.DRIVER_MEMORY)
+        kwargs.setdefault("executor_memory", pipeline_settings.EXECUTOR_MEMORY)
         super().__init__(**kwargs)
         self.result_uri = result_uri
         self.aws_conn_id = aws_conn_id
@@ -112,7 +122,8 @@ class SparkJobOperator(SparkSubmitOperator):
         self._check_spark_connection()
         zip_path, code_sha = package_zip()
         self.py_files = ",".join(p for p in (self.py_files, zip_path) if p)
-        self.application_args = [*(self.application_args or []), "--result-uri", self.result_uri]
+        # str(): an XComArg argument (a model version) renders to its native value.
+        self.application_args = [*(str(a) for a in self.application_args or []), "--result-uri", self.result_uri]
         settings = aws_connection.use_connection(self.aws_conn_id)
         self.env_vars = {**(self.env_vars or {}), **settings.environment(), sparktf.CODE_SHA256_ENV: code_sha,
                          "PYTHONHASHSEED": "0"}

@@ -17,10 +17,8 @@ one folder per model so that several models can score the same day side by side:
     <output-uri>/<model>/<date>/_SUCCESS                             manifest: counts, model, files
                                                                      (size, ETag, rows); switched last
 
-Tasks write to ``<output-uri>/<model>/_staging/<date>/<publish-id>/``; the driver copies the parts into
-the partition under names unique to the attempt, switches ``_SUCCESS`` with a conditional PUT
-(only if it is still the version seen when the job started: the first overlapping run to publish
-wins, the other fails without touching the partition), then removes the replaced files. A re-run
+How the job publishes (staging, one conditional ``_SUCCESS`` switch, the first overlapping run to
+publish wins, clean-up) and what readers rely on: the :mod:`sparktf.predictions` docstring. A re-run
 replaces the partition with the same rows (``--processed-at`` is the run's logical timestamp); one
 that would score fewer than half the images of the published partition is refused unless
 ``--allow-shrink``. If more than ``--max-failure-ratio`` of the images are set aside, the job
@@ -49,10 +47,9 @@ from collections import Counter
 from typing import Any
 
 import sparktf
-from sparktf import incoming, job, predictions, progress, registry, scoring, storage
+from sparktf import incoming, job, knobs, predictions, progress, registry, scoring, storage
 
 log = job.log
-DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # far above any photo; the object is never fetched past it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,18 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "are identical); default: midnight UTC of --date")
     parser.add_argument("--attempt-id", default=None,
                         help="path-safe id of this attempt's staging folder (default: a random id)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    parser.add_argument("--fetch-threads", type=int, default=16, help="concurrent GETs per task")
     parser.add_argument("--max-keys-per-task", type=int, default=2000,
                         help="upper bound of images per Spark task (tasks are a multiple of the slots)")
     parser.add_argument("--top-k", type=int, default=5, help="labels with scores kept per image")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb limit per image")
-    parser.add_argument("--max-failure-ratio", type=float, default=0.2,
-                        help="fail (after publishing) when more than this share of images is set aside")
-    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                        help="set aside as too_large, without fetching, any object listed larger than this")
-    parser.add_argument("--allow-shrink", type=job.parse_bool, nargs="?", const=True, default=False,
-                        help="replace a published partition even with one scoring fewer than half its images")
+    # --max-failure-ratio, --batch-size, --fetch-threads, --max-image-bytes, --allow-shrink: the
+    # nightly DAG's Params, from the same table (sparktf.knobs.NIGHTLY_KNOBS).
+    knobs.add_arguments(parser, "batch_inference")
     return parser.parse_args(argv)
 
 

@@ -2,7 +2,9 @@
 landing MNIST and images, and registering a small model.
 
 Used by the pytest fixtures (``tests/conftest.py``), the benchmarks (``bench/``) and the embedded
-stack's scripts. Not shipped to executors. Everything listens on 127.0.0.1 only.
+stack's scripts. Part of the development package ``sparktf_dev``, never of the library. Everything
+listens on 127.0.0.1 only. The repository (for ``data/demo``, ``dags/`` and ``scripts/``) is
+``$SPARKTF_REPO`` when set, else the checkout this file sits in.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from sparktf import storage
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (editable install)
+ROOT = Path(os.environ.get("SPARKTF_REPO") or Path(__file__).resolve().parents[2])  # devtools/sparktf_dev/ in a checkout
 DEMO_MNIST_DIR = ROOT / "data" / "demo" / "mnist"
 # The local S3 server accepts any key pair: placeholders, not secrets.
 TEST_ACCESS_KEY = "local-access-key"
@@ -528,3 +530,76 @@ def asset_events(env: dict[str, str], asset_name: str) -> list[dict]:
     if out.returncode != 0:
         raise RuntimeError(f"reading Asset events failed: {out.stderr[-2000:]}")
     return [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1]) if name == asset_name]
+
+
+def batch_inference_argv(ws: str, date: str, *extra: str, models_uri: str | None = None, model_name: str = "digits",
+                         processed_at: str = "2026-11-21T02:30:00+00:00") -> list[str]:
+    """The batch_inference job's command line for a workspace ``ws`` (incoming/, predictions/, models/) and a date."""
+    return ["--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
+            "--models-uri", models_uri or ws + "/models/", "--model-name", model_name, "--processed-at", processed_at,
+            *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# DAG tests: parse, Params, rendering (no metadata DB)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_dag(dag_id: str, dags_dir: Path | None = None):
+    """Parse ``dags/<dag_id>.py`` alone (no metadata DB: ``DagBag.get_dag`` would query it)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(dags_dir or ROOT / "dags") / f"{dag_id}.py"))
+    if bag.import_errors:
+        raise AssertionError(f"{dag_id} does not parse: {bag.import_errors}")
+    return bag.dags[dag_id]
+
+
+def params_with(dag, change: dict[str, Any]):
+    """The DAG's Params with some values changed, as a ParamsDict to ``validate()`` (what a trigger checks)."""
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
+
+    values = {key: change.get(key, dag.params[key]) for key in dag.params}
+    return ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()})
+
+
+def rendered_task(dag, task_id: str, conf: dict[str, Any] | None = None, *, xcoms: dict[tuple[str, str], Any] | None = None,
+                  run_id: str = "manual__2026-11-24T10:00:00+00:00", run_after: str = "2026-11-24T10:00:00+00:00"):
+    """A copy of a task with its templated fields rendered by Airflow, in the context of a manual run.
+
+    The context is Airflow's own (``RuntimeTaskInstance.get_template_context`` of a run triggered
+    with ``conf``: Params validated and merged as on a real trigger, the DAG's filters); only the
+    XComs come from ``xcoms`` (``(task_id, key) -> value``) instead of the API server.
+    """
+    import copy
+    import uuid
+
+    import pendulum
+    from airflow.sdk.api.datamodels._generated import DagRun, TIRunContext
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    pulled = dict(xcoms or {})
+
+    class OfflineTaskInstance(RuntimeTaskInstance):
+        def xcom_pull(self, task_ids=None, dag_id=None, key="return_value", **_kwargs):
+            return pulled.get((task_ids, key))
+
+    when = pendulum.parse(run_after)
+    run = DagRun(dag_id=dag.dag_id, run_id=run_id, logical_date=when, data_interval_start=when, data_interval_end=when,
+                 run_after=when, start_date=when, end_date=None, run_type="manual", state="running", conf=conf or {},
+                 consumed_asset_events=[], partition_key=None)
+    # Copies: merging a run's conf into the Params updates the DAG's and the task's Param objects in place.
+    task = copy.copy(dag.get_task(task_id))
+    task.params = copy.deepcopy(task.params)
+    ti = OfflineTaskInstance.model_construct(
+        id=uuid.uuid4(), task_id=task_id, dag_id=dag.dag_id, run_id=run_id, try_number=1, map_index=-1,
+        dag_version_id=uuid.uuid4(), task=task, start_date=when, max_tries=task.retries,
+        _ti_context_from_server=TIRunContext(dag_run=run, max_tries=task.retries))
+    original_params = dag.params
+    dag.params = copy.deepcopy(original_params)
+    try:
+        task.render_template_fields(ti.get_template_context())
+    finally:
+        dag.params = original_params
+    return task
