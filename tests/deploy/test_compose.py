@@ -423,7 +423,7 @@ def test_dockerfile_pins_match_requirements_txt(dockerfile, requirements):
     for name, req in image.items():
         assert name in pinned, f"{requirements}: {name} is not in requirements.txt"
         assert req.specifier == pinned[name].specifier, f"{requirements}: {req} vs requirements.txt {pinned[name]}"
-    needed = {"pyspark", "tensorflow-cpu", "pillow", "boto3", "pyarrow", "pandas"}
+    needed = {"pyspark", "tensorflow-cpu", "keras", "pillow", "boto3", "pyarrow", "pandas"}
     if dockerfile == "airflow.Dockerfile":
         needed |= {"apache-airflow", "apache-airflow-providers-apache-spark", "pyspark-client", "matplotlib"}
     assert needed <= set(image), needed - set(image)
