@@ -101,11 +101,38 @@ def run_step(label: str, argv: list[str], *, loads: dict[str, str], log_name: st
     return out
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` (parent folders created)."""
+PROVENANCE_PACKAGES = ("pyspark", "tensorflow-cpu", "keras", "numpy", "pyarrow", "pandas", "pillow", "boto3",
+                       "apache-airflow", "moto")
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result: the commit (``+dirty`` with uncommitted changes), the packages'
+    versions and the machine, recorded in every benchmark JSON so figures can be traced back."""
+    from importlib import metadata
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"commit": commit, "packages": versions, "python": platform.python_version(), "machine": machine(),
+            "command": [Path(sys.argv[0]).name, *sys.argv[1:]]}
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parent folders created), with its
+    :func:`provenance` under ``"provenance"``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
+        json.dump({**data, "provenance": provenance()}, fh, indent=2, default=str)
 
 
 def load_average() -> str:

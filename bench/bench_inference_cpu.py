@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
-from _harness import load_average, machine
+from _harness import load_average, machine, write_json
 
 from sparktf_dev import testing
 
@@ -206,8 +204,8 @@ def main(argv=None) -> int:
     print(f"  sum of stages             {floor:8.3f}   (+ {stages['model_load_once']:.2f} CPU s per model load)")
     print(f"job (warm) / sum of stages: {job['warm']['cpu'] / n * 1e3 / floor:.2f}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"images": n, "family": args.family, "slots": args.slots,
-                                                   "job": job, "stage_cpu_seconds": stages}, indent=2))
+        write_json(args.json_out, {"images": n, "family": args.family, "slots": args.slots, "job": job,
+                                            "stage_cpu_seconds": stages})
     return 0
 
 

@@ -42,7 +42,6 @@ Smoke run (a few minutes)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -202,10 +201,9 @@ def main(argv=None) -> int:
         figure_paths[key] = os.path.join(opts.out_dir, f"{key}_error_vs_learning_rate.png")
         with open(figure_paths[key], "wb") as fh:
             fh.write(figure)
-    with open(os.path.join(opts.out_dir, "results.json"), "w") as fh:
-        json.dump({"options": vars(opts), "prepared": prepared, "prepare_seconds": prepare_seconds,
-                   "walls": walls, "tuning_seconds": tuning_seconds, "exported": exported, "results": full},
-                  fh, indent=2, default=str)
+    _harness.write_json(os.path.join(opts.out_dir, "results.json"), {
+        "options": vars(opts), "prepared": prepared, "prepare_seconds": prepare_seconds, "walls": walls,
+        "tuning_seconds": tuning_seconds, "exported": exported, "results": full})
     report(opts, prepared, prepare_seconds, full, walls, exported, tuning_seconds, time.perf_counter() - started,
            figure_paths)
     return 0
