@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import tempfile
@@ -71,10 +72,8 @@ def tree_cpu(root_pid: int) -> dict[int, float]:
     root = psutil.Process(root_pid)
     found = {}
     for process in [root, *root.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             found[process.pid] = cpu_seconds(process)
-        except psutil.NoSuchProcess:
-            pass
     return found
 
 

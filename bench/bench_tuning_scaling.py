@@ -119,7 +119,7 @@ def worker_loop(opts) -> dict:
                for trial in trial_list]
     total = time.perf_counter() - t0
     return {"variant": "loop", "seconds": total, "data_seconds": data_seconds, "trials": trial_rows(records),
-            "train_images": int(len(data["y_train"]))}
+            "train_images": len(data["y_train"])}
 
 
 def worker_spark(opts) -> dict:
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
         train_limit = round(opts.train_images / (1 - VALIDATION_FRACTION))
         testing.upload_mnist(f"{base}/raw/", mnist, train_limit=train_limit, test_limit=opts.test_images)
         del mnist
-        prepared = _harness.run_worker(common_argv(opts) + ["--worker", "prepare", "--input-uri", f"{base}/raw/",
-                                                            "--prepared-uri", f"{base}/prepared/"],
+        prepared = _harness.run_worker([*common_argv(opts), "--worker", "prepare", "--input-uri", f"{base}/raw/",
+                                        "--prepared-uri", f"{base}/prepared/"],
                                        log_path=_harness.log_file(f"scaling-{os.getpid()}-prepare"))
         print(f"prepared: {prepared['counts']}", flush=True)
         for index in range(1, opts.repeats + 1):

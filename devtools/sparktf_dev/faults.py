@@ -305,10 +305,10 @@ def _delete_errors_body(request_body: bytes) -> bytes:
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and "Expect: 100-continue" answered for us
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._proxy()
 
     do_PUT = do_POST = do_DELETE = do_HEAD = do_GET

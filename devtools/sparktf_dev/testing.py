@@ -337,7 +337,7 @@ def bad_files(digit) -> dict[str, tuple[bytes, set[str]]]:
 def valid_name(n: int, ext: str) -> str:
     """Nested folders, spaces and non-ASCII characters in some of the names."""
     if n % 7 == 3:
-        return f"scans/numéro {n:03d} – été{ext}"
+        return f"scans/numéro {n:03d} – été{ext}"  # noqa: RUF001 - the en dash is one of the non-ASCII characters
     if n % 7 == 5:
         return f"相机/数字_{n:03d}{ext}"
     return f"cam-{n % 3}/batch {n // 10}/img_{n:03d}{ext}"

@@ -246,9 +246,7 @@ def check_value(knob: Knob, value: Any) -> str | None:
         ok = isinstance(value, str) and (not knob.choices or value in knob.choices)
     elif knob.item_kind == "bool":
         ok = isinstance(value, bool)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        ok = False
-    elif isinstance(value, float) and not math.isfinite(value):
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         ok = False
     else:
         ok = ((knob.item_kind != "int" or float(value).is_integer())
@@ -289,9 +287,9 @@ def validate(values: dict[str, Any], table: tuple[Knob, ...] = KNOBS) -> list[st
             problems += check_list(name, knob, value)
         elif (why := check_value(knob, value)) is not None:
             problems.append(f"{name}: {why}, got {value!r}")
-    if not problems and {"validation_fraction", "test_fraction"} <= set(values):
-        if values["validation_fraction"] + values["test_fraction"] >= 0.9:
-            problems.append("validation_fraction + test_fraction must leave at least 10% for training")
+    if (not problems and {"validation_fraction", "test_fraction"} <= set(values)
+            and values["validation_fraction"] + values["test_fraction"] >= 0.9):
+        problems.append("validation_fraction + test_fraction must leave at least 10% for training")
     return problems
 
 

@@ -157,10 +157,7 @@ class TrialProgress(Progress):
         params = describe_params(record.get("params") or self.trials[trial_id]["params"])
         seconds = record.get("train_seconds")
         took = f", {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
-        if record.get("status") == "ok":
-            outcome = f"val_accuracy {record['val_accuracy']:.4f}{took}"
-        else:
-            outcome = f"FAILED: {record.get('reason')}{took}"
+        outcome = f"val_accuracy {record['val_accuracy']:.4f}{took}" if record.get("status") == "ok" else f"FAILED: {record.get('reason')}{took}"
         how = "reused from an earlier attempt" if reused else "done"
         self.log.info("tuning progress: trial %d/%d %s (%s): %s [%s]", done, self.total, how, params, outcome, trial_id)
 

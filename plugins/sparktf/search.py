@@ -96,10 +96,7 @@ def build_trials(
     if problems:
         raise SearchSpaceError("; ".join(problems))
     size = grid_size(space)
-    if strategy == "random" and num_samples < size:
-        indices = sorted(random.Random(seed).sample(range(size), num_samples))
-    else:
-        indices = range(size)
+    indices = sorted(random.Random(seed).sample(range(size), num_samples)) if strategy == "random" and num_samples < size else range(size)
     trials = []
     for index in indices:
         params = {**(fixed or {}), **_grid_point(space, index)}

@@ -303,7 +303,7 @@ def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPT
     for attempt in range(attempts):
         try:
             return operation()
-        except Exception as err:  # noqa: BLE001 - classified below
+        except Exception as err:
             if is_not_found(err):
                 raise ObjectNotFound(f"{what}: no such object") from None
             if is_caller_refused(err):
@@ -403,7 +403,7 @@ def open_object(uri: str, s3=None, *, if_match: str | None = None) -> tuple[int,
     extra = {"IfMatch": f'"{normal_etag(if_match)}"'} if if_match else {}
     try:
         response = retrying(f"GET {uri}", lambda: s3.get_object(Bucket=loc.bucket, Key=loc.key, **extra))
-    except Exception as err:  # noqa: BLE001 - classified below
+    except Exception as err:
         if _error_code(err) in _PRECONDITION_CODES:
             raise PreconditionFailed(f"GET {uri}: the object changed since it was checked") from None
         raise
@@ -568,7 +568,7 @@ def _probe_outcome(uri: str, operation: Callable[[], Any]) -> str:
     """``accepted``, ``refused`` (412), or the error code of a store that does not know the header."""
     try:
         retrying(f"PUT {uri} (conditional-write probe)", operation)
-    except Exception as err:  # noqa: BLE001 - classified below
+    except Exception as err:
         code = _error_code(err)
         if code in _PRECONDITION_CODES:
             return "refused"
@@ -615,7 +615,7 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
 
     try:
         return retrying(f"PUT {uri}", put)
-    except Exception as err:  # noqa: BLE001 - classified below
+    except Exception as err:
         # If-Match on an object deleted since it was read answers 404: the same lost race.
         refused = _error_code(err) in _PRECONDITION_CODES or (
             bool(if_match) and (is_not_found(err) or isinstance(err, ObjectNotFound)))
@@ -711,7 +711,7 @@ def create_bucket(name: str, s3=None) -> None:
     s3 = s3 or client()
     try:
         s3.head_bucket(Bucket=name)
-    except Exception as err:  # noqa: BLE001 - 404 means: create it
+    except Exception as err:
         if not is_not_found(err) and _error_code(err) not in ("NoSuchBucket",):
             raise
         s3.create_bucket(Bucket=name)

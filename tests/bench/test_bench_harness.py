@@ -22,4 +22,6 @@ def test_benchmark_json_records_the_commit_and_the_package_versions(tmp_path):
     assert written["speedup"] == 1.9
     assert written["provenance"]["commit"].split("+")[0] == head
     packages = written["provenance"]["packages"]
-    assert packages["pyspark"] and packages["keras"] and packages["tensorflow-cpu"]
+    assert packages["pyspark"]
+    assert packages["keras"]
+    assert packages["tensorflow-cpu"]

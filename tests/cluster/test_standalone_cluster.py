@@ -8,6 +8,7 @@ Every process started here is stopped by its process group id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,7 +54,7 @@ class Cluster:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.base / f"{name}.log", "wb")
+        log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - the daemon's log, open while it runs
         self.processes[name] = subprocess.Popen(
             [str(VENV_BIN / "spark-class"), *args], env=self.env, stdout=log, stderr=log,
             start_new_session=True)  # own process group: executors and Python workers die with it
@@ -83,10 +84,8 @@ class Cluster:
 
     def kill(self, name: str) -> None:
         process = self.processes[name]
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=30)
 
     def stop(self) -> None:
@@ -219,8 +218,10 @@ def test_losing_a_worker_while_the_dags_tune_task_runs_trains_every_trial_once(
     assert len(finished_by_attempt) == 2, attempts[victim_id]  # started on worker 2, then once more
     assert finished_by_attempt[victim_marker["attempt_id"]] is False  # killed with worker 2
     [rerun] = [marker for marker, _ in attempts[victim_id] if marker["attempt_id"] != victim_marker["attempt_id"]]
-    assert finished_by_attempt[rerun["attempt_id"]] and not ran_on(cluster, "worker-2", rerun)  # re-ran elsewhere
-    assert rerun["job_id"] == victim_marker["job_id"] and rerun["attempt"] > victim_marker["attempt"]
+    assert finished_by_attempt[rerun["attempt_id"]]
+    assert not ran_on(cluster, "worker-2", rerun)
+    assert rerun["job_id"] == victim_marker["job_id"]
+    assert rerun["attempt"] > victim_marker["attempt"]
     assert summary["tasks"]["export_best_model"]["xcom"]["version"] == 1
 
 
@@ -239,7 +240,8 @@ def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(
                                     logical_date="2026-11-21T02:30:00+00:00")
     assert code == 0, output[-6000:]
     job = summary["tasks"]["batch_inference"]["xcom"]
-    assert job["executors"] and "driver" not in job["executors"], job  # scored by the workers' executors
+    assert job["executors"], job
+    assert "driver" not in job["executors"], job  # scored by the workers' executors
     assert (job["scored"], job["set_aside"], job["model_version"]) == (len(landed), 1, 1)
     published = summary["tasks"]["publish"]["xcom"]
     rows, errors = predictions.read_predictions(published["output_uri"])

@@ -21,7 +21,8 @@ def tuning_params(dag_bag, **change) -> dict:
 def test_the_tuning_defaults_pass_and_say_how_many_trials(dag_bag):
     problems, summary = validation.tuning_problems(tuning_params(dag_bag))
     assert problems == []
-    assert summary["trials"] == 4 and summary["search_strategy"] == "grid"  # 2 learning rates x 2 widths
+    assert summary["trials"] == 4
+    assert summary["search_strategy"] == "grid"
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -73,7 +74,8 @@ def test_missing_uploads_and_a_label_map_of_the_wrong_size_are_refused():
     assert problems == ["weights_uri s3://b/w.weights.h5 does not exist: upload it first (aws s3 cp / mc cp)"]
     head, read = store_of({"s3://b/w.weights.h5": b"h5", "s3://b/labels.json": json.dumps(["cat", "dog"]).encode()})
     [problem] = validation.upload_problems(REQUEST, head, read)
-    assert problem.startswith("label_map_uri:") and "1000" in problem
+    assert problem.startswith("label_map_uri:")
+    assert "1000" in problem
     head, read = store_of({"s3://b/w.weights.h5": b"h5", "s3://b/labels.json": json.dumps([str(i) for i in range(1000)]).encode()})
     assert validation.upload_problems(REQUEST, head, read) == []
 
@@ -129,7 +131,8 @@ def test_a_batch_that_cannot_fit_the_executor_is_refused_with_the_largest_that_c
     assert validation.batch_size_problems(8192, [28, 28, 1], "2g") == []  # digits: any allowed batch fits
     [problem] = validation.batch_size_problems(1024, photos, "2g")
     largest = 2 * 2**30 // validation.batch_bytes(1, photos)
-    assert "batch_size 1024 needs about 4.1 GiB" in problem and f"batch_size <= {largest}" in problem
+    assert "batch_size 1024 needs about 4.1 GiB" in problem
+    assert f"batch_size <= {largest}" in problem
     assert validation.batch_size_problems(largest, photos, "2g") == []
     assert validation.batch_size_problems(largest + 1, photos, "2g")
 
@@ -138,14 +141,17 @@ def test_a_missing_or_changed_model_says_what_to_do():
     missing = nightly.model_refusal("digits", "champion", "no champion", tampered=False)
     assert missing.startswith("cannot use model 'digits' (champion): no champion. To fix: run tuning_pipeline")
     changed = nightly.model_refusal("digits", "3", "sha256 differs", tampered=True)
-    assert "not trusted" in changed and "never edit an artifact in place" in changed
+    assert "not trusted" in changed
+    assert "never edit an artifact in place" in changed
 
 
 def test_the_resolved_model_is_the_exact_version():
     metadata = {"version": "3", "model_uri": "s3://b/m/3/model.keras", "model_sha256": "ab", "input_shape": [28, 28, 1],
                 "label_names": ["0", "1"], "extra": "not passed on"}
     resolved = nightly.resolved_summary({"model_name": "digits", "model_version": "champion"}, metadata)
-    assert resolved["version"] == 3 and resolved["requested"] == "champion" and "extra" not in resolved
+    assert resolved["version"] == 3
+    assert resolved["requested"] == "champion"
+    assert "extra" not in resolved
 
 
 JOB_RESULT = {"date": "2026-11-20", "listed": 10, "scored": 8, "set_aside": 2, "reasons": {"unreadable": 2},
@@ -159,7 +165,8 @@ def test_the_run_summary_keeps_the_jobs_own_keys():
     summary = nightly.published_summary(JOB_RESULT, {"model_name": "digits"}, {"date_from": "param"})
     assert {k: summary[k] for k in ("listed", "scored", "set_aside", "reasons", "seconds", "tasks")} == {
         k: JOB_RESULT[k] for k in ("listed", "scored", "set_aside", "reasons", "seconds", "tasks")}
-    assert summary["date_from"] == "param" and "errors_sample" not in summary
+    assert summary["date_from"] == "param"
+    assert "errors_sample" not in summary
     assert nightly.asset_extra(summary) == {"date": "2026-11-20", "output_uri": JOB_RESULT["output_uri"],
                                             "success_uri": JOB_RESULT["success_uri"], "model_name": "digits",
                                             "model_version": 3, "scored": 8, "set_aside": 2}
@@ -168,7 +175,8 @@ def test_the_run_summary_keeps_the_jobs_own_keys():
 def test_a_partition_replaced_by_a_later_run_is_not_announced():
     assert nightly.replaced_problem({"publish_id": "p1"}, JOB_RESULT) is None
     later = nightly.replaced_problem({"publish_id": "p2", "attempt_id": "run-2"}, JOB_RESULT)
-    assert "no longer holds this run's output (attempt run-1)" in later and "(attempt run-2)" in later
+    assert "no longer holds this run's output (attempt run-1)" in later
+    assert "(attempt run-2)" in later
     assert "no longer holds" in nightly.replaced_problem(None, JOB_RESULT)
 
 
@@ -178,6 +186,7 @@ def test_what_the_run_found_and_why_nothing_runs_on_an_empty_night():
               "max_image_bytes": 100, "data_interval": ["a", "b"], "processed_at": stamp}
     found = nightly.found_summary(objects=[{"size": 10}, {"size": 500}], **common)
     assert (found["images"], found["bytes"], found["over_max_image_bytes"]) == (2, 510, 1)
-    assert found["processed_at"] == "2026-11-21T02:30:00+00:00" and "skipped_reason" not in found
+    assert found["processed_at"] == "2026-11-21T02:30:00+00:00"
+    assert "skipped_reason" not in found
     empty = nightly.found_summary(objects=[], **common)
     assert empty["skipped_reason"] == "no images under s3://b/in/2026-11-20/ (2 empty folder markers skipped)"

@@ -61,7 +61,8 @@ def test_the_command_line_carries_the_shared_settings_and_the_result_uri(applica
     confs = {command[i + 1] for i, part in enumerate(command) if part == "--conf"}
     assert {f"{k}={v}" for k, v in pipeline_settings.SPARK_CONF.items()} <= confs
     py_files = command[command.index("--py-files") + 1]
-    assert py_files.endswith(".zip") and "sparktf-" in py_files  # the package reaches the driver and executors
+    assert py_files.endswith(".zip")
+    assert "sparktf-" in py_files
     assert command[-6:] == [application, "--mode", "ok", "--n", "7", "--result-uri", result_uri][-6:]
 
 
@@ -69,7 +70,8 @@ def test_the_default_result_uri_is_the_runs_results_folder():
     from sparktf.airflow.spark_job_operator import SparkJobOperator
 
     op = SparkJobOperator(task_id="t", application="job.py")
-    assert op.result_uri == pipeline_settings.RESULT_URI and op.result_uri.endswith("/_results/{{ ti.task_id }}.json")
+    assert op.result_uri == pipeline_settings.RESULT_URI
+    assert op.result_uri.endswith("/_results/{{ ti.task_id }}.json")
     assert "result_uri" in op.template_fields
 
 
@@ -83,13 +85,13 @@ def test_a_stale_result_is_removed_before_the_job_starts(application, s3_prefix)
 def test_a_final_failure_ends_the_task_without_retry(application, s3_prefix):
     from airflow.sdk.exceptions import AirflowFailException
 
-    with pytest.raises(AirflowFailException, match="^the data says no: another try ends the same way$"):
+    with pytest.raises(AirflowFailException, match=r"^the data says no: another try ends the same way$"):
         operator(application, s3_prefix + "/_results/final.json", "final").execute({})
 
 
 def test_any_other_failure_is_left_to_the_retries(application, s3_prefix):
     from airflow.sdk.exceptions import AirflowFailException
 
-    with pytest.raises(Exception) as err:
+    with pytest.raises(Exception) as err:  # noqa: PT011 - any failure but the final one: Airflow retries it
         operator(application, s3_prefix + "/_results/crash.json", "crash").execute({})
     assert not isinstance(err.value, AirflowFailException)

@@ -79,7 +79,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def config() -> dict:
     proc = run_config(ENV_EXAMPLE)
-    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), proc.stderr
     return json.loads(proc.stdout)
 
 
@@ -116,7 +117,8 @@ def connection_ids_used_by_the_code() -> dict[str, str]:
                 ids["aws"].add(task.aws_conn_id)
     for helper in (aws_connection.storage_settings, aws_connection.use_connection):
         ids["aws"].add(inspect.signature(helper).parameters["conn_id"].default)  # the DAGs' @tasks call these
-    assert len(ids["spark"]) == 1 and len(ids["aws"]) == 1, ids
+    assert len(ids["spark"]) == 1, ids
+    assert len(ids["aws"]) == 1, ids
     return {kind: values.pop() for kind, values in ids.items()}
 
 
@@ -158,7 +160,7 @@ def test_missing_variable_stops_config_with_its_name(tmp_path):
     empty.write_text("")
     proc = run_config(empty)
     assert not proc.stdout.strip()  # nothing resolved
-    if BINARY != Path(sys.executable).with_name("docker-compose"):  # the wrapper always exits 0
+    if Path(sys.executable).with_name("docker-compose") != BINARY:  # the wrapper always exits 0
         assert proc.returncode != 0
     assert re.search(r"required variable (\w+) is missing a value: set \1 in \.env \(see \.env\.example\)", proc.stderr), proc.stderr
     named = re.search(r"required variable (\w+)", proc.stderr).group(1)
@@ -188,7 +190,8 @@ def test_services_start_in_order(services):
         return {dep: spec["condition"] for dep, spec in (services[name].get("depends_on") or {}).items()}
 
     checked = {"check-settings": "service_completed_successfully"}
-    assert "depends_on" not in services["check-settings"] and services["check-settings"].get("restart") == "no"
+    assert "depends_on" not in services["check-settings"]
+    assert services["check-settings"].get("restart") == "no"
     for name in services:  # nothing starts before the settings are checked
         if name != "check-settings":
             assert conditions(name).get("check-settings") == "service_completed_successfully", name
@@ -210,7 +213,8 @@ def test_services_start_in_order(services):
 def test_healthchecks(services):
     for name in ("postgres", "minio", "spark-master", "api-server", "scheduler", "dag-processor", "triggerer", *SPARK_WORKERS):
         check = services[name].get("healthcheck") or {}
-        assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
+        assert check.get("test"), f"{name} has no healthcheck"
+        assert not check.get("disable"), f"{name} has no healthcheck"
     assert "http://localhost:8974/health" in services["scheduler"]["healthcheck"]["test"]
     assert services["scheduler"]["environment"]["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "True"
     assert any("localhost:8080/" in part for part in services["spark-master"]["healthcheck"]["test"])
@@ -241,9 +245,11 @@ def test_spark_default_points_at_the_spark_master_service(services):
     assert master_command[master_command.index("--port") + 1] == "7077"
     for worker in SPARK_WORKERS:
         command = services[worker]["command"]
-        assert command[1] == "org.apache.spark.deploy.worker.Worker" and command[-1] == spark_master_url(conn)
+        assert command[1] == "org.apache.spark.deploy.worker.Worker"
+        assert command[-1] == spark_master_url(conn)
         cores = int(command[command.index("--cores") + 1])
-        assert 1 <= cores <= 2 and re.fullmatch(r"\d+[mg]", command[command.index("--memory") + 1])
+        assert 1 <= cores <= 2
+        assert re.fullmatch(r"\d+[mg]", command[command.index("--memory") + 1])
     assert env_of(services["scheduler"])["SPARKTF_SPARK_MASTER"] == spark_master_url(conn)
 
 
@@ -251,7 +257,8 @@ def test_the_driver_is_reachable_from_the_executors(services):
     # Client deploy mode: executors connect back to the driver in the scheduler container, by a
     # name the compose network resolves.
     env = env_of(services["scheduler"])
-    assert env["SPARK_LOCAL_HOSTNAME"] == "scheduler" and "scheduler" in services
+    assert env["SPARK_LOCAL_HOSTNAME"] == "scheduler"
+    assert "scheduler" in services
     assert "SPARK_LOCAL_IP" not in env  # 127.0.0.1 (the embedded stack's setting) would hide it
     # Driver and executors run the same Python (PySpark refuses a minor-version mismatch).
     assert env["PYSPARK_PYTHON"] == "python3"
@@ -340,7 +347,8 @@ def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypa
     assert f"ls executor/{bucket}/datasets/mnist-demo/" in calls  # the executors' keys are tried
     # The demo data set lands where tuning_pipeline's dataset_uri Param points by default.
     seed = next(v for v in init["volumes"] if v["target"] == "/seed/mnist-demo")
-    assert Path(seed["source"]) == ROOT / "data" / "demo" / "mnist" and seed["read_only"]
+    assert Path(seed["source"]) == ROOT / "data" / "demo" / "mnist"
+    assert seed["read_only"]
     assert 'f"{DEFAULT_WORKSPACE_URI}/datasets/mnist-demo/"' in (ROOT / "dags" / "tuning_pipeline.py").read_text()
 
 
@@ -370,7 +378,9 @@ def test_airflow_settings(services):
         env = env_of(services[name])
         assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
         db = urlparse(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-        assert db.scheme.startswith("postgresql") and db.hostname == "postgres" and db.port == 5432
+        assert db.scheme.startswith("postgresql")
+        assert db.hostname == "postgres"
+        assert db.port == 5432
         assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("SimpleAuthManager")
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://api-server:8080/execution/"
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"]  # one secret for every component
@@ -379,7 +389,8 @@ def test_airflow_settings(services):
     auth_file = env_of(services["api-server"])["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
     for name in ("airflow-init", "api-server"):
         targets = {v["target"]: v for v in services[name]["volumes"]}
-        assert str(Path(auth_file).parent) in targets and targets[str(Path(auth_file).parent)]["type"] == "volume"
+        assert str(Path(auth_file).parent) in targets
+        assert targets[str(Path(auth_file).parent)]["type"] == "volume"
 
 
 def test_airflow_init_migrates_and_writes_the_admin_password(services, tmp_path):
@@ -410,14 +421,16 @@ def test_images_are_built_from_the_dockerfiles(services):
     for names, dockerfile in ((AIRFLOW_SERVICES, "airflow.Dockerfile"), (("spark-master", *SPARK_WORKERS), "spark.Dockerfile")):
         for name in names:
             build = services[name]["build"]
-            assert Path(build["context"]) == ROOT / "docker" and build["dockerfile"] == dockerfile, name
+            assert Path(build["context"]) == ROOT / "docker", name
+            assert build["dockerfile"] == dockerfile, name
 
 
-@pytest.mark.parametrize("dockerfile, requirements", [("airflow.Dockerfile", "requirements-airflow.txt"),
+@pytest.mark.parametrize(("dockerfile", "requirements"), [("airflow.Dockerfile", "requirements-airflow.txt"),
                                                       ("spark.Dockerfile", "requirements-spark.txt")])
 def test_dockerfile_pins_match_requirements_txt(dockerfile, requirements):
     text = (ROOT / "docker" / dockerfile).read_text()
-    assert re.search(rf"COPY {re.escape(requirements)} /tmp/", text) and f"pip install -r /tmp/{requirements}" in text
+    assert re.search(rf"COPY {re.escape(requirements)} /tmp/", text)
+    assert f"pip install -r /tmp/{requirements}" in text
     pinned = requirement_specs(ROOT / "requirements.txt")
     image = requirement_specs(ROOT / "docker" / requirements)
     for name, req in image.items():
@@ -449,7 +462,8 @@ def test_no_secret_literal_in_the_compose_file():
         for name, value in env.items():
             if name == "AIRFLOW_CONN_AWS_DEFAULT":
                 conn = json.loads(re.sub(r"\$\{[^}]*\}", "X", value))  # valid JSON around the variables
-                assert "login" in conn and "password" in conn
+                assert "login" in conn
+                assert "password" in conn
                 assert re.search(r'"login": "\$\{S3_PIPELINE_ACCESS_KEY_ID:\?', value)
                 assert re.search(r'"password": "\$\{S3_PIPELINE_SECRET_ACCESS_KEY:\?', value)
             elif SECRET_NAME.search(name) and name != "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE":
@@ -468,7 +482,8 @@ def test_example_env_holds_placeholders_and_env_is_ignored():
         if SECRET_NAME.search(name) and value:
             assert "change-me" in value, f".env.example: {name} does not look like a placeholder"
     ignored = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()]
-    assert ".env" in ignored and ".env.example" not in ignored
+    assert ".env" in ignored
+    assert ".env.example" not in ignored
     if shutil.which("git") and (ROOT / ".git").exists():
         check = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT, timeout=30)
         assert check.returncode == 0
@@ -503,7 +518,8 @@ def good_env_file(tmp_path: Path, **overrides: str) -> Path:
 
 def check_service_env(env_file: Path) -> dict[str, str]:
     proc = run_config(env_file)
-    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), proc.stderr
     return env_of(json.loads(proc.stdout)["services"]["check-settings"])
 
 
@@ -520,7 +536,8 @@ def test_check_settings_is_given_every_secret_and_key(services):
     assert set(env_of(services["check-settings"])) == set(check.CHECKED)
     assert services["check-settings"]["entrypoint"] == ["python3", "/opt/sparktf/check_settings.py"]
     mount = next(v for v in services["check-settings"]["volumes"] if v["target"] == "/opt/sparktf/check_settings.py")
-    assert Path(mount["source"]) == CHECK_SCRIPT and mount["read_only"]
+    assert Path(mount["source"]) == CHECK_SCRIPT
+    assert mount["read_only"]
 
 
 def test_good_settings_pass_config_and_the_check(tmp_path):
@@ -543,16 +560,17 @@ def test_an_empty_fernet_key_is_refused_by_compose_and_by_the_check(tmp_path):
     empty = good_env_file(tmp_path, AIRFLOW_FERNET_KEY="")
     proc = run_config(empty)
     assert "required variable AIRFLOW_FERNET_KEY is missing a value" in proc.stderr
-    if BINARY != Path(sys.executable).with_name("docker-compose"):
+    if Path(sys.executable).with_name("docker-compose") != BINARY:
         assert proc.returncode != 0
     env = check_service_env(good_env_file(tmp_path))
     for bad in ("", "not-a-fernet-key", "A" * 43 + "=" + "A", "Z" * 42 + "==", "a" * 44):
         proc = run_check({**env, "AIRFLOW_FERNET_KEY": bad})
         assert proc.returncode == 1, bad
-        assert "refusing to start: AIRFLOW_FERNET_KEY in .env" in proc.stderr and "generate one with" in proc.stderr
+        assert "refusing to start: AIRFLOW_FERNET_KEY in .env" in proc.stderr
+        assert "generate one with" in proc.stderr
 
 
-@pytest.mark.parametrize("name, value, message", [
+@pytest.mark.parametrize(("name", "value", "message"), [
     ("POSTGRES_PASSWORD", "short", "must be 16 to 128 characters long"),
     ("AIRFLOW_JWT_SECRET", "x" * 20, "must be 32 to 256 characters long"),
     ("SPARK_AUTH_SECRET", "", "is empty"),
@@ -593,13 +611,15 @@ def allowed(document: dict, action: str, key: str | None = None, prefix: str | N
 
     resource = f"arn:aws:s3:::{BUCKET}" + (f"/{key}" if key is not None else "")
     for statement in document["Statement"]:
-        assert statement["Effect"] == "Allow" and set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
+        assert statement["Effect"] == "Allow"
+        assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}
         if action not in statement["Action"] or not any(fnmatchcase(resource, r) for r in statement["Resource"]):
             continue
         condition = statement.get("Condition")
         if condition is None:
             return True
-        assert list(condition) == ["StringLike"] and list(condition["StringLike"]) == ["s3:prefix"]
+        assert list(condition) == ["StringLike"]
+        assert list(condition["StringLike"]) == ["s3:prefix"]
         if prefix is not None and any(fnmatchcase(prefix, p) for p in condition["StringLike"]["s3:prefix"]):
             return True
     return False
@@ -629,7 +649,8 @@ def test_executors_read_inputs_and_models_and_write_only_predictions_and_runs(pr
 def test_executors_reach_nothing_outside_the_pipeline_prefixes():
     executor = policy("executor")
     for key in ("uploads/inception_v3.weights.h5", "secrets.json", "modelsX/champion.json"):
-        assert not allowed(executor, "s3:GetObject", key) and not allowed(executor, "s3:PutObject", key)
+        assert not allowed(executor, "s3:GetObject", key)
+        assert not allowed(executor, "s3:PutObject", key)
     assert not allowed(executor, "s3:ListBucket", prefix="")
     assert not allowed(executor, "s3:ListBucket", prefix="uploads/")
 
@@ -642,7 +663,8 @@ def test_the_pipeline_role_reads_everything_and_is_the_one_that_writes_models():
     for prefix in PREFIXES:
         for action in WRITES:
             assert allowed(pipeline, action, f"{prefix}/x") == (prefix in ("models", "predictions", "runs")), (action, prefix)
-    assert not allowed(pipeline, "s3:PutObject", "uploads/x") and not allowed(policy("executor"), "s3:PutObject", "models/x")
+    assert not allowed(pipeline, "s3:PutObject", "uploads/x")
+    assert not allowed(policy("executor"), "s3:PutObject", "models/x")
 
 
 def test_every_role_may_write_the_stores_conditional_write_check():
@@ -652,7 +674,8 @@ def test_every_role_may_write_the_stores_conditional_write_check():
         probe = storage.probe_key(key)
         assert probe == "runs/_store-check/conditional-writes"
         for role in ("pipeline", "executor"):
-            assert allowed(policy(role), "s3:PutObject", probe) and allowed(policy(role), "s3:GetObject", probe), role
+            assert allowed(policy(role), "s3:PutObject", probe), role
+            assert allowed(policy(role), "s3:GetObject", probe), role
 
 
 # --- Spark RPC authentication ------------------------------------------------------------------
@@ -662,10 +685,13 @@ def test_spark_rpc_authentication_on_master_workers_and_the_driver(services):
     for name in ("spark-master", *SPARK_WORKERS, "scheduler"):
         service, env = services[name], env_of(services[name])
         assert service["entrypoint"][:2] == ["/bin/sh", "/opt/sparktf/spark-auth.sh"], name
-        assert env["SPARK_AUTH_SECRET"] == example["SPARK_AUTH_SECRET"] and env["SPARK_CONF_DIR"] == "/tmp/spark-conf", name
+        assert env["SPARK_AUTH_SECRET"] == example["SPARK_AUTH_SECRET"], name
+        assert env["SPARK_CONF_DIR"] == "/tmp/spark-conf", name
         mount = next(v for v in service["volumes"] if v["target"] == "/opt/sparktf/spark-auth.sh")
-        assert Path(mount["source"]) == SPARK_AUTH_SCRIPT and mount["read_only"], name
-    assert services["scheduler"]["entrypoint"][2:] == ["airflow"] and services["scheduler"]["command"] == ["scheduler"]
+        assert Path(mount["source"]) == SPARK_AUTH_SCRIPT, name
+        assert mount["read_only"], name
+    assert services["scheduler"]["entrypoint"][2:] == ["airflow"]
+    assert services["scheduler"]["command"] == ["scheduler"]
     assert services["spark-master"]["command"][0] == "spark-class"
     for name in ("api-server", "dag-processor", "triggerer", "airflow-init"):  # no spark-submit there
         assert "SPARK_AUTH_SECRET" not in env_of(services[name]), name
@@ -678,10 +704,12 @@ def test_spark_auth_script_writes_the_secret_to_spark_defaults_only(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "args:a b" in proc.stdout  # the command runs with its arguments
-    assert "SPARK_AUTH_SECRET" not in proc.stdout and "s3cr3t" not in proc.stdout  # not in the command's environment
+    assert "SPARK_AUTH_SECRET" not in proc.stdout
+    assert "s3cr3t" not in proc.stdout
     defaults = conf_dir / "spark-defaults.conf"
     assert defaults.read_text().splitlines() == ["spark.authenticate true", "spark.authenticate.secret s3cr3t-for-the-test"]
     assert defaults.stat().st_mode & 0o077 == 0
     missing = subprocess.run(["/bin/sh", str(SPARK_AUTH_SCRIPT), "true"], env={**env, "SPARK_AUTH_SECRET": ""},
                              capture_output=True, text=True, timeout=30)
-    assert missing.returncode != 0 and "SPARK_AUTH_SECRET is not set" in missing.stderr
+    assert missing.returncode != 0
+    assert "SPARK_AUTH_SECRET is not set" in missing.stderr

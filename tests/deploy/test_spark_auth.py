@@ -8,6 +8,7 @@ it is refused. Every process started here is stopped by its process group id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,7 +77,7 @@ def authenticated_cluster(tmp_path_factory):
     processes = []
     try:
         for name, args in daemons.items():
-            log = open(work / f"{name}.log", "wb")
+            log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - the daemon's log, open while it runs
             env = {**base_env(work, f"{name}-conf"), "SPARK_AUTH_SECRET": SECRET}
             processes.append(subprocess.Popen(["/bin/sh", str(SPARK_AUTH_SCRIPT), "spark-class", *args], env=env,
                                               stdout=log, stderr=log, start_new_session=True))
@@ -86,10 +87,8 @@ def authenticated_cluster(tmp_path_factory):
         yield {"url": url, "work": work}
     finally:
         for process in reversed(processes):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             process.wait(timeout=30)
 
 
@@ -121,7 +120,8 @@ def test_the_daemons_run_with_authentication_on(authenticated_cluster):
 
 def test_a_driver_with_the_secret_runs_a_job(authenticated_cluster):
     proc = submit(authenticated_cluster, with_secret=True, timeout=240)
-    assert proc.returncode == 0 and "count=10" in proc.stdout, proc.stdout[-4000:]
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "count=10" in proc.stdout, proc.stdout[-4000:]
     assert "authenticate=true" in proc.stdout
     assert SECRET not in proc.stdout
 

@@ -153,7 +153,8 @@ def tuning_run(airflow_server, tiny_mnist, bucket) -> str:
     """The tuning DAG unpaused and triggered with a conf of Params, as the UI's trigger form does."""
     airflow_server.wait_for_dag("tuning_pipeline")
     status, body = airflow_server.request("PATCH", "/api/v2/dags/tuning_pipeline", {"is_paused": False})
-    assert status == 200 and body["is_paused"] is False
+    assert status == 200
+    assert body["is_paused"] is False
     conf = {"dataset_uri": tiny_mnist, "workspace_uri": f"s3://{bucket}/{REST_WORKSPACE}", "model_name": "digits",
             "learning_rates": [0.001, 0.003], "hidden_units": [32], "epochs": 1, "batch_sizes": [32],
             "model_family": "mlp"}
@@ -170,8 +171,10 @@ def test_trigger_tuning_with_params_and_read_xcoms(airflow_server, tuning_run):
     tuned = airflow_server.xcom("tuning_pipeline", tuning_run, "tune")
     exported = airflow_server.xcom("tuning_pipeline", tuning_run, "export_best_model")
     assert prepared["counts"]["test"] == 100
-    assert tuned["trials"] == 2 and tuned["succeeded"] == 2
-    assert exported["version"] == 1 and exported["promoted"] is True
+    assert tuned["trials"] == 2
+    assert tuned["succeeded"] == 2
+    assert exported["version"] == 1
+    assert exported["promoted"] is True
     assert TEST_SECRET_KEY not in json.dumps([prepared, tuned, exported])
 
 
@@ -182,7 +185,8 @@ def test_tuning_run_explains_itself_on_its_run_page(airflow_server, tuning_run):
     assert airflow_server.wait_for_run("tuning_pipeline", tuning_run)["state"] == "success"
     note = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{tuning_run}")["note"]
     tuned = airflow_server.xcom("tuning_pipeline", tuning_run, "tune")
-    assert note.startswith("<!-- sparktf run note -->") and len(note) <= 1000
+    assert note.startswith("<!-- sparktf run note -->")
+    assert len(note) <= 1000
     assert "**Tuning run succeeded**: 2 of 2 trials trained; selected by validation accuracy." in note
     assert "| # | lr | val % | test % | epochs | s |" in note  # only what varies gets a column
     for row in tuned["leaderboard"]:
@@ -196,7 +200,8 @@ def test_tuning_run_explains_itself_on_its_run_page(airflow_server, tuning_run):
     figure = re.search(r"\[!\[test error vs learning rate\]\((/sparktf/figure/[^)]+)\)\]\(\1\)", note)
     assert figure, note
     status, content_type, body = airflow_server.fetch(figure.group(1))
-    assert (status, content_type) == (200, "image/png") and body.startswith(b"\x89PNG\r\n\x1a\n")
+    assert (status, content_type) == (200, "image/png")
+    assert body.startswith(b"\x89PNG\r\n\x1a\n")
     # The same bytes as the object in the bucket, read on the server with the aws_default connection.
     from sparktf import storage
 
@@ -215,13 +220,15 @@ def test_task_logs_show_progress_and_the_spark_ui(airflow_server, tuning_run):
     progress = [line for line in log.splitlines() if "tuning progress: trial" in line]
     assert len(progress) == 2, log[-4000:]
     for k, line in enumerate(progress, 1):
-        assert f"trial {k}/2 done (lr 0.00" in line and "hidden 32, batch 32, dropout 0.5): val_accuracy 0." in line
+        assert f"trial {k}/2 done (lr 0.00" in line
+        assert "hidden 32, batch 32, dropout 0.5): val_accuracy 0." in line
         assert re.search(r"val_accuracy 0\.\d{4}, \d+\.\d s \[trial-[0-9a-f]+\]", line), line
     ui = re.search(r"Spark UI of application (\S+): (http://\S+)", log)
     assert ui, log[-4000:]
     # The link was published while the job ran (before its first trial ended), not only at the end.
     published = log.index(f"Spark UI (task link 'Spark UI' while the job runs): {ui.group(2)}")
-    assert published < log.index("tuning progress: trial 1/2") and "could not publish the Spark UI link" not in log
+    assert published < log.index("tuning progress: trial 1/2")
+    assert "could not publish the Spark UI link" not in log
     links = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{tuning_run}/taskInstances/tune/links")
     assert links["extra_links"]["Spark UI"] == ui.group(2)
     report = airflow_server.task_log("tuning_pipeline", tuning_run, "report")
@@ -265,7 +272,8 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
     assert status == 200, backfill
     # Running runs of a paused DAG are not scheduled: unpause, as the UI offers with a backfill.
     status, body = airflow_server.request("PATCH", "/api/v2/dags/nightly_inference", {"is_paused": False})
-    assert status == 200 and body["is_paused"] is False
+    assert status == 200
+    assert body["is_paused"] is False
     runs: list[dict] = []
 
     def backfill_finished() -> bool:
@@ -286,11 +294,13 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         found = airflow_server.xcom("nightly_inference", run["dag_run_id"], "find_new_images")
         published = airflow_server.xcom("nightly_inference", run["dag_run_id"], "publish")
         assert (found["date"], found["date_from"]) == (date, "data_interval")
-        assert published["date"] == date and published["model_version"] == 1
+        assert published["date"] == date
+        assert published["model_version"] == 1
         assert (published["scored"], published["set_aside"]) == (landed[date], 0)
         assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
         rows, errors = predictions.read_predictions(published["output_uri"])
-        assert len({r["key"] for r in rows}) == len(rows) == landed[date] and errors == []
+        assert len({r["key"] for r in rows}) == len(rows) == landed[date]
+        assert errors == []
         assert all(r["key"].startswith(f"{REST_WORKSPACE}/incoming/{date}/") for r in rows)
         assert TEST_SECRET_KEY not in json.dumps([found, published])
         # Each night's note: counts, reasons, label histogram, model version; its log: per-task progress.
@@ -298,7 +308,8 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         assert f"**Nightly inference succeeded: {date}**" in note
         assert f"**{landed[date]} scored**, **0 set aside** of {landed[date]} images, with model `digits` v1." in note
         labels = published["label_histogram"]
-        assert "| images | " + " | ".join(str(n) for n in labels.values()) + " |" in note and sum(labels.values()) == landed[date]
+        assert "| images | " + " | ".join(str(n) for n in labels.values()) + " |" in note
+        assert sum(labels.values()) == landed[date]
         log = airflow_server.task_log("nightly_inference", run["dag_run_id"], "batch_inference")
         tasks = [line for line in log.splitlines() if "inference progress: task" in line]
         assert len(tasks) == published["tasks"], log[-4000:]

@@ -45,7 +45,8 @@ def test_sourcing_env_sh_twice_keeps_both_connections_valid_and_unchanged():
     first, second = proc.stdout.split("===\n")[:2]
     assert first.strip() == second.strip()
     aws, spark = (json.loads(line) for line in second.strip().splitlines())
-    assert aws["conn_type"] == "aws" and aws["extra"]["endpoint_url"].startswith("http://127.0.0.1:")
+    assert aws["conn_type"] == "aws"
+    assert aws["extra"]["endpoint_url"].startswith("http://127.0.0.1:")
     assert spark == {"conn_type": "spark", "host": os.environ.get("SPARKTF_SPARK_MASTER", "local[2,4]")}
 
 
@@ -54,7 +55,8 @@ def test_seed_demo_names_an_unparsable_connection(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_demo.py")], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert "AIRFLOW_CONN_AWS_DEFAULT is not valid JSON" in proc.stderr and "aws_default" in proc.stderr, proc.stderr
+    assert "AIRFLOW_CONN_AWS_DEFAULT is not valid JSON" in proc.stderr, proc.stderr
+    assert "aws_default" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -70,7 +72,7 @@ def spark_submit_stub(tmp_path, monkeypatch) -> Path:
     return marker
 
 
-@pytest.mark.parametrize("spark_default, message", [
+@pytest.mark.parametrize(("spark_default", "message"), [
     (BROKEN, "AIRFLOW_CONN_SPARK_DEFAULT is not valid JSON"),
     (None, "connection 'spark_default' is not defined"),
 ])
@@ -85,7 +87,8 @@ def test_operator_refuses_an_unusable_spark_default_before_spark_submit(s3_serve
     operator = SparkJobOperator(task_id="prepare_data", application=job_path("prepare_data.py"), result_uri=result_uri)
     with pytest.raises(AirflowFailException) as refused:
         operator.execute(context={})
-    assert "spark_default" in str(refused.value) and message in str(refused.value)
+    assert "spark_default" in str(refused.value)
+    assert message in str(refused.value)
     assert "local[2]" not in str(refused.value)  # the value itself (it may hold secrets) is never shown
     assert not spark_submit_stub.exists(), "spark-submit was started"
 

@@ -69,23 +69,30 @@ def rows_of(partition: str) -> tuple[list, list]:
             sorted((e["key"], e["reason"], e["detail"]) for e in errors))
 
 
-@pytest.mark.parametrize("date, scored, set_aside", [("2026-11-20", 16, 2), ("2026-11-21", BIG, 8)])
+@pytest.mark.parametrize(("date", "scored", "set_aside"), [("2026-11-20", 16, 2), ("2026-11-21", BIG, 8)])
 def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_aside):
     summary = runs[date]
     assert summary["state"].endswith("success")
     assert set(states(summary).values()) == {"success"}
     found = summary["tasks"]["find_new_images"]["xcom"]
-    assert found["date"] == date and found["date_from"] == "data_interval" and found["images"] == scored + set_aside
+    assert found["date"] == date
+    assert found["date_from"] == "data_interval"
+    assert found["images"] == scored + set_aside
     assert found["markers_skipped"] == (1 if date == "2026-11-20" else 0)
     model = summary["tasks"]["resolve_model"]["xcom"]
-    assert model["version"] == 1 and model["requested"] == ("1" if date == "2026-11-21" else "champion")
+    assert model["version"] == 1
+    assert model["requested"] == ("1" if date == "2026-11-21" else "champion")
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["date"] == date and published["model_version"] == 1
+    assert published["date"] == date
+    assert published["model_version"] == 1
     assert (published["scored"], published["set_aside"]) == (scored, set_aside)
-    assert sum(published["label_histogram"].values()) == scored and published["images_per_second"] > 0
+    assert sum(published["label_histogram"].values()) == scored
+    assert published["images_per_second"] > 0
     assert published["output_uri"] == f"{workspace}/predictions/digits/{date}/"
     rows, errors = predictions.read_predictions(published["output_uri"])
-    assert len(rows) == scored and len({r["key"] for r in rows}) == scored and len(errors) == set_aside
+    assert len(rows) == scored
+    assert len({r["key"] for r in rows}) == scored
+    assert len(errors) == set_aside
     # processed_at is the run's logical timestamp, so re-running the run writes identical rows
     assert {r["processed_at"].isoformat() for r in rows} == {found["processed_at"]}
     if date == "2026-11-20":
@@ -94,8 +101,10 @@ def test_each_date_is_scored_and_published(runs, workspace, date, scored, set_as
     note = summary["note"]
     assert f"Nightly inference succeeded: {date}" in note
     assert f"**{scored} scored**, **{set_aside} set aside** of {scored + set_aside} images" in note
-    assert "`digits` v1" in note and published["output_uri"] in note
-    assert ("Set aside: empty 1, not_an_image 1." in note) == (date == "2026-11-20") and "Set aside: " in note
+    assert "`digits` v1" in note
+    assert published["output_uri"] in note
+    assert ("Set aside: empty 1, not_an_image 1." in note) == (date == "2026-11-20")
+    assert "Set aside: " in note
     assert len(note) <= 1000  # Airflow's limit: the label table goes first when there is much to say
     if date == "2026-11-20":
         labels = published["label_histogram"]
@@ -127,7 +136,9 @@ def test_empty_date_short_circuits_with_a_summary(runs):
     assert states(summary) == {"find_new_images": "success", "resolve_model": "skipped",
                                "batch_inference": "skipped", "publish": "skipped", "report": "success"}
     found = summary["tasks"]["find_new_images"]["xcom"]
-    assert found["images"] == 0 and found["date"] == "2026-11-22" and "no images" in found["skipped_reason"]
+    assert found["images"] == 0
+    assert found["date"] == "2026-11-22"
+    assert "no images" in found["skipped_reason"]
     assert found["markers_skipped"] == 1
     assert "Nightly inference succeeded: 2026-11-22" in summary["note"]
     assert f"0 images: {run_notes.escape_markdown(found['skipped_reason'])}" in summary["note"]  # a URI: escaped
@@ -144,7 +155,8 @@ def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tm
     assert code == 0, output[-6000:]
     assert summary["tasks"]["find_new_images"]["xcom"] == runs["2026-11-20"]["tasks"]["find_new_images"]["xcom"]
     after = predictions.read_published(partition)
-    assert after["publish_id"] != before["publish_id"] and after["replaces"]["publish_id"] == before["publish_id"]
+    assert after["publish_id"] != before["publish_id"]
+    assert after["replaces"]["publish_id"] == before["publish_id"]
     assert rows_of(partition) == expected
 
 
@@ -157,7 +169,8 @@ def test_a_manual_run_scores_the_date_param(runs, airflow_env, workspace, tmp_pa
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert (found["date"], found["date_from"]) == ("2026-11-20", "param")
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/" and published["scored"] == 16
+    assert published["output_uri"] == f"{workspace}/predictions/digits/2026-11-20/"
+    assert published["scored"] == 16
     rows, _errors = predictions.read_predictions(published["output_uri"])
     assert {r["processed_at"].isoformat() for r in rows} == {"2026-12-01T10:00:00+00:00"}
 
@@ -170,16 +183,18 @@ def breach(airflow_env, workspace, tmp_path_factory) -> tuple:
 
 def test_a_failure_ratio_breach_fails_the_run_and_flags_the_partition(breach, workspace):
     code, summary, output = breach
-    assert code == 1 and summary["state"].endswith("failed")
+    assert code == 1
+    assert summary["state"].endswith("failed")
     assert states(summary)["batch_inference"] == "failed"
     assert summary["tasks"]["batch_inference"]["try_number"] == 1  # not retried: it would end the same way
     assert states(summary)["publish"] == "upstream_failed"  # so no Asset event
     assert "set aside, more than --max-failure-ratio" in output
     manifest = predictions.read_published(f"{workspace}/predictions/digits/{BREACH[1]}/")
-    assert manifest["failure_ratio_exceeded"] is True and (manifest["scored"], manifest["set_aside"]) == (2, 8)
+    assert manifest["failure_ratio_exceeded"] is True
+    assert (manifest["scored"], manifest["set_aside"]) == (2, 8)
 
 
-@pytest.mark.parametrize("model_name, message, what_to_do", [
+@pytest.mark.parametrize(("model_name", "message", "what_to_do"), [
     ("nobody", "has no champion", "To fix: run tuning_pipeline"),
     ("tampered", "changed after it was registered", "To fix: re-register the model"),
 ])
@@ -192,7 +207,8 @@ def test_a_missing_or_tampered_model_fails_resolve_model_saying_what_to_do(
     assert states(summary)["resolve_model"] == "failed"
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
     assert message in output, output[-4000:]
-    assert what_to_do in output and "trigger with model_version set to" in output
+    assert what_to_do in output
+    assert "trigger with model_version set to" in output
 
 
 def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace, runs, tmp_path):
@@ -205,7 +221,8 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert states(summary)["batch_inference"] == states(summary)["publish"] == "upstream_failed"
     assert "version 9 does not exist" in output
     # The run failed (the report, a teardown, does not change that) and its note says where.
-    assert summary["state"].endswith("failed") and states(summary)["report"] == "success"
+    assert summary["state"].endswith("failed")
+    assert states(summary)["report"] == "success"
     assert "Nightly inference failed: 2026-11-20" in summary["note"]
     assert "`resolve_model` **failed**: see its log" in summary["note"]
     # the partition scored earlier is untouched
@@ -230,7 +247,8 @@ def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, air
     assert min(proxy.faults[k] for k in ("slowdown", "internal", "reset")) > 0, proxy.faults
     assert all(info["try_number"] == 1 for info in summary["tasks"].values())  # no task needed a retry
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["storage_retries"] > 0 and "unreadable" not in published["reasons"]
+    assert published["storage_retries"] > 0
+    assert "unreadable" not in published["reasons"]
     manifest = predictions.read_published(partition)
     assert manifest["replaces"]["publish_id"] == clean["publish_id"]
     assert rows_of(partition) == expected

@@ -79,10 +79,15 @@ def test_stock_networks_are_registered_through_the_dag(registered, workspace):
         assert set(states(summary).values()) == {"success"}, states(summary)
         report = summary["tasks"]["check_registered"]["xcom"]
         spec = applications.APPLICATIONS[application]
-        assert report["registered"] and report["version"] == 1 and report["promoted"] and report["champion_version"] == 1
-        assert report["input_shape"] == list(spec.input_shape) and report["num_classes"] == 1000
+        assert report["registered"]
+        assert report["version"] == 1
+        assert report["promoted"]
+        assert report["champion_version"] == 1
+        assert report["input_shape"] == list(spec.input_shape)
+        assert report["num_classes"] == 1000
         metadata = registry.resolve(workspace["ws"] + "/models/", name)  # the champion
-        assert metadata["resize_policy"] == "center_crop" and metadata["channels"] == 3
+        assert metadata["resize_policy"] == "center_crop"
+        assert metadata["channels"] == 3
         assert metadata["label_names"] == applications.imagenet_labels()
         assert metadata["source"]["application"] == application
         assert metadata["source"]["weights_sha256"] == workspace["uploads"][name]["sha256"]
@@ -123,7 +128,8 @@ def test_every_photo_gets_the_models_top5_labels(nightly, workspace, name):
     summary = nightly[name]
     assert set(states(summary).values()) == {"success"}, states(summary)
     published = summary["tasks"]["publish"]["xcom"]
-    assert published["model_name"] == name and published["date"] == DATE
+    assert published["model_name"] == name
+    assert published["date"] == DATE
     assert published["output_uri"] == f"{workspace['ws']}/predictions/{name}/{DATE}/"
     metadata = registry.resolve(workspace["ws"] + "/models/", name, published["model_version"])
     reference = reference_top5(metadata, workspace["landed"])
@@ -133,7 +139,8 @@ def test_every_photo_gets_the_models_top5_labels(nightly, workspace, name):
     for row in rows:
         probabilities, expected = reference[row["key"]]
         got = [(t["label"], t["score"]) for t in row["top_k"]]
-        assert len(got) == 5 and (row["predicted_label"], row["score"]) == got[0]
+        assert len(got) == 5
+        assert (row["predicted_label"], row["score"]) == got[0]
         for (label, score), (want_label, want_score) in zip(got, expected):
             assert abs(score - want_score) <= SCORE_TOLERANCE, (row["key"], got, expected)
             # The same label at every rank; only two classes the model itself scores the same
@@ -153,8 +160,10 @@ def test_two_models_score_the_same_day_side_by_side(nightly, workspace, airflow_
     partitions = {name: f"{ws}/predictions/{name}/{DATE}/" for name in MODELS}
     for name, uri in partitions.items():
         manifest = predictions.read_published(uri)
-        assert manifest["model_name"] == name and manifest["date"] == DATE
-        assert manifest["scored"] == 10 and manifest["set_aside"] == 4
+        assert manifest["model_name"] == name
+        assert manifest["date"] == DATE
+        assert manifest["scored"] == 10
+        assert manifest["set_aside"] == 4
     assert storage.list_keys(f"{ws}/predictions/{DATE}/") == []  # nothing in a shared, model-less partition
     assert all(storage.list_keys(f"{ws}/predictions/{name}/_staging/") == [] for name in MODELS)
     events = [extra for extra in asset_events(airflow_env, "nightly_predictions")

@@ -39,15 +39,19 @@ def test_ui_script_listens_on_loopback_only_and_stops_cleanly(airflow_env, tmp_p
         assert f"Airflow UI up at http://127.0.0.1:{port}" in started.stdout
         assert set(pids) == set(COMPONENTS)
         status = ui("status")
-        assert status.returncode == 0 and all(f"{name} up" in status.stdout for name in COMPONENTS), status.stdout
+        assert status.returncode == 0, status.stdout
+        assert all(f"{name} up" in status.stdout for name in COMPONENTS), status.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
-            assert response.status == 200 and b"<html" in response.read().lower()  # the UI itself
+            assert response.status == 200
+            assert b"<html" in response.read().lower()
         sockets = LocalAirflow(state, port).listening_sockets()
         assert ("api-server", "127.0.0.1", port) in {s[:3] for s in sockets}
         assert {address for _name, address, _port, _pid in sockets} <= LOOPBACK, sockets
-        assert (state / "airflow-scheduler.log").exists() and (state / "airflow-api-server.log").exists()
+        assert (state / "airflow-scheduler.log").exists()
+        assert (state / "airflow-api-server.log").exists()
     finally:
         stopped = ui("stop")
-    assert stopped.returncode == 0 and "stopped:" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "stopped:" in stopped.stdout, stopped.stdout + stopped.stderr
     assert not any(_alive(pid) for pid in pids.values())
     assert ui("status").returncode == 1

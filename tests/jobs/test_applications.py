@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,7 +75,8 @@ def test_packaged_imagenet_class_index_is_complete_and_in_output_order():
     assert len(index) == 1000
     wnids = [wnid for wnid, _name in index]
     assert all(re.fullmatch(r"n\d{8}", w) for w in wnids)
-    assert wnids == sorted(wnids) and len(set(wnids)) == 1000  # Keras' class order is the sorted WordNet ids
+    assert wnids == sorted(wnids)
+    assert len(set(wnids)) == 1000
     labels = applications.imagenet_labels()
     # the seed's example: coral reef, scuba diver, brain coral, snorkel, promontory
     assert [labels[i] for i in (973, 983, 109, 801, 976)] == ["coral reef", "scuba diver", "brain coral", "snorkel",
@@ -83,7 +85,7 @@ def test_packaged_imagenet_class_index_is_complete_and_in_output_order():
     assert not any("_" in label for label in labels)
 
 
-@pytest.mark.parametrize("content, expected", [
+@pytest.mark.parametrize(("content", "expected"), [
     (b'["cat", "dog", "bird"]', ["cat", "dog", "bird"]),
     (b'{"1": "dog", "0": "cat", "2": "bird"}', ["cat", "dog", "bird"]),
     (b'{"0": ["n01", "tabby_cat"], "1": ["n02", "dog"], "2": ["n03", "bird"]}', ["tabby cat", "dog", "bird"]),
@@ -94,7 +96,7 @@ def test_label_maps(content, expected):
     assert applications.parse_label_map(content) == expected
 
 
-@pytest.mark.parametrize("content, message", [
+@pytest.mark.parametrize(("content", "message"), [
     (b"", "no labels"),
     (b"[]", "no labels"),
     (b'{"0": "cat", "2": "dog"}', "keys"),
@@ -122,8 +124,10 @@ def test_request_checks_say_what_to_fix():
     problems = applications.check_request({**good, "application": "ResNet50", "weights_uri": "s3://b/x.h5",
                                            "labels": "label_map", "model_name": "Bad Name"})
     assert len(problems) == 4
-    assert any("ResNet50" in p for p in problems) and any(".weights.h5" in p for p in problems)
-    assert any("label_map_uri" in p for p in problems) and any("model_name" in p for p in problems)
+    assert any("ResNet50" in p for p in problems)
+    assert any(".weights.h5" in p for p in problems)
+    assert any("label_map_uri" in p for p in problems)
+    assert any("model_name" in p for p in problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,37 +248,48 @@ def test_job_registers_a_small_network_with_imagenet_labels_and_promotes_it(s3_p
                     "--weights-uri", weights_uri, "--labels", "imagenet", "--promote", "true", "--source-run", "run-1",
                     "--registered-at", "2026-11-24T10:00:00+00:00")
     result = register_model.run(args)
-    assert result["registered"] and result["version"] == 1 and result["promoted"] and result["champion_version"] == 1
+    assert result["registered"]
+    assert result["version"] == 1
+    assert result["promoted"]
+    assert result["champion_version"] == 1
     assert result["labels_sample"] == ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
     metadata = registry.resolve(ws + "/models/", "mobilenet")
-    assert metadata["input_shape"] == [224, 224, 3] and metadata["channels"] == 3
-    assert metadata["resize_policy"] == "center_crop" and metadata["input_dtype"] == "uint8"
+    assert metadata["input_shape"] == [224, 224, 3]
+    assert metadata["channels"] == 3
+    assert metadata["resize_policy"] == "center_crop"
+    assert metadata["input_dtype"] == "uint8"
     assert metadata["label_names"] == applications.imagenet_labels()
     assert metadata["source"]["application"] == "MobileNetV3Small"
     assert metadata["source"]["weights_sha256"] == storage.sha256_hex(data)
-    assert metadata["labels"]["kind"] == "imagenet" and metadata["registered_at"] == "2026-11-24T10:00:00+00:00"
+    assert metadata["labels"]["kind"] == "imagenet"
+    assert metadata["registered_at"] == "2026-11-24T10:00:00+00:00"
     model = registry.load_version_model(metadata)  # sha256-checked, safe mode
     assert applications.describe_model(model) == ((224, 224, 3), 1000)
     # A retry of the same run reuses its version instead of registering another.
     again = register_model.run(args)
-    assert again["reused_version"] and again["version"] == 1 and not again["promoted"]
+    assert again["reused_version"]
+    assert again["version"] == 1
+    assert not again["promoted"]
     assert [m["version"] for m in registry.list_versions(ws + "/models/", "mobilenet")] == [1]
 
 
 def test_job_registers_a_users_keras_file_with_a_text_label_map(s3_prefix, tmp_path):
     ws = s3_prefix
     path = small_classifier(str(tmp_path / "mine.keras"))
-    storage.write_bytes(ws + "/uploads/mine.keras", open(path, "rb").read())
+    storage.write_bytes(ws + "/uploads/mine.keras", Path(path).read_bytes())
     storage.write_bytes(ws + "/uploads/labels.txt", "chat\nchien\nécureuil\npoisson\n".encode())
     result = register_model.run(job_args(
         ws, "mine", "--source", "keras_file", "--model-uri", ws + "/uploads/mine.keras", "--labels", "label_map",
         "--label-map-uri", ws + "/uploads/labels.txt", "--resize-policy", "resize"))
-    assert result["registered"] and not result["promoted"] and result["champion_version"] is None
+    assert result["registered"]
+    assert not result["promoted"]
+    assert result["champion_version"] is None
     metadata = registry.resolve(ws + "/models/", "mine", 1)
     assert metadata["label_names"] == ["chat", "chien", "écureuil", "poisson"]
-    assert metadata["input_shape"] == [32, 32, 3] and metadata["resize_policy"] == "resize"
+    assert metadata["input_shape"] == [32, 32, 3]
+    assert metadata["resize_policy"] == "resize"
     # the user's file is registered byte for byte
-    assert metadata["model_sha256"] == metadata["source"]["model_sha256"] == storage.sha256_hex(open(path, "rb").read())
+    assert metadata["model_sha256"] == metadata["source"]["model_sha256"] == storage.sha256_hex(Path(path).read_bytes())
 
 
 def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_path):
@@ -282,24 +297,28 @@ def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_pat
     same again reuses (the request is compared: source, uploads' sha256s, labels)."""
     ws = s3_prefix
     model_uri, labels_uri = ws + "/uploads/mine.keras", ws + "/uploads/labels.txt"
-    storage.write_bytes(model_uri, open(small_classifier(str(tmp_path / "a.keras")), "rb").read())
+    storage.write_bytes(model_uri, Path(small_classifier(str(tmp_path / "a.keras"))).read_bytes())
     storage.write_bytes(labels_uri, b"a\nb\nc\nd\n")
     args = job_args(ws, "mine", "--source", "keras_file", "--model-uri", model_uri, "--labels", "label_map",
                     "--label-map-uri", labels_uri, "--source-run", "run-1")
     first = register_model.run(args)
-    assert first["registered"] and first["version"] == 1
+    assert first["registered"]
+    assert first["version"] == 1
 
     storage.write_bytes(labels_uri, b"w\nx\ny\nz\n")  # the label map replaced between two attempts
     relabelled = register_model.run(args)
-    assert relabelled["version"] == 2 and not relabelled["reused_version"]
+    assert relabelled["version"] == 2
+    assert not relabelled["reused_version"]
     assert registry.resolve(ws + "/models/", "mine", 2)["label_names"] == ["w", "x", "y", "z"]
 
-    storage.write_bytes(model_uri, open(small_classifier(str(tmp_path / "b.keras"), input_shape=(24, 24, 3)), "rb").read())
+    storage.write_bytes(model_uri, Path(small_classifier(str(tmp_path / "b.keras"), input_shape=(24, 24, 3))).read_bytes())
     other_model = register_model.run(args)
-    assert other_model["version"] == 3 and other_model["input_shape"] == [24, 24, 3]
+    assert other_model["version"] == 3
+    assert other_model["input_shape"] == [24, 24, 3]
 
     again = register_model.run(args)
-    assert again["version"] == 3 and again["reused_version"]
+    assert again["version"] == 3
+    assert again["reused_version"]
     assert register_model.request_differences(registry.resolve(ws + "/models/", "mine", 1),
                                               register_model.asked_fields(args)) == ["model_sha256", "label_map_sha256"]
 
@@ -308,16 +327,16 @@ def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_pat
 def test_job_refusals_register_nothing(s3_prefix, tmp_path, mobilenet_weights, case):
     ws = s3_prefix
     if case == "lambda":
-        storage.write_bytes(ws + "/up/m.keras", open(lambda_model(str(tmp_path / "l.keras")), "rb").read())
+        storage.write_bytes(ws + "/up/m.keras", Path(lambda_model(str(tmp_path / "l.keras"))).read_bytes())
         extra, message = ["--source", "keras_file", "--model-uri", ws + "/up/m.keras"], "safe mode"
     elif case == "labels":
-        storage.write_bytes(ws + "/up/m.keras", open(small_classifier(str(tmp_path / "s.keras")), "rb").read())
+        storage.write_bytes(ws + "/up/m.keras", Path(small_classifier(str(tmp_path / "s.keras"))).read_bytes())
         storage.write_bytes(ws + "/up/labels.json", json.dumps(["a", "b", "c"]).encode())
         extra = ["--source", "keras_file", "--model-uri", ws + "/up/m.keras", "--labels", "label_map",
                  "--label-map-uri", ws + "/up/labels.json"]
         message = "has 3 labels but the model has 4 outputs"
     elif case == "weights":
-        storage.write_bytes(ws + "/up/x.weights.h5", open(mobilenet_weights, "rb").read())
+        storage.write_bytes(ws + "/up/x.weights.h5", Path(mobilenet_weights).read_bytes())
         extra = ["--source", "keras_application", "--application", "MobileNetV3Large", "--weights-uri", ws + "/up/x.weights.h5"]
         message = "does not fit MobileNetV3Large"
     elif case == "missing":
@@ -325,7 +344,8 @@ def test_job_refusals_register_nothing(s3_prefix, tmp_path, mobilenet_weights, c
     else:
         extra, message = ["--source", "keras_application", "--application", "ResNet50", "--weights-uri", "x"], "ResNet50"
     result = register_model.run(job_args(ws, "refused", *extra, "--promote", "true"))
-    assert result["registered"] is False and message in result["refused"]
+    assert result["registered"] is False
+    assert message in result["refused"]
     assert storage.list_keys(ws + "/models/") == []  # no version, no champion
 
 
@@ -366,6 +386,8 @@ def test_the_job_runs_under_spark_submit_without_a_spark_session(s3_prefix, tmp_
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     output = job.stdout + job.stderr
     assert "register_model runs on the driver only: no SparkSession" in output
-    assert "Running Spark version" not in output and "Spark UI of application" not in output  # no SparkContext
+    assert "Running Spark version" not in output
+    assert "Spark UI of application" not in output
     result = storage.read_json(result_uri)
-    assert result["registered"] is False and "does not exist" in result["refused"]
+    assert result["registered"] is False
+    assert "does not exist" in result["refused"]

@@ -53,9 +53,11 @@ def reference(workspace) -> dict:
 def test_every_image_is_scored_or_set_aside(first_run, workspace):
     landed = workspace["landed"]
     assert first_run["listed"] == len(landed) == VALID + 8
-    assert first_run["scored"] == VALID and first_run["set_aside"] == 8
+    assert first_run["scored"] == VALID
+    assert first_run["set_aside"] == 8
     assert first_run["scored"] + first_run["set_aside"] == first_run["listed"]
-    assert first_run["model_version"] == 1 and first_run["tasks"] == 6  # 58 keys, <= 10 per task, 2 slots
+    assert first_run["model_version"] == 1
+    assert first_run["tasks"] == 6
     assert sum(first_run["label_histogram"].values()) == VALID
     assert not first_run["failure_ratio_exceeded"]
 
@@ -70,8 +72,11 @@ def test_predictions_match_the_model_on_the_decoded_array(first_run, workspace, 
         order = np.argsort(-probabilities, kind="stable")[:5]
         assert [t["label"] for t in row["top_k"]] == [LABEL_NAMES[i] for i in order], key
         assert np.allclose([t["score"] for t in row["top_k"]], probabilities[order], atol=1e-5), key
-        assert row["predicted_label"] == LABEL_NAMES[order[0]] and row["score"] == row["top_k"][0]["score"]
-        assert row["model_name"] == "digits" and row["model_version"] == 1 and row["partition_date"] == DATE
+        assert row["predicted_label"] == LABEL_NAMES[order[0]]
+        assert row["score"] == row["top_k"][0]["score"]
+        assert row["model_name"] == "digits"
+        assert row["model_version"] == 1
+        assert row["partition_date"] == DATE
         assert row["processed_at"].isoformat() == PROCESSED_AT
     landed = workspace["landed"]
     correct = np.mean([by_key[k]["predicted_label"] == landed[k]["label"] for k in by_key])
@@ -82,7 +87,8 @@ def test_every_bad_file_is_listed_with_its_reason(first_run, workspace):
     _predictions, errors = predictions.read_predictions(first_run["output_uri"])
     bad = {k: v["reasons"] for k, v in workspace["landed"].items() if "reasons" in v}
     by_key = {row["key"]: row for row in errors}
-    assert set(by_key) == set(bad) and len(errors) == len(bad)
+    assert set(by_key) == set(bad)
+    assert len(errors) == len(bad)
     for key, reasons in bad.items():
         assert by_key[key]["reason"] in reasons, (key, by_key[key])
     assert sum(first_run["reasons"].values()) == 8
@@ -94,8 +100,10 @@ def test_partition_is_published_with_a_manifest_of_sizes_and_etags(first_run, wo
     manifest = predictions.read_published(first_run["output_uri"])
     assert manifest["format"] == predictions.MANIFEST_FORMAT
     assert (manifest["listed"], manifest["scored"], manifest["set_aside"]) == (VALID + 8, VALID, 8)
-    assert manifest["model_version"] == 1 and manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
-    assert manifest["replaces"] is None and manifest["publish_id"] == first_run["publish_id"]
+    assert manifest["model_version"] == 1
+    assert manifest["model_sha256"] == workspace["metadata"]["model_sha256"]
+    assert manifest["replaces"] is None
+    assert manifest["publish_id"] == first_run["publish_id"]
     assert first_run["publish_id"].startswith("first-")
     assert first_run["output_uri"] == f"{ws}/predictions/digits/{DATE}/"  # one folder per model
     present = {o["key"][len(storage.parse_uri(first_run["output_uri"]).key):]: o
@@ -144,8 +152,10 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     assert canonical(after_rows) == canonical(before_rows)
     assert sorted((e["key"], e["reason"]) for e in after_errors) == sorted((e["key"], e["reason"]) for e in before_errors)
     manifest = predictions.read_published(partition)
-    assert manifest["attempt_id"] == "second" and manifest["replaces"]["publish_id"] == first_run["publish_id"]
-    assert again["tasks"] == 4 and again["replaced"]["publish_id"] == first_run["publish_id"]
+    assert manifest["attempt_id"] == "second"
+    assert manifest["replaces"]["publish_id"] == first_run["publish_id"]
+    assert again["tasks"] == 4
+    assert again["replaced"]["publish_id"] == first_run["publish_id"]
     assert storage.head(partition + "part-99999.parquet") is None
     assert all(storage.head(partition + rel) is None for rel in first_files)  # the replaced output is gone
     assert storage.head(partition + predictions.part_name("other-run-1-0a0b0c0d", 0)) is not None
@@ -183,9 +193,11 @@ def test_empty_partition_publishes_an_empty_partition(spark, workspace):
     assert (result["listed"], result["scored"], result["set_aside"]) == (0, 0, 0)
     assert result["model_loads"] == 0  # nothing to score: the model is not even loaded
     manifest = predictions.read_published(result["output_uri"])
-    assert manifest["listed"] == 0 and not manifest["failure_ratio_exceeded"]
+    assert manifest["listed"] == 0
+    assert not manifest["failure_ratio_exceeded"]
     rows, errors = predictions.read_predictions(result["output_uri"])
-    assert rows == [] and errors == []
+    assert rows == []
+    assert errors == []
 
 
 def test_missing_champion_fails_with_a_clear_message(spark, workspace, s3_prefix):
@@ -204,20 +216,26 @@ def test_failure_ratio_breach_fails_after_writing(spark, workspace, s3_prefix, m
     with pytest.raises(Exception, match="set aside, more than --max-failure-ratio"):
         batch_inference.run(spark, job_args(ws, DATE))
     rows, errors = predictions.read_predictions(f"{ws}/predictions/digits/{DATE}/")
-    assert len(rows) == 3 and len(errors) == 8 and len(landed) == 11
+    assert len(rows) == 3
+    assert len(errors) == 8
+    assert len(landed) == 11
     manifest = predictions.read_published(f"{ws}/predictions/digits/{DATE}/")
-    assert manifest["failure_ratio_exceeded"] is True and manifest["set_aside_ratio"] == pytest.approx(8 / 11, abs=1e-4)
+    assert manifest["failure_ratio_exceeded"] is True
+    assert manifest["set_aside_ratio"] == pytest.approx(8 / 11, abs=1e-4)
 
 
 def test_top_k_and_task_planning():
     probabilities = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]], np.float32)
     order, scores = scoring.top_k(probabilities, 5)
-    assert order.tolist() == [[1, 2, 0], [0, 1, 2]] and np.allclose(scores[1], [0.5, 0.25, 0.25])
-    assert incoming.plan_tasks(0, 2, 10) == 1 and incoming.plan_tasks(58, 2, 10) == 6
-    assert incoming.plan_tasks(5000, 2, 2000) == 4 and incoming.plan_tasks(3, 8, 10) == 3
+    assert order.tolist() == [[1, 2, 0], [0, 1, 2]]
+    assert np.allclose(scores[1], [0.5, 0.25, 0.25])
+    assert incoming.plan_tasks(0, 2, 10) == 1
+    assert incoming.plan_tasks(58, 2, 10) == 6
+    assert incoming.plan_tasks(5000, 2, 2000) == 4
+    assert incoming.plan_tasks(3, 8, 10) == 3
     groups = incoming.assign_keys([str(i) for i in range(7)], 3)
     assert groups == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="partition date must be YYYY-MM-DD"):
         predictions.check_date("2026-13-01")
 
 
@@ -234,7 +252,8 @@ def test_task_summaries_are_added_up_in_label_order():
     summary = batch_inference.summarise_tasks(tasks, ["2", "10"], listed=8, max_failure_ratio=0.3)
     assert (summary["scored"], summary["set_aside"], summary["ratio"]) == (5, 3, 3 / 8)
     assert list(summary["label_histogram"].items()) == [("2", 3), ("10", 1), ("x", 1)]  # the model's order, then others
-    assert summary["reasons"] == {"not_an_image": 2, "too_large": 1} and summary["storage_retries"] == 2
+    assert summary["reasons"] == {"not_an_image": 2, "too_large": 1}
+    assert summary["storage_retries"] == 2
     assert summary["failure_ratio_exceeded"] is True
     with pytest.raises(RuntimeError, match="accounting error: 5 scored \\+ 3 set aside != 9 listed"):
         batch_inference.summarise_tasks(tasks, ["2", "10"], listed=9, max_failure_ratio=0.3)

@@ -59,11 +59,13 @@ def test_spark_ui_link_is_published_while_the_job_runs(tmp_path, monkeypatch):
         assert "url" in seen, errors
         assert seen["app_id"].startswith("local-")
         with urllib.request.urlopen(seen["url"] + "/jobs/", timeout=10) as response:  # the running job's UI
-            assert response.status == 200 and b"ui-link-test" in response.read()
+            assert response.status == 200
+            assert b"ui-link-test" in response.read()
     finally:
         release.touch()
         job.join(180)
-    assert not job.is_alive() and errors == []
+    assert not job.is_alive()
+    assert errors == []
 
 
 def test_the_link_after_the_job(monkeypatch):
@@ -75,7 +77,8 @@ def test_the_link_after_the_job(monkeypatch):
     assert link.get_link(Task(), ti_key=None) == "http://localhost:4040"
     monkeypatch.setenv("SPARKTF_SPARK_HISTORY_URL", "http://history.example:18080/")
     assert link.get_link(Task(), ti_key=None) == "http://history.example:18080/history/local-1700000000000/"
-    assert link.get_link(object(), ti_key=None) == "" and link.xcom_key == "_link_SparkUILink"
+    assert link.get_link(object(), ti_key=None) == ""
+    assert link.xcom_key == "_link_SparkUILink"
     assert spark_ui.parse_ui_line("2026-11-29 10:00:00,000 INFO sparktf: Spark UI of application "
                                   "app-20261129-0001: http://10.0.0.5:4041") == ("app-20261129-0001", "http://10.0.0.5:4041")
     assert spark_ui.parse_ui_line("INFO sparktf: Spark UI of application local-1: disabled (spark.ui.enabled=false)") is None

@@ -53,7 +53,8 @@ def test_the_proxy_is_deterministic_for_a_seed(s3_server):
         proxy = FaultProxy(s3_server.endpoint, seed=seed, **ISSUE_FAULTS)
         return [proxy.decide("GET", f"/b/key-{i}", "", None)[0] for i in range(400)]
 
-    assert faults(7) == faults(7) and faults(7) != faults(8)
+    assert faults(7) == faults(7)
+    assert faults(7) != faults(8)
     share = sum(kind in ("slowdown", "internal", "reset") for kind in faults(7)) / 400
     assert 0.06 < share < 0.20  # about the 12 % asked for
 
@@ -73,7 +74,8 @@ def test_every_storage_operation_gets_through_faults(proxy, s3_prefix, s3_server
         assert storage.download_file(first, str(tmp_path / "copy")) == storage.sha256_hex(payloads[first])
         storage.write_json(s3_prefix + "/doc.json", {"a": 1})
         value, etag = storage.read_json_with_etag(s3_prefix + "/doc.json")
-        assert value == {"a": 1} and etag
+        assert value == {"a": 1}
+        assert etag
         storage.copy_object(first, s3_prefix + "/copied.bin")
         assert storage.read_bytes(s3_prefix + "/copied.bin") == payloads[first]
         assert storage.delete_prefix(s3_prefix + "/objects/") == len(payloads)
@@ -86,9 +88,8 @@ def test_a_delete_the_store_refuses_raises(proxy, s3_prefix, s3_server):
     storage.write_bytes(s3_prefix + "/kept/a", b"a")
     storage.write_bytes(s3_prefix + "/kept/b", b"b")
     proxy.add_rule(FaultRule("delete_errors", method="POST", query="delete"))
-    with through(proxy, s3_server):
-        with pytest.raises(storage.StorageError, match=r"could not delete 2 objects .*kept/a: AccessDenied"):
-            storage.delete_prefix(s3_prefix + "/kept/")
+    with through(proxy, s3_server), pytest.raises(storage.StorageError, match=r"could not delete 2 objects .*kept/a: AccessDenied"):
+        storage.delete_prefix(s3_prefix + "/kept/")
     assert storage.list_keys(s3_prefix + "/kept/") == [storage.parse_uri(s3_prefix).key + k for k in ("/kept/a", "/kept/b")]
 
 
@@ -144,16 +145,16 @@ def test_an_image_the_store_keeps_failing_fails_the_task_not_the_image(spark, ws
         result = batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "flaky"))
     _scored, errors = predictions.read_predictions(partition)
     assert {e["key"]: e["reason"] for e in errors}[refused] == "unreadable"
-    assert flaky not in {e["key"] for e in errors} and result["set_aside"] == 9
+    assert flaky not in {e["key"] for e in errors}
+    assert result["set_aside"] == 9
     assert proxy.requested[("GET", flaky)] == 5  # four reads cut mid-body, the fifth complete
 
     published = predictions.read_published(partition)
     reads_before = proxy.requested[("GET", dead)]
     proxy.clear_rules()
     proxy.add_rule(FaultRule("reset", method="GET", key=f"^{re.escape(dead)}$"))  # every read of it is cut
-    with through(proxy, s3_server, spark):
-        with pytest.raises(Exception, match="TransientStorageError") as failed:
-            batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "dead"))
+    with through(proxy, s3_server, spark), pytest.raises(Exception, match="TransientStorageError") as failed:
+        batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "dead"))
     assert "still failing after 5 attempts" in str(failed.value)
     assert proxy.requested[("GET", dead)] - reads_before == storage.READ_ATTEMPTS  # whole GETs, body included
     assert predictions.read_published(partition) == published  # nothing published, nothing set aside
@@ -166,11 +167,11 @@ def test_a_rerun_whose_clean_up_the_store_refuses_fails_but_leaves_its_partition
     previous = predictions.read_published(partition) or batch_inference.run(
         spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
     proxy.add_rule(FaultRule("delete_errors", method="POST", query="delete"))
-    with through(proxy, s3_server):
-        with pytest.raises(storage.StorageError, match="could not all be removed"):
-            batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "no-deletes"))
+    with through(proxy, s3_server), pytest.raises(storage.StorageError, match="could not all be removed"):
+        batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "no-deletes"))
     manifest = predictions.read_published(partition)
-    assert manifest["attempt_id"] == "no-deletes" and manifest["publish_id"] != previous["publish_id"]
+    assert manifest["attempt_id"] == "no-deletes"
+    assert manifest["publish_id"] != previous["publish_id"]
     scored, errors = predictions.read_predictions(partition)
     assert (len(scored), len(errors)) == (manifest["scored"], manifest["set_aside"])  # the listed files only
     leftovers = {predictions.publisher_of(k) for k in storage.list_keys(partition)} - {None, manifest["publish_id"]}
@@ -180,7 +181,8 @@ def test_a_rerun_whose_clean_up_the_store_refuses_fails_but_leaves_its_partition
 def test_a_failure_ratio_breach_is_a_final_failure(spark, ws):
     with pytest.raises(job.FinalFailure, match="more than --max-failure-ratio") as breach:
         batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "strict", "--max-failure-ratio", "0.01"))
-    assert breach.value.result["published"] and breach.value.result["failure_ratio_exceeded"]
+    assert breach.value.result["published"]
+    assert breach.value.result["failure_ratio_exceeded"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +219,8 @@ def test_tuning_through_faults_ends_with_the_same_trials_and_champion(spark, s3_
     def trials(run: dict) -> list:
         return [(t["trial_id"], t["params"], t["status"]) for t in run["trials"]]
 
-    assert trials(faulty) == trials(clean) and len(trials(clean)) == 2
+    assert trials(faulty) == trials(clean)
+    assert len(trials(clean)) == 2
     for got, want in zip(faulty["trials"], clean["trials"]):
         assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-6)
     assert faulty["tuned"]["best"] == clean["tuned"]["best"]
@@ -259,9 +262,11 @@ def test_a_conditional_write_whose_answer_was_lost_is_recognised_as_done(proxy, 
     proxy.add_rule(FaultRule("reset", method="PUT", key="pointer.json$", times=1))
     with through(proxy, s3_server):
         etag = storage.write_json(uri, {"version": 2, "by": "me"}, **conditions)
-    assert proxy.faults["reset"] == 1 and proxy.requested[("PUT", storage.parse_uri(uri).key)] >= 2
+    assert proxy.faults["reset"] == 1
+    assert proxy.requested[("PUT", storage.parse_uri(uri).key)] >= 2
     value, current = storage.read_json_with_etag(uri)
-    assert value == {"version": 2, "by": "me"} and current == etag
+    assert value == {"version": 2, "by": "me"}
+    assert current == etag
     # Someone else's write is still a conflict.
     with pytest.raises(storage.PreconditionFailed):
         storage.write_json(uri, {"version": 3, "by": "other"}, **conditions)
@@ -278,7 +283,8 @@ def test_a_conditional_write_the_store_asks_to_resend_is_not_a_lost_race(proxy, 
     proxy.add_rule(FaultRule("conflict", method="PUT", key="conflicted.json$", times=2))
     with through(proxy, s3_server):
         etag = storage.write_json(uri, {"version": 2, "by": "me"}, **conditions)
-    assert proxy.faults["conflict"] == 2 and proxy.requested[("PUT", storage.parse_uri(uri).key)] == 3
+    assert proxy.faults["conflict"] == 2
+    assert proxy.requested[("PUT", storage.parse_uri(uri).key)] == 3
     assert storage.read_json_with_etag(uri) == ({"version": 2, "by": "me"}, etag)
 
 
@@ -335,10 +341,10 @@ def test_credentials_that_expire_part_way_fail_the_rerun_and_keep_the_published_
     # 60 % run would pass the shrink guard and be published over the complete partition).
     proxy.add_rule(FaultRule("error", method="GET", key=f"^{re.escape(incoming)}", after=80, code="ExpiredToken",
                              status=400, message="The provided token has expired."))
-    with through(proxy, s3_server, spark):
-        with pytest.raises(Exception, match="CallerRefused") as failed:
-            batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "expired"))
-    assert proxy.faults["error"] > 0 and "ExpiredToken" in str(failed.value)
+    with through(proxy, s3_server, spark), pytest.raises(Exception, match="CallerRefused") as failed:
+        batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "expired"))
+    assert proxy.faults["error"] > 0
+    assert "ExpiredToken" in str(failed.value)
     assert predictions.read_published(partition) == published
     assert rows_of(partition) == rows
     staged = storage.list_keys(f"{ws['ws']}/predictions/digits/_staging/2026-11-20/")
@@ -360,9 +366,8 @@ def test_a_store_that_ignores_conditional_writes_is_refused_by_name(spark, ws, s
             with pytest.raises(storage.ConditionalWritesIgnored, match=re.escape(ignoring.endpoint)):
                 storage.write_json(s3_prefix + "/claim.json", {"by": "me"}, if_none_match=True)
             assert not storage.has_objects(s3_prefix + "/claim.json")  # nothing written unconditionally
-        with through(ignoring, s3_server, spark):
-            with pytest.raises(storage.ConditionalWritesIgnored, match="If-None-Match"):
-                batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "ignored"))
+        with through(ignoring, s3_server, spark), pytest.raises(storage.ConditionalWritesIgnored, match="If-None-Match"):
+            batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "ignored"))
     assert predictions.read_published(partition) == published
 
 
@@ -383,7 +388,9 @@ def test_weak_etags_do_not_break_a_swap(spark, ws, s3_server, s3_prefix):
             uri = s3_prefix + "/weak.json"
             first = storage.write_json(uri, {"n": 1}, if_none_match=True)
             value, etag = storage.read_json_with_etag(uri)
-            assert value == {"n": 1} and etag == first and not etag.startswith("W/")
+            assert value == {"n": 1}
+            assert etag == first
+            assert not etag.startswith("W/")
             storage.write_json(uri, {"n": 2}, if_match=etag)
             storage.write_json(uri, {"n": 3}, if_match=f'W/"{storage.head(uri)["etag"]}"')
             with pytest.raises(storage.PreconditionFailed):

@@ -58,7 +58,8 @@ def test_a_figure_outside_the_run_folder_is_refused_without_reading_it(proxy, s3
     storage.write_bytes(elsewhere, PNG)
     with pytest.raises(FigureRefused, match="run's own folder") as refused:
         open_figure(elsewhere, folder, client_through(proxy, s3_server))
-    assert refused.value.status == 404 and proxy.requests == 0
+    assert refused.value.status == 404
+    assert proxy.requests == 0
 
 
 def test_an_oversized_figure_is_refused_before_any_get_of_its_body(proxy, s3_server, s3_prefix):
@@ -69,7 +70,8 @@ def test_an_oversized_figure_is_refused_before_any_get_of_its_body(proxy, s3_ser
         open_figure(huge, folder, client_through(proxy, s3_server), max_bytes=4096)
     key = storage.parse_uri(huge).key
     assert refused.value.status == 413
-    assert proxy.requested[("HEAD", key)] == 1 and proxy.requested[("GET", key)] == 0
+    assert proxy.requested[("HEAD", key)] == 1
+    assert proxy.requested[("GET", key)] == 0
 
 
 def test_the_runs_figure_is_streamed(proxy, s3_server, s3_prefix):
@@ -77,7 +79,8 @@ def test_the_runs_figure_is_streamed(proxy, s3_server, s3_prefix):
     figure = storage.join_uri(folder, "tuning/error_vs_learning_rate.png")
     storage.write_bytes(figure, PNG)
     length, chunks = open_figure(figure, folder, client_through(proxy, s3_server))
-    assert length == len(PNG) and b"".join(chunks) == PNG
+    assert length == len(PNG)
+    assert b"".join(chunks) == PNG
     not_png = storage.join_uri(folder, "tuning/fake.png")
     storage.write_bytes(not_png, b"<html>")
     with pytest.raises(FigureRefused, match="not a PNG"):

@@ -42,7 +42,8 @@ def test_idx_round_trips_plain_gzipped_and_in_several_members():
     raw = idx.encode_idx(DIGITS)
     for data in (raw, gzip.compress(raw), gzip.compress(raw[:3]) + gzip.compress(raw[3:])):
         parsed = idx.parse_idx(data)
-        assert parsed.shape == (5, 28, 28) and (parsed == DIGITS).all()
+        assert parsed.shape == (5, 28, 28)
+        assert (parsed == DIGITS).all()
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -69,7 +70,8 @@ def test_a_gzip_bomb_is_refused_without_being_decompressed():
 def test_a_header_larger_than_the_limit_is_refused_up_front():
     huge = gzip_bomb((4_000_000_000, 28, 28), zeros_mib=64)
     peak, failure = peak_bytes_of(lambda: idx.parse_idx(huge))
-    assert isinstance(failure, idx.IdxError) and "more than the limit of" in str(failure)
+    assert isinstance(failure, idx.IdxError)
+    assert "more than the limit of" in str(failure)
     assert peak < 1 << 20, peak
     with pytest.raises(idx.IdxError, match=r"needs 3936 bytes, more than the limit of 1000"):
         idx.parse_idx(gzip.compress(idx.encode_idx(DIGITS)), max_bytes=1000)
@@ -83,4 +85,5 @@ def test_a_bomb_among_the_raw_files_is_set_aside_as_corrupt(s3_prefix):
     unit = {"kind": "idx", "bucket": bucket, "images_key": storage.parse_uri(images).key,
             "labels_key": storage.parse_uri(labels).key, "start": 0, "stop": 5, "source_split": "test"}
     [row] = prepare_data.decode_units(iter([unit]), height=28, width=28, channels=1, fetch_threads=1, max_pixels=10**6)
-    assert row["pixels"] is None and row["error"].startswith("corrupt_idx: the gzip stream decompresses to more than")
+    assert row["pixels"] is None
+    assert row["error"].startswith("corrupt_idx: the gzip stream decompresses to more than")

@@ -34,7 +34,8 @@ def test_every_mode_decodes_to_28x28x1(digit, mode):
         img = base.convert(mode)
     fmt = "TIFF" if mode in ("I;16", "I", "F", "CMYK", "LA") else "PNG"
     array = decode_image(encode(img, fmt))
-    assert array.shape == (28, 28, 1) and array.dtype == np.uint8
+    assert array.shape == (28, 28, 1)
+    assert array.dtype == np.uint8
     if mode in ("L", "RGB", "RGBA", "P", "I;16", "I", "F", "LA"):
         # Lossless modes keep the digit (within rounding).
         assert np.abs(array[:, :, 0].astype(int) - digit.astype(int)).max() <= 2
@@ -70,7 +71,7 @@ def test_content_decides_not_extension(bucket, digit):
 
 
 @pytest.mark.parametrize(
-    "payload, reason",
+    ("payload", "reason"),
     [
         (b"", "empty"),
         (b"hello, I am plain text\n", "not_an_image"),
@@ -122,12 +123,15 @@ def bands(width: int, height: int) -> Image.Image:
 def test_center_crop_keeps_the_aspect_ratio_and_the_centre():
     wide = encode(bands(800, 400), "PNG")  # 2:1: the centre square is exactly the blue half
     photo = decode_image(wide, height=100, width=100, channels=3, resize_policy="center_crop")
-    assert photo.shape == (100, 100, 3) and photo.dtype == np.uint8
+    assert photo.shape == (100, 100, 3)
+    assert photo.dtype == np.uint8
     inner = photo[:, 1:-1]  # (the outermost columns blend with their neighbours outside the crop, as resampling does)
-    assert (inner[:, :, 2] > 250).all() and inner[:, :, :2].max() < 5  # only blue: nothing squeezed in
+    assert (inner[:, :, 2] > 250).all()
+    assert inner[:, :, :2].max() < 5
     assert (photo[:, [0, -1], 2] > 200).all()
     squeezed = decode_image(wide, height=100, width=100, channels=3)  # the default plain resize
-    assert squeezed[:, 5, 0].min() > 250 and squeezed[:, 95, 1].min() > 250  # red and green squeezed in
+    assert squeezed[:, 5, 0].min() > 250
+    assert squeezed[:, 95, 1].min() > 250
 
 
 def test_center_crop_of_a_portrait_keeps_the_vertical_centre():
@@ -136,7 +140,8 @@ def test_center_crop_of_a_portrait_keeps_the_vertical_centre():
     photo = decode_image(encode(Image.fromarray(tall), "JPEG", quality=95), height=64, width=64, channels=3,
                          resize_policy="center_crop")
     inner = photo[1:-1]  # the outermost rows blend with the black just outside the crop
-    assert abs(int(inner.min()) - 200) <= 6 and abs(int(inner.max()) - 200) <= 6
+    assert abs(int(inner.min()) - 200) <= 6
+    assert abs(int(inner.max()) - 200) <= 6
     assert photo[[0, -1]].min() > 150  # mostly grey even there: the black bands are cut off
 
 
@@ -146,7 +151,8 @@ def test_center_crop_upscales_small_photos():
     assert photo.shape == (299, 299, 3)
     assert photo[150, 150].tolist() == [0, 0, 255]
     # the 80x80 centre box spans x=10..90: a bit of red and green at its edges, blue in between
-    assert photo[150, 0, 0] > 100 and photo[150, 298, 1] > 100
+    assert photo[150, 0, 0] > 100
+    assert photo[150, 298, 1] > 100
 
 
 def test_photos_are_composited_on_white_digits_on_black(digit):
@@ -154,9 +160,11 @@ def test_photos_are_composited_on_white_digits_on_black(digit):
     rgba[10:30, 20:40] = (255, 0, 0, 255)  # an opaque red patch on a transparent page
     data = encode(Image.fromarray(rgba, "RGBA"), "PNG")
     photo = decode_image(data, height=40, width=60, channels=3, resize_policy="center_crop")
-    assert photo[0, 0].tolist() == [255, 255, 255] and photo[20, 30].tolist() == [255, 0, 0]
+    assert photo[0, 0].tolist() == [255, 255, 255]
+    assert photo[20, 30].tolist() == [255, 0, 0]
     as_digit = decode_image(data, height=40, width=60, channels=3)
-    assert as_digit[0, 0].tolist() == [0, 0, 0] and as_digit[20, 30].tolist() == [255, 0, 0]
+    assert as_digit[0, 0].tolist() == [0, 0, 0]
+    assert as_digit[20, 30].tolist() == [255, 0, 0]
 
 
 def test_every_kind_of_photo_decodes_to_the_models_rgb_input():
@@ -164,7 +172,8 @@ def test_every_kind_of_photo_decodes_to_the_models_rgb_input():
 
     for name, (data, kind) in photo_files().items():
         array = decode_image(data, height=224, width=224, channels=3, resize_policy="center_crop")
-        assert array.shape == (224, 224, 3) and array.dtype == np.uint8, (name, kind)
+        assert array.shape == (224, 224, 3), (name, kind)
+        assert array.dtype == np.uint8, (name, kind)
         assert array.std() > 5, (name, kind)  # a real picture, not a blank
     cmyk = photo_files()["print/cmyk.jpg"][0]
     assert Image.open(io.BytesIO(cmyk)).mode == "CMYK"
@@ -219,7 +228,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale(digit):
     assert np.corrcoef(array.ravel().astype(float), reference.ravel().astype(float))[0, 1] > 0.9
 
 
-@pytest.mark.parametrize("orientation, stored", [
+@pytest.mark.parametrize(("orientation", "stored"), [
     (6, Image.Transpose.ROTATE_90),    # phone held upright: pixels stored turned left, tag says turn right
     (8, Image.Transpose.ROTATE_270),
     (3, Image.Transpose.ROTATE_180),
@@ -246,7 +255,8 @@ def test_objects_over_the_byte_cap_are_set_aside_by_listed_size_without_a_get(bu
     from sparktf import fetch
 
     # "listed" at 10 MB but never written: were it fetched, its reason would be "missing".
-    [(key, array, reason, detail)] = list(fetch.fetch_decoded(
+    [(_key, array, reason, detail)] = list(fetch.fetch_decoded(
         bucket, ["never-fetched/huge.png"], height=28, width=28, channels=1, max_pixels=1_000_000,
         sizes={"never-fetched/huge.png": 10_000_000}, max_bytes=5_000_000))
-    assert (array, reason) == (None, "too_large") and "not fetched" in detail
+    assert (array, reason) == (None, "too_large")
+    assert "not fetched" in detail

@@ -87,10 +87,12 @@ def assert_whole(partition: str, attempt_id: str, model_version: int, rows: int 
     assert manifest is not None, f"{partition} has no _SUCCESS"
     scored, errors = predictions.read_predictions(partition)
     assert {r["model_version"] for r in scored} <= {manifest["model_version"]}, "rows of another run's files"
-    assert len(scored) == manifest["scored"] == rows and errors == []
+    assert len(scored) == manifest["scored"] == rows
+    assert errors == []
     listed = manifest["files"]["predictions"] + manifest["files"]["errors"]
     assert relative_keys(partition) == set(listed) | {predictions.MANIFEST_NAME}
-    assert manifest["attempt_id"] == attempt_id and manifest["model_version"] == model_version
+    assert manifest["attempt_id"] == attempt_id
+    assert manifest["model_version"] == model_version
     assert all(predictions.publisher_of(rel) == manifest["publish_id"] for rel in listed)
     return manifest
 
@@ -109,8 +111,10 @@ def test_a_run_that_publishes_while_another_publishes_wins_and_the_other_changes
     assert fired
     assert_whole(partition, "nightly", 2)
     assert other["published"]
-    assert isinstance(lost, job.FinalFailure) and "first run to publish wins" in str(lost)
-    assert "attempt nightly" in str(lost) and lost.result["published"] is False
+    assert isinstance(lost, job.FinalFailure)
+    assert "first run to publish wins" in str(lost)
+    assert "attempt nightly" in str(lost)
+    assert lost.result["published"] is False
     assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
 
@@ -125,7 +129,8 @@ def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, mo
     lost = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "manual")))
     assert fired
     assert_whole(partition, "nightly", 2)
-    assert isinstance(lost, job.FinalFailure) and "first run to publish wins" in str(lost)
+    assert isinstance(lost, job.FinalFailure)
+    assert "first run to publish wins" in str(lost)
     assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
     # Run again afterwards, the manual run replaces it: it has seen the nightly output now.
@@ -158,7 +163,8 @@ def test_a_zombie_task_attempt_that_stages_after_the_winner_reported_cannot_chan
     assert_whole(partition, "winner", 1)  # every row of the winners' parts, none of the zombie's
     scored, _errors = predictions.read_predictions(partition)
     assert sorted(r["key"] for r in scored) == keys
-    assert zombie["file"] not in zombie["winners"] and zombie["errors_file"] not in zombie["winners"]
+    assert zombie["file"] not in zombie["winners"]
+    assert zombie["errors_file"] not in zombie["winners"]
 
 
 def test_a_failed_copy_leaves_the_published_partition_whole(spark, ws, landed, s3_server):
@@ -197,11 +203,13 @@ def test_a_rerun_that_would_shrink_the_partition_is_refused_unless_allowed(spark
     storage.delete_keys(bucket, [o["key"] for o in listed])  # nothing left at all
     refused = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "empty")))
     assert_whole(partition, "full", 1)
-    assert isinstance(refused, job.FinalFailure) and "with 0" in str(refused)
+    assert isinstance(refused, job.FinalFailure)
+    assert "with 0" in str(refused)
     assert storage.list_keys(f"{ws}/predictions/digits/_staging/{date}/") == []
 
     allowed = batch_inference.run(spark, args(ws, date, "--attempt-id", "allowed", "--allow-shrink", "true"))
-    assert allowed["listed"] == 0 and allowed["replaced"]["publish_id"] == first["publish_id"]
+    assert allowed["listed"] == 0
+    assert allowed["replaced"]["publish_id"] == first["publish_id"]
     assert predictions.read_published(partition)["allow_shrink"] is True
     assert predictions.read_predictions(partition) == ([], [])
 
@@ -218,13 +226,15 @@ def test_folder_markers_are_counted_and_oversized_objects_set_aside_unfetched(sp
     storage.write_bytes(prefix + "huge.png", encode(Image.fromarray(noise), "PNG"))  # ~145 kB
     with FaultProxy(s3_server.endpoint) as proxy, route_storage(proxy.settings(s3_server.settings()), spark):
         result = batch_inference.run(spark, args(ws, date, "--attempt-id", "markers", "--max-image-bytes", "100000"))
-    assert result["markers_skipped"] == 1 and result["listed"] == IMAGES + 3
+    assert result["markers_skipped"] == 1
+    assert result["listed"] == IMAGES + 3
     assert (result["scored"], result["set_aside"]) == (IMAGES + 1, 2)
     rows, errors = predictions.read_predictions(result["output_uri"])
     assert key + "camera/" in {r["key"] for r in rows}
     reasons = {e["key"]: (e["reason"], e["detail"]) for e in errors}
     assert reasons[key + "notes/"][0] == "not_an_image"
-    assert reasons[key + "huge.png"][0] == "too_large" and "not fetched" in reasons[key + "huge.png"][1]
+    assert reasons[key + "huge.png"][0] == "too_large"
+    assert "not fetched" in reasons[key + "huge.png"][1]
     assert proxy.requested[("GET", key + "huge.png")] == 0  # set aside by its listed size alone
     assert proxy.requested[("GET", key + "camera/")] >= 1
     assert predictions.read_published(result["output_uri"])["markers_skipped"] == 1

@@ -48,7 +48,7 @@ def test_every_knob_is_a_param_with_its_bounds(tuning_dag):
 
 
 @pytest.mark.parametrize(
-    "change, fragment",
+    ("change", "fragment"),
     [
         ({"learning_rates": [0.01, math.nan]}, "learning_rates: every value must be a number"),
         ({"dropouts": [math.inf]}, "dropouts: every value must be a number"),

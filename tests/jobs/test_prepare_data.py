@@ -85,7 +85,8 @@ def test_corrupt_images_are_listed_not_fatal(image_folder_run):
 def test_shards_hold_the_decoded_pixels(image_folder_run):
     _raw, out, _result, images, labels = image_folder_run
     x, y = dataset.read_split(out, "test")
-    assert x.shape == (20, 28, 28, 1) and sorted(np.bincount(y).tolist()) == [2] * 10
+    assert x.shape == (20, 28, 28, 1)
+    assert sorted(np.bincount(y).tolist()) == [2] * 10
     # Every stored image is byte-identical to one of the source digits of its class.
     for image, label in zip(x, y):
         candidates = images[labels == label][:PER_CLASS]
@@ -105,7 +106,7 @@ def test_rerun_is_deterministic_and_replaces_output(spark, image_folder_run):
 
 
 def test_mnist_idx_pairs_keep_the_official_test_set(spark, s3_prefix, mnist_subset):
-    train_x, train_y, test_x, test_y = mnist_subset
+    train_x, train_y, _test_x, test_y = mnist_subset
     client = storage.client()
     raw = s3_prefix + "/mnist"
     upload_mnist(raw, mnist_subset, train_limit=300, test_limit=100)
@@ -121,7 +122,8 @@ def test_mnist_idx_pairs_keep_the_official_test_set(spark, s3_prefix, mnist_subs
     x_test, y_test = dataset.read_split(out, "test")
     order = np.argsort(y_test, kind="stable")
     assert sorted(y_test.tolist()) == sorted(test_y[:100].tolist())
-    assert x_test.shape == (100, 28, 28, 1) and order.size == 100
+    assert x_test.shape == (100, 28, 28, 1)
+    assert order.size == 100
     manifest = dataset.read_manifest(out)
     assert any(r["reason"].startswith("corrupt_idx") for r in manifest["rejected"])
     assert any(s["reason"] == "idx_unpaired" for s in manifest["skipped"])
@@ -149,7 +151,8 @@ def test_transform_split_is_stratified_and_seeded(spark):
     def test_ids(frame):
         return {row["id"] for row in frame.where(F.col("split") == "test").select("id").collect()}
 
-    assert test_ids(split) != test_ids(other) and len(test_ids(other)) == 15
+    assert test_ids(split) != test_ids(other)
+    assert len(test_ids(other)) == 15
 
 
 def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, s3_prefix, s3_server, mnist_subset):
@@ -158,10 +161,11 @@ def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, 
     raw, out = s3_prefix + "/mnist", s3_prefix + "/prepared/"
     upload_mnist(raw, mnist_subset, train_limit=300, test_limit=100)
     images_key = storage.parse_uri(storage.join_uri(raw, "t10k-images-idx3-ubyte.gz")).key
-    with FaultProxy(s3_server.endpoint, rules=[FaultRule("reset", method="GET", key=f"^{re.escape(images_key)}$")]) as proxy:
-        with route_storage(proxy.settings(s3_server.settings()), spark), pytest.raises(Exception) as failed:
-            prepare_data.run(spark, args_for(raw, out))
-    assert "TransientStorageError" in str(failed.value) and "could not be read" in str(failed.value)
+    rule = FaultRule("reset", method="GET", key=f"^{re.escape(images_key)}$")
+    with (FaultProxy(s3_server.endpoint, rules=[rule]) as proxy, route_storage(proxy.settings(s3_server.settings()), spark),
+          pytest.raises(Exception, match="TransientStorageError") as failed):
+        prepare_data.run(spark, args_for(raw, out))
+    assert "could not be read" in str(failed.value)
     assert "still failing after 5 attempts" in str(failed.value)
     assert proxy.requested[("GET", images_key)] >= storage.READ_ATTEMPTS
     assert storage.head(out + dataset.MANIFEST_NAME) is None  # nothing published
@@ -170,7 +174,8 @@ def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, 
 def test_shard_planning_manifest_and_result_are_pure_summaries():
     counts = {("train", 0): 70, ("train", 1): 50, ("validation", 0): 10, ("test", 1): 5}
     totals, shards = prepare_data.plan_shards(counts, rows_per_shard=60)
-    assert totals == {"train": 120, "validation": 10, "test": 5} and shards == {"train": 2, "validation": 1, "test": 1}
+    assert totals == {"train": 120, "validation": 10, "test": 5}
+    assert shards == {"train": 2, "validation": 1, "test": 1}
     assert prepare_data.plan_shards({}, 60) == ({"train": 0, "validation": 0, "test": 0}, {"train": 1, "validation": 1, "test": 1})
 
     rows = [{"id": "a", "label": 0, "split": "train", "d": "ff"}]
@@ -180,7 +185,9 @@ def test_shard_planning_manifest_and_result_are_pure_summaries():
     manifest = prepare_data.build_manifest(args, ["3", "7"], counts, totals, written, "abc", "def", [{"key": "x"}], [])
     assert manifest["splits"]["train"] == {"count": 120, "per_class": {"3": 70, "7": 50},
                                            "shards": ["train/part-00000.parquet", "train/part-00001.parquet"]}
-    assert manifest["num_classes"] == 2 and manifest["content_sha256"] == "abc" and manifest["test_split_sha256"] == "def"
+    assert manifest["num_classes"] == 2
+    assert manifest["content_sha256"] == "abc"
+    assert manifest["test_split_sha256"] == "def"
     result = prepare_data.job_result("s3://b/out", "s3://b/out/manifest.json", manifest)
     assert result == {"prepared_uri": "s3://b/out/", "manifest_uri": "s3://b/out/manifest.json", "counts": totals,
                       "num_classes": 2, "image_shape": [28, 28, 1], "rejected": 1, "skipped": 0, "content_sha256": "abc"}

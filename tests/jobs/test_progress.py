@@ -52,7 +52,8 @@ def test_trials_are_reported_one_line_each_as_they_finish(s3_prefix, log):
     storage.write_json(metrics(trial_b), record(trial_b, "failed"))
 
     watch = progress.TrialProgress(trials_uri, [trial_a, trial_b, trial_c], log=log, interval=0.05).start()
-    assert len(log.lines) == 1 and "trial 1/3 reused from an earlier attempt (lr 0.01, hidden 64" in log.lines[0]
+    assert len(log.lines) == 1
+    assert "trial 1/3 reused from an earlier attempt (lr 0.01, hidden 64" in log.lines[0]
 
     storage.write_json(metrics(trial_a), record(trial_a))
     wait_until(lambda: len(log.lines) == 2, "trial A reported", 30)

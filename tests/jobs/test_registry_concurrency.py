@@ -101,11 +101,13 @@ def test_two_exports_at_once_claim_different_versions(s3_prefix, keras_files):
     for run, path in (("run-a", keras_files[0]), ("run-b", keras_files[1])):
         mine = results[run]
         stored = storage.read_json(storage.join_uri(mine["uri"], "metadata.json"))
-        assert stored == mine and stored["source_run"] == run
+        assert stored == mine
+        assert stored["source_run"] == run
         # The version's model is this export's file, not the other's.
         assert storage.stream_sha256(mine["model_uri"]) == mine["model_sha256"] == file_sha(path)
         claim = storage.read_json(registry.claim_uri(models, "digits", mine["version"]))
-        assert claim["claimant"] == mine["claimant"] and claim["source_run"] == run
+        assert claim["claimant"] == mine["claimant"]
+        assert claim["source_run"] == run
     assert [m["version"] for m in registry.list_versions(models, "digits")] == [1, 2]
 
 
@@ -125,7 +127,8 @@ def test_a_claimed_version_is_never_overwritten(s3_prefix, keras_files):
     registry.TEST_HOOKS.clear()
     v1 = registry.version_uri(models, "digits", 1) + "/"
     before = {o["key"]: o["etag"] for o in storage.iter_objects(v1)}
-    assert any(k.endswith("/_claim.json") for k in before) and not any(k.endswith("/metadata.json") for k in before)
+    assert any(k.endswith("/_claim.json") for k in before)
+    assert not any(k.endswith("/metadata.json") for k in before)
 
     other = registry.write_version(models, "digits", model_path=keras_files[1], metadata=metadata_for("run-y"))
     assert other["version"] == 2
@@ -136,9 +139,11 @@ def test_a_claimed_version_is_never_overwritten(s3_prefix, keras_files):
 
     # The same run exporting again continues its own unfinished version 1.
     again = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-x"))
-    assert again["version"] == 1 and storage.stream_sha256(again["model_uri"]) == file_sha(keras_files[0])
+    assert again["version"] == 1
+    assert storage.stream_sha256(again["model_uri"]) == file_sha(keras_files[0])
     claim = storage.read_json(registry.claim_uri(models, "digits", 1))
-    assert claim["claimant"] == again["claimant"] and claim["took_over_from"]
+    assert claim["claimant"] == again["claimant"]
+    assert claim["took_over_from"]
 
 
 def test_a_taken_over_export_does_not_publish(s3_prefix, keras_files):
@@ -225,40 +230,50 @@ def race(models: str, first: dict, second: dict) -> dict[str, registry.Promotion
 
 
 def test_the_worse_of_two_racing_exports_does_not_replace_the_better(three_versions):
-    models, (v1, v2, v3) = three_versions
+    models, (_v1, v2, v3) = three_versions
     outcome = race(models, first=v2, second=v3)  # the better one writes first, the worse one last
 
-    assert outcome["first"].promoted and outcome["first"].attempts == 1
+    assert outcome["first"].promoted
+    assert outcome["first"].attempts == 1
     late = outcome["second"]
-    assert not late.promoted and late.attempts == 2 and late.champion_version == 2
-    assert "does not beat champion v2" in late.reason and "changed during the comparison" in late.reason
+    assert not late.promoted
+    assert late.attempts == 2
+    assert late.champion_version == 2
+    assert "does not beat champion v2" in late.reason
+    assert "changed during the comparison" in late.reason
     champion = registry.read_champion(models, "digits")
-    assert champion["version"] == 2 and champion["promoted_over"] == 1
+    assert champion["version"] == 2
+    assert champion["promoted_over"] == 1
     assert registry.resolve(models, "digits")["version"] == 2
 
 
 def test_a_better_export_that_loses_the_race_compares_again_and_wins(three_versions):
-    models, (v1, v2, v3) = three_versions
+    models, (_v1, v2, v3) = three_versions
     outcome = race(models, first=v3, second=v2)  # the worse one writes first
 
     assert outcome["first"].promoted
     late = outcome["second"]
-    assert late.promoted and late.attempts == 2 and late.champion_version == 2
-    assert "beats champion v3" in late.reason and "changed during the comparison" in late.reason
+    assert late.promoted
+    assert late.attempts == 2
+    assert late.champion_version == 2
+    assert "beats champion v3" in late.reason
+    assert "changed during the comparison" in late.reason
     champion = registry.read_champion(models, "digits")
-    assert champion["version"] == 2 and champion["promoted_over"] == 3
+    assert champion["version"] == 2
+    assert champion["promoted_over"] == 3
     assert champion["promotion_reason"] == late.reason
 
 
 def test_promotion_gives_up_with_the_reason_when_the_champion_keeps_moving(three_versions):
-    models, (v1, v2, v3) = three_versions
+    models, (v1, v2, _v3) = three_versions
 
     def someone_else_moves_it(version: int, champion: dict | None, attempt: int) -> None:
         registry.set_champion(models, "digits", registry.champion_pointer(v1, note=f"moved {attempt}"))
 
     registry.TEST_HOOKS["champion_read"] = someone_else_moves_it
     decision = promote(models, v2, max_attempts=3)
-    assert not decision.promoted and decision.attempts == 3
+    assert not decision.promoted
+    assert decision.attempts == 3
     assert decision.reason.startswith("gave up after 3 attempts")
     assert registry.read_champion(models, "digits")["version"] == 1
 
@@ -266,7 +281,7 @@ def test_promotion_gives_up_with_the_reason_when_the_champion_keeps_moving(three
 def test_resolve_refuses_a_pointer_that_disagrees_with_the_version(three_versions):
     models, (v1, v2, _v3) = three_versions
     registry.set_champion(models, "digits", {**registry.champion_pointer(v2), "model_sha256": v1["model_sha256"]})
-    with pytest.raises(registry.ModelIntegrityError, match="names version 2 with sha256 .* disagree"):
+    with pytest.raises(registry.ModelIntegrityError, match=r"names version 2 with sha256 .* disagree"):
         registry.resolve(models, "digits")
     assert registry.resolve(models, "digits", 2)["version"] == 2  # a pinned version still resolves
 
@@ -281,7 +296,8 @@ def test_saved_model_files_are_checked_before_serving(s3_prefix, keras_files, tm
     metadata = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-1"),
                                       saved_model_dir=saved)
     files = {f["path"] for f in metadata["saved_model_files"]}
-    assert "saved_model.pb" in files and any(p.startswith("variables/") for p in files)
+    assert "saved_model.pb" in files
+    assert any(p.startswith("variables/") for p in files)
     assert registry.verify_saved_model(metadata) == len(files)
 
     variables = next(p for p in sorted(files) if p.startswith("variables/variables.data"))
@@ -299,7 +315,7 @@ def test_saved_model_files_are_checked_before_serving(s3_prefix, keras_files, tm
     storage.delete_object(extra)
 
     storage.delete_object(storage.join_uri(metadata["saved_model_uri"], "saved_model.pb"))
-    with pytest.raises(registry.ModelIntegrityError, match="saved_model.pb is listed in the metadata but missing"):
+    with pytest.raises(registry.ModelIntegrityError, match=r"saved_model\.pb is listed in the metadata but missing"):
         registry.verify_saved_model(metadata)
     with pytest.raises(registry.ModelIntegrityError, match="no SavedModel file list"):
         registry.verify_saved_model({k: v for k, v in metadata.items() if k != "saved_model_files"})
@@ -328,10 +344,12 @@ def test_a_manual_promotion_moves_the_pointer_by_compare_and_swap(s3_prefix, ker
         decision = registry.make_champion(models, "photos", second, reason="asked")
     finally:
         registry.set_champion = real_set
-    assert decision.promoted and decision.attempts == 2  # the stale ETag lost, the second round won
+    assert decision.promoted
+    assert decision.attempts == 2
     assert registry.read_champion(models, "photos")["version"] == second["version"]
     again = registry.make_champion(models, "photos", second, reason="asked")
-    assert not again.promoted and again.reason == "already the champion"
+    assert not again.promoted
+    assert again.reason == "already the champion"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +362,12 @@ def test_decide_promotion_compares_replaces_and_says_why():
     champion = {"version": 3}
     assert decide(4, None, rule, new_score=0.5) == registry.Verdict(True, "no champion yet")
     assert decide(3, champion, rule, new_score=0.5) == registry.Verdict(False, "already the champion", 0.5)
-    assert not registry.needs_champion_score(3, champion, rule) and registry.needs_champion_score(4, champion, rule)
+    assert not registry.needs_champion_score(3, champion, rule)
+    assert registry.needs_champion_score(4, champion, rule)
     better = decide(4, champion, rule, new_score=0.95, scored=(0.9, "recorded"))
-    assert better.replace and better.champion_score == 0.9 and "beats champion v3 0.90000 (recorded" in better.reason
+    assert better.replace
+    assert better.champion_score == 0.9
+    assert "beats champion v3 0.90000 (recorded" in better.reason
     assert not decide(4, champion, rule, new_score=0.905, scored=(0.9, "recorded")).replace  # within min_improvement
     loss = registry.PromotionRule("test_loss", 0.0)
     assert decide(4, champion, loss, new_score=0.1, scored=(0.2, "recorded")).replace
@@ -407,7 +428,8 @@ def zombie_publishes_first(models: str, zombie_file: str, retry_file: str, retry
 
     registry.TEST_HOOKS["claim_checked"] = interleave
     results = run_together({"zombie": outcome(zombie), "retry": outcome(retry)})
-    assert len(checked) == 2 and checked[0] != checked[1]  # both passed the claim check: the race happened
+    assert len(checked) == 2
+    assert checked[0] != checked[1]
     return results
 
 
@@ -415,7 +437,8 @@ def test_a_retry_adopts_the_version_its_zombie_published_first(s3_prefix, keras_
     models = s3_prefix + "/models/"
     results = zombie_publishes_first(models, keras_files[0], keras_files[0], metadata_for("run-x"))
     zombie, retry = results["zombie"], results["retry"]
-    assert isinstance(zombie, dict) and retry == zombie  # the retry returns the complete version, no conflict
+    assert isinstance(zombie, dict)
+    assert retry == zombie
     assert registry.list_versions(models, "digits") == [zombie]
     registry.load_version_model(registry.resolve(models, "digits", 1))
 
@@ -424,7 +447,8 @@ def test_a_retry_adopts_neither_another_request_nor_a_damaged_version(s3_prefix,
     other = {**metadata_for("run-x"), "labels": {"kind": "label_map", "sha256": "another map"}}
     results = zombie_publishes_first(s3_prefix + "/a/", keras_files[0], keras_files[1], other)
     assert isinstance(results["zombie"], dict)
-    assert isinstance(results["retry"], registry.VersionConflict) and "completed by another export" in str(results["retry"])
+    assert isinstance(results["retry"], registry.VersionConflict)
+    assert "completed by another export" in str(results["retry"])
 
     def damage(published: dict) -> None:
         storage.write_bytes(published["model_uri"], b"not the model")

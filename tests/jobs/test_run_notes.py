@@ -58,7 +58,8 @@ def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
     default = next(r for r in results["leaderboard"] if r["learning_rate"] == 0.001)
     best = results["leaderboard"][0]
     comparison = facts["default"]
-    assert comparison["present"] and comparison["default_row"]["trial_id"] == default["trial_id"]
+    assert comparison["present"]
+    assert comparison["default_row"]["trial_id"] == default["trial_id"]
     expected = ((1 - default["test_accuracy"]) - (1 - best["test_accuracy"])) / (1 - default["test_accuracy"])
     assert comparison["reduction"] == pytest.approx(expected)
     note = run_notes.tuning_note(facts, state="succeeded", problems=[],
@@ -105,7 +106,7 @@ def synthetic_grid(n_rates: int, n_widths: int) -> tuple[dict, dict]:
     return tune_xcom, results
 
 
-@pytest.mark.parametrize("rates, widths", [(1, 1), (3, 3), (10, 10)])
+@pytest.mark.parametrize(("rates", "widths"), [(1, 1), (3, 3), (10, 10)])
 def test_a_note_always_fits_airflows_limit(rates, widths):
     tune_xcom, results = synthetic_grid(rates, widths)
     export = {"model_name": "mnist-cnn", "version": 12, "promoted": False, "champion_version": 11,
@@ -115,7 +116,8 @@ def test_a_note_always_fits_airflows_limit(rates, widths):
     note = run_notes.tuning_note(facts, state="failed", problems=["`export_best_model` **failed**: see its log"],
                                  figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"))
     assert len(note) <= run_notes.MAX_NOTE_CHARS
-    assert note.startswith(run_notes.NOTE_MARKER) and "**Tuning run failed**" in note
+    assert note.startswith(run_notes.NOTE_MARKER)
+    assert "**Tuning run failed**" in note
     assert "![test error vs learning rate](/sparktf/figure/tuning_pipeline/" in note
     assert "**Champion:** `mnist-cnn` v12 **not promoted** (champion stays v11): test_accuracy 0.98900" in note
     assert f"| {min(3, rates * widths)} |" in note
@@ -131,7 +133,9 @@ def test_even_an_extreme_note_fits_and_keeps_the_decision_and_the_figure():
     note = run_notes.tuning_note(facts, state="failed", problems=["`export_best_model` **failed**: see its log"] * 3,
                                  figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"))
     assert len(note) <= run_notes.MAX_NOTE_CHARS
-    assert "| 1 |" in note and "**not promoted**" in note and "/sparktf/figure/tuning_pipeline/" in note
+    assert "| 1 |" in note
+    assert "**not promoted**" in note
+    assert "/sparktf/figure/tuning_pipeline/" in note
 
 
 def test_nightly_note_when_too_many_images_are_set_aside():
@@ -142,8 +146,10 @@ def test_nightly_note_when_too_many_images_are_set_aside():
     note = run_notes.nightly_note(facts, state="failed", problems=["`batch_inference` **failed**: see its log"])
     assert "**Nightly inference failed: 2026-11-20**" in note
     assert "**6 scored**, **4 set aside** of 10 images, with model `digits` v2." in note
-    assert "Set aside: corrupt 3, too_large 1." in note and "published, then failed" in note
-    assert "| label | 3 | 7 |" in note and "| images | 4 | 2 |" in note
+    assert "Set aside: corrupt 3, too_large 1." in note
+    assert "published, then failed" in note
+    assert "| label | 3 | 7 |" in note
+    assert "| images | 4 | 2 |" in note
 
 
 PIXEL = "![x](http://tracker.example/p.png?run=1)"
@@ -164,10 +170,17 @@ def test_untrusted_text_renders_as_the_same_text(text):
     from html import unescape
 
     html = rendered(run_notes.escape_markdown(text))
-    assert "<img" not in html and "<a " not in html and "<em>" not in html and "<strong>" not in html
-    assert "<code>" not in html and "<h1>" not in html and "<li>" not in html and "<del>" not in html
+    assert "<img" not in html
+    assert "<a " not in html
+    assert "<em>" not in html
+    assert "<strong>" not in html
+    assert "<code>" not in html
+    assert "<h1>" not in html
+    assert "<li>" not in html
+    assert "<del>" not in html
     assert unescape(html.removeprefix("<p>").removesuffix("</p>\n")) == " ".join(text.splitlines())
-    assert "http:" not in run_notes.escape_markdown(text) and "www." not in run_notes.escape_markdown(text)
+    assert "http:" not in run_notes.escape_markdown(text)
+    assert "www." not in run_notes.escape_markdown(text)
 
 
 def test_label_names_reasons_and_keys_stay_text_in_the_nightly_note():
@@ -177,7 +190,9 @@ def test_label_names_reasons_and_keys_stay_text_in_the_nightly_note():
            "failure_ratio_exceeded": False}
     facts = run_summary.nightly_facts({"date": "2026-11-20", "images": 3}, job)
     html = rendered(run_notes.nightly_note(facts, state="succeeded", problems=[]))
-    assert "<img" not in html and "<a " not in html and "tracker.example/p.png" in html
+    assert "<img" not in html
+    assert "<a " not in html
+    assert "tracker.example/p.png" in html
     skipped = run_summary.nightly_facts({"date": "2026-11-20", "images": 0, "skipped_reason": f"no images under {PIXEL}"},
                                         None)
     assert "<img" not in rendered(run_notes.nightly_note(skipped, state="succeeded", problems=[]))
@@ -190,4 +205,6 @@ def test_reasons_and_error_messages_stay_text_in_the_tuning_note():
               "promotion_reason": f"the champion was trained on {PIXEL}"}
     facts = run_summary.tuning_facts(tune_xcom, results, export)
     html = rendered(run_notes.tuning_note(facts, state="succeeded", problems=[], figure=None))
-    assert "<img" not in html and "<a " not in html and "tracker.example/p.png" in html
+    assert "<img" not in html
+    assert "<a " not in html
+    assert "tracker.example/p.png" in html

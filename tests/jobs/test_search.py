@@ -21,13 +21,14 @@ def test_grid_is_full_product_with_stable_ids():
 def test_random_is_a_seeded_sparse_sample_of_the_grid():
     grid_ids = {t["trial_id"] for t in build_trials(SPACE)}
     sample = build_trials(SPACE, strategy="random", num_samples=3, seed=7)
-    assert len(sample) == 3 and {t["trial_id"] for t in sample} <= grid_ids
+    assert len(sample) == 3
+    assert {t["trial_id"] for t in sample} <= grid_ids
     assert sample == build_trials(SPACE, strategy="random", num_samples=3, seed=7)
     assert len(build_trials(SPACE, strategy="random", num_samples=50, seed=7)) == 6
 
 
 @pytest.mark.parametrize(
-    "change, fragment",
+    ("change", "fragment"),
     [
         ({"learning_rate": []}, "learning_rate: give at least one value"),
         ({"learning_rate": [0.01, 0]}, "learning_rate: every value must be a number > 0"),

@@ -50,8 +50,10 @@ def test_a_duplicate_attempt_cannot_make_the_record_name_another_model(s3_prefix
     trials.TEST_HOOKS["before_publish"] = zombie_finishes_first
     record = train(trial, small_data, s3_prefix)
     zombie = duplicate["record"]
-    assert record["status"] == zombie["status"] == "ok" and not zombie.get("reused")
-    assert record["attempt_id"] != zombie["attempt_id"] and record["model_uri"] != zombie["model_uri"]
+    assert record["status"] == zombie["status"] == "ok"
+    assert not zombie.get("reused")
+    assert record["attempt_id"] != zombie["attempt_id"]
+    assert record["model_uri"] != zombie["model_uri"]
 
     published = storage.read_json(storage.join_uri(s3_prefix, trial["trial_id"], "metrics.json"))
     assert published == record  # published last
@@ -66,13 +68,15 @@ def test_reuse_checks_the_model_file_and_retrains_when_it_changed(s3_prefix, sma
     trial = {"trial_id": search.trial_id(PARAMS), "params": PARAMS}
     first = train(trial, small_data, s3_prefix)
     again = train(trial, small_data, s3_prefix)
-    assert again["reused"] and again["attempt_id"] == first["attempt_id"]
+    assert again["reused"]
+    assert again["attempt_id"] == first["attempt_id"]
 
     blob = bytearray(storage.read_bytes(first["model_uri"]))
     blob[-20] ^= 0xFF
     storage.write_bytes(first["model_uri"], bytes(blob))  # the named file no longer matches the record
     retrained = train(trial, small_data, s3_prefix)
-    assert not retrained.get("reused") and retrained["status"] == "ok"
+    assert not retrained.get("reused")
+    assert retrained["status"] == "ok"
     assert "does not match the record" in retrained["retrained_because"]
     assert retrained["attempt_id"] != first["attempt_id"]
     registry.verify_artifact(retrained["model_uri"], retrained["model_sha256"])
@@ -83,18 +87,22 @@ def test_a_record_of_other_settings_is_not_reused(s3_prefix, small_data):
     trial = {"trial_id": "trial-fixed-id", "params": PARAMS}
     first = train(trial, small_data, s3_prefix, fingerprint={"manifest_sha256": "a"})
     other = train(trial, small_data, s3_prefix, fingerprint={"manifest_sha256": "b"})
-    assert not other.get("reused") and other["fingerprint"] == {"manifest_sha256": "b"}
-    assert "fingerprint differs" in other["retrained_because"] and other["attempt_id"] != first["attempt_id"]
+    assert not other.get("reused")
+    assert other["fingerprint"] == {"manifest_sha256": "b"}
+    assert "fingerprint differs" in other["retrained_because"]
+    assert other["attempt_id"] != first["attempt_id"]
 
 
 def test_failed_records_are_reused_only_within_the_job_that_wrote_them(s3_prefix, small_data):
     bad = {**PARAMS, "hiden_units": 8}  # the model builder refuses it: the trial fails
     trial = {"trial_id": search.trial_id(bad), "params": bad}
     first = train(trial, small_data, s3_prefix, job_id="job-1")
-    assert first["status"] == "failed" and first["reason"].startswith("error: ValueError")
+    assert first["status"] == "failed"
+    assert first["reason"].startswith("error: ValueError")
     assert train(trial, small_data, s3_prefix, job_id="job-1")["reused"]  # a re-run task of the same job
     later = train(trial, small_data, s3_prefix, job_id="job-2")  # a later run tries again
-    assert not later.get("reused") and later["retrained_because"] == "it failed in an earlier run"
+    assert not later.get("reused")
+    assert later["retrained_because"] == "it failed in an earlier run"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +149,9 @@ def test_an_attempt_whose_raised_marker_the_store_refuses_is_still_not_killed(s3
         train(trial, small_data, s3_prefix, job_id=job_id)
     assert trials.is_storage_error(refused.value)
     [attempt] = trials.attempt_history(s3_prefix, trial["trial_id"])
-    assert attempt["started"] and not attempt["finished"] and not attempt["raised"]  # the store knows nothing more
+    assert attempt["started"]
+    assert not attempt["finished"]
+    assert not attempt["raised"]
     assert trials.raised_here(job_id, trial["trial_id"]) == {attempt["attempt_id"]}
     assert trials.killed_attempts([attempt], job_id, trials.raised_here(job_id, trial["trial_id"])) == []
     assert storage.read_json_if_exists(storage.join_uri(s3_prefix, trial["trial_id"], "metrics.json")) is None
@@ -173,8 +183,13 @@ def test_storage_errors_fail_the_attempt_and_the_retry_trains_the_trial(s3_prefi
         assert storage.read_json(storage.join_uri(s3_prefix, trial_id, "metrics.json")) == record
         registry.verify_artifact(record["model_uri"], record["model_sha256"])
         first, retry = trials.attempt_history(s3_prefix, trial_id)
-        assert first["started"]["attempt"] == 0 and first["raised"] and not first["finished"]
-        assert retry["attempt_id"] == record["attempt_id"] and retry["finished"] and not retry["raised"]
+        assert first["started"]["attempt"] == 0
+        assert first["raised"]
+        assert not first["finished"]
+        assert retry["attempt_id"] == record["attempt_id"]
+        assert retry["finished"]
+        assert not retry["raised"]
         marker = storage.read_json(trials.attempt_uri(s3_prefix, trial_id, first["attempt_id"], trials.RAISED_NAME))
-        assert marker["error"].startswith("TransientStorageError: PUT ") and "still failing after" in marker["error"]
+        assert marker["error"].startswith("TransientStorageError: PUT ")
+        assert "still failing after" in marker["error"]
     assert proxy.faults["internal"] == 2 * storage.READ_ATTEMPTS  # each failing PUT outlived every retry

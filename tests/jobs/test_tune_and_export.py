@@ -20,7 +20,7 @@ from sparktf_dev.testing import ROOT, prepare, upload_mnist
 
 @pytest.fixture(scope="module")
 def prepared(spark, bucket, mnist_subset):
-    train_x, train_y, test_x, test_y = mnist_subset
+    _train_x, _train_y, _test_x, _test_y = mnist_subset
     raw = f"s3://{bucket}/tune/raw"
     upload_mnist(raw, mnist_subset, train_limit=600, test_limit=200)
     out = f"s3://{bucket}/tune/prepared/"
@@ -44,14 +44,17 @@ def tuned(spark, prepared, bucket):
 
 def test_every_trial_is_recorded_and_diverging_ones_fail_softly(tuned):
     out, result = tuned
-    assert result["trials"] == 4 and result["succeeded"] == 2 and result["failed"] == 2
+    assert result["trials"] == 4
+    assert result["succeeded"] == 2
+    assert result["failed"] == 2
     results = storage.read_json(out + "results.json")
     by_lr = {}
     for record in results["trials"]:
         by_lr.setdefault(record["params"]["learning_rate"], []).append(record)
         assert storage.head(storage.join_uri(out, "trials", record["trial_id"], "metrics.json")) is not None
     for record in by_lr[1e12]:
-        assert record["status"] == "failed" and record["reason"].startswith("diverged")
+        assert record["status"] == "failed"
+        assert record["reason"].startswith("diverged")
     for record in by_lr[0.05]:
         assert record["status"] == "ok"
         for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "epochs_run", "train_seconds"):
@@ -68,7 +71,7 @@ def test_selection_uses_validation_accuracy_only(tuned):
     best_by_val = max(ok, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     assert results["selection_metric"] == "val_accuracy"
     assert result["best"]["trial_id"] == results["best_trial_id"] == best_by_val["trial_id"]
-    assert [row["trial_id"] for row in results["leaderboard"]][0] == best_by_val["trial_id"]
+    assert next(row["trial_id"] for row in results["leaderboard"]) == best_by_val["trial_id"]
 
 
 def test_figure_is_a_png(tuned):
@@ -109,24 +112,33 @@ def test_export_versions_promotes_and_is_idempotent(tuned, s3_prefix, prepared):
     out, result = tuned
     models = s3_prefix + "/models/"
     first = export(out + "results.json", models, "run-1")
-    assert first["version"] == 1 and first["promoted"] and first["champion_version"] == 1
+    assert first["version"] == 1
+    assert first["promoted"]
+    assert first["champion_version"] == 1
     assert first["trial_id"] == result["best"]["trial_id"]
     version_dir = registry.version_uri(models, "digits", 1)
     metadata = registry.resolve(models, "digits")
     for uri in (storage.join_uri(version_dir, "metadata.json"), metadata["model_uri"],
                 storage.join_uri(metadata["saved_model_uri"], "saved_model.pb")):
-        assert uri.startswith(version_dir + "/") and storage.head(uri) is not None, uri
-    assert metadata["version"] == 1 and metadata["manifest_sha256"] and metadata["code_version"]
+        assert uri.startswith(version_dir + "/"), uri
+        assert storage.head(uri) is not None, uri
+    assert metadata["version"] == 1
+    assert metadata["manifest_sha256"]
+    assert metadata["code_version"]
     assert metadata["metrics"]["val_accuracy"] == pytest.approx(result["best"]["val_accuracy"], abs=1e-4)
 
     # Exporting the same run again reuses its version.
     again = export(out + "results.json", models, "run-1")
-    assert again["version"] == 1 and again["reused_version"] and not again["promoted"]
+    assert again["version"] == 1
+    assert again["reused_version"]
+    assert not again["promoted"]
 
     # Another run with the same test split and the same score does not beat the champion.
     second = export(out + "results.json", models, "run-2")
-    assert second["version"] == 2 and not second["promoted"]
-    assert "does not beat" in second["promotion_reason"] and "same test split" in second["promotion_reason"]
+    assert second["version"] == 2
+    assert not second["promoted"]
+    assert "does not beat" in second["promotion_reason"]
+    assert "same test split" in second["promotion_reason"]
     assert registry.read_champion(models, "digits")["version"] == 1
 
 
@@ -150,8 +162,10 @@ def test_the_champion_records_its_lineage(tuned, s3_prefix, prepared):
     manifest = dataset.read_manifest(prepared)
     pointer, metadata = registry.read_champion(models, "digits"), registry.resolve(models, "digits")
     for record in (pointer, metadata):
-        assert record["label_names"] == manifest["label_names"] and record["input_shape"] == [28, 28, 1]
-        assert record["test_split_sha256"] == manifest["test_split_sha256"] and len(record["test_split_sha256"]) == 64
+        assert record["label_names"] == manifest["label_names"]
+        assert record["input_shape"] == [28, 28, 1]
+        assert record["test_split_sha256"] == manifest["test_split_sha256"]
+        assert len(record["test_split_sha256"]) == 64
 
 
 def test_a_champion_trained_on_other_labels_is_not_replaced(tuned, s3_prefix):
@@ -161,10 +175,13 @@ def test_a_champion_trained_on_other_labels_is_not_replaced(tuned, s3_prefix):
     export(out + "results.json", models, "run-1")
     champion_with(models, label_names=list("abcdefghij"))
     second = export(out + "results.json", models, "run-2")
-    assert not second["promoted"] and second["champion_version"] == 1 and second["champion_score"] is None
+    assert not second["promoted"]
+    assert second["champion_version"] == 1
+    assert second["champion_score"] is None
     reason = second["promotion_reason"]
     assert reason.startswith("not compared with champion v1: the champion v1 was trained on labels ['a', 'b'")
-    assert "new model_name" in reason and "champion_policy 'replace'" in reason
+    assert "new model_name" in reason
+    assert "champion_policy 'replace'" in reason
     assert registry.read_champion(models, "digits")["version"] == 1
 
 
@@ -184,7 +201,8 @@ def test_a_champion_of_another_shape_and_class_count_is_not_compared_and_nothing
     keras.backend.clear_session()
     assert registry.make_champion(models, "digits", other, reason="test").promoted
     exported = export(out + "results.json", models, "run-1")
-    assert not exported["promoted"] and exported["champion_version"] == other["version"]
+    assert not exported["promoted"]
+    assert exported["champion_version"] == other["version"]
     assert "was trained on labels ['a', 'b', 'c', 'd', 'e'] (5 labels)" in exported["promotion_reason"]
 
 
@@ -194,7 +212,8 @@ def test_a_champion_tested_on_another_split_is_not_compared(tuned, s3_prefix):
     export(out + "results.json", models, "run-1")
     champion_with(models, test_split_sha256="0" * 64, manifest_sha256="other-data")
     second = export(out + "results.json", models, "run-2")
-    assert not second["promoted"] and second["champion_score"] is None
+    assert not second["promoted"]
+    assert second["champion_score"] is None
     assert "the champion v1 was tested on another test split" in second["promotion_reason"]
     assert registry.read_champion(models, "digits")["version"] == 1
 
@@ -222,11 +241,13 @@ def test_an_old_champion_is_compared_by_its_version_metadata(tuned, s3_prefix, t
 
     old_champion(models, path, first, first["manifest_sha256"])
     second = export(out + "results.json", models, "run-2")
-    assert second["promoted"] and "beats champion v2 0.00000 (recorded on the same test set" in second["promotion_reason"]
+    assert second["promoted"]
+    assert "beats champion v2 0.00000 (recorded on the same test set" in second["promotion_reason"]
 
     old_champion(models, path, first, "other-data")
     third = export(out + "results.json", models, "run-3")
-    assert not third["promoted"] and third["champion_version"] == 4
+    assert not third["promoted"]
+    assert third["champion_version"] == 4
     assert "the champion v4 records no test-split identity" in third["promotion_reason"]
 
 
@@ -236,12 +257,16 @@ def test_champion_policy_replace_moves_the_champion_without_comparing(tuned, s3_
     export(out + "results.json", models, "run-1")
     champion_with(models, label_names=list("abcdefghij"), metrics={"test_accuracy": 1.0, "test_loss": 0.0})
     second = export(out + "results.json", models, "run-2", "--champion-policy", "replace")
-    assert second["promoted"] and second["champion_version"] == 2
+    assert second["promoted"]
+    assert second["champion_version"] == 2
     assert second["promotion_reason"] == "champion_policy 'replace': made the champion without comparing"
     champion = registry.read_champion(models, "digits")
-    assert champion["version"] == 2 and champion["promoted_over"] == 1 and champion["label_names"][0] == "0"
+    assert champion["version"] == 2
+    assert champion["promoted_over"] == 1
+    assert champion["label_names"][0] == "0"
     again = export(out + "results.json", models, "run-2", "--champion-policy", "replace")
-    assert not again["promoted"] and again["promotion_reason"] == "already the champion"
+    assert not again["promoted"]
+    assert again["promotion_reason"] == "already the champion"
 
 
 def test_the_test_split_identity_follows_the_test_images(spark, bucket, mnist_subset, prepared):
@@ -337,7 +362,8 @@ def test_every_setting_that_changes_a_result_changes_the_trial_ids(monkeypatch):
             fingerprint=fingerprint)]
 
     reference = ids()
-    assert reference == ids() and ids("--max-parallel-trials", "2") == reference  # deterministic
+    assert reference == ids()
+    assert ids("--max-parallel-trials", "2") == reference
     for extra in (["--model-family", "mlp"], ["--epochs", "9"], ["--patience", "3"], ["--lr-decay-patience", "0"],
                   ["--augment", "0.2"], ["--seed", "7"], ["--optimizer", "sgd"]):
         assert set(ids(*extra)).isdisjoint(reference), extra
@@ -359,7 +385,8 @@ def test_re_preparing_other_data_into_the_same_run_trains_new_trials(spark, mnis
         tune.run(spark, args)
         runs.append((manifest_sha256, storage.read_json(out + "results.json")))
     (first_hash, first), (second_hash, second) = runs
-    assert first_hash != second_hash and second["manifest_sha256"] == second_hash
+    assert first_hash != second_hash
+    assert second["manifest_sha256"] == second_hash
     assert not any(r.get("reused") for r in second["trials"])  # nothing trained on the old split is reused
     assert {r["trial_id"] for r in second["trials"]}.isdisjoint({r["trial_id"] for r in first["trials"]})
     for record in second["trials"]:
@@ -402,7 +429,8 @@ def test_a_trial_whose_process_is_killed_is_recorded_as_failed_and_the_job_finis
     assert records[failed["trial_id"]]["attempt"] == 1  # recorded by the retry, which did not train again
     assert result["best"]["params"]["hidden_units"] == 32
     [attempt] = trials.attempt_history(out + "trials", failed["trial_id"])
-    assert attempt["started"]["attempt"] == 0 and not attempt["finished"]  # trained once, died
+    assert attempt["started"]["attempt"] == 0
+    assert not attempt["finished"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,13 +455,18 @@ def test_an_export_that_died_keeps_its_version_for_its_run_only(tuned, s3_prefix
     assert storage.head(registry.claim_uri(models, "digits", 1)) is not None
 
     other = export(out + "results.json", models, "run-2")
-    assert other["version"] == 2 and other["promoted"]  # another run never takes a claimed number
+    assert other["version"] == 2
+    assert other["promoted"]
     retried = export(out + "results.json", models, "run-1")
-    assert retried["version"] == 1 and not retried["reused_version"]  # the same run continues its version
-    assert not retried["promoted"] and "does not beat champion v2" in retried["promotion_reason"]
-    assert retried["champion_version"] == 2 and retried["promotion_attempts"] == 1
+    assert retried["version"] == 1
+    assert not retried["reused_version"]
+    assert not retried["promoted"]
+    assert "does not beat champion v2" in retried["promotion_reason"]
+    assert retried["champion_version"] == 2
+    assert retried["promotion_attempts"] == 1
     again = export(out + "results.json", models, "run-1")
-    assert again["version"] == 1 and again["reused_version"]
+    assert again["version"] == 1
+    assert again["reused_version"]
     assert [m["version"] for m in registry.list_versions(models, "digits")] == [1, 2]
 
 
@@ -445,5 +478,5 @@ def test_a_reused_version_whose_files_changed_is_refused(tuned, s3_prefix):
     assert registry.verify_saved_model(metadata) == len(metadata["saved_model_files"])
     uri = storage.join_uri(first["saved_model_uri"], "saved_model.pb")
     storage.write_bytes(uri, storage.read_bytes(uri) + b"tampered")
-    with pytest.raises(registry.ModelIntegrityError, match="saved_model.pb: sha256"):
+    with pytest.raises(registry.ModelIntegrityError, match=r"saved_model\.pb: sha256"):
         export(out + "results.json", models, "run-1")

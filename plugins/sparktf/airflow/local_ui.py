@@ -21,6 +21,7 @@ Used by ``scripts/ui.py`` (start / stop / status) and the REST tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -171,10 +172,8 @@ class LocalAirflow:
             while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
                 for process in self.processes.values():
                     if process.poll() is None:
-                        try:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
                             process.wait(timeout=0.5)
-                        except subprocess.TimeoutExpired:
-                            pass
                 time.sleep(0.2)
             if not any(_alive(pid) for pid in pids.values()):
                 break

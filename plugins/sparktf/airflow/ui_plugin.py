@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
@@ -209,5 +209,5 @@ class SparktfPlugin(AirflowPlugin):
     """Run notes and figures of the sparktf DAGs."""
 
     name = "sparktf"
-    listeners = [RunNoteListener()]
-    fastapi_apps = [{"app": LazyApp(create_figure_app), "url_prefix": "/sparktf", "name": "sparktf figures"}]
+    listeners: ClassVar[list] = [RunNoteListener()]
+    fastapi_apps: ClassVar[list[dict]] = [{"app": LazyApp(create_figure_app), "url_prefix": "/sparktf", "name": "sparktf figures"}]

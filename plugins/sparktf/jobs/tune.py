@@ -87,10 +87,7 @@ def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epoch
 
     def run_partition(items: Iterator[list[dict]]) -> Iterator[dict]:
         cpus = executor.task_cpus()
-        if kind == "broadcast":
-            data = payload.value
-        else:
-            data = dataset.cached_arrays(*payload)
+        data = payload.value if kind == "broadcast" else dataset.cached_arrays(*payload)
         for group in items:
             for trial in group:
                 yield trials.train_trial(trial, data, family=family, epochs=epochs, patience=patience,
