@@ -80,17 +80,8 @@ def decode_image(
             # Pillow only warns between max_pixels and 2 * max_pixels: make that an error too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
-                    if img.width * img.height > max_pixels:
-                        raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
-                    if img.format == "JPEG":
-                        # Let the JPEG decoder scale down by 1/2..1/8 while keeping at least twice
-                        # the target on each side (square request: orientation may swap the sides).
-                        side = 2 * max(height, width)
-                        img.draft(img.mode, (side, side))
-                    img.load()
-                    array = _to_array(img, height=height, width=width, channels=channels,
-                                      resize_policy=resize_policy)
+                array = _open_and_convert(data, height=height, width=width, channels=channels, max_pixels=max_pixels,
+                                          resize_policy=resize_policy)
             except ImageRejected:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -107,6 +98,24 @@ def decode_image(
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
     return array
+
+
+def _open_and_convert(data: bytes, *, height: int, width: int, channels: int, max_pixels: int,
+                      resize_policy: str) -> np.ndarray:
+    """Open ``data`` with the allowed formats only, refuse too many pixels before decoding, decode
+    (a JPEG at a reduced scale when the target is much smaller) and bring it to the target."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
+        if img.width * img.height > max_pixels:
+            raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
+        if img.format == "JPEG":
+            # Let the JPEG decoder scale down by 1/2..1/8 while keeping at least twice the target
+            # on each side (square request: orientation may swap the sides).
+            side = 2 * max(height, width)
+            img.draft(img.mode, (side, side))
+        img.load()
+        return _to_array(img, height=height, width=width, channels=channels, resize_policy=resize_policy)
 
 
 # Modes Image.reduce supports (P would average palette indices, 1 and I;16 are refused).
