@@ -16,7 +16,9 @@ different models never share a partition)::
     <YYYY-MM-DD>/_SUCCESS                                 JSON manifest: counts, model, and every
                                                           file with its size, ETag and rows
     _staging/<YYYY-MM-DD>/<publish-id>/_ATTEMPT           an attempt in flight (written first)
-    _staging/<YYYY-MM-DD>/<publish-id>/part-00000.parquet ...  its output before it is published
+    _staging/<YYYY-MM-DD>/<publish-id>/part-00000-<task attempt>.parquet ...
+                                                          its output before it is published (one
+                                                          name per Spark task attempt)
 
 A publish id is the job attempt's id plus a random suffix: no two attempts ever write the same
 file name, so publishing never overwrites a file that a manifest lists.
