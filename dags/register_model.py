@@ -37,7 +37,13 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sparktf import applications
-from sparktf.airflow.pipeline_settings import DEFAULT_ARGS, model_name_param_spec, path_safe, workspace_param_spec
+from sparktf.airflow.pipeline_settings import (
+    DEFAULT_ARGS,
+    REGISTRY_CONN_ID,
+    model_name_param_spec,
+    path_safe,
+    workspace_param_spec,
+)
 from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
 S3_OR_EMPTY = r"^(s3a?://[^/]+/.+)?$"
@@ -95,6 +101,7 @@ def register_model():
     register = SparkJobOperator(
         task_id="register_model",
         application=job_path("register_model.py"),
+        aws_conn_id=REGISTRY_CONN_ID,  # the one connection that may write models/ (pipeline_settings)
         application_args=[
             "--models-uri", "{{ params.workspace_uri }}/models/",
             "--model-name", "{{ params.model_name }}",

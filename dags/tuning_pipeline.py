@@ -28,6 +28,7 @@ from sparktf.airflow import run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_WORKSPACE_URI,
+    REGISTRY_CONN_ID,
     RUN_URI,
     model_name_param_spec,
     path_safe,
@@ -100,6 +101,7 @@ def tuning_pipeline():
     export_best_model = SparkJobOperator(
         task_id="export_best_model",
         application=job_path("export_model.py"),
+        aws_conn_id=REGISTRY_CONN_ID,  # the one connection that may write models/ (pipeline_settings)
         application_args=[
             "--results-uri", TUNING_URI + "results.json",
             "--models-uri", "{{ params.workspace_uri }}/models/",

@@ -100,25 +100,31 @@ def unescape(script: str) -> str:
 
 # --- what the code expects ---------------------------------------------------------------------
 
+REGISTRY_TASKS = {"export_best_model", "register_model"}  # the jobs that write models/
+
+
 def connection_ids_used_by_the_code() -> dict[str, str]:
-    """{'spark': id, 'aws': id}: what the DAGs' Spark tasks and the S3 helpers they call use."""
+    """{'spark': id, 'aws': id}: what the DAGs' Spark tasks and the S3 helpers they call use. The
+    two jobs that write models/ use ``pipeline_settings.REGISTRY_CONN_ID`` instead (checked here,
+    and its value in the stack by the tests of the registry role)."""
     import inspect
 
     from airflow.dag_processing.dagbag import DagBag
 
-    from sparktf.airflow import aws_connection
+    from sparktf.airflow import aws_connection, pipeline_settings
     from sparktf.airflow.spark_job_operator import SparkJobOperator
 
-    ids: dict[str, set[str]] = {"spark": set(), "aws": set()}
+    ids: dict[str, set[str]] = {"spark": set(), "aws": set(), "registry": set()}
     for dag in DagBag(dag_folder=str(ROOT / "dags")).dags.values():
         for task in dag.tasks:
             if isinstance(task, SparkJobOperator):
                 ids["spark"].add(task._conn_id)
-                ids["aws"].add(task.aws_conn_id)
+                ids["registry" if task.task_id in REGISTRY_TASKS else "aws"].add(task.aws_conn_id)
     for helper in (aws_connection.storage_settings, aws_connection.use_connection):
         ids["aws"].add(inspect.signature(helper).parameters["conn_id"].default)  # the DAGs' @tasks call these
     assert len(ids["spark"]) == 1, ids
     assert len(ids["aws"]) == 1, ids
+    assert ids.pop("registry") == {pipeline_settings.REGISTRY_CONN_ID}, "export and register use REGISTRY_CONN_ID"
     return {kind: values.pop() for kind, values in ids.items()}
 
 
@@ -292,7 +298,7 @@ def test_executors_get_the_same_s3_endpoint_with_their_own_keys(services):
         keys = (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
         assert keys == (example["S3_EXECUTOR_ACCESS_KEY_ID"], example["S3_EXECUTOR_SECRET_ACCESS_KEY"])
         assert keys == (init_env["S3_EXECUTOR_ACCESS_KEY_ID"], init_env["S3_EXECUTOR_SECRET_ACCESS_KEY"])
-        assert env["AWS_ACCESS_KEY_ID"] != conn["login"]  # never the pipeline's keys (those write models/)
+        assert env["AWS_ACCESS_KEY_ID"] != conn["login"]  # never the pipeline's keys (those write predictions/ and runs/ for every job)
         assert env["AWS_DEFAULT_REGION"] == conn["extra"]["region_name"]
 
 
@@ -334,7 +340,7 @@ def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypa
     calls, rendered = run_minio_init(init, tmp_path, bucket)
     assert calls[:3] == ["alias set local http://minio:9000 {} {}".format(env_of(init)["MINIO_ROOT_USER"], env_of(init)["MINIO_ROOT_PASSWORD"]),
                          f"mb --ignore-existing local/{bucket}", f"version enable local/{bucket}"]
-    for role in ("pipeline", "executor"):
+    for role in ("pipeline", "executor", "registry"):
         key, secret = env_of(init)[f"S3_{role.upper()}_ACCESS_KEY_ID"], env_of(init)[f"S3_{role.upper()}_SECRET_ACCESS_KEY"]
         assert f"admin policy create local sparktf-{role} {tmp_path / f'sparktf-{role}.json'}" in calls
         assert f"admin user add local {key} {secret}" in calls
@@ -627,8 +633,8 @@ def allowed(document: dict, action: str, key: str | None = None, prefix: str | N
 
 def test_policies_are_valid_json_with_only_object_actions_on_the_workspace():
     files = sorted(path.name for path in POLICY_DIR.glob("*.json"))
-    assert files == ["sparktf-executor.json", "sparktf-pipeline.json"]
-    for role in ("executor", "pipeline"):
+    assert files == ["sparktf-executor.json", "sparktf-pipeline.json", "sparktf-registry.json"]
+    for role in ("executor", "pipeline", "registry"):
         document = policy(role)
         assert document["Version"] == "2012-10-17"
         for statement in document["Statement"]:
@@ -655,14 +661,14 @@ def test_executors_reach_nothing_outside_the_pipeline_prefixes():
     assert not allowed(executor, "s3:ListBucket", prefix="uploads/")
 
 
-def test_the_pipeline_role_reads_everything_and_is_the_one_that_writes_models():
+def test_the_pipeline_role_reads_everything_and_writes_predictions_and_runs():
     pipeline = policy("pipeline")
     for key in ("uploads/inception_v3.weights.h5", "incoming/2026-11-20/a.png", "models/digits/champion.json"):
         assert allowed(pipeline, "s3:GetObject", key)
     assert allowed(pipeline, "s3:ListBucket", prefix="")
     for prefix in PREFIXES:
         for action in WRITES:
-            assert allowed(pipeline, action, f"{prefix}/x") == (prefix in ("models", "predictions", "runs")), (action, prefix)
+            assert allowed(pipeline, action, f"{prefix}/x") == (prefix in ("predictions", "runs")), (action, prefix)
     assert not allowed(pipeline, "s3:PutObject", "uploads/x")
     assert not allowed(policy("executor"), "s3:PutObject", "models/x")
 
@@ -673,9 +679,43 @@ def test_every_role_may_write_the_stores_conditional_write_check():
     for key in ("models/m/champion.json", "predictions/m/2026-11-20/_SUCCESS", "runs/nightly/r/_results/x.json"):
         probe = storage.probe_key(key)
         assert probe == "runs/_store-check/conditional-writes"
-        for role in ("pipeline", "executor"):
+        for role in ("pipeline", "executor", "registry"):
             assert allowed(policy(role), "s3:PutObject", probe), role
             assert allowed(policy(role), "s3:GetObject", probe), role
+
+
+def test_only_the_registry_role_writes_models_and_it_writes_nothing_else():
+    registry, pipeline, executor = policy("registry"), policy("pipeline"), policy("executor")
+    for action in WRITES:
+        for name in PREFIXES:
+            assert allowed(registry, action, f"{name}/x") == (name in ("models", "runs")), (action, name)
+        assert not allowed(pipeline, action, "models/m/champion.json"), action
+        assert not allowed(executor, action, "models/m/champion.json"), action
+    assert allowed(registry, "s3:GetObject", "runs/r/tuning/results.json")
+    assert allowed(registry, "s3:GetObject", "uploads/mine.keras")  # register reads the user's upload
+
+
+def test_export_and_register_run_as_the_registry_user_in_the_stack(services, monkeypatch):
+    example, init_env = read_env_file(ENV_EXAMPLE), env_of(services["minio-init"])
+    for name in AIRFLOW_SERVICES:
+        env = env_of(services[name])
+        assert env["SPARKTF_REGISTRY_CONN_ID"] == "aws_registry", name
+        conn = json.loads(env["AIRFLOW_CONN_AWS_REGISTRY"])
+        keys = (conn["login"], conn["password"])
+        assert keys == (example["S3_REGISTRY_ACCESS_KEY_ID"], example["S3_REGISTRY_SECRET_ACCESS_KEY"]), name
+        assert keys == (init_env["S3_REGISTRY_ACCESS_KEY_ID"], init_env["S3_REGISTRY_SECRET_ACCESS_KEY"]), name
+        assert conn["extra"]["endpoint_url"] == json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])["extra"]["endpoint_url"]
+    # pipeline_settings reads the variable the stack sets (and defaults to aws_default elsewhere).
+    for value, expected in (("aws_registry", "aws_registry"), (None, "aws_default")):
+        if value:
+            monkeypatch.setenv("SPARKTF_REGISTRY_CONN_ID", value)
+        else:
+            monkeypatch.delenv("SPARKTF_REGISTRY_CONN_ID", raising=False)
+        spec = importlib.util.spec_from_file_location("_pipeline_settings_registry",
+                                                      ROOT / "plugins" / "sparktf" / "airflow" / "pipeline_settings.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert expected == module.REGISTRY_CONN_ID
 
 
 # --- Spark RPC authentication ------------------------------------------------------------------

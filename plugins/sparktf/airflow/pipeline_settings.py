@@ -27,6 +27,10 @@ SPARK_CONF = {
     "spark.task.maxFailures": "4",
     "spark.ui.showConsoleProgress": "false",
 }
+# The connection of the two jobs that write the registry (export_best_model, register_model): on a
+# store with one user per role, the only user allowed to write models/ (the compose stack sets
+# aws_registry); by default the same connection as every other task.
+REGISTRY_CONN_ID = os.environ.get("SPARKTF_REGISTRY_CONN_ID", "aws_default")
 DRIVER_MEMORY = os.environ.get("SPARKTF_DRIVER_MEMORY", "2g")
 EXECUTOR_MEMORY = os.environ.get("SPARKTF_EXECUTOR_MEMORY", "2g")
 
