@@ -6,12 +6,12 @@ Driver-side only: code that runs on executors imports :mod:`sparktf.executor` in
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from sparktf import storage
+from sparktf.knobs import parse_bool  # noqa: F401 - the jobs' flags use job.parse_bool
 
 log = logging.getLogger("sparktf")
 
@@ -97,11 +97,3 @@ def run_driver_job(app_name: str, run: Callable[[Any], dict[str, Any]], args) ->
     return 0
 
 
-def parse_bool(value: str) -> bool:
-    """``true``/``false`` (any case; also 1/0, yes/no): how Airflow renders a boolean Param."""
-    lowered = str(value).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
