@@ -305,3 +305,37 @@ def test_the_champion_policy_reaches_the_export_job():
     parsed = export_model.parse_args(["--results-uri", "s3://b/r.json", "--models-uri", "s3://b/m/", "--model-name", "m",
                                       "--source-run", "r", "--trained-at", "t", *rendered])
     assert parsed.champion_policy == "replace"
+
+
+def test_a_run_on_other_labels_under_the_same_model_name_does_not_move_the_champion(
+        tuning_run, mnist_subset, bucket, airflow_env, tmp_path):
+    """A user points the DAG at another data set (same input size, other classes) under the same
+    model_name: the new version is exported, the champion stays, and the run says why (XCom and
+    note). With champion_policy=replace the user moves it on purpose."""
+    conf, first, _output = tuning_run
+    images, labels = mnist_subset[0], mnist_subset[1]
+    raw = f"s3://{bucket}/e2e-tuning/raw-odd-even/"
+    client = storage.client()
+    for name, digits in (("even", (0, 2)), ("odd", (1, 3))):
+        for n, index in enumerate(np.flatnonzero(np.isin(labels, digits))[:40]):
+            storage.write_bytes(f"{raw}{name}/{n:03d}.png", png(images[index]), client)
+    other = {**conf, "dataset_uri": raw, "model_family": "mlp", "learning_rates": [0.003], "hidden_units": [32],
+             "epochs": 1, "patience": 1}
+    code, summary, output = run_dag(airflow_env, tmp_path, "tuning_pipeline", other)
+    assert code == 0, output[-6000:]
+    export = summary["tasks"]["export_best_model"]["xcom"]
+    assert export["version"] > 1
+    assert export["promoted"] is False
+    assert export["champion_version"] == first["tasks"]["export_best_model"]["xcom"]["version"] == 1
+    assert "trained on labels" in export["promotion_reason"]
+    assert "even" in export["promotion_reason"]
+    assert "not promoted" in summary["note"]
+    assert registry.resolve(conf["workspace_uri"] + "/models/", "digits")["version"] == 1
+
+    (tmp_path / "replace").mkdir()
+    code, summary, output = run_dag(airflow_env, tmp_path / "replace", "tuning_pipeline",
+                                    {**other, "champion_policy": "replace"})
+    assert code == 0, output[-6000:]
+    export = summary["tasks"]["export_best_model"]["xcom"]
+    assert export["promoted"] is True
+    assert registry.resolve(conf["workspace_uri"] + "/models/", "digits")["label_names"] == ["even", "odd"]
