@@ -119,6 +119,6 @@ def test_a_dag_runs_after_env_sh_was_sourced_twice(airflow_env, s3_endpoint, ker
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     summary = json.loads(out.read_text())
     assert {task: info["state"] for task, info in summary["tasks"].items()} == {
-        "validate_params": "success", "register_model": "success", "report": "success"}
+        "validate_params": "success", "register_model": "success", "check_registered": "success"}
     assert summary["tasks"]["register_model"]["xcom"]["registered"] is True
     assert "defaulting to yarn" not in proc.stdout + proc.stderr
