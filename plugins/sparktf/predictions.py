@@ -109,7 +109,10 @@ def check_date(date: str) -> str:
 
     if not DATE_RE.match(str(date)):
         raise ValueError(f"partition date must be YYYY-MM-DD, got {date!r}")
-    dt.date.fromisoformat(date)
+    try:
+        dt.date.fromisoformat(date)
+    except ValueError as err:
+        raise ValueError(f"partition date {date!r} is not a day of the calendar ({err})") from None
     return date
 
 

@@ -235,8 +235,10 @@ def test_top_k_and_task_planning():
     assert incoming.plan_tasks(3, 8, 10) == 3
     groups = incoming.assign_keys([str(i) for i in range(7)], 3)
     assert groups == [["0", "3", "6"], ["1", "4"], ["2", "5"]]
-    with pytest.raises(ValueError, match="partition date must be YYYY-MM-DD"):
+    with pytest.raises(ValueError, match=r"partition date '2026-13-01' is not a day of the calendar \(month must be"):
         predictions.check_date("2026-13-01")
+    with pytest.raises(ValueError, match="partition date must be YYYY-MM-DD"):
+        predictions.check_date("20261301")
 
 
 def task_summary(index: int, scored: int, set_aside: int, labels: dict, reasons: dict, **stats) -> dict:
