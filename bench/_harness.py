@@ -77,12 +77,13 @@ def run_worker(argv: list[str], *, log_path: str | None = None, env: dict[str, s
     """
     log_path = log_path or os.path.join(tempfile.gettempdir(), f"sparktf-bench-worker-{os.getpid()}.log")
     with open(log_path, "w") as log:
-        completed = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=log, text=True,
-                                   env={**os.environ, **(env or {})}, cwd=str(ROOT))
+        completed = subprocess.run(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}, cwd=str(ROOT)
+        )
     result = None
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER):])
+            result = json.loads(line[len(RESULT_MARKER) :])
     if completed.returncode != 0 or result is None:
         with open(log_path) as log:
             tail = log.read()[-3000:]
@@ -96,13 +97,11 @@ def run_step(label: str, argv: list[str], *, loads: dict[str, str], log_name: st
     loads[label] = load_average()
     started = time.perf_counter()
     out = run_worker(argv, log_path=log_file(log_name))
-    print(f"  {label} done in {time.perf_counter() - started:.1f} s: "
-          f"{json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
+    print(f"  {label} done in {time.perf_counter() - started:.1f} s: {json.dumps(out, default=lambda v: round(v, 2))}", flush=True)
     return out
 
 
-PROVENANCE_PACKAGES = ("pyspark", "tensorflow-cpu", "keras", "numpy", "pyarrow", "pandas", "pillow", "boto3",
-                       "apache-airflow", "moto")
+PROVENANCE_PACKAGES = ("pyspark", "tensorflow-cpu", "keras", "numpy", "pyarrow", "pandas", "pillow", "boto3", "apache-airflow", "moto")
 
 
 def provenance() -> dict[str, Any]:
@@ -123,8 +122,13 @@ def provenance() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"commit": commit, "packages": versions, "python": platform.python_version(), "machine": machine(),
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]]}
+    return {
+        "commit": commit,
+        "packages": versions,
+        "python": platform.python_version(),
+        "machine": machine(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+    }
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -181,8 +185,9 @@ def champion_metadata(ws: str, model_name: str) -> dict:
     return registry.resolve(ws + "/models/", model_name)
 
 
-def predict_batch_udf_runs(ws: str, date: str, model_name: str, *, slots: int, batch_size: int, fetch_threads: int,
-                           conf: dict[str, str], app_name: str) -> dict[str, dict[str, Any]]:
+def predict_batch_udf_runs(
+    ws: str, date: str, model_name: str, *, slots: int, batch_size: int, fetch_threads: int, conf: dict[str, str], app_name: str
+) -> dict[str, dict[str, Any]]:
     """Score a partition with Spark's own ``predict_batch_udf``, cold then warm, in a local session.
 
     Keys go through a pandas UDF that fetches and decodes them with the job's pool
@@ -205,9 +210,19 @@ def predict_batch_udf_runs(ws: str, date: str, model_name: str, *, slots: int, b
     resize_policy = meta.get("resize_policy", "resize")
 
     def fetch_batch(batch):
-        decoded = {k: a for k, a, _r, _d in fetch.fetch_decoded(
-            bucket, batch.tolist(), height=height, width=width, channels=channels, max_pixels=40_000_000,
-            fetch_threads=fetch_threads, resize_policy=resize_policy)}
+        decoded = {
+            k: a
+            for k, a, _r, _d in fetch.fetch_decoded(
+                bucket,
+                batch.tolist(),
+                height=height,
+                width=width,
+                channels=channels,
+                max_pixels=40_000_000,
+                fetch_threads=fetch_threads,
+                resize_policy=resize_policy,
+            )
+        }
         return pd.Series([None if decoded[k] is None else decoded[k].astype(np.float32).ravel() for k in batch])
 
     fetch_pixels = F.pandas_udf(fetch_batch, T.ArrayType(T.FloatType()), PandasUDFType.SCALAR)
@@ -220,19 +235,25 @@ def predict_batch_udf_runs(ws: str, date: str, model_name: str, *, slots: int, b
 
         def predict(inputs):
             return np.asarray(model(inputs.astype(np.uint8), training=False))  # the models take uint8 pixels
+
         return predict
 
-    classify = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=batch_size,
-                                 input_tensor_shapes=[[height, width, channels]])
+    classify = predict_batch_udf(
+        make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=batch_size, input_tensor_shapes=[[height, width, channels]]
+    )
     spark = testing.local_spark(slots, app_name, conf=conf)
     try:
         num_tasks = incoming.plan_tasks(len(keys), spark.sparkContext.defaultParallelism, 2000)
         runs = {}
         for label in ("cold", "warm"):
             started = time.perf_counter()
-            frame = (spark.createDataFrame([(k,) for k in keys], "key string").repartition(num_tasks)
-                     .withColumn("pixels", fetch_pixels("key")).where(F.col("pixels").isNotNull())
-                     .withColumn("probabilities", classify("pixels")))
+            frame = (
+                spark.createDataFrame([(k,) for k in keys], "key string")
+                .repartition(num_tasks)
+                .withColumn("pixels", fetch_pixels("key"))
+                .where(F.col("pixels").isNotNull())
+                .withColumn("probabilities", classify("pixels"))
+            )
             rows = frame.select("key", "probabilities").collect()
             seconds = time.perf_counter() - started
             runs[label] = {"seconds": seconds, "rate": len(keys) / seconds, "scored": len(rows), "listed": len(keys)}

@@ -37,7 +37,8 @@ from sparktf_dev.testing import ROOT
 HEAVY = ("tensorflow", "keras", "pyspark", "pandas", "numpy", "botocore", "PIL", "matplotlib", "pyarrow")
 MARKER = "PARSE_RESULT "
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, sys, time
 heavy = json.loads(sys.argv[2])
 t = time.perf_counter()
@@ -58,13 +59,14 @@ print(%r + json.dumps({
     "dag_ids": sorted(bag.dag_ids), "import_errors": {str(k): str(v)[:500] for k, v in bag.import_errors.items()},
     "heavy_from_dag": sorted(after - before), "heavy_preloaded": sorted(before),
 }), flush=True)
-""" % MARKER
+"""
+    % MARKER
+)
 
 
 def airflow_env() -> dict[str, str]:
     """os.environ plus what ``source scripts/env.sh`` exports."""
-    out = subprocess.run(["bash", "-c", "source scripts/env.sh >/dev/null 2>&1; env -0"], cwd=ROOT,
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(["bash", "-c", "source scripts/env.sh >/dev/null 2>&1; env -0"], cwd=ROOT, capture_output=True, check=True).stdout
     env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
     env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"  # DagBag's own info lines off
     return env
@@ -72,11 +74,10 @@ def airflow_env() -> dict[str, str]:
 
 def parse_once(path: Path, env: dict[str, str]) -> dict:
     python = env.get("VENV", str(ROOT / ".venv")) + "/bin/python"
-    done = subprocess.run([python, "-c", CHILD, str(path), json.dumps(HEAVY)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([python, "-c", CHILD, str(path), json.dumps(HEAVY)], cwd=ROOT, env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
+            return json.loads(line[len(MARKER) :])
     raise RuntimeError(f"parsing {path} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
 
@@ -93,8 +94,10 @@ def main(argv=None) -> int:
         load = "n/a"
     print(f"{os.cpu_count()} cores; load average at start: {load}; {opts.runs} fresh interpreters per file")
     print()
-    print("| DAG file | DAGs | cold parse best / median (s) | warm re-parse median (s) | DagBag-reported median (s) "
-          "| airflow + DagBag import median (s) | heavy modules from the DAG file | already loaded by Airflow | goal <= 0.5 s |")
+    print(
+        "| DAG file | DAGs | cold parse best / median (s) | warm re-parse median (s) | DagBag-reported median (s) "
+        "| airflow + DagBag import median (s) | heavy modules from the DAG file | already loaded by Airflow | goal <= 0.5 s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for path in files:
@@ -106,10 +109,12 @@ def main(argv=None) -> int:
         heavy_pre = sorted({m for r in runs for m in r["heavy_preloaded"]})
         worst = max(worst, med(cold))
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        print(f"| {rel} | {', '.join(runs[0]['dag_ids']) or '-'} | {min(cold):.3f} / {med(cold):.3f} "
-              f"| {med([r['warm'] for r in runs]):.3f} | {med([r['dagbag_duration'] for r in runs]):.3f} "
-              f"| {med([r['framework_import'] for r in runs]):.2f} | {', '.join(heavy_dag) or 'none'} "
-              f"| {', '.join(heavy_pre) or 'none'} | {'met' if med(cold) <= 0.5 else 'MISSED'} |")
+        print(
+            f"| {rel} | {', '.join(runs[0]['dag_ids']) or '-'} | {min(cold):.3f} / {med(cold):.3f} "
+            f"| {med([r['warm'] for r in runs]):.3f} | {med([r['dagbag_duration'] for r in runs]):.3f} "
+            f"| {med([r['framework_import'] for r in runs]):.2f} | {', '.join(heavy_dag) or 'none'} "
+            f"| {', '.join(heavy_pre) or 'none'} | {'met' if med(cold) <= 0.5 else 'MISSED'} |"
+        )
         for key, value in errors.items():
             print(f"    import error in {key}: {value}")
     try:

@@ -93,9 +93,19 @@ def worker_setup(args) -> dict:
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         model_bytes = os.path.getsize(path)
-        metadata = registry.write_version(models_uri, MODEL_NAME, model_path=path, version=1, metadata={
-            "family": args.family, "params": {"hidden_units": args.hidden_units}, "trained": False,
-            "input_shape": [28, 28, 1], "label_names": testing.LABEL_NAMES})
+        metadata = registry.write_version(
+            models_uri,
+            MODEL_NAME,
+            model_path=path,
+            version=1,
+            metadata={
+                "family": args.family,
+                "params": {"hidden_units": args.hidden_units},
+                "trained": False,
+                "input_shape": [28, 28, 1],
+                "label_names": testing.LABEL_NAMES,
+            },
+        )
     registry.set_champion(models_uri, MODEL_NAME, registry.champion_pointer(metadata))
     return {"model_bytes": model_bytes, "params": int(model.count_params()), "version": metadata["version"]}
 
@@ -133,12 +143,18 @@ def worker_ceiling(args) -> dict:
     executor.pin_threads(args.worker_slots)
     meta = model_metadata(args.ws)
     model = registry.load_version_model(meta)
-    arrays = np.stack([a for _k, a, _r, _d in fetch.fetch_decoded(
-        bucket, keys, height=28, width=28, channels=1, max_pixels=40_000_000, fetch_threads=args.fetch_threads)])
+    arrays = np.stack(
+        [
+            a
+            for _k, a, _r, _d in fetch.fetch_decoded(
+                bucket, keys, height=28, width=28, channels=1, max_pixels=40_000_000, fetch_threads=args.fetch_threads
+            )
+        ]
+    )
     scoring.predict_batch(model, arrays[: args.batch_size])  # warm up
     started = time.perf_counter()
     for start in range(0, len(arrays), args.batch_size):
-        scoring.predict_batch(model, arrays[start:start + args.batch_size])
+        scoring.predict_batch(model, arrays[start : start + args.batch_size])
     out["model_rate"] = len(arrays) / (time.perf_counter() - started)
     out["get_rate"] = max(v for k, v in out.items() if k.startswith("get_rate_"))
     out["ceiling"] = min(out["get_rate"], out["model_rate"])
@@ -168,8 +184,7 @@ def worker_seed(args) -> dict:
             model = keras.saving.load_model(path, compile=False)
             model.predict(pixels[None], verbose=0)
         seconds = time.perf_counter() - started
-    return {"images": len(sample), "seconds": seconds, "rate": len(sample) / seconds,
-            "extrapolated_seconds": seconds / len(sample) * len(keys)}
+    return {"images": len(sample), "seconds": seconds, "rate": len(sample) / seconds, "extrapolated_seconds": seconds / len(sample) * len(keys)}
 
 
 def worker_job(args) -> dict:
@@ -179,29 +194,55 @@ def worker_job(args) -> dict:
     try:
         runs = {}
         for label in ("cold", "warm"):
-            job_args = batch_inference.parse_args([
-                "--incoming-uri", args.ws + "/incoming/", "--output-uri", args.ws + f"/predictions-{args.worker_slots}/",
-                "--date", DATE, "--models-uri", args.ws + "/models/", "--model-name", MODEL_NAME,
-                "--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads)])
+            job_args = batch_inference.parse_args(
+                [
+                    "--incoming-uri",
+                    args.ws + "/incoming/",
+                    "--output-uri",
+                    args.ws + f"/predictions-{args.worker_slots}/",
+                    "--date",
+                    DATE,
+                    "--models-uri",
+                    args.ws + "/models/",
+                    "--model-name",
+                    MODEL_NAME,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--fetch-threads",
+                    str(args.fetch_threads),
+                ]
+            )
             started = time.perf_counter()
             result = batch_inference.run(spark, job_args)
             seconds = time.perf_counter() - started
-            runs[label] = {"seconds": seconds, "rate": result["listed"] / seconds, "stage_rate": result["images_per_second"],
-                           "scored": result["scored"], "tasks": result["tasks"], "model_loads": result["model_loads"],
-                           "model_seconds": result["model_seconds"]}
+            runs[label] = {
+                "seconds": seconds,
+                "rate": result["listed"] / seconds,
+                "stage_rate": result["images_per_second"],
+                "scored": result["scored"],
+                "tasks": result["tasks"],
+                "model_loads": result["model_loads"],
+                "model_seconds": result["model_seconds"],
+            }
         return runs
     finally:
         spark.stop()
 
 
 def worker_pbudf(args) -> dict:
-    return _harness.predict_batch_udf_runs(args.ws, DATE, MODEL_NAME, slots=args.worker_slots, batch_size=args.batch_size,
-                                           fetch_threads=args.fetch_threads, conf=_harness.SPARK_CONF,
-                                           app_name="bench-inference-pbudf")
+    return _harness.predict_batch_udf_runs(
+        args.ws,
+        DATE,
+        MODEL_NAME,
+        slots=args.worker_slots,
+        batch_size=args.batch_size,
+        fetch_threads=args.fetch_threads,
+        conf=_harness.SPARK_CONF,
+        app_name="bench-inference-pbudf",
+    )
 
 
-WORKERS = {"setup": worker_setup, "ceiling": worker_ceiling, "seed": worker_seed, "job": worker_job,
-           "pbudf": worker_pbudf}
+WORKERS = {"setup": worker_setup, "ceiling": worker_ceiling, "seed": worker_seed, "job": worker_job, "pbudf": worker_pbudf}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +275,27 @@ def main(argv=None) -> int:
         _harness.emit_result(WORKERS[args.worker](args))
         return 0
 
-    common = ["--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads),
-              "--family", args.family, "--hidden-units", str(args.hidden_units),
-              "--seed-sample", str(args.seed_sample)]
+    common = [
+        "--batch-size",
+        str(args.batch_size),
+        "--fetch-threads",
+        str(args.fetch_threads),
+        "--family",
+        args.family,
+        "--hidden-units",
+        str(args.hidden_units),
+        "--seed-sample",
+        str(args.seed_sample),
+    ]
     me = str(Path(__file__).resolve())
-    report: dict = {"machine": _harness.machine(), "images": args.images, "family": args.family,
-                    "batch_size": args.batch_size, "fetch_threads": args.fetch_threads, "load": {}}
+    report: dict = {
+        "machine": _harness.machine(),
+        "images": args.images,
+        "family": args.family,
+        "batch_size": args.batch_size,
+        "fetch_threads": args.fetch_threads,
+        "load": {},
+    }
     with testing.S3Server(log_path=_harness.log_file("inference-moto")):
         from sparktf import storage
 
@@ -247,8 +303,12 @@ def main(argv=None) -> int:
         ws = f"s3://{BUCKET}/ws"
 
         def step(name: str, slots: int = 1) -> dict:
-            return _harness.run_step(f"{name}-{slots}", [me, "--worker", name, "--ws", ws, "--worker-slots", str(slots),
-                                                         *common], loads=report["load"], log_name=f"inference-{name}-{slots}")
+            return _harness.run_step(
+                f"{name}-{slots}",
+                [me, "--worker", name, "--ws", ws, "--worker-slots", str(slots), *common],
+                loads=report["load"],
+                log_name=f"inference-{name}-{slots}",
+            )
 
         started = time.perf_counter()
         report["uploaded"] = upload_images(ws, args.images)
@@ -272,17 +332,21 @@ def main(argv=None) -> int:
     }
     report["ratios"] = ratios
     c = report["ceiling"]
-    print(f"\n{report['machine']}; {args.images} images, {args.family}, batch {args.batch_size}, "
-          f"{args.fetch_threads} GET threads per task")
-    print(f"ceiling: GETs {c['get_rate']:.0f}/s (1 proc {c['get_rate_1proc']:.0f}/s), model calls "
-          f"{c['model_rate']:.0f}/s on {args.slots} threads -> {c['ceiling']:.0f} images/s")
-    print(f"seed per-image pattern: {report['seed']['rate']:.2f} images/s "
-          f"({report['seed']['images']} timed; {report['seed']['extrapolated_seconds']:.0f} s extrapolated)")
-    for name, key in (("job local[1]", "job_1"), (f"job local[{args.slots}]", "job_n"),
-                      (f"predict_batch_udf local[{args.slots}]", "pbudf")):
+    print(f"\n{report['machine']}; {args.images} images, {args.family}, batch {args.batch_size}, {args.fetch_threads} GET threads per task")
+    print(
+        f"ceiling: GETs {c['get_rate']:.0f}/s (1 proc {c['get_rate_1proc']:.0f}/s), model calls "
+        f"{c['model_rate']:.0f}/s on {args.slots} threads -> {c['ceiling']:.0f} images/s"
+    )
+    print(
+        f"seed per-image pattern: {report['seed']['rate']:.2f} images/s "
+        f"({report['seed']['images']} timed; {report['seed']['extrapolated_seconds']:.0f} s extrapolated)"
+    )
+    for name, key in (("job local[1]", "job_1"), (f"job local[{args.slots}]", "job_n"), (f"predict_batch_udf local[{args.slots}]", "pbudf")):
         r = report[key]
-        print(f"{name}: cold {r['cold']['rate']:.0f} images/s ({r['cold']['seconds']:.1f} s), "
-              f"warm {r['warm']['rate']:.0f} images/s ({r['warm']['seconds']:.1f} s)")
+        print(
+            f"{name}: cold {r['cold']['rate']:.0f} images/s ({r['cold']['seconds']:.1f} s), "
+            f"warm {r['warm']['rate']:.0f} images/s ({r['warm']['seconds']:.1f} s)"
+        )
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}")
     print(f"load average per step: {report['load']}")

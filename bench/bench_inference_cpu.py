@@ -93,8 +93,14 @@ def measured_job(spark, job_args) -> dict:
     tree_after = tree_cpu(jvm_pid)
     # A process that started during the run counts whole; one that ended was reaped by its parent.
     jvm_tree = sum(after - tree_before.get(pid, 0.0) for pid, after in tree_after.items())
-    return {"wall_seconds": wall, "driver_cpu": driver, "jvm_and_workers_cpu": jvm_tree,
-            "cpu": driver + jvm_tree, "scored": result["scored"], "tasks": result["tasks"]}
+    return {
+        "wall_seconds": wall,
+        "driver_cpu": driver,
+        "jvm_and_workers_cpu": jvm_tree,
+        "cpu": driver + jvm_tree,
+        "scored": result["scored"],
+        "tasks": result["tasks"],
+    }
 
 
 def register_model(args, models_uri: str) -> None:
@@ -108,9 +114,19 @@ def register_model(args, models_uri: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
         model.save(path)
-        metadata = registry.write_version(models_uri, MODEL_NAME, model_path=path, version=1, metadata={
-            "family": args.family, "params": {"hidden_units": args.hidden_units}, "trained": False,
-            "input_shape": [28, 28, 1], "label_names": testing.LABEL_NAMES})
+        metadata = registry.write_version(
+            models_uri,
+            MODEL_NAME,
+            model_path=path,
+            version=1,
+            metadata={
+                "family": args.family,
+                "params": {"hidden_units": args.hidden_units},
+                "trained": False,
+                "input_shape": [28, 28, 1],
+                "label_names": testing.LABEL_NAMES,
+            },
+        )
     registry.set_champion(models_uri, MODEL_NAME, registry.champion_pointer(metadata))
 
 
@@ -137,7 +153,7 @@ def stage_costs(args, ws: str) -> dict:
     started = time.process_time()
     model = registry.load_verified_model(metadata["model_uri"], metadata["model_sha256"])
     costs["model_load_once"] = time.process_time() - started
-    batches = [np.stack(arrays[i:i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)]
+    batches = [np.stack(arrays[i : i + args.batch_size]) for i in range(0, len(arrays), args.batch_size)]
     scoring.predict_batch(model, batches[0])  # the first call traces the graph: not per-image work
     started = time.process_time()
     probabilities = np.concatenate([scoring.predict_batch(model, batch) for batch in batches])
@@ -150,14 +166,18 @@ def stage_costs(args, ws: str) -> dict:
     started = time.process_time()
     for index, group in enumerate(groups):
         order, scores = scoring.top_k(probabilities[[row_of[k] for k in group]], 5)
-        rows = [{"key": key, "predicted_label": str(order[r, 0]), "score": float(scores[r, 0]),
-                 "top_k": [{"label": str(c), "score": float(s)} for c, s in zip(order[r], scores[r])]}
-                for r, key in enumerate(group)]
-        part = predictions.predictions_parquet(rows, model_name=MODEL_NAME, model_version=1, partition_date=DATE,
-                                               processed_at=stamp)
+        rows = [
+            {
+                "key": key,
+                "predicted_label": str(order[r, 0]),
+                "score": float(scores[r, 0]),
+                "top_k": [{"label": str(c), "score": float(s)} for c, s in zip(order[r], scores[r])],
+            }
+            for r, key in enumerate(group)
+        ]
+        part = predictions.predictions_parquet(rows, model_name=MODEL_NAME, model_version=1, partition_date=DATE, processed_at=stamp)
         storage.write_bytes(f"s3://{BUCKET}/stages/part-{index:05d}.parquet", part, s3)
-        storage.write_bytes(f"s3://{BUCKET}/stages/_errors/part-{index:05d}.parquet",
-                            predictions.errors_parquet([], partition_date=DATE), s3)
+        storage.write_bytes(f"s3://{BUCKET}/stages/_errors/part-{index:05d}.parquet", predictions.errors_parquet([], partition_date=DATE), s3)
     costs["output"] = time.process_time() - started
     return costs
 
@@ -180,14 +200,33 @@ def main(argv=None) -> int:
         job = {}
         try:
             for run in ("cold", "warm"):
-                job_args = batch_inference.parse_args([
-                    "--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", DATE,
-                    "--models-uri", ws + "/models/", "--model-name", MODEL_NAME, "--attempt-id", run,
-                    "--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads)])
+                job_args = batch_inference.parse_args(
+                    [
+                        "--incoming-uri",
+                        ws + "/incoming/",
+                        "--output-uri",
+                        ws + "/predictions/",
+                        "--date",
+                        DATE,
+                        "--models-uri",
+                        ws + "/models/",
+                        "--model-name",
+                        MODEL_NAME,
+                        "--attempt-id",
+                        run,
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--fetch-threads",
+                        str(args.fetch_threads),
+                    ]
+                )
                 job[run] = measured_job(spark, job_args)
-                print(f"job {run}: {job[run]['wall_seconds']:.1f} s wall, {job[run]['cpu']:.1f} CPU s "
-                      f"(driver {job[run]['driver_cpu']:.1f}, JVM + Python workers "
-                      f"{job[run]['jvm_and_workers_cpu']:.1f})", flush=True)
+                print(
+                    f"job {run}: {job[run]['wall_seconds']:.1f} s wall, {job[run]['cpu']:.1f} CPU s "
+                    f"(driver {job[run]['driver_cpu']:.1f}, JVM + Python workers "
+                    f"{job[run]['jvm_and_workers_cpu']:.1f})",
+                    flush=True,
+                )
         finally:
             spark.stop()
         stages = stage_costs(args, ws)
@@ -203,8 +242,7 @@ def main(argv=None) -> int:
     print(f"  sum of stages             {floor:8.3f}   (+ {stages['model_load_once']:.2f} CPU s per model load)")
     print(f"job (warm) / sum of stages: {job['warm']['cpu'] / n * 1e3 / floor:.2f}")
     if args.json_out:
-        write_json(args.json_out, {"images": n, "family": args.family, "slots": args.slots, "job": job,
-                                            "stage_cpu_seconds": stages})
+        write_json(args.json_out, {"images": n, "family": args.family, "slots": args.slots, "job": job, "stage_cpu_seconds": stages})
     return 0
 
 

@@ -59,26 +59,28 @@ RUNS = {"dag-defaults": "DAG defaults", "default": "default", "tuned-grid": "tun
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="dag-defaults,default",
-                   help=f"comma-separated runs among {', '.join(RUNS)} (default: dag-defaults,default)")
+    p.add_argument("--runs", default="dag-defaults,default", help=f"comma-separated runs among {', '.join(RUNS)} (default: dag-defaults,default)")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N of the 60k training images")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N of the 10k test images")
     p.add_argument("--slots", type=int, default=2, help="Spark task slots (local[N])")
-    p.add_argument("--dag-defaults-args", default="",
-                   help="extra tune flags for dag-defaults (smoke runs only: the figures are for none)")
+    p.add_argument("--dag-defaults-args", default="", help="extra tune flags for dag-defaults (smoke runs only: the figures are for none)")
     p.add_argument("--learning-rates", default="0.0005,0.001,0.002", help="tuned grid: learning rates")
     p.add_argument("--hidden-units", default="512,1024", help="tuned grid: hidden units")
     p.add_argument("--augment", type=float, default=0.1, help="tuned grid: random shift fraction")
     p.add_argument("--epochs", type=int, default=14, help="tuned grid: maximum epochs")
     p.add_argument("--patience", type=int, default=3, help="tuned grid: early-stopping patience")
-    p.add_argument("--lr-decay-patience", type=int, default=0,
-                   help="tuned grid: halve the learning rate after N epochs without improvement (0 = off)")
+    p.add_argument(
+        "--lr-decay-patience", type=int, default=0, help="tuned grid: halve the learning rate after N epochs without improvement (0 = off)"
+    )
     p.add_argument("--default-epochs", type=int, default=12, help="default config: maximum epochs")
     p.add_argument("--default-patience", type=int, default=2, help="default config: early-stopping patience")
     p.add_argument("--seed", type=int, default=42, help="split, weights and shuffling seed")
     p.add_argument("--sequential", action="store_true", help="run the default job, then the grid")
-    p.add_argument("--out-dir", default=str(_harness.RESULTS_DIR / "mnist"),
-                   help="local folder for figure and results (default: bench-results/mnist in the repository)")
+    p.add_argument(
+        "--out-dir",
+        default=str(_harness.RESULTS_DIR / "mnist"),
+        help="local folder for figure and results (default: bench-results/mnist in the repository)",
+    )
     opts = p.parse_args(argv)
     opts.run_keys = [key.strip() for key in opts.runs.split(",") if key.strip()]
     unknown = [key for key in opts.run_keys if key not in RUNS]
@@ -87,17 +89,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
-def seed_args(prepared_uri: str, output_uri: str, *, learning_rates: str, hidden_units: str, augment: float,
-              epochs: int, patience: int, seed: int, lr_decay_patience: int = 0) -> argparse.Namespace:
+def seed_args(
+    prepared_uri: str,
+    output_uri: str,
+    *,
+    learning_rates: str,
+    hidden_units: str,
+    augment: float,
+    epochs: int,
+    patience: int,
+    seed: int,
+    lr_decay_patience: int = 0,
+) -> argparse.Namespace:
     """The tune job's arguments for the seed's network (mnist_cnn, dropout 0.5, batch 128, adam)."""
     from sparktf.jobs import tune
 
-    return tune.parse_args([
-        "--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mnist_cnn",
-        "--learning-rates", learning_rates, "--hidden-units", hidden_units, "--batch-sizes", "128",
-        "--dropouts", "0.5", "--optimizer", "adam", "--augment", str(augment), "--epochs", str(epochs),
-        "--patience", str(patience), "--seed", str(seed), "--lr-decay-patience", str(lr_decay_patience),
-    ])
+    return tune.parse_args(
+        [
+            "--prepared-uri",
+            prepared_uri,
+            "--output-uri",
+            output_uri,
+            "--model-family",
+            "mnist_cnn",
+            "--learning-rates",
+            learning_rates,
+            "--hidden-units",
+            hidden_units,
+            "--batch-sizes",
+            "128",
+            "--dropouts",
+            "0.5",
+            "--optimizer",
+            "adam",
+            "--augment",
+            str(augment),
+            "--epochs",
+            str(epochs),
+            "--patience",
+            str(patience),
+            "--seed",
+            str(seed),
+            "--lr-decay-patience",
+            str(lr_decay_patience),
+        ]
+    )
 
 
 def job_arguments(opts: argparse.Namespace, prepared_uri: str, base: str) -> dict[str, argparse.Namespace]:
@@ -106,15 +142,30 @@ def job_arguments(opts: argparse.Namespace, prepared_uri: str, base: str) -> dic
 
     every = {
         # No knob flag: the job's defaults are the knob table's, which the DAG's Params render.
-        "dag-defaults": lambda: tune.parse_args(["--prepared-uri", prepared_uri, "--output-uri", f"{base}/dag-defaults/",
-                                                 *opts.dag_defaults_args.split()]),
-        "default": lambda: seed_args(prepared_uri, f"{base}/default/", learning_rates="0.001", hidden_units="1024",
-                                     augment=0.0, epochs=opts.default_epochs, patience=opts.default_patience,
-                                     seed=opts.seed),
-        "tuned-grid": lambda: seed_args(prepared_uri, f"{base}/grid/", learning_rates=opts.learning_rates,
-                                        hidden_units=opts.hidden_units, augment=opts.augment, epochs=opts.epochs,
-                                        patience=opts.patience, seed=opts.seed,
-                                        lr_decay_patience=opts.lr_decay_patience),
+        "dag-defaults": lambda: tune.parse_args(
+            ["--prepared-uri", prepared_uri, "--output-uri", f"{base}/dag-defaults/", *opts.dag_defaults_args.split()]
+        ),
+        "default": lambda: seed_args(
+            prepared_uri,
+            f"{base}/default/",
+            learning_rates="0.001",
+            hidden_units="1024",
+            augment=0.0,
+            epochs=opts.default_epochs,
+            patience=opts.default_patience,
+            seed=opts.seed,
+        ),
+        "tuned-grid": lambda: seed_args(
+            prepared_uri,
+            f"{base}/grid/",
+            learning_rates=opts.learning_rates,
+            hidden_units=opts.hidden_units,
+            augment=opts.augment,
+            epochs=opts.epochs,
+            patience=opts.patience,
+            seed=opts.seed,
+            lr_decay_patience=opts.lr_decay_patience,
+        ),
     }
     return {key: every[key]() for key in opts.run_keys}
 
@@ -123,9 +174,20 @@ def export_best(results_uri: str, models_uri: str) -> dict:
     """The export_model job as the DAG runs it, into a fresh registry (so the best trial is promoted)."""
     from sparktf.jobs import export_model
 
-    args = export_model.parse_args(["--results-uri", results_uri, "--models-uri", models_uri,
-                                    "--model-name", "digits", "--source-run", "bench_mnist_accuracy",
-                                    "--trained-at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
+    args = export_model.parse_args(
+        [
+            "--results-uri",
+            results_uri,
+            "--models-uri",
+            models_uri,
+            "--model-name",
+            "digits",
+            "--source-run",
+            "bench_mnist_accuracy",
+            "--trained-at",
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        ]
+    )
     return export_model.run(args)
 
 
@@ -133,8 +195,7 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     os.makedirs(opts.out_dir, exist_ok=True)
     started = time.perf_counter()
-    print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}; "
-          f"runs: {', '.join(opts.run_keys)}", flush=True)
+    print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}; runs: {', '.join(opts.run_keys)}", flush=True)
     mnist = testing.read_mnist(_harness.check_mnist())
     with testing.S3Server(log_path=_harness.log_file("mnist-moto")):
         from sparktf import storage
@@ -164,8 +225,7 @@ def main(argv=None) -> int:
                 except BaseException as err:  # noqa: BLE001 - reported by the main thread
                     errors[key] = err
                 walls[key] = time.perf_counter() - t
-                print(f"[{time.strftime('%H:%M:%S')}] {RUNS[key]}: done in {walls[key]:.0f} s "
-                      f"(load average {_harness.load_average()})", flush=True)
+                print(f"[{time.strftime('%H:%M:%S')}] {RUNS[key]}: done in {walls[key]:.0f} s (load average {_harness.load_average()})", flush=True)
 
             t0 = time.perf_counter()
             rest = [key for key in jobs if key != "dag-defaults"]
@@ -191,8 +251,7 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"tune failed: {errors}")
 
             full = {key: storage.read_json(res["results_uri"]) for key, res in results.items()}
-            figures = {key: storage.read_bytes(res["figure_uri"]) for key, res in results.items()
-                       if len(full[key]["trials"]) > 1}
+            figures = {key: storage.read_bytes(res["figure_uri"]) for key, res in results.items() if len(full[key]["trials"]) > 1}
         finally:
             spark.stop()
 
@@ -201,38 +260,51 @@ def main(argv=None) -> int:
         figure_paths[key] = os.path.join(opts.out_dir, f"{key}_error_vs_learning_rate.png")
         with open(figure_paths[key], "wb") as fh:
             fh.write(figure)
-    _harness.write_json(os.path.join(opts.out_dir, "results.json"), {
-        "options": vars(opts), "prepared": prepared, "prepare_seconds": prepare_seconds, "walls": walls,
-        "tuning_seconds": tuning_seconds, "exported": exported, "results": full})
-    report(opts, prepared, prepare_seconds, full, walls, exported, tuning_seconds, time.perf_counter() - started,
-           figure_paths)
+    _harness.write_json(
+        os.path.join(opts.out_dir, "results.json"),
+        {
+            "options": vars(opts),
+            "prepared": prepared,
+            "prepare_seconds": prepare_seconds,
+            "walls": walls,
+            "tuning_seconds": tuning_seconds,
+            "exported": exported,
+            "results": full,
+        },
+    )
+    report(opts, prepared, prepare_seconds, full, walls, exported, tuning_seconds, time.perf_counter() - started, figure_paths)
     return 0
 
 
 def describe_run(res: dict) -> str:
     fixed, fingerprint = res.get("fixed") or {}, res.get("fingerprint") or {}
-    return (f"{res.get('model_family')}, augment {fixed.get('augment', 0):g}, max {res['epochs']} epochs, "
-            f"patience {fingerprint.get('patience')}, lr decay patience {fingerprint.get('lr_decay_patience', 0)}")
+    return (
+        f"{res.get('model_family')}, augment {fixed.get('augment', 0):g}, max {res['epochs']} epochs, "
+        f"patience {fingerprint.get('patience')}, lr decay patience {fingerprint.get('lr_decay_patience', 0)}"
+    )
 
 
 def report(opts, prepared, prepare_seconds, full, walls, exported, tuning_seconds, total_seconds, figure_paths) -> None:
     counts = prepared["counts"]
     print()
-    print(f"data: train {counts['train']}, validation {counts['validation']}, test {counts['test']} "
-          f"(prepare_data {prepare_seconds:.0f} s); slots: local[{opts.slots}]; "
-          f"after DAG defaults (alone), "
-          f"{'one after the other' if opts.sequential or len(full) - ('dag-defaults' in full) < 2 else 'concurrent'}")
+    print(
+        f"data: train {counts['train']}, validation {counts['validation']}, test {counts['test']} "
+        f"(prepare_data {prepare_seconds:.0f} s); slots: local[{opts.slots}]; "
+        f"after DAG defaults (alone), "
+        f"{'one after the other' if opts.sequential or len(full) - ('dag-defaults' in full) < 2 else 'concurrent'}"
+    )
     print()
-    print("| run | settings | trials | selected (by val acc) | epochs run | val acc | test acc | test error "
-          "| trial train s | job wall s |")
+    print("| run | settings | trials | selected (by val acc) | epochs run | val acc | test acc | test error | trial train s | job wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for key, res in full.items():
         best = next(t for t in res["trials"] if t["trial_id"] == res["best_trial_id"])
         p = best["params"]
         label = f"lr {p['learning_rate']:g}, hidden {p['hidden_units']}"
-        print(f"| {RUNS[key]} | {describe_run(res)} | {len(res['trials'])} | {label} | {best['epochs_run']} "
-              f"| {best['val_accuracy']:.4f} | {best['test_accuracy']:.4f} | {100 * best['test_error']:.2f}% "
-              f"| {best['train_seconds']:.0f} | {walls[key]:.0f} |")
+        print(
+            f"| {RUNS[key]} | {describe_run(res)} | {len(res['trials'])} | {label} | {best['epochs_run']} "
+            f"| {best['val_accuracy']:.4f} | {best['test_accuracy']:.4f} | {100 * best['test_error']:.2f}% "
+            f"| {best['train_seconds']:.0f} | {walls[key]:.0f} |"
+        )
     print()
     for key, res in full.items():
         if len(res["trials"]) < 2:
@@ -244,9 +316,11 @@ def report(opts, prepared, prepare_seconds, full, walls, exported, tuning_second
             p = t["params"]
             if t["status"] == "ok":
                 selected = " (selected)" if t["trial_id"] == res["best_trial_id"] else ""
-                print(f"| {p['learning_rate']:g} | {p['hidden_units']} | ok{selected} | {t['epochs_run']} "
-                      f"| {t['val_accuracy']:.4f} | {t['test_accuracy']:.4f} | {100 * t['test_error']:.2f}% "
-                      f"| {t['train_seconds']:.0f} |")
+                print(
+                    f"| {p['learning_rate']:g} | {p['hidden_units']} | ok{selected} | {t['epochs_run']} "
+                    f"| {t['val_accuracy']:.4f} | {t['test_accuracy']:.4f} | {100 * t['test_error']:.2f}% "
+                    f"| {t['train_seconds']:.0f} |"
+                )
             else:
                 print(f"| {p['learning_rate']:g} | {p['hidden_units']} | failed: {t['reason']} | | | | | |")
         print()
@@ -258,15 +332,18 @@ def report(opts, prepared, prepare_seconds, full, walls, exported, tuning_second
                 continue
             best = next(t for t in res["trials"] if t["trial_id"] == res["best_trial_id"])
             reduction = (seed_best["test_error"] - best["test_error"]) / seed_best["test_error"]
-            print(f"{RUNS[key]} vs the seed's default: test error {100 * seed_best['test_error']:.2f}% -> "
-                  f"{100 * best['test_error']:.2f}%: {100 * reduction:.0f}% less error")
+            print(
+                f"{RUNS[key]} vs the seed's default: test error {100 * seed_best['test_error']:.2f}% -> "
+                f"{100 * best['test_error']:.2f}%: {100 * reduction:.0f}% less error"
+            )
     if "dag-defaults" in exported:
         export = exported["dag-defaults"]
-        print(f"DAG defaults: prepare {prepare_seconds:.0f} s + tune and export {walls['dag-defaults']:.0f} s = "
-              f"{prepare_seconds + walls['dag-defaults']:.0f} s (budget 7200 s); exported version "
-              f"{export.get('version')}, promoted {export.get('promoted')}")
-    print(f"wall time of the runs {tuning_seconds:.0f} s; total wall time {total_seconds:.0f} s; "
-          f"load average at end: {_harness.load_average()}")
+        print(
+            f"DAG defaults: prepare {prepare_seconds:.0f} s + tune and export {walls['dag-defaults']:.0f} s = "
+            f"{prepare_seconds + walls['dag-defaults']:.0f} s (budget 7200 s); exported version "
+            f"{export.get('version')}, promoted {export.get('promoted')}"
+        )
+    print(f"wall time of the runs {tuning_seconds:.0f} s; total wall time {total_seconds:.0f} s; load average at end: {_harness.load_average()}")
     print(f"figures: {figure_paths}; results: {os.path.join(opts.out_dir, 'results.json')}")
 
 

@@ -70,11 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
     p.add_argument("--fetch-threads", type=int, default=16, help="concurrent GETs per task/process")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores of the machine used by every variant")
-    p.add_argument("--ceiling-images", type=int, default=320,
-                   help="photos (the first ones) timed for the ceiling: a steady rate needs only a few batches")
+    p.add_argument(
+        "--ceiling-images", type=int, default=320, help="photos (the first ones) timed for the ceiling: a steady rate needs only a few batches"
+    )
     p.add_argument("--rounds", type=int, default=2, help="rounds of the two job layouts (order A B, then B A)")
-    p.add_argument("--wait-load", type=float, default=None,
-                   help="before starting, wait until the 1-minute load average is below this")
+    p.add_argument("--wait-load", type=float, default=None, help="before starting, wait until the 1-minute load average is below this")
     p.add_argument("--not-after", default=None, help="HH:MM (UTC): stop waiting for --wait-load at this time")
     p.add_argument("--smoke", action="store_true", help="tiny run (8 photos, batch 4, one round)")
     p.add_argument("--json-out", default=None, help="also write every measurement to this JSON file")
@@ -104,9 +104,19 @@ def decoded_arrays(bucket: str, keys: list[str], meta: dict, fetch_threads: int)
     from sparktf import fetch
 
     height, width, channels = meta["input_shape"]
-    arrays = [a for _k, a, _r, _d in fetch.fetch_decoded(
-        bucket, keys, height=height, width=width, channels=channels, max_pixels=40_000_000,
-        fetch_threads=fetch_threads, resize_policy=meta["resize_policy"])]
+    arrays = [
+        a
+        for _k, a, _r, _d in fetch.fetch_decoded(
+            bucket,
+            keys,
+            height=height,
+            width=width,
+            channels=channels,
+            max_pixels=40_000_000,
+            fetch_threads=fetch_threads,
+            resize_policy=meta["resize_policy"],
+        )
+    ]
     if any(a is None for a in arrays):
         raise RuntimeError("a generated photo did not decode")
     return np.stack(arrays)
@@ -119,7 +129,7 @@ def time_model_calls(model, arrays, batch_size: int) -> tuple[float, float]:
     scoring.predict_batch(model, arrays[:batch_size])  # first call: TensorFlow allocates its kernels
     started = time.time()
     for start in range(0, len(arrays), batch_size):
-        scoring.predict_batch(model, arrays[start:start + batch_size])
+        scoring.predict_batch(model, arrays[start : start + batch_size])
     return started, time.time()
 
 
@@ -145,16 +155,41 @@ def worker_setup(args) -> dict:
         storage.write_bytes(weights_uri, Path(path).read_bytes())
     weights_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    result = register_model.run(register_model.parse_args([
-        "--models-uri", args.ws + "/models/", "--model-name", MODEL_NAME, "--source", "keras_application",
-        "--application", APPLICATION, "--weights-uri", weights_uri, "--labels", "imagenet",
-        "--promote", "true", "--source-run", "bench-photos", "--registered-at", f"{DATE}T00:00:00+00:00"]))
+    result = register_model.run(
+        register_model.parse_args(
+            [
+                "--models-uri",
+                args.ws + "/models/",
+                "--model-name",
+                MODEL_NAME,
+                "--source",
+                "keras_application",
+                "--application",
+                APPLICATION,
+                "--weights-uri",
+                weights_uri,
+                "--labels",
+                "imagenet",
+                "--promote",
+                "true",
+                "--source-run",
+                "bench-photos",
+                "--registered-at",
+                f"{DATE}T00:00:00+00:00",
+            ]
+        )
+    )
     if not result["registered"] or not result["promoted"]:
         raise RuntimeError(f"InceptionV3 was not registered and promoted: {result}")
-    return {"version": result["version"], "input_shape": result["input_shape"],
-            "resize_policy": result["resize_policy"], "weights_bytes": weights_bytes,
-            "model_bytes": storage.head(result["model_uri"])["size"], "weights_seconds": weights_seconds,
-            "register_seconds": time.perf_counter() - started}
+    return {
+        "version": result["version"],
+        "input_shape": result["input_shape"],
+        "resize_policy": result["resize_policy"],
+        "weights_bytes": weights_bytes,
+        "model_bytes": storage.head(result["model_uri"])["size"],
+        "weights_seconds": weights_seconds,
+        "register_seconds": time.perf_counter() - started,
+    }
 
 
 def _ceiling_share(payload: tuple[str, int, int, int, int, int], barrier, results) -> None:
@@ -196,9 +231,12 @@ def worker_ceiling(args) -> dict:
     # cores processes x 1 thread, started together (a barrier after each one's warm-up call).
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(args.cores), context.Queue()
-    processes = [context.Process(target=_ceiling_share, args=(
-        (args.ws, i, args.cores, args.batch_size, args.fetch_threads, args.ceiling_images), barrier, results))
-        for i in range(args.cores)]
+    processes = [
+        context.Process(
+            target=_ceiling_share, args=((args.ws, i, args.cores, args.batch_size, args.fetch_threads, args.ceiling_images), barrier, results)
+        )
+        for i in range(args.cores)
+    ]
     for process in processes:
         process.start()
     shares: list = []
@@ -211,8 +249,7 @@ def worker_ceiling(args) -> dict:
                 raise RuntimeError(f"a ceiling process failed (exit codes {failed})") from None
     for process in processes:
         process.join()
-    out[f"model_rate_{args.cores}proc"] = (sum(n for n, _s, _e in shares)
-                                           / (max(e for _n, _s, e in shares) - min(s for _n, s, _e in shares)))
+    out[f"model_rate_{args.cores}proc"] = sum(n for n, _s, _e in shares) / (max(e for _n, _s, e in shares) - min(s for _n, s, _e in shares))
     out["ceiling"] = max(out["model_rate_1proc"], out[f"model_rate_{args.cores}proc"])
     return out
 
@@ -228,19 +265,38 @@ def worker_job(args) -> dict:
     try:
         runs: dict = {}
         for label in ("cold", "warm"):
-            job_args = batch_inference.parse_args([
-                "--incoming-uri", args.ws + "/incoming/", "--output-uri", args.ws + f"/predictions-{args.layout}/",
-                "--date", DATE, "--models-uri", args.ws + "/models/", "--model-name", MODEL_NAME,
-                "--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads)])
+            job_args = batch_inference.parse_args(
+                [
+                    "--incoming-uri",
+                    args.ws + "/incoming/",
+                    "--output-uri",
+                    args.ws + f"/predictions-{args.layout}/",
+                    "--date",
+                    DATE,
+                    "--models-uri",
+                    args.ws + "/models/",
+                    "--model-name",
+                    MODEL_NAME,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--fetch-threads",
+                    str(args.fetch_threads),
+                ]
+            )
             started = time.perf_counter()
             result = batch_inference.run(spark, job_args)
             seconds = time.perf_counter() - started
             if result["scored"] != result["listed"]:
                 raise RuntimeError(f"{result['set_aside']} photos set aside: {result['reasons']}")
-            runs[label] = {"seconds": seconds, "rate": result["listed"] / seconds,
-                           "stage_rate": result["images_per_second"], "tasks": result["tasks"],
-                           "python_workers": result["python_workers"], "model_loads": result["model_loads"],
-                           "model_seconds": result["model_seconds"]}
+            runs[label] = {
+                "seconds": seconds,
+                "rate": result["listed"] / seconds,
+                "stage_rate": result["images_per_second"],
+                "tasks": result["tasks"],
+                "python_workers": result["python_workers"],
+                "model_loads": result["model_loads"],
+                "model_seconds": result["model_seconds"],
+            }
 
         def probe(_items):
             import sparktf
@@ -258,8 +314,16 @@ def worker_job(args) -> dict:
 
 def worker_pbudf(args) -> dict:
     conf = {**layout_conf("tasks", args.cores), "spark.sql.execution.arrow.maxRecordsPerBatch": str(args.batch_size)}
-    runs = _harness.predict_batch_udf_runs(args.ws, DATE, MODEL_NAME, slots=args.cores, batch_size=args.batch_size,
-                                           fetch_threads=args.fetch_threads, conf=conf, app_name="bench-photos-pbudf")
+    runs = _harness.predict_batch_udf_runs(
+        args.ws,
+        DATE,
+        MODEL_NAME,
+        slots=args.cores,
+        batch_size=args.batch_size,
+        fetch_threads=args.fetch_threads,
+        conf=conf,
+        app_name="bench-photos-pbudf",
+    )
     for label, run in runs.items():
         if run["scored"] != run["listed"]:
             raise RuntimeError(f"predict_batch_udf ({label}) scored {run['scored']} of {run['listed']} photos")
@@ -293,8 +357,7 @@ def wait_for_quiet(threshold: float | None, not_after: str | None) -> dict:
             break
         print(f"{now:%H:%M:%S} UTC: load {load:.2f} >= {threshold}, waiting", flush=True)
         time.sleep(LOAD_POLL_SECONDS)
-    return {"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "reason": reason,
-            "waited_seconds": round(time.monotonic() - began)}
+    return {"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "reason": reason, "waited_seconds": round(time.monotonic() - began)}
 
 
 def upload_photos(ws: str, count: int, width: int, height: int) -> dict:
@@ -334,13 +397,30 @@ def main(argv=None) -> int:
         _harness.emit_result(WORKERS[args.worker](args))
         return 0
 
-    common = ["--batch-size", str(args.batch_size), "--fetch-threads", str(args.fetch_threads),
-              "--cores", str(args.cores), "--ceiling-images", str(args.ceiling_images)]
+    common = [
+        "--batch-size",
+        str(args.batch_size),
+        "--fetch-threads",
+        str(args.fetch_threads),
+        "--cores",
+        str(args.cores),
+        "--ceiling-images",
+        str(args.ceiling_images),
+    ]
     me = str(Path(__file__).resolve())
-    report: dict = {"machine": _harness.machine(), "images": args.images, "photo_size": [args.width, args.height],
-                    "application": APPLICATION, "batch_size": args.batch_size, "fetch_threads": args.fetch_threads,
-                    "cores": args.cores, "rounds": args.rounds, "ceiling_images": args.ceiling_images,
-                    "smoke": args.smoke, "load": {}}
+    report: dict = {
+        "machine": _harness.machine(),
+        "images": args.images,
+        "photo_size": [args.width, args.height],
+        "application": APPLICATION,
+        "batch_size": args.batch_size,
+        "fetch_threads": args.fetch_threads,
+        "cores": args.cores,
+        "rounds": args.rounds,
+        "ceiling_images": args.ceiling_images,
+        "smoke": args.smoke,
+        "load": {},
+    }
     report["start"] = wait_for_quiet(args.wait_load, args.not_after)
     report["load"]["before"] = _harness.load_average()
     print(f"start: {report['start']}; load average before: {report['load']['before']}", flush=True)
@@ -353,14 +433,17 @@ def main(argv=None) -> int:
 
         def step(name: str, layout: str = "tasks", tag: str = "") -> dict:
             label = f"{name}-{layout}{tag}" if name == "job" else name
-            return _harness.run_step(label, [me, "--worker", name, "--ws", ws, "--layout", layout, *common],
-                                     loads=report["load"], log_name=f"photos-{label}")
+            return _harness.run_step(
+                label, [me, "--worker", name, "--ws", ws, "--layout", layout, *common], loads=report["load"], log_name=f"photos-{label}"
+            )
 
         started = time.perf_counter()
         report["uploaded"] = upload_photos(ws, args.images, args.width, args.height)
-        print(f"uploaded {args.images} {args.width}x{args.height} JPEGs "
-              f"({report['uploaded']['mean_bytes'] / 1024:.0f} KiB each) in {time.perf_counter() - started:.1f} s",
-              flush=True)
+        print(
+            f"uploaded {args.images} {args.width}x{args.height} JPEGs "
+            f"({report['uploaded']['mean_bytes'] / 1024:.0f} KiB each) in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
         report["model"] = step("setup")
         report["ceiling"] = step("ceiling")
         report["job"] = {layout: [] for layout in LAYOUTS}
@@ -375,8 +458,7 @@ def main(argv=None) -> int:
 
     jobs, c, pb = report["job"], report["ceiling"], report["pbudf"]
     job_warm, job_cold = mean(r["warm"]["rate"] for r in jobs["tasks"]), mean(r["cold"]["rate"] for r in jobs["tasks"])
-    one_warm, one_cold = (mean(r["warm"]["rate"] for r in jobs["one-task"]),
-                          mean(r["cold"]["rate"] for r in jobs["one-task"]))
+    one_warm, one_cold = (mean(r["warm"]["rate"] for r in jobs["one-task"]), mean(r["cold"]["rate"] for r in jobs["one-task"]))
     layout_warm = [b["warm"]["rate"] / a["warm"]["rate"] for a, b in zip(jobs["tasks"], jobs["one-task"])]
     layout_cold = [b["cold"]["rate"] / a["cold"]["rate"] for a, b in zip(jobs["tasks"], jobs["one-task"])]
     ratios = {
@@ -395,25 +477,35 @@ def main(argv=None) -> int:
     report["layout_verdict_cold"] = layout_verdict(layout_cold)
 
     n = args.cores
-    print(f"\n{report['machine']}; {args.images} {args.width}x{args.height} JPEGs, {APPLICATION} "
-          f"({report['model']['model_bytes'] / 2**20:.0f} MB .keras), batch {args.batch_size}, "
-          f"{args.fetch_threads} GET threads per task; run took {report['seconds']:.0f} s")
-    print(f"ceiling: model calls 1 proc x {n} threads {c['model_rate_1proc']:.1f}/s, {n} procs x 1 thread "
-          f"{c[f'model_rate_{n}proc']:.1f}/s -> {c['ceiling']:.1f} images/s "
-          f"on {args.ceiling_images} decoded photos (GET + decode alone: {c['fetch_decode_rate']:.0f} images/s)")
+    print(
+        f"\n{report['machine']}; {args.images} {args.width}x{args.height} JPEGs, {APPLICATION} "
+        f"({report['model']['model_bytes'] / 2**20:.0f} MB .keras), batch {args.batch_size}, "
+        f"{args.fetch_threads} GET threads per task; run took {report['seconds']:.0f} s"
+    )
+    print(
+        f"ceiling: model calls 1 proc x {n} threads {c['model_rate_1proc']:.1f}/s, {n} procs x 1 thread "
+        f"{c[f'model_rate_{n}proc']:.1f}/s -> {c['ceiling']:.1f} images/s "
+        f"on {args.ceiling_images} decoded photos (GET + decode alone: {c['fetch_decode_rate']:.0f} images/s)"
+    )
     names = {"tasks": f"job tasks: local[{n}], task.cpus=1", "one-task": f"job one-task: local[{n}], task.cpus={n}"}
     for layout in LAYOUTS:
         for i, r in enumerate(jobs[layout]):
-            print(f"{names[layout]} round {i + 1}: cold {r['cold']['rate']:.1f} images/s ({r['cold']['seconds']:.1f} s), "
-                  f"warm {r['warm']['rate']:.1f} images/s ({r['warm']['seconds']:.1f} s); task cpus seen {r['task_cpus']}")
-    print(f"predict_batch_udf local[{n}], task.cpus=1: cold {pb['cold']['rate']:.1f} images/s "
-          f"({pb['cold']['seconds']:.1f} s), warm {pb['warm']['rate']:.1f} images/s ({pb['warm']['seconds']:.1f} s)")
+            print(
+                f"{names[layout]} round {i + 1}: cold {r['cold']['rate']:.1f} images/s ({r['cold']['seconds']:.1f} s), "
+                f"warm {r['warm']['rate']:.1f} images/s ({r['warm']['seconds']:.1f} s); task cpus seen {r['task_cpus']}"
+            )
+    print(
+        f"predict_batch_udf local[{n}], task.cpus=1: cold {pb['cold']['rate']:.1f} images/s "
+        f"({pb['cold']['seconds']:.1f} s), warm {pb['warm']['rate']:.1f} images/s ({pb['warm']['seconds']:.1f} s)"
+    )
     for name, value in ratios.items():
         shown = ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
         print(f"  {name}: {shown}")
-    print(f"  goal job/ceiling >= 0.8 (warm): {'met' if ratios['job_warm_vs_ceiling'] >= 0.8 else 'missed'}; "
-          f"goal job/predict_batch_udf >= 1.2 (warm): "
-          f"{'met' if ratios['job_vs_predict_batch_udf_warm'] >= 1.2 else 'missed'}")
+    print(
+        f"  goal job/ceiling >= 0.8 (warm): {'met' if ratios['job_warm_vs_ceiling'] >= 0.8 else 'missed'}; "
+        f"goal job/predict_batch_udf >= 1.2 (warm): "
+        f"{'met' if ratios['job_vs_predict_batch_udf_warm'] >= 1.2 else 'missed'}"
+    )
     print(f"  layout (warm): {report['layout_verdict_warm']}; (cold): {report['layout_verdict_cold']}")
     print(f"load average: before {report['load']['before']}, after {report['load']['after']}; per step {report['load']}")
     if args.json_out:

@@ -68,31 +68,65 @@ def tune_args(opts: argparse.Namespace, output_uri: str) -> argparse.Namespace:
     from sparktf.jobs import tune
 
     rates = ",".join(f"{0.001 * (1 + 0.1 * i):.5f}" for i in range(opts.trials))
-    return tune.parse_args([
-        "--prepared-uri", opts.prepared_uri, "--output-uri", output_uri, "--model-family", "mnist_cnn",
-        "--learning-rates", rates, "--hidden-units", str(opts.hidden_units), "--batch-sizes", str(opts.batch_size),
-        "--dropouts", "0.5", "--optimizer", "adam", "--augment", "0", "--epochs", str(opts.epochs),
-        "--patience", str(opts.epochs), "--lr-decay-patience", "0", "--seed", str(opts.seed),
-    ])
+    return tune.parse_args(
+        [
+            "--prepared-uri",
+            opts.prepared_uri,
+            "--output-uri",
+            output_uri,
+            "--model-family",
+            "mnist_cnn",
+            "--learning-rates",
+            rates,
+            "--hidden-units",
+            str(opts.hidden_units),
+            "--batch-sizes",
+            str(opts.batch_size),
+            "--dropouts",
+            "0.5",
+            "--optimizer",
+            "adam",
+            "--augment",
+            "0",
+            "--epochs",
+            str(opts.epochs),
+            "--patience",
+            str(opts.epochs),
+            "--lr-decay-patience",
+            "0",
+            "--seed",
+            str(opts.seed),
+        ]
+    )
 
 
 def trial_rows(records: list[dict]) -> list[dict]:
-    return [{"trial_id": r["trial_id"], "learning_rate": r["params"]["learning_rate"], "status": r["status"],
-             "epochs_run": r["epochs_run"], "train_seconds": r["train_seconds"],
-             "executor": r["executor"].get("executor_id", r["executor"].get("pid")),
-             "pid": r["executor"].get("pid"), "task_cpus": r["executor"].get("task_cpus")}
-            for r in records]
+    return [
+        {
+            "trial_id": r["trial_id"],
+            "learning_rate": r["params"]["learning_rate"],
+            "status": r["status"],
+            "epochs_run": r["epochs_run"],
+            "train_seconds": r["train_seconds"],
+            "executor": r["executor"].get("executor_id", r["executor"].get("pid")),
+            "pid": r["executor"].get("pid"),
+            "task_cpus": r["executor"].get("task_cpus"),
+        }
+        for r in records
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Workers (each in its own interpreter)
 # ---------------------------------------------------------------------------------------------
 
+
 def worker_prepare(opts) -> dict:
     spark = testing.local_spark(2, "bench-scaling-prepare", conf=_harness.SPARK_CONF)
     try:
-        result = testing.prepare(spark, opts.input_uri, opts.prepared_uri, "--seed", str(opts.seed),
-                                  "--validation-fraction", str(VALIDATION_FRACTION))
+        result = testing.prepare(
+            spark, opts.input_uri, opts.prepared_uri, "--seed", str(opts.seed), "--validation-fraction", str(VALIDATION_FRACTION)
+        )
     finally:
         spark.stop()
     return result
@@ -107,19 +141,33 @@ def worker_loop(opts) -> dict:
     args = tune_args(opts, opts.output_uri)
     from sparktf.jobs import tune
 
-    trial_list = search.build_trials(tune.search_space(args), strategy=args.search_strategy,
-                                     num_samples=args.num_random_trials, seed=args.seed,
-                                     fixed={"optimizer": args.optimizer, "augment": args.augment})
+    trial_list = search.build_trials(
+        tune.search_space(args),
+        strategy=args.search_strategy,
+        num_samples=args.num_random_trials,
+        seed=args.seed,
+        fixed={"optimizer": args.optimizer, "augment": args.augment},
+    )
     t0 = time.perf_counter()
     data = dataset.load_arrays(args.prepared_uri)
     data_seconds = time.perf_counter() - t0
     trials_uri = storage.join_uri(args.output_uri, "trials")
-    records = [trials.train_trial(trial, data, family=args.model_family, epochs=args.epochs, patience=args.patience,
-                                  trials_uri=trials_uri, seed=args.seed, cpus=1, lr_decay_patience=args.lr_decay_patience)
-               for trial in trial_list]
+    records = [
+        trials.train_trial(
+            trial,
+            data,
+            family=args.model_family,
+            epochs=args.epochs,
+            patience=args.patience,
+            trials_uri=trials_uri,
+            seed=args.seed,
+            cpus=1,
+            lr_decay_patience=args.lr_decay_patience,
+        )
+        for trial in trial_list
+    ]
     total = time.perf_counter() - t0
-    return {"variant": "loop", "seconds": total, "data_seconds": data_seconds, "trials": trial_rows(records),
-            "train_images": len(data["y_train"])}
+    return {"variant": "loop", "seconds": total, "data_seconds": data_seconds, "trials": trial_rows(records), "train_images": len(data["y_train"])}
 
 
 def worker_spark(opts) -> dict:
@@ -138,31 +186,49 @@ def worker_spark(opts) -> dict:
         records = storage.read_json(result["results_uri"])["trials"]
     finally:
         spark.stop()
-    return {"variant": f"local[{opts.slots}]", "seconds": seconds, "session_startup_seconds": startup,
-            "trials": trial_rows(records), "executors": result["executors"]}
+    return {
+        "variant": f"local[{opts.slots}]",
+        "seconds": seconds,
+        "session_startup_seconds": startup,
+        "trials": trial_rows(records),
+        "executors": result["executors"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
 
+
 def common_argv(opts) -> list[str]:
-    return [str(Path(__file__).resolve()), "--trials", str(opts.trials), "--epochs", str(opts.epochs), "--hidden-units",
-            str(opts.hidden_units), "--batch-size", str(opts.batch_size), "--seed", str(opts.seed)]
+    return [
+        str(Path(__file__).resolve()),
+        "--trials",
+        str(opts.trials),
+        "--epochs",
+        str(opts.epochs),
+        "--hidden-units",
+        str(opts.hidden_units),
+        "--batch-size",
+        str(opts.batch_size),
+        "--seed",
+        str(opts.seed),
+    ]
 
 
 def run_round(opts, prepared_uri: str, base: str, index: int) -> dict:
     results = {}
-    steps = [("loop", ["--worker", "loop"]), ("spark1", ["--worker", "spark", "--slots", "1"]),
-             ("spark2", ["--worker", "spark", "--slots", "2"])]
+    steps = [("loop", ["--worker", "loop"]), ("spark1", ["--worker", "spark", "--slots", "1"]), ("spark2", ["--worker", "spark", "--slots", "2"])]
     for name, extra in steps:
         load_before = _harness.load_average()
         argv = common_argv(opts) + extra + ["--prepared-uri", prepared_uri, "--output-uri", f"{base}/round{index}/{name}/"]
         results[name] = _harness.run_worker(argv, log_path=_harness.log_file(f"scaling-{os.getpid()}-r{index}-{name}"))
         results[name]["load_before"] = load_before
         results[name]["load_after"] = _harness.load_average()
-        print(f"  round {index} {name}: {results[name]['seconds']:.1f} s (load average before {load_before}, "
-              f"after {results[name]['load_after']})", flush=True)
+        print(
+            f"  round {index} {name}: {results[name]['seconds']:.1f} s (load average before {load_before}, after {results[name]['load_after']})",
+            flush=True,
+        )
     return results
 
 
@@ -171,17 +237,25 @@ def report_round(index: int, res: dict) -> dict:
     efficiency = t1 / (2 * t2)
     overhead = t1 / t_loop - 1
     print(f"\nround {index}:")
-    print(f"  T_loop = {t_loop:7.1f} s  (data load {res['loop']['data_seconds']:.1f} s, "
-          f"sum of train_seconds {sum(t['train_seconds'] for t in res['loop']['trials']):.1f} s)")
+    print(
+        f"  T_loop = {t_loop:7.1f} s  (data load {res['loop']['data_seconds']:.1f} s, "
+        f"sum of train_seconds {sum(t['train_seconds'] for t in res['loop']['trials']):.1f} s)"
+    )
     for name in ("spark1", "spark2"):
         r = res[name]
-        print(f"  T{name[-1]}     = {r['seconds']:7.1f} s  ({r['variant']}; sum of train_seconds "
-              f"{sum(t['train_seconds'] for t in r['trials']):.1f} s; SparkSession start-up "
-              f"{r['session_startup_seconds']:.1f} s, not included; Python workers {sorted({t['pid'] for t in r['trials']})})")
-    fixed = {name: res[name]["seconds"] - sum(t["train_seconds"] for t in res[name]["trials"]) / (2 if name == "spark2" else 1)
-             for name in ("loop", "spark1", "spark2")}
-    print(f"  time outside train_trial's timer (TF import, model save/upload, data load/broadcast, Python workers, "
-          f"figure): loop {fixed['loop']:.1f} s, local[1] {fixed['spark1']:.1f} s, local[2] ~{fixed['spark2']:.1f} s")
+        print(
+            f"  T{name[-1]}     = {r['seconds']:7.1f} s  ({r['variant']}; sum of train_seconds "
+            f"{sum(t['train_seconds'] for t in r['trials']):.1f} s; SparkSession start-up "
+            f"{r['session_startup_seconds']:.1f} s, not included; Python workers {sorted({t['pid'] for t in r['trials']})})"
+        )
+    fixed = {
+        name: res[name]["seconds"] - sum(t["train_seconds"] for t in res[name]["trials"]) / (2 if name == "spark2" else 1)
+        for name in ("loop", "spark1", "spark2")
+    }
+    print(
+        f"  time outside train_trial's timer (TF import, model save/upload, data load/broadcast, Python workers, "
+        f"figure): loop {fixed['loop']:.1f} s, local[1] {fixed['spark1']:.1f} s, local[2] ~{fixed['spark2']:.1f} s"
+    )
     print(f"  efficiency = T1 / (2*T2) = {efficiency:.3f}   (goal >= 0.9)")
     print(f"  overhead   = T1 / T_loop - 1 = {100 * overhead:+.1f} %   (goal <= 10 %)")
     print("  per-trial train_seconds:")
@@ -190,8 +264,10 @@ def report_round(index: int, res: dict) -> dict:
     by_id = {name: {t["trial_id"]: t for t in res[name]["trials"]} for name in ("loop", "spark1", "spark2")}
     for trial in res["loop"]["trials"]:
         tid = trial["trial_id"]
-        print(f"    | {trial['learning_rate']:g} | {by_id['loop'][tid]['train_seconds']:.1f} "
-              f"| {by_id['spark1'][tid]['train_seconds']:.1f} | {by_id['spark2'][tid]['train_seconds']:.1f} |")
+        print(
+            f"    | {trial['learning_rate']:g} | {by_id['loop'][tid]['train_seconds']:.1f} "
+            f"| {by_id['spark1'][tid]['train_seconds']:.1f} | {by_id['spark2'][tid]['train_seconds']:.1f} |"
+        )
     statuses = {t["status"] for name in by_id for t in by_id[name].values()}
     epochs = {t["epochs_run"] for name in by_id for t in by_id[name].values()}
     print(f"    trial statuses {sorted(statuses)}, epochs run {sorted(epochs)} (all equal: fixed cost)")
@@ -208,9 +284,11 @@ def main(argv=None) -> int:
         sys.exit("--trials must be even (equal work on 2 slots)")
     started = time.perf_counter()
     print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}", flush=True)
-    print(f"trials: {opts.trials} x mnist_cnn (hidden {opts.hidden_units}, batch {opts.batch_size}, "
-          f"{opts.epochs} epochs, patience {opts.epochs}: no early stop), ~{opts.train_images} training images",
-          flush=True)
+    print(
+        f"trials: {opts.trials} x mnist_cnn (hidden {opts.hidden_units}, batch {opts.batch_size}, "
+        f"{opts.epochs} epochs, patience {opts.epochs}: no early stop), ~{opts.train_images} training images",
+        flush=True,
+    )
     summaries = []
     mnist = testing.read_mnist(_harness.check_mnist())
     with testing.S3Server(log_path=_harness.log_file("scaling-moto")):
@@ -221,9 +299,10 @@ def main(argv=None) -> int:
         train_limit = round(opts.train_images / (1 - VALIDATION_FRACTION))
         testing.upload_mnist(f"{base}/raw/", mnist, train_limit=train_limit, test_limit=opts.test_images)
         del mnist
-        prepared = _harness.run_worker([*common_argv(opts), "--worker", "prepare", "--input-uri", f"{base}/raw/",
-                                        "--prepared-uri", f"{base}/prepared/"],
-                                       log_path=_harness.log_file(f"scaling-{os.getpid()}-prepare"))
+        prepared = _harness.run_worker(
+            [*common_argv(opts), "--worker", "prepare", "--input-uri", f"{base}/raw/", "--prepared-uri", f"{base}/prepared/"],
+            log_path=_harness.log_file(f"scaling-{os.getpid()}-prepare"),
+        )
         print(f"prepared: {prepared['counts']}", flush=True)
         for index in range(1, opts.repeats + 1):
             summaries.append(report_round(index, run_round(opts, prepared["prepared_uri"], base, index)))

@@ -51,17 +51,30 @@ from sparktf.airflow.pipeline_settings import (
 )
 from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
-PREDICTIONS = Asset(name="nightly_predictions", uri=f"{DEFAULT_WORKSPACE_URI}/predictions",
-                    extra={"layout": "<model name>/<date>/part-*.parquet + _errors/ + _SUCCESS manifest (written last)"})
+PREDICTIONS = Asset(
+    name="nightly_predictions",
+    uri=f"{DEFAULT_WORKSPACE_URI}/predictions",
+    extra={"layout": "<model name>/<date>/part-*.parquet + _errors/ + _SUCCESS manifest (written last)"},
+)
 
 PARAMS = {
     "workspace_uri": Param(**workspace_param_spec("S3 prefix (no trailing slash) with incoming/, predictions/ and models/.")),
     "model_name": Param(**model_name_param_spec()),
-    "model_version": Param("champion", type="string", pattern=r"^(champion|[1-9][0-9]{0,8})$",
-                           title="Model version", description="'champion', or a version number to pin."),
+    "model_version": Param(
+        "champion",
+        type="string",
+        pattern=r"^(champion|[1-9][0-9]{0,8})$",
+        title="Model version",
+        description="'champion', or a version number to pin.",
+    ),
     # format "date": the form shows a date picker and refuses 2026-02-31 (find_new_images checks again).
-    "date": Param(None, type=["null", "string"], format="date", title="Partition date (manual runs)",
-                  description="YYYY-MM-DD to score that partition; empty = the run's data interval decides."),
+    "date": Param(
+        None,
+        type=["null", "string"],
+        format="date",
+        title="Partition date (manual runs)",
+        description="YYYY-MM-DD to score that partition; empty = the run's data interval decides.",
+    ),
     # The job's settings: one table (sparktf.knobs.NIGHTLY_KNOBS) gives the form and the job's flags.
     **{name: Param(**spec) for name, spec in knobs.param_specs(knobs.NIGHTLY_KNOBS).items()},
 }
@@ -94,10 +107,15 @@ def nightly_inference():
         date, source = nightly.partition_date(params, context.get("data_interval_start"))
         objects, markers = scan_partition(params["workspace_uri"] + "/incoming", date)
         summary = nightly.found_summary(
-            date=date, source=source, incoming_uri=predictions.partition_uri(params["workspace_uri"] + "/incoming", date),
-            objects=objects, markers=markers, max_image_bytes=params["max_image_bytes"],
+            date=date,
+            source=source,
+            incoming_uri=predictions.partition_uri(params["workspace_uri"] + "/incoming", date),
+            objects=objects,
+            markers=markers,
+            max_image_bytes=params["max_image_bytes"],
             data_interval=[str(context.get("data_interval_start")), str(context.get("data_interval_end"))],
-            processed_at=context.get("logical_date") or context["dag_run"].run_after)
+            processed_at=context.get("logical_date") or context["dag_run"].run_after,
+        )
         # The two values batch_inference takes, as XComs of their own (found["date"] below).
         for key in ("date", "processed_at"):
             ti.xcom_push(key=key, value=summary[key])
@@ -122,10 +140,8 @@ def nightly_inference():
             registry.verify_artifact(metadata["model_uri"], metadata["model_sha256"])
         except (registry.ModelNotFound, registry.ModelIntegrityError) as err:
             tampered = isinstance(err, registry.ModelIntegrityError)
-            raise validation.failure(nightly.model_refusal(params["model_name"], params["model_version"], str(err),
-                                                           tampered=tampered)) from None
-        validation.refuse(validation.batch_size_problems(params["batch_size"], metadata["input_shape"], EXECUTOR_MEMORY),
-                          "invalid parameters")
+            raise validation.failure(nightly.model_refusal(params["model_name"], params["model_version"], str(err), tampered=tampered)) from None
+        validation.refuse(validation.batch_size_problems(params["batch_size"], metadata["input_shape"], EXECUTOR_MEMORY), "invalid parameters")
         return nightly.resolved_summary(params, metadata)
 
     found = find_new_images()
@@ -134,15 +150,24 @@ def nightly_inference():
         task_id="batch_inference",
         application=job_path("batch_inference.py"),
         application_args=[
-            "--incoming-uri", "{{ params.workspace_uri }}/incoming/",
-            "--output-uri", "{{ params.workspace_uri }}/predictions/",
-            "--date", found["date"],
-            "--models-uri", "{{ params.workspace_uri }}/models/",
-            "--model-name", "{{ params.model_name }}",
-            "--model-version", resolved["version"],
-            "--expected-sha256", resolved["model_sha256"],
-            "--processed-at", found["processed_at"],
-            "--attempt-id", "{{ run_id | path_safe }}-{{ ti.try_number }}",
+            "--incoming-uri",
+            "{{ params.workspace_uri }}/incoming/",
+            "--output-uri",
+            "{{ params.workspace_uri }}/predictions/",
+            "--date",
+            found["date"],
+            "--models-uri",
+            "{{ params.workspace_uri }}/models/",
+            "--model-name",
+            "{{ params.model_name }}",
+            "--model-version",
+            resolved["version"],
+            "--expected-sha256",
+            resolved["model_sha256"],
+            "--processed-at",
+            found["processed_at"],
+            "--attempt-id",
+            "{{ run_id | path_safe }}-{{ ti.try_number }}",
             *knobs.job_arguments("batch_inference"),
         ],
         execution_timeout=pendulum.duration(hours=3),

@@ -51,22 +51,54 @@ S3_OR_EMPTY = r"^(s3a?://[^/]+/.+)?$"
 PARAMS = {
     "workspace_uri": Param(**workspace_param_spec("S3 prefix (no trailing slash) holding models/.")),
     "model_name": Param(**model_name_param_spec("inception-v3", "Registered name; a new name starts at version 1.")),
-    "source": Param("keras_application", type="string", enum=list(applications.SOURCES), title="Source",
-                    description="keras_application: a stock network + your weights file; keras_file: your .keras file."),
-    "application": Param("InceptionV3", type="string", enum=sorted(applications.APPLICATIONS), title="Network",
-                         description="keras.applications network (source keras_application)."),
-    "weights_uri": Param("", type="string", pattern=r"^(s3a?://[^/]+/.+\.weights\.h5)?$", title="Weights file",
-                         description="S3 URI of the .weights.h5 file saved with model.save_weights (source keras_application)."),
-    "model_uri": Param("", type="string", pattern=r"^(s3a?://[^/]+/.+\.keras)?$", title="Model file",
-                       description="S3 URI of your .keras file (source keras_file)."),
-    "labels": Param("imagenet", type="string", enum=list(applications.LABEL_SOURCES), title="Labels",
-                    description="imagenet: the 1000 ImageNet class names shipped with the package; label_map: label_map_uri."),
-    "label_map_uri": Param("", type="string", pattern=S3_OR_EMPTY, title="Label map",
-                           description="S3 URI of a JSON list/object or a text file with one label per line (labels label_map)."),
-    "resize_policy": Param("center_crop", type="string", enum=list(applications.RESIZE_POLICIES), title="Resize policy",
-                           description="center_crop: photos (aspect kept, centre cut out); resize: plain resize (digits)."),
-    "promote": Param(False, type="boolean", title="Make it the champion",
-                     description="Move the champion pointer to the new version (else only register it)."),
+    "source": Param(
+        "keras_application",
+        type="string",
+        enum=list(applications.SOURCES),
+        title="Source",
+        description="keras_application: a stock network + your weights file; keras_file: your .keras file.",
+    ),
+    "application": Param(
+        "InceptionV3",
+        type="string",
+        enum=sorted(applications.APPLICATIONS),
+        title="Network",
+        description="keras.applications network (source keras_application).",
+    ),
+    "weights_uri": Param(
+        "",
+        type="string",
+        pattern=r"^(s3a?://[^/]+/.+\.weights\.h5)?$",
+        title="Weights file",
+        description="S3 URI of the .weights.h5 file saved with model.save_weights (source keras_application).",
+    ),
+    "model_uri": Param(
+        "", type="string", pattern=r"^(s3a?://[^/]+/.+\.keras)?$", title="Model file", description="S3 URI of your .keras file (source keras_file)."
+    ),
+    "labels": Param(
+        "imagenet",
+        type="string",
+        enum=list(applications.LABEL_SOURCES),
+        title="Labels",
+        description="imagenet: the 1000 ImageNet class names shipped with the package; label_map: label_map_uri.",
+    ),
+    "label_map_uri": Param(
+        "",
+        type="string",
+        pattern=S3_OR_EMPTY,
+        title="Label map",
+        description="S3 URI of a JSON list/object or a text file with one label per line (labels label_map).",
+    ),
+    "resize_policy": Param(
+        "center_crop",
+        type="string",
+        enum=list(applications.RESIZE_POLICIES),
+        title="Resize policy",
+        description="center_crop: photos (aspect kept, centre cut out); resize: plain resize (digits).",
+    ),
+    "promote": Param(
+        False, type="boolean", title="Make it the champion", description="Move the champion pointer to the new version (else only register it)."
+    ),
 }
 
 
@@ -103,19 +135,27 @@ def register_model():
         application=job_path("register_model.py"),
         aws_conn_id=REGISTRY_CONN_ID,  # the one connection that may write models/ (pipeline_settings)
         application_args=[
-            "--models-uri", "{{ params.workspace_uri }}/models/",
-            "--model-name", "{{ params.model_name }}",
-            "--source", "{{ params.source }}",
+            "--models-uri",
+            "{{ params.workspace_uri }}/models/",
+            "--model-name",
+            "{{ params.model_name }}",
+            "--source",
+            "{{ params.source }}",
             # --flag=value: one argument even when the value is empty
             "--application={{ params.application }}",
             "--weights-uri={{ params.weights_uri }}",
             "--model-uri={{ params.model_uri }}",
-            "--labels", "{{ params.labels }}",
+            "--labels",
+            "{{ params.labels }}",
             "--label-map-uri={{ params.label_map_uri }}",
-            "--resize-policy", "{{ params.resize_policy }}",
-            "--promote", "{{ 'true' if params.promote else 'false' }}",
-            "--source-run", "{{ run_id }}",
-            "--registered-at", "{{ dag_run.run_after.isoformat() }}",
+            "--resize-policy",
+            "{{ params.resize_policy }}",
+            "--promote",
+            "{{ 'true' if params.promote else 'false' }}",
+            "--source-run",
+            "{{ run_id }}",
+            "--registered-at",
+            "{{ dag_run.run_after.isoformat() }}",
         ],
     )
 

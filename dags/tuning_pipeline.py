@@ -40,9 +40,13 @@ PREPARED_URI = RUN_URI + "/prepared/"
 TUNING_URI = RUN_URI + "/tuning/"
 
 PARAMS = {
-    "dataset_uri": Param(f"{DEFAULT_WORKSPACE_URI}/datasets/mnist-demo/", type="string", pattern=r"^s3a?://[^/]+/.+",
-                         title="Dataset location",
-                         description="S3 prefix with <label>/<image> files and/or MNIST IDX files."),
+    "dataset_uri": Param(
+        f"{DEFAULT_WORKSPACE_URI}/datasets/mnist-demo/",
+        type="string",
+        pattern=r"^s3a?://[^/]+/.+",
+        title="Dataset location",
+        description="S3 prefix with <label>/<image> files and/or MNIST IDX files.",
+    ),
     "workspace_uri": Param(**workspace_param_spec("S3 prefix (no trailing slash) for runs and models.")),
     "model_name": Param(**model_name_param_spec()),
     # The tuning knobs: one table (sparktf.knobs) gives the form, the job arguments and the checks.
@@ -81,8 +85,10 @@ def tuning_pipeline():
         task_id="prepare_data",
         application=job_path("prepare_data.py"),
         application_args=[
-            "--input-uri", "{{ params.dataset_uri }}",
-            "--output-uri", PREPARED_URI,
+            "--input-uri",
+            "{{ params.dataset_uri }}",
+            "--output-uri",
+            PREPARED_URI,
             *knobs.job_arguments("prepare_data"),
         ],
     )
@@ -91,8 +97,10 @@ def tuning_pipeline():
         task_id="tune",
         application=job_path("tune.py"),
         application_args=[
-            "--prepared-uri", PREPARED_URI,
-            "--output-uri", TUNING_URI,
+            "--prepared-uri",
+            PREPARED_URI,
+            "--output-uri",
+            TUNING_URI,
             *knobs.job_arguments("tune"),
         ],
         execution_timeout=pendulum.duration(hours=12),
@@ -103,11 +111,16 @@ def tuning_pipeline():
         application=job_path("export_model.py"),
         aws_conn_id=REGISTRY_CONN_ID,  # the one connection that may write models/ (pipeline_settings)
         application_args=[
-            "--results-uri", TUNING_URI + "results.json",
-            "--models-uri", "{{ params.workspace_uri }}/models/",
-            "--model-name", "{{ params.model_name }}",
-            "--source-run", "{{ run_id }}",
-            "--trained-at", "{{ dag_run.run_after.isoformat() }}",
+            "--results-uri",
+            TUNING_URI + "results.json",
+            "--models-uri",
+            "{{ params.workspace_uri }}/models/",
+            "--model-name",
+            "{{ params.model_name }}",
+            "--source-run",
+            "{{ run_id }}",
+            "--trained-at",
+            "{{ dag_run.run_after.isoformat() }}",
             *knobs.job_arguments("export_model"),
         ],
     )

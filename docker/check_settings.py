@@ -34,8 +34,12 @@ SECRETS = {
     "S3_EXECUTOR_SECRET_ACCESS_KEY": (16, 40),
     "S3_REGISTRY_SECRET_ACCESS_KEY": (16, 40),
 }
-ACCESS_KEYS = {"MINIO_ROOT_USER": (3, 20), "S3_PIPELINE_ACCESS_KEY_ID": (3, 20), "S3_EXECUTOR_ACCESS_KEY_ID": (3, 20),
-               "S3_REGISTRY_ACCESS_KEY_ID": (3, 20)}
+ACCESS_KEYS = {
+    "MINIO_ROOT_USER": (3, 20),
+    "S3_PIPELINE_ACCESS_KEY_ID": (3, 20),
+    "S3_EXECUTOR_ACCESS_KEY_ID": (3, 20),
+    "S3_REGISTRY_ACCESS_KEY_ID": (3, 20),
+}
 CHECKED = (*SECRETS, *ACCESS_KEYS, FERNET_KEY)
 GENERATE = {
     FERNET_KEY: 'python3 -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"',
@@ -76,12 +80,11 @@ def problems(env: dict[str, str]) -> list[str]:
     for name in CHECKED:
         problem = value_problem(name, env.get(name, ""))
         if problem:
-            hint = f"; generate one with {GENERATE[name]}" if name in GENERATE else "; e.g. `openssl rand -hex 16`" \
-                if name in SECRETS else ""
+            hint = f"; generate one with {GENERATE[name]}" if name in GENERATE else "; e.g. `openssl rand -hex 16`" if name in SECRETS else ""
             found.append(f"{name} in .env {problem}{hint}")
     keys = [name for name in ACCESS_KEYS if env.get(name)]
     for n, name in enumerate(keys):
-        for other in keys[n + 1:]:
+        for other in keys[n + 1 :]:
             if env[name] == env[other]:
                 found.append(f"{name} and {other} in .env are the same key: each role needs its own MinIO user")
     return found

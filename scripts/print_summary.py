@@ -53,8 +53,10 @@ def tuning_lines(summary: dict[str, Any], json_path: Path, storage_ok: bool) -> 
     lines = []
     if prepared:
         counts = prepared.get("counts", {})
-        lines.append(f"data:      {counts.get('train')} train / {counts.get('validation')} validation / "
-                     f"{counts.get('test')} test images ({prepared.get('rejected', 0)} files rejected)")
+        lines.append(
+            f"data:      {counts.get('train')} train / {counts.get('validation')} validation / "
+            f"{counts.get('test')} test images ({prepared.get('rejected', 0)} files rejected)"
+        )
     results = None
     if tune and storage_ok:
         try:
@@ -64,35 +66,45 @@ def tuning_lines(summary: dict[str, Any], json_path: Path, storage_ok: bool) -> 
     facts = run_summary.tuning_facts(tune, results, export)
     if tune:
         failed = facts["failed"] if isinstance(facts["failed"], int) else len(facts["failed"])
-        lines.append(f"trials:    {facts['succeeded']} of {facts['trials']} trained, {failed} failed; "
-                     f"selected by validation accuracy ({tune.get('wall_seconds', '?')} s)")
+        lines.append(
+            f"trials:    {facts['succeeded']} of {facts['trials']} trained, {failed} failed; "
+            f"selected by validation accuracy ({tune.get('wall_seconds', '?')} s)"
+        )
         dims = facts["varying"]
-        rows = [[str(r["rank"]), *[run_summary.format_value(r.get(d)) for d in dims], f"{100 * r['val_accuracy']:.2f} %",
-                 f"{100 * r['test_accuracy']:.2f} %", str(r.get("epochs_run", "")),
-                 f"{r['train_seconds']:.1f}" if isinstance(r.get("train_seconds"), (int, float)) else ""]
-                for r in facts["rows"]]
-        headers = ["rank", *[run_summary.DIMENSION_LABELS.get(d, d) for d in dims], "val acc", "test acc", "epochs",
-                   "seconds"]
+        rows = [
+            [
+                str(r["rank"]),
+                *[run_summary.format_value(r.get(d)) for d in dims],
+                f"{100 * r['val_accuracy']:.2f} %",
+                f"{100 * r['test_accuracy']:.2f} %",
+                str(r.get("epochs_run", "")),
+                f"{r['train_seconds']:.1f}" if isinstance(r.get("train_seconds"), (int, float)) else "",
+            ]
+            for r in facts["rows"]
+        ]
+        headers = ["rank", *[run_summary.DIMENSION_LABELS.get(d, d) for d in dims], "val acc", "test acc", "epochs", "seconds"]
         lines += [""] + ["  " + line for line in table(headers, rows)]
         if facts["constant"]:
-            lines.append("  every trial: " + ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} "
-                                                     f"{run_summary.format_value(v)}" for k, v in facts["constant"].items()))
+            lines.append(
+                "  every trial: "
+                + ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} {run_summary.format_value(v)}" for k, v in facts["constant"].items())
+            )
         for failure in facts["failed"] if isinstance(facts["failed"], list) else []:
             lines.append(f"  failed: {failure['trial_id']} ({failure.get('reason')})")
         comparison = facts["default"]
         lines.append("")
         if comparison["present"]:
             reduction = comparison["reduction"]
-            change = "n/a" if reduction is None else (f"{reduction:.0%} less error" if reduction >= 0
-                                                      else f"{-reduction:.0%} more error")
-            lines.append(f"default vs tuned: test error {comparison['default_error']:.2%} (the reference network: "
-                         f"{comparison['description']}) -> {comparison['tuned_error']:.2%} tuned: {change}")
+            change = "n/a" if reduction is None else (f"{reduction:.0%} less error" if reduction >= 0 else f"{-reduction:.0%} more error")
+            lines.append(
+                f"default vs tuned: test error {comparison['default_error']:.2%} (the reference network: "
+                f"{comparison['description']}) -> {comparison['tuned_error']:.2%} tuned: {change}"
+            )
         else:
             lines.append(f"default vs tuned: the reference network ({comparison['description']}) is {comparison['why']}")
     decision = facts["champion"]
     if decision:
-        verdict = "PROMOTED to champion" if decision["promoted"] else \
-            f"not promoted (champion stays v{decision['champion_version']})"
+        verdict = "PROMOTED to champion" if decision["promoted"] else f"not promoted (champion stays v{decision['champion_version']})"
         lines.append(f"champion:  {decision['model_name']} v{decision['version']} {verdict}: {decision['reason']}")
     if facts["figure_uri"]:
         figure = json_path.with_name(json_path.stem + ".error_vs_learning_rate.png")
@@ -114,8 +126,10 @@ def nightly_lines(summary: dict[str, Any]) -> list[str]:
         return [f"{facts['date']}: 0 images ({facts['skipped_reason']}); nothing to score"]
     if facts["scored"] is None:
         return [f"{facts['date']}: {facts['listed']} images listed, not scored"]
-    lines = [f"{facts['date']}: {facts['scored']} scored, {facts['set_aside']} set aside of {facts['listed']} images, "
-             f"model {facts['model_name']} v{facts['model_version']}"]
+    lines = [
+        f"{facts['date']}: {facts['scored']} scored, {facts['set_aside']} set aside of {facts['listed']} images, "
+        f"model {facts['model_name']} v{facts['model_version']}"
+    ]
     if facts["reasons"]:
         lines.append("  set aside: " + ", ".join(f"{k} {v}" for k, v in facts["reasons"].items()))
     if facts["labels"]:

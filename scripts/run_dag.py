@@ -35,14 +35,12 @@ def run(dag_id: str, logical_date: str | None, conf: dict) -> dict:
         instances = {ti.task_id: ti for ti in dag_run.get_task_instances(session=session)}
         order = [task.task_id for task in dag.topological_sort() if task.task_id in instances]
         for ti in (instances[task_id] for task_id in order):  # in the DAG's order, upstream first
-            query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id, task_ids=ti.task_id,
-                                       key="return_value")
+            query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id, task_ids=ti.task_id, key="return_value")
             rows = session.scalars(query).all()
             value = XComModel.deserialize_value(rows[0]) if rows else None
             summary["tasks"][ti.task_id] = {"state": str(ti.state), "try_number": ti.try_number, "xcom": value}
         # The run's note, as the UI shows it (rendered by the DAG's report task, attached by the plugin).
-        summary["note"] = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id,
-                                                               DagRun.run_id == dag_run.run_id)).one().note
+        summary["note"] = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == dag_run.run_id)).one().note
     return summary
 
 

@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         count = args.per_date
         if d == 0:  # two files that are not usable images
             storage.write_bytes(storage.join_uri(base, "camera-0/cut off.png"), png[: len(png) // 2])
-            storage.write_bytes(storage.join_uri(base, "camera-1/upload-error.png"),
-                                b"<html><body>413 Request Entity Too Large</body></html>")
+            storage.write_bytes(storage.join_uri(base, "camera-1/upload-error.png"), b"<html><body>413 Request Entity Too Large</body></html>")
             count += 2
         print(f"{count} files landed under {base}/")
     return 0

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 source scripts/env.sh
 echo "==> ruff check (lint, with Airflow's AIR rules)"
 ruff check .
+echo "==> ruff format --check"
+ruff format --check .
 exec python -m pytest "$@"

@@ -33,8 +33,7 @@ def main(argv: list[str]) -> int:
         print(f"starting the Airflow UI on {ui.base_url} (logs: {STATE_DIR}/airflow-<component>.log) ...")
         ui.start()
         home = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser()
-        print(f"Airflow UI up at {ui.base_url}: user admin, password in "
-              f"{home / 'simple_auth_manager_passwords.json.generated'}")
+        print(f"Airflow UI up at {ui.base_url}: user admin, password in {home / 'simple_auth_manager_passwords.json.generated'}")
         for name, address, port, _pid in ui.listening_sockets():
             print(f"  {name:14s} listens on {address}:{port}")
         return 0
@@ -48,8 +47,9 @@ def main(argv: list[str]) -> int:
             print("Airflow UI: not started")
             return 1
         health = ui.health()
-        print(f"Airflow UI at {ui.recorded().get('base_url')}: " + ", ".join(
-            f"{name} {'up' if alive else 'DOWN'}" for name, alive in running.items()))
+        print(
+            f"Airflow UI at {ui.recorded().get('base_url')}: " + ", ".join(f"{name} {'up' if alive else 'DOWN'}" for name, alive in running.items())
+        )
         print(json.dumps(health, indent=2) if health else "api-server not answering")
         return 0 if all(running.values()) and ui.healthy() else 1
     print(__doc__)

@@ -100,6 +100,5 @@ def airflow_env(s3_server, tmp_path_factory) -> dict[str, str]:
     # test process's own AWS variables.
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         env.pop(name, None)
-    subprocess.run([os.path.join(venv_bin, "airflow"), "db", "migrate"], env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run([os.path.join(venv_bin, "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     return env

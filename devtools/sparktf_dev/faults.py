@@ -49,14 +49,12 @@ from xml.sax.saxutils import escape
 from sparktf import storage
 
 KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "conflict", "delete_errors", "error")
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-               "expect", "content-length"}
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect", "content-length"}
 _ERRORS = {
     "internal": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "access_denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
-    "conflict": (409, "Conflict", "ConditionalRequestConflict",
-                 "A conflicting operation occurred. If using PutObject you can retry the request."),
+    "conflict": (409, "Conflict", "ConditionalRequestConflict", "A conflicting operation occurred. If using PutObject you can retry the request."),
 }
 
 
@@ -105,10 +103,12 @@ class FaultRule:
         return _ERRORS[self.kind]
 
     def matches(self, method: str, key: str, query: str, is_copy: bool) -> bool:
-        return ((self.method is None or self.method == method)
-                and (self.key is None or re.search(self.key, key) is not None)
-                and (self.query is None or self.query in query)
-                and (self.copy is None or self.copy == is_copy))
+        return (
+            (self.method is None or self.method == method)
+            and (self.key is None or re.search(self.key, key) is not None)
+            and (self.query is None or self.query in query)
+            and (self.copy is None or self.copy == is_copy)
+        )
 
 
 class FaultProxy:
@@ -128,10 +128,21 @@ class FaultProxy:
             proxies do.
     """
 
-    def __init__(self, upstream: str, *, seed: int = 0, internal: float = 0.0, slowdown: float = 0.0,
-                 reset: float = 0.0, latency: float = 0.0, latency_seconds: tuple[float, float] = (0.02, 0.2),
-                 max_consecutive: int = 2, rules: tuple[FaultRule, ...] | list[FaultRule] = (),
-                 ignore_conditions: bool = False, weak_etags: bool = False) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        internal: float = 0.0,
+        slowdown: float = 0.0,
+        reset: float = 0.0,
+        latency: float = 0.0,
+        latency_seconds: tuple[float, float] = (0.02, 0.2),
+        max_consecutive: int = 2,
+        rules: tuple[FaultRule, ...] | list[FaultRule] = (),
+        ignore_conditions: bool = False,
+        weak_etags: bool = False,
+    ) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
@@ -158,8 +169,7 @@ class FaultProxy:
 
     # -- configuration -----------------------------------------------------------------------
 
-    def set_rates(self, *, internal: float = 0.0, slowdown: float = 0.0, reset: float = 0.0,
-                  latency: float = 0.0) -> None:
+    def set_rates(self, *, internal: float = 0.0, slowdown: float = 0.0, reset: float = 0.0, latency: float = 0.0) -> None:
         """Replace the random fault shares (all zero: a transparent proxy)."""
         rates = {"internal": internal, "slowdown": slowdown, "reset": reset, "latency": latency}
         if any(v < 0 for v in rates.values()) or sum(rates.values()) > 1:
@@ -187,8 +197,7 @@ class FaultProxy:
         server.fault_proxy = self  # type: ignore[attr-defined]
         self._server = server
         self.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="fault-proxy", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="fault-proxy", daemon=True)
         self._thread.start()
         return self
 
@@ -211,8 +220,7 @@ class FaultProxy:
         rule, delay = self.decide_rule(method, path, query, copy_source)
         return (rule if rule is None or isinstance(rule, str) else rule.kind), delay
 
-    def decide_rule(self, method: str, path: str, query: str,
-                    copy_source: str | None) -> tuple[FaultRule | str | None, float]:
+    def decide_rule(self, method: str, path: str, query: str, copy_source: str | None) -> tuple[FaultRule | str | None, float]:
         """As :meth:`decide`, with the matching :class:`FaultRule` instead of its kind."""
         key = path.lstrip("/").partition("/")[2]
         identity = f"{method} {path}?{query} <{copy_source or ''}>"
@@ -259,9 +267,9 @@ class FaultProxy:
         low, high = self.latency_seconds
         return low + (high - low) * _uniform(self.seed, identity, seen, "delay")
 
-    def forward(self, connection: http.client.HTTPConnection | None, method: str, target: str,
-                headers: list[tuple[str, str]], body: bytes) -> tuple[http.client.HTTPConnection, int, str,
-                                                                      list[tuple[str, str]], bytes]:
+    def forward(
+        self, connection: http.client.HTTPConnection | None, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[http.client.HTTPConnection, int, str, list[tuple[str, str]], bytes]:
         """Send one request upstream (reusing ``connection``); the answer, read whole."""
         for attempt in range(2):
             if connection is None:
@@ -286,20 +294,20 @@ class FaultProxy:
 
 def _uniform(seed: int, identity: str, seen: int, purpose: str) -> float:
     digest = hashlib.sha256(f"{seed}|{purpose}|{identity}|{seen}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def _error_body(code: str, message: str, resource: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(message)}</Message>'
-            f"<Resource>{escape(resource)}</Resource><RequestId>fault-proxy</RequestId></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(message)}</Message>'
+        f"<Resource>{escape(resource)}</Resource><RequestId>fault-proxy</RequestId></Error>"
+    ).encode()
 
 
 def _delete_errors_body(request_body: bytes) -> bytes:
     keys = re.findall(rb"<Key>(.*?)</Key>", request_body, flags=re.S)
-    errors = "".join(f"<Error><Key>{k.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
-                     for k in keys)
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
-            f"{errors}</DeleteResult>").encode()
+    errors = "".join(f"<Error><Key>{k.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>" for k in keys)
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{errors}</DeleteResult>').encode()
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -333,8 +341,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes, *,
-              content_length: str | None = None, cut: bool = False) -> None:
+    def _send(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes, *, content_length: str | None = None, cut: bool = False
+    ) -> None:
         lines = [f"HTTP/1.1 {status} {reason}"]
         lines += [f"{name}: {value}" for name, value in headers if name.lower() not in _HOP_BY_HOP]
         lines.append(f"Content-Length: {content_length if content_length is not None else len(body)}")
@@ -371,16 +380,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         headers = [(name, value) for name, value in self.headers.items() if name.lower() not in dropped]
         try:
             self._upstream, status, reason, answer_headers, data = proxy.forward(
-                getattr(self, "_upstream", None), self.command, self.path, headers, body)
+                getattr(self, "_upstream", None), self.command, self.path, headers, body
+            )
         except (OSError, http.client.HTTPException) as err:
             self._send(502, "Bad Gateway", [("Content-Type", "text/plain")], f"upstream failed: {err}".encode())
             return
         upstream_length = next((v for k, v in answer_headers if k.lower() == "content-length"), None)
         if proxy.weak_etags:
-            answer_headers = [(k, f"W/{v}" if k.lower() == "etag" and not v.startswith("W/") else v)
-                              for k, v in answer_headers]
-        self._send(status, reason, answer_headers, data,
-                   content_length=upstream_length if self.command == "HEAD" else None, cut=kind == "reset")
+            answer_headers = [(k, f"W/{v}" if k.lower() == "etag" and not v.startswith("W/") else v) for k, v in answer_headers]
+        self._send(status, reason, answer_headers, data, content_length=upstream_length if self.command == "HEAD" else None, cut=kind == "reset")
 
 
 @contextlib.contextmanager

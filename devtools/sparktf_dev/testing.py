@@ -34,8 +34,7 @@ DEMO_MNIST_DIR = ROOT / "data" / "demo" / "mnist"
 TEST_ACCESS_KEY = "local-access-key"
 TEST_SECRET_KEY = "local-secret-key"
 LABEL_NAMES = [str(d) for d in range(10)]
-MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,8 +49,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(ready: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.2,
-               process: subprocess.Popen | None = None) -> None:
+def wait_until(ready: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.2, process: subprocess.Popen | None = None) -> None:
     """Poll ``ready()`` until it is true, with a deadline (never sleep and hope).
 
     Raises:
@@ -116,8 +114,7 @@ class S3Server:
     def start(self, *, set_environment: bool = True) -> S3Server:
         server = Path(sys.executable).with_name("moto_server")
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(self.port)],
-                                            stdout=log, stderr=log, start_new_session=True)
+            self.process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log, start_new_session=True)
         try:
             wait_until(self.is_up, f"S3 server at {self.endpoint}", 30, process=self.process)
         except Exception:
@@ -129,13 +126,20 @@ class S3Server:
         return self
 
     def settings(self) -> storage.StorageSettings:
-        return storage.StorageSettings(endpoint_url=self.endpoint, region_name="us-east-1",
-                                       aws_access_key_id=TEST_ACCESS_KEY, aws_secret_access_key=TEST_SECRET_KEY)
+        return storage.StorageSettings(
+            endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=TEST_ACCESS_KEY, aws_secret_access_key=TEST_SECRET_KEY
+        )
 
     def connection_json(self) -> str:
         """The ``aws_default`` connection (as ``AIRFLOW_CONN_AWS_DEFAULT``) for this server."""
-        return json.dumps({"conn_type": "aws", "login": TEST_ACCESS_KEY, "password": TEST_SECRET_KEY,
-                           "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}})
+        return json.dumps(
+            {
+                "conn_type": "aws",
+                "login": TEST_ACCESS_KEY,
+                "password": TEST_SECRET_KEY,
+                "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            }
+        )
 
     def stop(self) -> None:
         if self.process is not None:
@@ -159,10 +163,15 @@ def local_spark(slots: int = 2, app_name: str = "sparktf-local", conf: dict[str,
     from sparktf.job import quiet_py4j
 
     quiet_py4j()
-    builder = (SparkSession.builder.master(f"local[{int(slots)}]").appName(app_name)
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", str(max(2, 2 * slots)))
-               .config("spark.python.worker.reuse", "true").config("spark.task.maxFailures", "1")
-               .config("spark.ui.showConsoleProgress", "false"))
+    builder = (
+        SparkSession.builder.master(f"local[{int(slots)}]")
+        .appName(app_name)
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", str(max(2, 2 * slots)))
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.task.maxFailures", "1")
+        .config("spark.ui.showConsoleProgress", "false")
+    )
     for key, value in (conf or {}).items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
@@ -189,8 +198,7 @@ def read_mnist(source: Path = DEMO_MNIST_DIR) -> tuple[Any, Any, Any, Any]:
     return load(train_images), load(train_labels), load(test_images), load(test_labels)
 
 
-def upload_mnist(prefix: str, arrays: tuple[Any, Any, Any, Any], *, train_limit: int | None = None,
-                 test_limit: int | None = None) -> dict[str, int]:
+def upload_mnist(prefix: str, arrays: tuple[Any, Any, Any, Any], *, train_limit: int | None = None, test_limit: int | None = None) -> dict[str, int]:
     """Upload MNIST arrays as gzipped IDX pairs (``train-*`` and ``t10k-*``) under ``prefix``.
 
     Returns:
@@ -237,23 +245,27 @@ def train_tiny_model(work_uri: str, mnist: tuple[Any, Any, Any, Any]) -> dict:
 
         train_x, train_y, test_x, test_y = mnist
         data = {
-            "x_train": train_x[:2000, :, :, None], "y_train": train_y[:2000].astype(np.int32),
-            "x_val": train_x[2000:2500, :, :, None], "y_val": train_y[2000:2500].astype(np.int32),
-            "x_test": test_x[:500, :, :, None], "y_test": test_y[:500].astype(np.int32),
-            "input_shape": (28, 28, 1), "num_classes": 10,
+            "x_train": train_x[:2000, :, :, None],
+            "y_train": train_y[:2000].astype(np.int32),
+            "x_val": train_x[2000:2500, :, :, None],
+            "y_val": train_y[2000:2500].astype(np.int32),
+            "x_test": test_x[:500, :, :, None],
+            "y_test": test_y[:500].astype(np.int32),
+            "input_shape": (28, 28, 1),
+            "num_classes": 10,
         }
-        trial = {"trial_id": "tiny-mlp", "params": {"learning_rate": 0.003, "hidden_units": 64, "batch_size": 64,
-                                                    "dropout": 0.1, "optimizer": "adam"}}
-        record = trials.train_trial(trial, data, family="mlp", epochs=3, patience=3,
-                                    trials_uri=storage.join_uri(work_uri, "trials"), seed=7)
+        trial = {
+            "trial_id": "tiny-mlp",
+            "params": {"learning_rate": 0.003, "hidden_units": 64, "batch_size": 64, "dropout": 0.1, "optimizer": "adam"},
+        }
+        record = trials.train_trial(trial, data, family="mlp", epochs=3, patience=3, trials_uri=storage.join_uri(work_uri, "trials"), seed=7)
         if record["status"] != "ok":
             raise RuntimeError(f"the tiny model did not train: {record}")
         _TRAINED["record"] = record
     return _TRAINED["record"]
 
 
-def register_trial(models_uri: str, name: str, record: dict, *, version: int | None = None,
-                   champion: bool = True) -> dict:
+def register_trial(models_uri: str, name: str, record: dict, *, version: int | None = None, champion: bool = True) -> dict:
     """Register a trained trial's ``.keras`` file as a version of ``name`` (optionally champion)."""
     from sparktf import registry
 
@@ -262,10 +274,20 @@ def register_trial(models_uri: str, name: str, record: dict, *, version: int | N
         sha = storage.download_file(record["model_uri"], path)
         if sha != record["model_sha256"]:
             raise ValueError(f"{record['model_uri']} does not match its trial record")
-        metadata = registry.write_version(models_uri, name, model_path=path, version=version, metadata={
-            "family": record["family"], "params": record["params"], "trial_id": record["trial_id"],
-            "metrics": {k: record[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")},
-            "input_shape": [28, 28, 1], "label_names": LABEL_NAMES})
+        metadata = registry.write_version(
+            models_uri,
+            name,
+            model_path=path,
+            version=version,
+            metadata={
+                "family": record["family"],
+                "params": record["params"],
+                "trial_id": record["trial_id"],
+                "metrics": {k: record[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")},
+                "input_shape": [28, 28, 1],
+                "label_names": LABEL_NAMES,
+            },
+        )
     if champion:
         registry.set_champion(models_uri, name, registry.champion_pointer(metadata))
     return metadata
@@ -289,16 +311,16 @@ def image_variant(digit, n: int) -> tuple[bytes, str]:
 
     img = Image.fromarray(digit)
     variants = [
-        lambda: (encode(img, "PNG"), ".png"),                                              # L, PNG
-        lambda: (encode(img.convert("RGB"), "JPEG", quality=95), ".jpg"),                  # RGB, JPEG
+        lambda: (encode(img, "PNG"), ".png"),  # L, PNG
+        lambda: (encode(img.convert("RGB"), "JPEG", quality=95), ".jpg"),  # RGB, JPEG
         lambda: (encode(Image.fromarray(np.stack([digit] * 4, axis=2), "RGBA"), "PNG"), ".png"),  # RGBA
-        lambda: (encode(img.convert("P"), "GIF"), ".gif"),                                 # P, GIF
+        lambda: (encode(img.convert("P"), "GIF"), ".gif"),  # P, GIF
         lambda: (encode(Image.fromarray(digit.astype(np.uint16) * 257), "TIFF"), ".tif"),  # I;16, TIFF
-        lambda: (encode(img.convert("1"), "BMP"), ".bmp"),                                 # 1, BMP
-        lambda: (encode(img.convert("RGB"), "WEBP", lossless=True), ".webp"),              # RGB, WEBP
+        lambda: (encode(img.convert("1"), "BMP"), ".bmp"),  # 1, BMP
+        lambda: (encode(img.convert("RGB"), "WEBP", lossless=True), ".webp"),  # RGB, WEBP
         lambda: (encode(img.resize((84, 84), Image.Resampling.BILINEAR), "PNG"), ".png"),  # larger
         lambda: (encode(img.resize((112, 70), Image.Resampling.BILINEAR).convert("RGB"), "TIFF"), ".tiff"),
-        lambda: (encode(img, "PNG"), ".jpg"),                                              # PNG named .jpg
+        lambda: (encode(img, "PNG"), ".jpg"),  # PNG named .jpg
     ]
     return variants[n % len(variants)]()
 
@@ -329,8 +351,7 @@ def bad_files(digit) -> dict[str, tuple[bytes, set[str]]]:
         "error page.html": (b"<html><body>503 Service Unavailable</body></html>", {"not_an_image"}),
         "bomb.png": (png_bomb(), {"too_large"}),
         "looks-like-a-digit.png": (b"<!DOCTYPE html><html>moved</html>", {"not_an_image"}),
-        "données/çassé ü.jpg": (b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)),
-                                {"corrupt", "truncated", "not_an_image"}),
+        "données/çassé ü.jpg": (b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)), {"corrupt", "truncated", "not_an_image"}),
     }
 
 
@@ -416,8 +437,10 @@ def photo_files() -> dict[str, tuple[bytes, str]]:
         "tiny/small.png": (encode(photo(3, 100, 80), "PNG"), "PNG 100x80"),
         "shop/cut-out.png": (encode(rgba, "PNG"), "RGBA PNG with transparency"),
         "print/cmyk.jpg": (encode(photo(5, 640, 480).convert("CMYK"), "JPEG", quality=90), "CMYK JPEG"),
-        "web/palette.png": (encode(photo(6, 320, 240).convert("P", palette=Image.Palette.ADAPTIVE), "PNG",
-                                   transparency=0), "palette PNG with a transparent index"),
+        "web/palette.png": (
+            encode(photo(6, 320, 240).convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0),
+            "palette PNG with a transparent index",
+        ),
         "scans/gray16.png": (encode(Image.fromarray(gray16), "PNG"), "16-bit grayscale PNG"),
         "phone/IMG_0001.jpg": (exif_rotated_jpeg(photo(8, 800, 600)), "JPEG with EXIF orientation 6"),
         "web/photo.webp": (encode(photo(9, 500, 500), "WEBP", quality=90), "WEBP 500x500"),
@@ -504,12 +527,12 @@ def prepare(spark, input_uri: str, output_uri: str, *extra_args: str) -> dict[st
     return prepare_data.run(spark, args)
 
 
-def run_dag(env: dict[str, str], out_dir: Path, dag_id: str, conf: dict | None = None,
-            logical_date: str | None = None, timeout: int = 1200) -> tuple[int, dict | None, str]:
+def run_dag(
+    env: dict[str, str], out_dir: Path, dag_id: str, conf: dict | None = None, logical_date: str | None = None, timeout: int = 1200
+) -> tuple[int, dict | None, str]:
     """Run a DAG with ``scripts/run_dag.py``; returns (exit code, summary or None, combined output)."""
     out_file = Path(out_dir) / f"{dag_id}-summary.json"
-    command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf or {}),
-               "--json-out", str(out_file)]
+    command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf or {}), "--json-out", str(out_file)]
     if logical_date:
         command += ["--logical-date", logical_date]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -525,19 +548,33 @@ def asset_events(env: dict[str, str], asset_name: str) -> list[dict]:
         "from airflow.utils.session import create_session\n"
         "with create_session() as s:\n"
         "    rows = s.query(AssetModel.name, AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)\n"
-        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n")
+        "    print(json.dumps([[n, e] for n, e in rows.all()], default=str))\n"
+    )
     out = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"reading Asset events failed: {out.stderr[-2000:]}")
     return [extra for name, extra in json.loads(out.stdout.strip().splitlines()[-1]) if name == asset_name]
 
 
-def batch_inference_argv(ws: str, date: str, *extra: str, models_uri: str | None = None, model_name: str = "digits",
-                         processed_at: str = "2026-11-21T02:30:00+00:00") -> list[str]:
+def batch_inference_argv(
+    ws: str, date: str, *extra: str, models_uri: str | None = None, model_name: str = "digits", processed_at: str = "2026-11-21T02:30:00+00:00"
+) -> list[str]:
     """The batch_inference job's command line for a workspace ``ws`` (incoming/, predictions/, models/) and a date."""
-    return ["--incoming-uri", ws + "/incoming/", "--output-uri", ws + "/predictions/", "--date", date,
-            "--models-uri", models_uri or ws + "/models/", "--model-name", model_name, "--processed-at", processed_at,
-            *extra]
+    return [
+        "--incoming-uri",
+        ws + "/incoming/",
+        "--output-uri",
+        ws + "/predictions/",
+        "--date",
+        date,
+        "--models-uri",
+        models_uri or ws + "/models/",
+        "--model-name",
+        model_name,
+        "--processed-at",
+        processed_at,
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,8 +601,15 @@ def params_with(dag, change: dict[str, Any]):
     return ParamsDict({key: Param(value, **dag.params.get_param(key).schema) for key, value in values.items()})
 
 
-def rendered_task(dag, task_id: str, conf: dict[str, Any] | None = None, *, xcoms: dict[tuple[str, str], Any] | None = None,
-                  run_id: str = "manual__2026-11-24T10:00:00+00:00", run_after: str = "2026-11-24T10:00:00+00:00"):
+def rendered_task(
+    dag,
+    task_id: str,
+    conf: dict[str, Any] | None = None,
+    *,
+    xcoms: dict[tuple[str, str], Any] | None = None,
+    run_id: str = "manual__2026-11-24T10:00:00+00:00",
+    run_after: str = "2026-11-24T10:00:00+00:00",
+):
     """A copy of a task with its templated fields rendered by Airflow, in the context of a manual run.
 
     The context is Airflow's own (``RuntimeTaskInstance.get_template_context`` of a run triggered
@@ -586,16 +630,37 @@ def rendered_task(dag, task_id: str, conf: dict[str, Any] | None = None, *, xcom
             return pulled.get((task_ids, key))
 
     when = pendulum.parse(run_after)
-    run = DagRun(dag_id=dag.dag_id, run_id=run_id, logical_date=when, data_interval_start=when, data_interval_end=when,
-                 run_after=when, start_date=when, end_date=None, run_type="manual", state="running", conf=conf or {},
-                 consumed_asset_events=[], partition_key=None)
+    run = DagRun(
+        dag_id=dag.dag_id,
+        run_id=run_id,
+        logical_date=when,
+        data_interval_start=when,
+        data_interval_end=when,
+        run_after=when,
+        start_date=when,
+        end_date=None,
+        run_type="manual",
+        state="running",
+        conf=conf or {},
+        consumed_asset_events=[],
+        partition_key=None,
+    )
     # Copies: merging a run's conf into the Params updates the DAG's and the task's Param objects in place.
     task = copy.copy(dag.get_task(task_id))
     task.params = copy.deepcopy(task.params)
     ti = OfflineTaskInstance.model_construct(
-        id=uuid.uuid4(), task_id=task_id, dag_id=dag.dag_id, run_id=run_id, try_number=1, map_index=-1,
-        dag_version_id=uuid.uuid4(), task=task, start_date=when, max_tries=task.retries,
-        _ti_context_from_server=TIRunContext(dag_run=run, max_tries=task.retries))
+        id=uuid.uuid4(),
+        task_id=task_id,
+        dag_id=dag.dag_id,
+        run_id=run_id,
+        try_number=1,
+        map_index=-1,
+        dag_version_id=uuid.uuid4(),
+        task=task,
+        start_date=when,
+        max_tries=task.retries,
+        _ti_context_from_server=TIRunContext(dag_run=run, max_tries=task.retries),
+    )
     original_params = dag.params
     dag.params = copy.deepcopy(original_params)
     try:

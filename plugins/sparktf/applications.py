@@ -74,18 +74,21 @@ class Application:
 # VGG/ResNet ("caffe": BGR and mean subtraction, no layer for the channel flip), DenseNet/NASNet
 # (per-channel std), and EfficientNetB0-B7, whose builder adds the rescaling its ImageNet weights
 # need only when it downloads them itself (built with weights=None, the scores would be wrong).
-APPLICATIONS: dict[str, Application] = {a.name: a for a in (
-    Application("InceptionV3", 299, "inception"),
-    Application("InceptionResNetV2", 299, "inception"),
-    Application("Xception", 299, "inception"),
-    Application("MobileNetV2", 224, "inception"),
-    Application("MobileNetV3Small", 224, "included"),
-    Application("MobileNetV3Large", 224, "included"),
-    Application("EfficientNetV2B0", 224, "included"),
-    Application("EfficientNetV2B1", 240, "included"),
-    Application("EfficientNetV2B2", 260, "included"),
-    Application("EfficientNetV2B3", 300, "included"),
-)}
+APPLICATIONS: dict[str, Application] = {
+    a.name: a
+    for a in (
+        Application("InceptionV3", 299, "inception"),
+        Application("InceptionResNetV2", 299, "inception"),
+        Application("Xception", 299, "inception"),
+        Application("MobileNetV2", 224, "inception"),
+        Application("MobileNetV3Small", 224, "included"),
+        Application("MobileNetV3Large", 224, "included"),
+        Application("EfficientNetV2B0", 224, "included"),
+        Application("EfficientNetV2B1", 240, "included"),
+        Application("EfficientNetV2B2", 260, "included"),
+        Application("EfficientNetV2B3", 300, "included"),
+    )
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,20 +111,20 @@ def check_request(request: dict[str, Any]) -> list[str]:
             problems.append(f"application {request.get('application')!r} is not one of {sorted(APPLICATIONS)}")
         weights = str(request.get("weights_uri") or "")
         if not (_URI_RE.match(weights) and weights.endswith(WEIGHTS_SUFFIX)):
-            problems.append(f"weights_uri must be the S3 URI of a {WEIGHTS_SUFFIX} file saved with "
-                            f"model.save_weights(...), got {weights!r}")
+            problems.append(f"weights_uri must be the S3 URI of a {WEIGHTS_SUFFIX} file saved with model.save_weights(...), got {weights!r}")
     elif source == "keras_file":
         model_uri = str(request.get("model_uri") or "")
         if not (_URI_RE.match(model_uri) and model_uri.endswith(KERAS_SUFFIX)):
-            problems.append(f"model_uri must be the S3 URI of a {KERAS_SUFFIX} file saved with model.save(...), "
-                            f"got {model_uri!r}")
+            problems.append(f"model_uri must be the S3 URI of a {KERAS_SUFFIX} file saved with model.save(...), got {model_uri!r}")
     else:
         problems.append(f"source must be one of {SOURCES}, got {source!r}")
     labels = request.get("labels")
     if labels == "label_map":
         if not _URI_RE.match(str(request.get("label_map_uri") or "")):
-            problems.append("labels=label_map needs label_map_uri: the S3 URI of a JSON list/dict or a text "
-                            f"file with one label per line, got {request.get('label_map_uri')!r}")
+            problems.append(
+                "labels=label_map needs label_map_uri: the S3 URI of a JSON list/dict or a text "
+                f"file with one label per line, got {request.get('label_map_uri')!r}"
+            )
     elif labels != "imagenet":
         problems.append(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
     if request.get("resize_policy", "center_crop") not in RESIZE_POLICIES:
@@ -198,8 +201,7 @@ def _labels_from_json(parsed: Any) -> list[str]:
         return [v.strip() for v in parsed]
     if isinstance(parsed, dict):
         if set(parsed) != {str(i) for i in range(len(parsed))}:
-            raise RegistrationRefused(f"a JSON label map object must have the output indices 0..{len(parsed) - 1} "
-                                      f'as keys ("0", "1", ...), once each')
+            raise RegistrationRefused(f'a JSON label map object must have the output indices 0..{len(parsed) - 1} as keys ("0", "1", ...), once each')
         labels = []
         for i in range(len(parsed)):
             value = parsed[str(i)]
@@ -215,8 +217,9 @@ def _labels_from_json(parsed: Any) -> list[str]:
 def check_labels(labels: list[str], num_classes: int) -> None:
     """Refuse a label list whose length is not the model's number of outputs."""
     if len(labels) != num_classes:
-        raise RegistrationRefused(f"the label map has {len(labels)} labels but the model has {num_classes} "
-                                  f"outputs: every output needs exactly one label")
+        raise RegistrationRefused(
+            f"the label map has {len(labels)} labels but the model has {num_classes} outputs: every output needs exactly one label"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,18 +245,19 @@ def weights_inventory(path: str) -> tuple[int, int]:
     arrays = values = 0
     try:
         with h5py.File(path, "r") as handle:
+
             def visit(name: str, item) -> None:
                 nonlocal arrays, values
                 # The layers' variables only: a compiled model's file also holds its optimizer's.
                 if isinstance(item, h5py.Dataset) and name.startswith("layers/") and "/vars/" in name:
                     arrays += 1
                     values += int(item.size)
+
             handle.visititems(visit)
     except OSError as err:
         raise RegistrationRefused(f"the weights file is not an HDF5 {WEIGHTS_SUFFIX} file: {err}") from None
     if arrays == 0:
-        raise RegistrationRefused(f"the weights file holds no Keras 3 weights (save them with "
-                                  f"model.save_weights('name{WEIGHTS_SUFFIX}'))")
+        raise RegistrationRefused(f"the weights file holds no Keras 3 weights (save them with model.save_weights('name{WEIGHTS_SUFFIX}'))")
     return arrays, values
 
 
@@ -279,7 +283,8 @@ def build_application(name: str, weights_path: str):
         raise RegistrationRefused(
             f"the weights file does not fit {spec.name}: it holds {arrays} arrays ({values:,} values), "
             f"{spec.name} with its 1000-class top has {expected_arrays} ({expected_values:,}). Save them from "
-            f"keras.applications.{spec.name}(weights='imagenet') (include_top=True) with save_weights")
+            f"keras.applications.{spec.name}(weights='imagenet') (include_top=True) with save_weights"
+        )
     try:
         base.load_weights(weights_path)
     except (ValueError, OSError, KeyError) as err:
@@ -314,12 +319,15 @@ def load_safely(path: str):
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as err:  # noqa: BLE001 - any failure to load safely is a refusal with its reason
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RegistrationRefused(f"the model cannot be loaded in Keras safe mode "
-                                  f"(custom code and Lambda layers are refused): {type(err).__name__}: {first}") from None
+        raise RegistrationRefused(
+            f"the model cannot be loaded in Keras safe mode (custom code and Lambda layers are refused): {type(err).__name__}: {first}"
+        ) from None
     lambdas = [layer.name for layer in _all_layers(model) if isinstance(layer, keras.layers.Lambda)]
     if lambdas:
-        raise RegistrationRefused(f"the model holds Lambda layers {lambdas[:5]}: they carry Python code, which "
-                                  f"is never run from a registered artifact; express them as built-in layers")
+        raise RegistrationRefused(
+            f"the model holds Lambda layers {lambdas[:5]}: they carry Python code, which "
+            f"is never run from a registered artifact; express them as built-in layers"
+        )
     return model
 
 
@@ -341,8 +349,9 @@ def describe_model(model) -> tuple[tuple[int, int, int], int]:
         raise RegistrationRefused(f"the model must have one input and one output, it has {len(inputs)} and {len(outputs)}")
     shape = tuple(inputs[0].shape)
     if len(shape) != 4 or any(d is None for d in shape[1:]) or shape[3] not in (1, 3):
-        raise RegistrationRefused(f"the model's input must be (batch, height, width, 1 or 3) with a fixed size, "
-                                  f"got {shape}: give keras.Input a shape such as (224, 224, 3)")
+        raise RegistrationRefused(
+            f"the model's input must be (batch, height, width, 1 or 3) with a fixed size, got {shape}: give keras.Input a shape such as (224, 224, 3)"
+        )
     out = tuple(outputs[0].shape)
     if len(out) != 2 or out[1] is None or out[1] < 1:
         raise RegistrationRefused(f"the model's output must be (batch, classes), got {out}")
@@ -362,29 +371,36 @@ def probe(model, input_shape: tuple[int, int, int], num_classes: int):
 
     height, width, channels = input_shape
     ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    batch = np.stack([np.full(input_shape, 128, dtype=np.uint8),
-                      np.broadcast_to(ramp, (height, width, channels)).astype(np.uint8)])
+    batch = np.stack([np.full(input_shape, 128, dtype=np.uint8), np.broadcast_to(ramp, (height, width, channels)).astype(np.uint8)])
     try:
         scores = np.asarray(model(batch, training=False), dtype=np.float32)
     except Exception as err:  # noqa: BLE001 - a model that cannot score uint8 pixels is refused
-        raise RegistrationRefused(f"the model fails on a uint8 batch of shape {batch.shape}: "
-                                  f"{type(err).__name__}: {str(err)[:300]}") from None
+        raise RegistrationRefused(f"the model fails on a uint8 batch of shape {batch.shape}: {type(err).__name__}: {str(err)[:300]}") from None
     if scores.shape != (2, num_classes) or not np.isfinite(scores).all():
-        raise RegistrationRefused(f"the model's scores on a uint8 probe batch are unusable (shape {scores.shape}, "
-                                  f"finite: {bool(np.isfinite(scores).all())})")
+        raise RegistrationRefused(
+            f"the model's scores on a uint8 probe batch are unusable (shape {scores.shape}, finite: {bool(np.isfinite(scores).all())})"
+        )
     return scores
 
 
-def version_metadata(*, input_shape: tuple[int, int, int], label_names: list[str], resize_policy: str,
-                     source: dict[str, Any], labels: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def version_metadata(
+    *, input_shape: tuple[int, int, int], label_names: list[str], resize_policy: str, source: dict[str, Any], labels: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
     """The registry metadata of an imported model (the registry adds name, version, URIs, sha256)."""
     import keras
 
     if resize_policy not in RESIZE_POLICIES:
         raise RegistrationRefused(f"resize_policy must be one of {RESIZE_POLICIES}, got {resize_policy!r}")
     return {
-        "family": source["kind"], "input_shape": [int(v) for v in input_shape], "channels": int(input_shape[2]),
-        "input_dtype": "uint8", "resize_policy": resize_policy, "num_classes": len(label_names),
-        "label_names": list(label_names), "labels": labels, "source": source,
-        "keras_version": keras.__version__, **extra,
+        "family": source["kind"],
+        "input_shape": [int(v) for v in input_shape],
+        "channels": int(input_shape[2]),
+        "input_dtype": "uint8",
+        "resize_policy": resize_policy,
+        "num_classes": len(label_names),
+        "label_names": list(label_names),
+        "labels": labels,
+        "source": source,
+        "keras_version": keras.__version__,
+        **extra,
     }

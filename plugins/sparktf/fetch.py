@@ -18,10 +18,21 @@ from sparktf import storage
 DETAIL_CHARS = 300
 
 
-def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, channels: int,
-                  max_pixels: int, fetch_threads: int = 16, window: int | None = None,
-                  s3=None, sizes: Mapping[str, int] | None = None, max_bytes: int | None = None,
-                  resize_policy: str = "resize") -> Iterator[tuple[str, Any, str | None, str | None]]:
+def fetch_decoded(
+    bucket: str,
+    keys: Iterable[str],
+    *,
+    height: int,
+    width: int,
+    channels: int,
+    max_pixels: int,
+    fetch_threads: int = 16,
+    window: int | None = None,
+    s3=None,
+    sizes: Mapping[str, int] | None = None,
+    max_bytes: int | None = None,
+    resize_policy: str = "resize",
+) -> Iterator[tuple[str, Any, str | None, str | None]]:
     """Fetch and decode objects concurrently; yield ``(key, array | None, reason, detail)`` in key order.
 
     ``resize_policy`` is :func:`sparktf.images.decode_image`'s (``resize`` for digits, the
@@ -43,8 +54,7 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
     s3 = s3 or storage.client()
     threads = max(1, int(fetch_threads))
     window = max(threads, int(window or threads * 4))
-    decode = {"height": height, "width": width, "channels": channels, "max_pixels": max_pixels,
-              "resize_policy": resize_policy}
+    decode = {"height": height, "width": width, "channels": channels, "max_pixels": max_pixels, "resize_policy": resize_policy}
 
     def work(key: str):
         return _fetch_one(bucket, key, s3, listed=(sizes or {}).get(key), max_bytes=max_bytes, decode=decode)
@@ -64,8 +74,9 @@ def fetch_decoded(bucket: str, keys: Iterable[str], *, height: int, width: int, 
             yield result
 
 
-def _fetch_one(bucket: str, key: str, s3, *, listed: int | None, max_bytes: int | None,
-               decode: dict[str, Any]) -> tuple[str, Any, str | None, str | None]:
+def _fetch_one(
+    bucket: str, key: str, s3, *, listed: int | None, max_bytes: int | None, decode: dict[str, Any]
+) -> tuple[str, Any, str | None, str | None]:
     """Fetch and decode one object: ``(key, array | None, reason, detail)`` (see :func:`fetch_decoded`)."""
     from sparktf.images import ImageRejected, decode_image
 

@@ -80,8 +80,7 @@ def decode_image(
             # Pillow only warns between max_pixels and 2 * max_pixels: make that an error too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                array = _open_and_convert(data, height=height, width=width, channels=channels, max_pixels=max_pixels,
-                                          resize_policy=resize_policy)
+                array = _open_and_convert(data, height=height, width=width, channels=channels, max_pixels=max_pixels, resize_policy=resize_policy)
             except ImageRejected:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -100,8 +99,7 @@ def decode_image(
     return array
 
 
-def _open_and_convert(data: bytes, *, height: int, width: int, channels: int, max_pixels: int,
-                      resize_policy: str) -> np.ndarray:
+def _open_and_convert(data: bytes, *, height: int, width: int, channels: int, max_pixels: int, resize_policy: str) -> np.ndarray:
     """Open ``data`` with the allowed formats only, refuse too many pixels before decoding, decode
     (a JPEG at a reduced scale when the target is much smaller) and bring it to the target."""
     from PIL import Image
@@ -158,8 +156,7 @@ def _fit(img, *, width: int, height: int, resize_policy: str):
         scale = max(width / img.width, height / img.height)
         box_width, box_height = width / scale, height / scale
         left, top = (img.width - box_width) / 2, (img.height - box_height) / 2
-        return img.resize((width, height), Image.Resampling.BILINEAR,
-                          box=(left, top, left + box_width, top + box_height))
+        return img.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + box_width, top + box_height))
     return img.resize((width, height), Image.Resampling.BILINEAR)
 
 

@@ -53,8 +53,7 @@ def spark_session(app_name: str):
     spark = SparkSession.builder.appName(app_name).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     # The operator turns this line into the task's "Spark UI" link (sparktf.airflow.spark_ui).
-    log.info("Spark UI of application %s: %s", spark.sparkContext.applicationId,
-             spark.sparkContext.uiWebUrl or "disabled (spark.ui.enabled=false)")
+    log.info("Spark UI of application %s: %s", spark.sparkContext.applicationId, spark.sparkContext.uiWebUrl or "disabled (spark.ui.enabled=false)")
     return spark
 
 
@@ -95,5 +94,3 @@ def run_driver_job(app_name: str, run: Callable[[Any], dict[str, Any]], args) ->
     log.info("%s runs on the driver only: no SparkSession", app_name)
     _run_and_report(lambda: run(args), args.result_uri)
     return 0
-
-

@@ -63,68 +63,207 @@ class Knob:
 
 KNOBS: tuple[Knob, ...] = (
     # prepare_data
-    Knob("validation_fraction", "prepare_data", "float", 0.1, "Validation fraction",
-         "Share of each class held out for selection.", exclusive_minimum=0, exclusive_maximum=0.5),
-    Knob("test_fraction", "prepare_data", "float", 0.1, "Test fraction",
-         "Share of each class held out for the final test (MNIST's own test files keep their role).",
-         exclusive_minimum=0, exclusive_maximum=0.5),
+    Knob(
+        "validation_fraction",
+        "prepare_data",
+        "float",
+        0.1,
+        "Validation fraction",
+        "Share of each class held out for selection.",
+        exclusive_minimum=0,
+        exclusive_maximum=0.5,
+    ),
+    Knob(
+        "test_fraction",
+        "prepare_data",
+        "float",
+        0.1,
+        "Test fraction",
+        "Share of each class held out for the final test (MNIST's own test files keep their role).",
+        exclusive_minimum=0,
+        exclusive_maximum=0.5,
+    ),
     # tune: the search space
-    Knob("model_family", "tune", "str", "mnist_cnn_bn", "Model family",
-         "mnist_cnn_bn: 4 batch-normalised 3x3 conv layers (the default); mnist_cnn: the reference network (2 conv layers); "
-         "mlp: a quick 1-hidden-layer net.", choices=("mnist_cnn_bn", "mnist_cnn", "mlp")),
-    Knob("learning_rates", "tune", "float_list", [0.001, 0.003], "Learning rates",
-         "Optimizer step sizes to try.", dimension="learning_rate", exclusive_minimum=0),
-    Knob("hidden_units", "tune", "int_list", [128, 512], "Hidden units",
-         "Widths of the fully connected layer.", dimension="hidden_units", minimum=1, maximum=65536),
-    Knob("batch_sizes", "tune", "int_list", [128], "Batch sizes", "Examples per gradient step.",
-         dimension="batch_size", minimum=1, maximum=65536),
-    Knob("dropouts", "tune", "float_list", [0.5], "Dropout rates", "Dropout before the output layer.",
-         dimension="dropout", minimum=0, exclusive_maximum=1),
+    Knob(
+        "model_family",
+        "tune",
+        "str",
+        "mnist_cnn_bn",
+        "Model family",
+        "mnist_cnn_bn: 4 batch-normalised 3x3 conv layers (the default); mnist_cnn: the reference network (2 conv layers); "
+        "mlp: a quick 1-hidden-layer net.",
+        choices=("mnist_cnn_bn", "mnist_cnn", "mlp"),
+    ),
+    Knob(
+        "learning_rates",
+        "tune",
+        "float_list",
+        [0.001, 0.003],
+        "Learning rates",
+        "Optimizer step sizes to try.",
+        dimension="learning_rate",
+        exclusive_minimum=0,
+    ),
+    Knob(
+        "hidden_units",
+        "tune",
+        "int_list",
+        [128, 512],
+        "Hidden units",
+        "Widths of the fully connected layer.",
+        dimension="hidden_units",
+        minimum=1,
+        maximum=65536,
+    ),
+    Knob("batch_sizes", "tune", "int_list", [128], "Batch sizes", "Examples per gradient step.", dimension="batch_size", minimum=1, maximum=65536),
+    Knob(
+        "dropouts",
+        "tune",
+        "float_list",
+        [0.5],
+        "Dropout rates",
+        "Dropout before the output layer.",
+        dimension="dropout",
+        minimum=0,
+        exclusive_maximum=1,
+    ),
     # tune: fixed for every trial of a run
-    Knob("optimizer", "tune", "str", "adam", "Optimizer", "adam, or sgd with momentum 0.9.",
-         choices=("adam", "sgd")),
-    Knob("augment", "tune", "float", 0.1, "Augmentation",
-         "Random shift as a fraction of the image size, and rotation of half that (0 = off).",
-         minimum=0, maximum=0.3),
-    Knob("epochs", "tune", "int", 15, "Maximum epochs per trial",
-         "Early stopping on validation accuracy may stop sooner.", minimum=1, maximum=500),
-    Knob("patience", "tune", "int", 4, "Early-stopping patience (epochs)",
-         "Epochs without validation improvement before a trial stops.", minimum=1, maximum=500),
-    Knob("lr_decay_patience", "tune", "int", 1, "Learning-rate decay patience (epochs)",
-         "Halve the learning rate after this many epochs without validation improvement; 0 = constant.",
-         minimum=0, maximum=500),
-    Knob("search_strategy", "tune", "str", "grid", "Search strategy",
-         "grid: every combination; random: a seeded sparse sample of the grid.", choices=("grid", "random")),
-    Knob("num_random_trials", "tune", "int", 6, "Trials to sample (random search)",
-         "How many grid points random search trains.", minimum=1, maximum=1000),
-    Knob("seed", "tune", "int", 42, "Random seed",
-         "Seeds the split, the sample of the grid, weights and shuffling.", minimum=0, maximum=MAX_SEED),
-    Knob("max_parallel_trials", "tune", "int", 0, "Maximum parallel trials",
-         "0 = one task per trial on every free Spark task slot.", minimum=0, maximum=10000),
+    Knob("optimizer", "tune", "str", "adam", "Optimizer", "adam, or sgd with momentum 0.9.", choices=("adam", "sgd")),
+    Knob(
+        "augment",
+        "tune",
+        "float",
+        0.1,
+        "Augmentation",
+        "Random shift as a fraction of the image size, and rotation of half that (0 = off).",
+        minimum=0,
+        maximum=0.3,
+    ),
+    Knob("epochs", "tune", "int", 15, "Maximum epochs per trial", "Early stopping on validation accuracy may stop sooner.", minimum=1, maximum=500),
+    Knob(
+        "patience",
+        "tune",
+        "int",
+        4,
+        "Early-stopping patience (epochs)",
+        "Epochs without validation improvement before a trial stops.",
+        minimum=1,
+        maximum=500,
+    ),
+    Knob(
+        "lr_decay_patience",
+        "tune",
+        "int",
+        1,
+        "Learning-rate decay patience (epochs)",
+        "Halve the learning rate after this many epochs without validation improvement; 0 = constant.",
+        minimum=0,
+        maximum=500,
+    ),
+    Knob(
+        "search_strategy",
+        "tune",
+        "str",
+        "grid",
+        "Search strategy",
+        "grid: every combination; random: a seeded sparse sample of the grid.",
+        choices=("grid", "random"),
+    ),
+    Knob(
+        "num_random_trials",
+        "tune",
+        "int",
+        6,
+        "Trials to sample (random search)",
+        "How many grid points random search trains.",
+        minimum=1,
+        maximum=1000,
+    ),
+    Knob("seed", "tune", "int", 42, "Random seed", "Seeds the split, the sample of the grid, weights and shuffling.", minimum=0, maximum=MAX_SEED),
+    Knob(
+        "max_parallel_trials",
+        "tune",
+        "int",
+        0,
+        "Maximum parallel trials",
+        "0 = one task per trial on every free Spark task slot.",
+        minimum=0,
+        maximum=10000,
+    ),
     # export_model
-    Knob("promotion_metric", "export_model", "str", "test_accuracy", "Promotion metric",
-         "Metric compared with the champion's on the same test set.", choices=("test_accuracy", "test_loss")),
-    Knob("min_improvement", "export_model", "float", 0.0, "Minimum improvement to promote",
-         "Promote only when better than the champion by more than this.", minimum=0, maximum=1),
-    Knob("champion_policy", "export_model", "str", "compare", "Champion policy",
-         "compare: promote only when better than the champion trained for the same labels and input shape and "
-         "tested on the same test split; replace: make this run's model the champion without comparing "
-         "(a new lineage on purpose, e.g. after changing the data).", choices=("compare", "replace")),
+    Knob(
+        "promotion_metric",
+        "export_model",
+        "str",
+        "test_accuracy",
+        "Promotion metric",
+        "Metric compared with the champion's on the same test set.",
+        choices=("test_accuracy", "test_loss"),
+    ),
+    Knob(
+        "min_improvement",
+        "export_model",
+        "float",
+        0.0,
+        "Minimum improvement to promote",
+        "Promote only when better than the champion by more than this.",
+        minimum=0,
+        maximum=1,
+    ),
+    Knob(
+        "champion_policy",
+        "export_model",
+        "str",
+        "compare",
+        "Champion policy",
+        "compare: promote only when better than the champion trained for the same labels and input shape and "
+        "tested on the same test split; replace: make this run's model the champion without comparing "
+        "(a new lineage on purpose, e.g. after changing the data).",
+        choices=("compare", "replace"),
+    ),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 
 # The nightly inference's settings (the ``batch_inference`` job's tuning flags).
 NIGHTLY_KNOBS: tuple[Knob, ...] = (
-    Knob("max_failure_ratio", "batch_inference", "float", 0.2, "Maximum share set aside",
-         "Fail the run (after publishing) when more images are set aside.", minimum=0, maximum=1),
-    Knob("batch_size", "batch_inference", "int", 256, "Images per model call",
-         "Images per model call (refused when a batch cannot fit the executor's memory).", minimum=1, maximum=8192),
-    Knob("fetch_threads", "batch_inference", "int", 16, "Concurrent GETs per Spark task",
-         "Concurrent GETs per Spark task.", minimum=1, maximum=128),
-    Knob("max_image_bytes", "batch_inference", "int", 50_000_000, "Largest image fetched (bytes)",
-         "Objects listed larger are set aside as too_large without being fetched.", minimum=1),
-    Knob("allow_shrink", "batch_inference", "bool", False, "Allow a much smaller re-run",
-         "Replace a published partition even with one scoring fewer than half its images."),
+    Knob(
+        "max_failure_ratio",
+        "batch_inference",
+        "float",
+        0.2,
+        "Maximum share set aside",
+        "Fail the run (after publishing) when more images are set aside.",
+        minimum=0,
+        maximum=1,
+    ),
+    Knob(
+        "batch_size",
+        "batch_inference",
+        "int",
+        256,
+        "Images per model call",
+        "Images per model call (refused when a batch cannot fit the executor's memory).",
+        minimum=1,
+        maximum=8192,
+    ),
+    Knob("fetch_threads", "batch_inference", "int", 16, "Concurrent GETs per Spark task", "Concurrent GETs per Spark task.", minimum=1, maximum=128),
+    Knob(
+        "max_image_bytes",
+        "batch_inference",
+        "int",
+        50_000_000,
+        "Largest image fetched (bytes)",
+        "Objects listed larger are set aside as too_large without being fetched.",
+        minimum=1,
+    ),
+    Knob(
+        "allow_shrink",
+        "batch_inference",
+        "bool",
+        False,
+        "Allow a much smaller re-run",
+        "Replace a published partition even with one scoring fewer than half its images.",
+    ),
 )
 NIGHTLY_BY_NAME = {knob.name: knob for knob in NIGHTLY_KNOBS}
 # The seed as prepare_data reads it too (one value: the split and the trials share it).
@@ -133,8 +272,7 @@ SHARED_WITH_PREPARE = ("seed",)
 
 def knobs_of(job: str) -> list[Knob]:
     """The knobs a job's command line takes."""
-    return [k for k in (*KNOBS, *NIGHTLY_KNOBS)
-            if k.job == job or (job == "prepare_data" and k.name in SHARED_WITH_PREPARE)]
+    return [k for k in (*KNOBS, *NIGHTLY_KNOBS) if k.job == job or (job == "prepare_data" and k.name in SHARED_WITH_PREPARE)]
 
 
 def search_dimensions() -> dict[str, Knob]:
@@ -151,10 +289,16 @@ def param_specs(table: tuple[Knob, ...] = KNOBS) -> dict[str, dict[str, Any]]:
     """Keyword arguments of ``airflow.sdk.Param`` for every knob of a table (JSON schema + form text)."""
     specs = {}
     for knob in table:
-        bounds = {key: value for key, value in (
-            ("minimum", knob.minimum), ("maximum", knob.maximum),
-            ("exclusiveMinimum", knob.exclusive_minimum), ("exclusiveMaximum", knob.exclusive_maximum))
-            if value is not None}
+        bounds = {
+            key: value
+            for key, value in (
+                ("minimum", knob.minimum),
+                ("maximum", knob.maximum),
+                ("exclusiveMinimum", knob.exclusive_minimum),
+                ("exclusiveMaximum", knob.exclusive_maximum),
+            )
+            if value is not None
+        }
         json_type = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}[knob.item_kind]
         spec: dict[str, Any] = {"title": knob.title, "description": knob.help}
         if knob.is_list:
@@ -213,8 +357,15 @@ def add_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     for knob in knobs_of(job):
         # A bare boolean flag (``--allow-shrink``) means true; the DAG renders ``--allow-shrink True``.
         optional_value = {"nargs": "?", "const": True} if knob.kind == "bool" else {}
-        parser.add_argument(knob.flag, dest=knob.name, type=_parser_type(knob), default=knob.default,
-                            choices=knob.choices, help=f"{knob.help} (default: {knob.default})", **optional_value)
+        parser.add_argument(
+            knob.flag,
+            dest=knob.name,
+            type=_parser_type(knob),
+            default=knob.default,
+            choices=knob.choices,
+            help=f"{knob.help} (default: {knob.default})",
+            **optional_value,
+        )
 
 
 def search_space(values: dict[str, Any]) -> dict[str, list]:
@@ -233,9 +384,11 @@ def describe(knob: Knob) -> str:
         return f"one of {list(knob.choices or [])}"
     if knob.item_kind == "bool":
         return "true or false"
-    bounds = [f"{op} {int(value) if float(value).is_integer() else value}" for op, value in ((">=", knob.minimum), (">", knob.exclusive_minimum),
-                                                  ("<=", knob.maximum), ("<", knob.exclusive_maximum))
-              if value is not None]
+    bounds = [
+        f"{op} {int(value) if float(value).is_integer() else value}"
+        for op, value in ((">=", knob.minimum), (">", knob.exclusive_minimum), ("<=", knob.maximum), ("<", knob.exclusive_maximum))
+        if value is not None
+    ]
     noun = "an integer" if knob.item_kind == "int" else "a number"
     return " ".join([noun, " and ".join(bounds)]) + ("" if knob.item_kind == "int" else " (finite)")
 
@@ -249,11 +402,13 @@ def check_value(knob: Knob, value: Any) -> str | None:
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         ok = False
     else:
-        ok = ((knob.item_kind != "int" or float(value).is_integer())
-              and (knob.minimum is None or value >= knob.minimum)
-              and (knob.maximum is None or value <= knob.maximum)
-              and (knob.exclusive_minimum is None or value > knob.exclusive_minimum)
-              and (knob.exclusive_maximum is None or value < knob.exclusive_maximum))
+        ok = (
+            (knob.item_kind != "int" or float(value).is_integer())
+            and (knob.minimum is None or value >= knob.minimum)
+            and (knob.maximum is None or value <= knob.maximum)
+            and (knob.exclusive_minimum is None or value > knob.exclusive_minimum)
+            and (knob.exclusive_maximum is None or value < knob.exclusive_maximum)
+        )
     return None if ok else f"must be {describe(knob)}"
 
 
@@ -287,8 +442,7 @@ def validate(values: dict[str, Any], table: tuple[Knob, ...] = KNOBS) -> list[st
             problems += check_list(name, knob, value)
         elif (why := check_value(knob, value)) is not None:
             problems.append(f"{name}: {why}, got {value!r}")
-    if (not problems and {"validation_fraction", "test_fraction"} <= set(values)
-            and values["validation_fraction"] + values["test_fraction"] >= 0.9):
+    if not problems and {"validation_fraction", "test_fraction"} <= set(values) and values["validation_fraction"] + values["test_fraction"] >= 0.9:
         problems.append("validation_fraction + test_fraction must leave at least 10% for training")
     return problems
 

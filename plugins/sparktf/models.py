@@ -44,8 +44,7 @@ def build_mnist_cnn(
         x = layers.MaxPooling2D(2, name=f"pool{index + 1}")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
-    return _classifier(inputs, x, "mnist_cnn", num_classes=num_classes, dropout=dropout, optimizer=optimizer,
-                       learning_rate=learning_rate)
+    return _classifier(inputs, x, "mnist_cnn", num_classes=num_classes, dropout=dropout, optimizer=optimizer, learning_rate=learning_rate)
 
 
 BN_MOMENTUM = 0.9
@@ -94,8 +93,7 @@ def build_mnist_cnn_bn(
     x = layers.Dense(int(hidden_units), use_bias=False, name="hidden")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="hidden_bn")(x)
     x = layers.Activation("relu", name="hidden_relu")(x)
-    return _classifier(inputs, x, "mnist_cnn_bn", num_classes=num_classes, dropout=dropout, optimizer=optimizer,
-                       learning_rate=learning_rate)
+    return _classifier(inputs, x, "mnist_cnn_bn", num_classes=num_classes, dropout=dropout, optimizer=optimizer, learning_rate=learning_rate)
 
 
 def build_mlp(
@@ -114,8 +112,7 @@ def build_mlp(
     inputs, x = _pixels_in(input_shape, augment)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(int(hidden_units), activation="relu", name="hidden")(x)
-    return _classifier(inputs, x, "mlp", num_classes=num_classes, dropout=dropout, optimizer=optimizer,
-                       learning_rate=learning_rate)
+    return _classifier(inputs, x, "mlp", num_classes=num_classes, dropout=dropout, optimizer=optimizer, learning_rate=learning_rate)
 
 
 def _pixels_in(input_shape: tuple[int, int, int], augment: float):

@@ -98,6 +98,7 @@ class Attempt:
     previous: dict[str, Any] | None  # the _SUCCESS manifest when the attempt started (None: unpublished)
     previous_etag: str | None
 
+
 # ---------------------------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------------------------
@@ -142,18 +143,23 @@ def _schemas():
     import pyarrow as pa
 
     top = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
-    predictions = pa.schema([
-        ("key", pa.string()), ("predicted_label", pa.string()), ("score", pa.float32()), ("top_k", top),
-        ("model_name", pa.string()), ("model_version", pa.int32()), ("partition_date", pa.string()),
-        ("processed_at", pa.timestamp("us", tz="UTC")),
-    ])
-    errors = pa.schema([("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-                        ("partition_date", pa.string())])
+    predictions = pa.schema(
+        [
+            ("key", pa.string()),
+            ("predicted_label", pa.string()),
+            ("score", pa.float32()),
+            ("top_k", top),
+            ("model_name", pa.string()),
+            ("model_version", pa.int32()),
+            ("partition_date", pa.string()),
+            ("processed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+    errors = pa.schema([("key", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("partition_date", pa.string())])
     return predictions, errors
 
 
-def predictions_parquet(rows: list[dict], *, model_name: str, model_version: int, partition_date: str,
-                        processed_at) -> bytes:
+def predictions_parquet(rows: list[dict], *, model_name: str, model_version: int, partition_date: str, processed_at) -> bytes:
     """One Parquet part of predictions (rows sorted by key; empty parts keep the schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -161,16 +167,19 @@ def predictions_parquet(rows: list[dict], *, model_name: str, model_version: int
     schema, _ = _schemas()
     rows = sorted(rows, key=lambda r: r["key"])
     n = len(rows)
-    table = pa.table({
-        "key": [r["key"] for r in rows],
-        "predicted_label": [r["predicted_label"] for r in rows],
-        "score": [r["score"] for r in rows],
-        "top_k": [r["top_k"] for r in rows],
-        "model_name": [model_name] * n,
-        "model_version": [int(model_version)] * n,
-        "partition_date": [partition_date] * n,
-        "processed_at": [processed_at] * n,
-    }, schema=schema)
+    table = pa.table(
+        {
+            "key": [r["key"] for r in rows],
+            "predicted_label": [r["predicted_label"] for r in rows],
+            "score": [r["score"] for r in rows],
+            "top_k": [r["top_k"] for r in rows],
+            "model_name": [model_name] * n,
+            "model_version": [int(model_version)] * n,
+            "partition_date": [partition_date] * n,
+            "processed_at": [processed_at] * n,
+        },
+        schema=schema,
+    )
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
@@ -183,9 +192,15 @@ def errors_parquet(rows: list[dict], *, partition_date: str) -> bytes:
 
     _, schema = _schemas()
     rows = sorted(rows, key=lambda r: r["key"])
-    table = pa.table({"key": [r["key"] for r in rows], "reason": [r["reason"] for r in rows],
-                      "detail": [r.get("detail", "") for r in rows],
-                      "partition_date": [partition_date] * len(rows)}, schema=schema)
+    table = pa.table(
+        {
+            "key": [r["key"] for r in rows],
+            "reason": [r["reason"] for r in rows],
+            "detail": [r.get("detail", "") for r in rows],
+            "partition_date": [partition_date] * len(rows),
+        },
+        schema=schema,
+    )
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
@@ -243,13 +258,22 @@ def begin_attempt(predictions_uri: str, date: str, attempt_id: str, s3=None, **i
     storage.check_conditional_writes(location.bucket, s3, location.key)  # step 3 relies on it
     publish_id = new_publish_id(attempt_id)
     staged = staging_uri(predictions_uri, date, publish_id)
-    storage.write_json(storage.join_uri(staged, ATTEMPT_MARKER), {
-        "publish_id": publish_id, "attempt_id": attempt_id, "date": date,
-        "started_at": dt.datetime.now(dt.UTC).isoformat(), **info}, s3)
+    storage.write_json(
+        storage.join_uri(staged, ATTEMPT_MARKER),
+        {"publish_id": publish_id, "attempt_id": attempt_id, "date": date, "started_at": dt.datetime.now(dt.UTC).isoformat(), **info},
+        s3,
+    )
     success = storage.join_uri(partition_uri(predictions_uri, date), MANIFEST_NAME)
     previous, etag = storage.read_json_with_etag(success, s3)
-    return Attempt(predictions_uri=predictions_uri, date=date, publish_id=publish_id, attempt_id=attempt_id,
-                   staged_uri=staged, previous=previous, previous_etag=etag)
+    return Attempt(
+        predictions_uri=predictions_uri,
+        date=date,
+        publish_id=publish_id,
+        attempt_id=attempt_id,
+        staged_uri=staged,
+        previous=previous,
+        previous_etag=etag,
+    )
 
 
 def end_attempt(attempt: Attempt, s3=None) -> None:
@@ -269,14 +293,15 @@ def shrink_refusal(previous: dict[str, Any] | None, images: int, *, allow_shrink
     before = int(previous.get("scored") or 0)
     if before == 0 or images >= before * MIN_SHARE_KEPT:
         return None
-    return (f"refusing to replace the predictions of {previous.get('date')} ({before} images scored by attempt "
-            f"{previous.get('attempt_id')}) with {images}: fewer than {MIN_SHARE_KEPT:.0%} of them. The incoming "
-            f"images may have expired or moved; check the source, or allow it with the allow_shrink Param "
-            f"(--allow-shrink)")
+    return (
+        f"refusing to replace the predictions of {previous.get('date')} ({before} images scored by attempt "
+        f"{previous.get('attempt_id')}) with {images}: fewer than {MIN_SHARE_KEPT:.0%} of them. The incoming "
+        f"images may have expired or moved; check the source, or allow it with the allow_shrink Param "
+        f"(--allow-shrink)"
+    )
 
 
-def publish_partition(attempt: Attempt, staged_files: list[dict[str, Any]], manifest: dict[str, Any],
-                      s3=None) -> dict[str, Any]:
+def publish_partition(attempt: Attempt, staged_files: list[dict[str, Any]], manifest: dict[str, Any], s3=None) -> dict[str, Any]:
     """Publish an attempt's staged parts as its date's partition (steps 2 to 4 of the protocol).
 
     Args:
@@ -308,25 +333,25 @@ def publish_partition(attempt: Attempt, staged_files: list[dict[str, Any]], mani
             f"{attempt.date} was published by another run (attempt {current.get('attempt_id')}, model version "
             f"{current.get('model_version')}, processed_at {current.get('processed_at')}) while attempt "
             f"{attempt.attempt_id} was running. The first run to publish wins: its partition is kept and this "
-            f"run's output was discarded. Run this date again to replace it.")
+            f"run's output was discarded. Run this date again to replace it."
+        )
     try:
         remove_unlisted(attempt, s3)
     except storage.StorageError as err:
-        raise storage.StorageError(f"{final} was published by attempt {attempt.attempt_id}, but the files of "
-                                   f"the output it replaced could not all be removed: {err}") from err
+        raise storage.StorageError(
+            f"{final} was published by attempt {attempt.attempt_id}, but the files of the output it replaced could not all be removed: {err}"
+        ) from err
     return manifest
 
 
-def _copy_staged(attempt: Attempt, ordered: list[dict[str, Any]], targets: dict[str, str], copied: list[str],
-                 s3) -> dict[str, dict[str, Any]]:
+def _copy_staged(attempt: Attempt, ordered: list[dict[str, Any]], targets: dict[str, str], copied: list[str], s3) -> dict[str, dict[str, Any]]:
     """Copy the staged parts into the partition under their published names (step 2); on any
     failure remove the copies made so far and raise. ``copied`` collects the names copied."""
     final = partition_uri(attempt.predictions_uri, attempt.date)
 
     def copy(staged: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         target = targets[staged["name"]]
-        etag = storage.copy_object(storage.join_uri(attempt.staged_uri, staged["name"]),
-                                   storage.join_uri(final, target), s3)
+        etag = storage.copy_object(storage.join_uri(attempt.staged_uri, staged["name"]), storage.join_uri(final, target), s3)
         copied.append(target)
         return target, {"size": int(staged["size"]), "etag": etag, "rows": int(staged["rows"])}
 
@@ -338,19 +363,29 @@ def _copy_staged(attempt: Attempt, ordered: list[dict[str, Any]], targets: dict[
         raise
 
 
-def _full_manifest(attempt: Attempt, manifest: dict[str, Any], ordered: list[dict[str, Any]], targets: dict[str, str],
-                   objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _full_manifest(
+    attempt: Attempt, manifest: dict[str, Any], ordered: list[dict[str, Any]], targets: dict[str, str], objects: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The ``_SUCCESS`` document: the job's manifest plus the attempt, the files, their objects and
     the version it replaces."""
     previous = attempt.previous
     return {
-        **manifest, "publish_id": attempt.publish_id, "attempt_id": attempt.attempt_id,
-        "files": {"predictions": [targets[f["name"]] for f in ordered if f["kind"] == "predictions"],
-                  "errors": [targets[f["name"]] for f in ordered if f["kind"] == "errors"]},
+        **manifest,
+        "publish_id": attempt.publish_id,
+        "attempt_id": attempt.attempt_id,
+        "files": {
+            "predictions": [targets[f["name"]] for f in ordered if f["kind"] == "predictions"],
+            "errors": [targets[f["name"]] for f in ordered if f["kind"] == "errors"],
+        },
         "objects": objects,
-        "replaces": None if previous is None else {
-            "publish_id": previous.get("publish_id"), "attempt_id": previous.get("attempt_id"),
-            "etag": attempt.previous_etag, "scored": previous.get("scored")},
+        "replaces": None
+        if previous is None
+        else {
+            "publish_id": previous.get("publish_id"),
+            "attempt_id": previous.get("attempt_id"),
+            "etag": attempt.previous_etag,
+            "scored": previous.get("scored"),
+        },
     }
 
 
@@ -389,11 +424,9 @@ def remove_unlisted(attempt: Attempt, s3=None, stale_after: float | None = None)
     in_flight = _live_attempts(attempt, s3, STALE_ATTEMPT_SECONDS if stale_after is None else stale_after)
     current = storage.read_json_if_exists(storage.join_uri(final, MANIFEST_NAME), s3) or {}
     keep = set(listed_files(current)) | {MANIFEST_NAME}
-    doomed = [key for key in present
-              if key[len(location.key):] not in keep and publisher_of(key[len(location.key):]) not in in_flight]
+    doomed = [key for key in present if key[len(location.key) :] not in keep and publisher_of(key[len(location.key) :]) not in in_flight]
     if doomed:
-        log.info("removing %d files of %s that the manifest of %s does not list", len(doomed), final,
-                 current.get("attempt_id"))
+        log.info("removing %d files of %s that the manifest of %s does not list", len(doomed), final, current.get("attempt_id"))
         storage.delete_keys(location.bucket, doomed, s3)
     return len(doomed)
 
@@ -410,7 +443,7 @@ def _live_attempts(attempt: Attempt, s3, stale_after: float) -> set[str]:
     location = storage.parse_uri(root)
     folders: dict[str, list[dict]] = {}
     for obj in storage.iter_objects(root, s3):
-        folders.setdefault(obj["key"][len(location.key):].split("/", 1)[0], []).append(obj)
+        folders.setdefault(obj["key"][len(location.key) :].split("/", 1)[0], []).append(obj)
     own = folders.get(attempt.publish_id, [])
     clock = max((o["last_modified"] for o in own if o["last_modified"] is not None), default=None)
     live: set[str] = set()
@@ -427,7 +460,7 @@ def _live_attempts(attempt: Attempt, s3, stale_after: float) -> set[str]:
         elif marker is not None:
             live.add(publish_id)
     if dead:
-        log.info("removing the staging of %d dead attempts under %s", len({k.split('/')[-2] for k in dead}), root)
+        log.info("removing the staging of %d dead attempts under %s", len({k.split("/")[-2] for k in dead}), root)
         storage.delete_keys(location.bucket, dead, s3)
     return live
 
@@ -477,8 +510,10 @@ def read_predictions(partition: str, s3=None, attempts: int = 3) -> tuple[list[d
         if manifest is None:
             raise FileNotFoundError(f"no published predictions at {partition} (no {MANIFEST_NAME})")
         try:
-            rows = {kind: [row for rel in manifest["files"][kind] for row in _read_listed(partition, rel, manifest, s3)]
-                    for kind in ("predictions", "errors")}
+            rows = {
+                kind: [row for rel in manifest["files"][kind] for row in _read_listed(partition, rel, manifest, s3)]
+                for kind in ("predictions", "errors")
+            }
             return rows["predictions"], rows["errors"]
         except storage.ObjectNotFound as err:
             _, now = storage.read_json_with_etag(success, s3)

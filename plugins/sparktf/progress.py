@@ -25,8 +25,14 @@ from typing import Any
 from sparktf import knobs, storage
 
 DEFAULT_INTERVAL_SECONDS = float(os.environ.get("SPARKTF_PROGRESS_SECONDS", "5"))
-PARAM_LABELS = {"learning_rate": "lr", "hidden_units": "hidden", "batch_size": "batch", "dropout": "dropout",
-                "optimizer": "optimizer", "augment": "augment"}
+PARAM_LABELS = {
+    "learning_rate": "lr",
+    "hidden_units": "hidden",
+    "batch_size": "batch",
+    "dropout": "dropout",
+    "optimizer": "optimizer",
+    "augment": "augment",
+}
 
 
 class Progress:
@@ -100,10 +106,10 @@ def describe_params(params: dict[str, Any]) -> str:
     """``lr 0.001, hidden 256, batch 128, dropout 0.5``: the trial's search dimensions, in the knob
     table's order."""
     order = list(knobs.search_dimensions())
-    shown = sorted(((k, v) for k, v in params.items() if k not in ("optimizer", "augment")),
-                   key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
-    return ", ".join(f"{PARAM_LABELS.get(k, k)} {v:g}" if isinstance(v, float) else f"{PARAM_LABELS.get(k, k)} {v}"
-                     for k, v in shown)
+    shown = sorted(
+        ((k, v) for k, v in params.items() if k not in ("optimizer", "augment")), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)
+    )
+    return ", ".join(f"{PARAM_LABELS.get(k, k)} {v:g}" if isinstance(v, float) else f"{PARAM_LABELS.get(k, k)} {v}" for k, v in shown)
 
 
 class TrialProgress(Progress):
@@ -164,8 +170,12 @@ class TrialProgress(Progress):
     def finish(self) -> None:
         missing = [t for t in self.trials if t not in self.reported]
         if missing:
-            self.log.info("tuning progress: %d/%d trials reported; no new record for %s", len(self.reported),
-                          self.total, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            self.log.info(
+                "tuning progress: %d/%d trials reported; no new record for %s",
+                len(self.reported),
+                self.total,
+                ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+            )
 
 
 # A task's staged errors part: _errors/part-<index>[-<task attempt>].parquet (sparktf.scoring.staged_part_names).
@@ -188,7 +198,7 @@ class InferenceProgress(Progress):
         self.done: list[int] = []
 
     def seen(self, obj: dict) -> None:
-        relative = obj["key"][len(storage.parse_uri(self.prefix).key):]
+        relative = obj["key"][len(storage.parse_uri(self.prefix).key) :]
         match = _STAGED_ERRORS_PART.match(relative)
         index = int(match["index"]) if match else None
         if index is None or index >= len(self.sizes) or index in self.done:
@@ -197,8 +207,16 @@ class InferenceProgress(Progress):
         set_aside = self._rows(obj["key"])
         aside = f" ({set_aside} set aside)" if set_aside else ""
         images = sum(self.sizes[i] for i in self.done)
-        self.log.info("inference progress: task %d done, %d images%s; %d/%d tasks, %d/%d images",
-                      index, self.sizes[index], aside, len(self.done), len(self.sizes), images, self.total_images)
+        self.log.info(
+            "inference progress: task %d done, %d images%s; %d/%d tasks, %d/%d images",
+            index,
+            self.sizes[index],
+            aside,
+            len(self.done),
+            len(self.sizes),
+            images,
+            self.total_images,
+        )
 
     def _rows(self, key: str) -> int | None:
         """Rows of a task's errors part (its Parquet footer), or None if unreadable."""

@@ -141,15 +141,14 @@ def _version_files(models_uri: str, name: str, s3=None) -> dict[int, set[str]]:
     prefix_key = storage.parse_uri(prefix).key
     files: dict[int, set[str]] = {}
     for key in storage.list_keys(prefix, s3):
-        if match := _VERSION_FILE_RE.match(key[len(prefix_key):]):
+        if match := _VERSION_FILE_RE.match(key[len(prefix_key) :]):
             files.setdefault(int(match.group(1)), set()).add(match.group(2))
     return files
 
 
 def find_run_version(models_uri: str, name: str, source_run: str, trial_id: str, s3=None) -> dict[str, Any] | None:
     """The newest complete version exported from this run's trial, or None."""
-    matches = [m for m in list_versions(models_uri, name, s3)
-               if m.get("source_run") == source_run and m.get("trial_id") == trial_id]
+    matches = [m for m in list_versions(models_uri, name, s3) if m.get("source_run") == source_run and m.get("trial_id") == trial_id]
     return matches[-1] if matches else None
 
 
@@ -174,8 +173,7 @@ def resolve(models_uri: str, name: str, version: int | str | None = None, s3=Non
     if version in (None, "", "champion"):
         pointer = read_champion(models_uri, name, s3)
         if pointer is None:
-            raise ModelNotFound(f"model {name!r} has no champion at {champion_uri(models_uri, name)}: "
-                                f"run the tuning DAG first, or name a version")
+            raise ModelNotFound(f"model {name!r} has no champion at {champion_uri(models_uri, name)}: run the tuning DAG first, or name a version")
         version = pointer["version"]
     metadata_uri = storage.join_uri(version_uri(models_uri, name, int(version)), METADATA_NAME)
     metadata = storage.read_json_if_exists(metadata_uri, s3)
@@ -184,13 +182,15 @@ def resolve(models_uri: str, name: str, version: int | str | None = None, s3=Non
     missing = [k for k in ("version", "model_uri", "model_sha256", "input_shape", "label_names") if not metadata.get(k)]
     if missing:
         raise ModelIntegrityError(f"model {name!r} version {version} has unusable metadata (missing {missing})")
-    if pointer is not None and (pointer.get("model_sha256") != metadata["model_sha256"]
-                                or pointer.get("model_uri", metadata["model_uri"]) != metadata["model_uri"]):
+    if pointer is not None and (
+        pointer.get("model_sha256") != metadata["model_sha256"] or pointer.get("model_uri", metadata["model_uri"]) != metadata["model_uri"]
+    ):
         raise ModelIntegrityError(
             f"model {name!r}: {champion_uri(models_uri, name)} names version {version} with sha256 "
             f"{pointer.get('model_sha256') or '(none)'}, but {metadata_uri} records "
             f"{metadata['model_sha256']} for {metadata['model_uri']}: the pointer and the version "
-            f"disagree (edited by hand?); pin a version, or let the tuning DAG move the champion again")
+            f"disagree (edited by hand?); pin a version, or let the tuning DAG move the champion again"
+        )
     return metadata
 
 
@@ -236,7 +236,7 @@ def verify_saved_model(metadata: dict[str, Any], s3=None) -> int:
     listed = {f["path"]: f for f in files}
     prefix = storage.prefix_uri(prefix)
     prefix_key = storage.parse_uri(prefix).key
-    stored = {key[len(prefix_key):] for key in storage.list_keys(prefix, s3)}
+    stored = {key[len(prefix_key) :] for key in storage.list_keys(prefix, s3)}
     unlisted = sorted(stored - set(listed))
     if unlisted:
         raise ModelIntegrityError(f"{label}: {prefix} holds files its metadata does not list: {unlisted[:5]}")
@@ -250,17 +250,47 @@ def verify_saved_model(metadata: dict[str, Any], s3=None) -> int:
 
 # The object classes a loaded .keras file may name: what our families (sparktf.models) and the stock
 # networks (sparktf.applications) save, found by scanning their config.json. Nothing else is loaded.
-_KERAS_LAYERS = frozenset((
-    "Activation", "Add", "AveragePooling2D", "BatchNormalization", "Concatenate", "Conv2D", "Dense",
-    "DepthwiseConv2D", "Dropout", "Flatten", "GlobalAveragePooling2D", "InputLayer", "MaxPooling2D", "Multiply",
-    "Normalization", "RandomRotation", "RandomTranslation", "ReLU", "Rescaling", "Reshape", "Resizing",
-    "SeparableConv2D", "ZeroPadding2D"))
+_KERAS_LAYERS = frozenset(
+    (
+        "Activation",
+        "Add",
+        "AveragePooling2D",
+        "BatchNormalization",
+        "Concatenate",
+        "Conv2D",
+        "Dense",
+        "DepthwiseConv2D",
+        "Dropout",
+        "Flatten",
+        "GlobalAveragePooling2D",
+        "InputLayer",
+        "MaxPooling2D",
+        "Multiply",
+        "Normalization",
+        "RandomRotation",
+        "RandomTranslation",
+        "ReLU",
+        "Rescaling",
+        "Reshape",
+        "Resizing",
+        "SeparableConv2D",
+        "ZeroPadding2D",
+    )
+)
 ALLOWED_CLASSES = frozenset(
     {("keras.layers", name) for name in _KERAS_LAYERS}
     | {("keras.initializers", name) for name in ("Constant", "GlorotUniform", "Ones", "VarianceScaling", "Zeros")}
-    | {("keras.optimizers", "Adam"), ("keras.optimizers", "SGD"), ("keras", "DTypePolicy"),
-       ("keras.src.models.functional", "Functional"), ("keras.src.ops.numpy", "Add"), ("keras.src.ops.numpy", "Multiply"),
-       ("keras.src.applications.inception_resnet_v2", "CustomScaleLayer"), (None, "__keras_tensor__")})
+    | {
+        ("keras.optimizers", "Adam"),
+        ("keras.optimizers", "SGD"),
+        ("keras", "DTypePolicy"),
+        ("keras.src.models.functional", "Functional"),
+        ("keras.src.ops.numpy", "Add"),
+        ("keras.src.ops.numpy", "Multiply"),
+        ("keras.src.applications.inception_resnet_v2", "CustomScaleLayer"),
+        (None, "__keras_tensor__"),
+    }
+)
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
 
@@ -294,8 +324,10 @@ def check_layer_classes(path: str, label: str) -> None:
         raise ModelIntegrityError(f"{label}: not a readable .keras archive ({err})") from None
     for module, class_name, registered in _classes_in(config):
         if (module, class_name) not in ALLOWED_CLASSES or registered not in (None, class_name):
-            raise ModelIntegrityError(f"{label}: refused to load class {module}.{class_name} "
-                                      f"(registered as {registered!r}): not on the registry's allowlist of layer classes")
+            raise ModelIntegrityError(
+                f"{label}: refused to load class {module}.{class_name} "
+                f"(registered as {registered!r}): not on the registry's allowlist of layer classes"
+            )
 
 
 def load_verified_model(model_uri: str, expected_sha256: str, s3=None, *, keep_at: str | None = None):
@@ -349,8 +381,9 @@ class VersionClaim:
         return self.claimant.rsplit(":", 1)[-1]
 
 
-def claim_version(models_uri: str, name: str, *, source_run: str | None = None, trial_id: str | None = None,
-                  version: int | None = None, s3=None) -> VersionClaim:
+def claim_version(
+    models_uri: str, name: str, *, source_run: str | None = None, trial_id: str | None = None, version: int | None = None, s3=None
+) -> VersionClaim:
     """Own a version number by creating its ``_claim.json`` only if absent (``If-None-Match: *``).
 
     Without ``version``: a claim of the same ``source_run`` and ``trial_id`` whose version has no
@@ -386,8 +419,7 @@ def claim_version(models_uri: str, name: str, *, source_run: str | None = None, 
                 storage.write_json(uri, {**document, "took_over_from": claim.get("claimant")}, s3, if_match=etag)
             except storage.PreconditionFailed:
                 continue  # another attempt of this export took it over first
-            log.warning("model %s v%d: continuing the unfinished export of run %s (claim of %s)",
-                        name, number, source_run, claim.get("claimant"))
+            log.warning("model %s v%d: continuing the unfinished export of run %s (claim of %s)", name, number, source_run, claim.get("claimant"))
             return VersionClaim(number, claimant, claim.get("claimant"))
 
     number = max(files, default=0) + 1
@@ -402,8 +434,9 @@ def claim_version(models_uri: str, name: str, *, source_run: str | None = None, 
     raise VersionConflict(f"model {name!r}: no free version number after {MAX_CLAIM_ATTEMPTS} tries")
 
 
-def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict[str, Any],
-                  saved_model_dir: str | None = None, version: int | None = None, s3=None) -> dict[str, Any]:
+def write_version(
+    models_uri: str, name: str, *, model_path: str, metadata: dict[str, Any], saved_model_dir: str | None = None, version: int | None = None, s3=None
+) -> dict[str, Any]:
     """Register a local ``.keras`` file (and optionally a SavedModel folder) as a new version.
 
     Claims a number first (:func:`claim_version`, using ``metadata``'s ``source_run`` and
@@ -419,8 +452,7 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
             is a zombie of one that was retried), ``version`` is taken, or another request
             completed the version first (an earlier attempt of the same request is adopted).
     """
-    claim = claim_version(models_uri, name, source_run=metadata.get("source_run"),
-                          trial_id=metadata.get("trial_id"), version=version, s3=s3)
+    claim = claim_version(models_uri, name, source_run=metadata.get("source_run"), trial_id=metadata.get("trial_id"), version=version, s3=s3)
     _hook("claimed", version=claim.version, claimant=claim.claimant)
     base = version_uri(models_uri, name, claim.version)
     artifacts = storage.join_uri(base, "artifacts", claim.claim_id)
@@ -428,8 +460,15 @@ def write_version(models_uri: str, name: str, *, model_path: str, metadata: dict
         blob = fh.read()
     model_uri = storage.join_uri(artifacts, "model.keras")
     storage.write_bytes(model_uri, blob, s3)
-    full = {**metadata, "name": name, "version": claim.version, "uri": base + "/", "model_uri": model_uri,
-            "model_sha256": storage.sha256_hex(blob), "claimant": claim.claimant}
+    full = {
+        **metadata,
+        "name": name,
+        "version": claim.version,
+        "uri": base + "/",
+        "model_uri": model_uri,
+        "model_sha256": storage.sha256_hex(blob),
+        "claimant": claim.claimant,
+    }
     if saved_model_dir is not None:
         saved_uri = storage.join_uri(artifacts, "saved_model") + "/"
         full["saved_model_uri"] = saved_uri
@@ -452,8 +491,9 @@ def _publish(models_uri: str, name: str, claim: VersionClaim, full: dict[str, An
     """
     current = storage.read_json_if_exists(claim_uri(models_uri, name, claim.version), s3) or {}
     if current.get("claimant") != claim.claimant:
-        raise VersionConflict(f"model {name!r} version {claim.version} was taken over by "
-                              f"{current.get('claimant')} while {claim.claimant} wrote it; not publishing")
+        raise VersionConflict(
+            f"model {name!r} version {claim.version} was taken over by {current.get('claimant')} while {claim.claimant} wrote it; not publishing"
+        )
     _hook("claim_checked", version=claim.version, claimant=claim.claimant)
     metadata_uri = storage.join_uri(version_uri(models_uri, name, claim.version), METADATA_NAME)
     try:
@@ -462,13 +502,15 @@ def _publish(models_uri: str, name: str, claim: VersionClaim, full: dict[str, An
     except storage.PreconditionFailed:
         published = storage.read_json(metadata_uri, s3)
     if not same_request(published, full):
-        raise VersionConflict(f"model {name!r} version {claim.version} was completed by another export "
-                              f"({published.get('claimant')}) while {claim.claimant} wrote it")
+        raise VersionConflict(
+            f"model {name!r} version {claim.version} was completed by another export ({published.get('claimant')}) while {claim.claimant} wrote it"
+        )
     verify_artifact(published["model_uri"], published["model_sha256"], s3)
     if published.get("saved_model_files"):
         verify_saved_model(published, s3)
-    log.warning("model %s v%d: an earlier attempt of this export (%s) published it first; adopting it",
-                name, claim.version, published.get("claimant"))
+    log.warning(
+        "model %s v%d: an earlier attempt of this export (%s) published it first; adopting it", name, claim.version, published.get("claimant")
+    )
     return published
 
 
@@ -479,9 +521,15 @@ def _publish(models_uri: str, name: str, claim: VersionClaim, full: dict[str, An
 
 def champion_pointer(metadata: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The ``champion.json`` document naming a version, with its lineage (:data:`LINEAGE_KEYS`)."""
-    return {"name": metadata["name"], "version": metadata["version"], "model_uri": metadata["model_uri"],
-            "model_sha256": metadata["model_sha256"], "metrics": metadata.get("metrics"),
-            **{key: metadata.get(key) for key in LINEAGE_KEYS}, **extra}
+    return {
+        "name": metadata["name"],
+        "version": metadata["version"],
+        "model_uri": metadata["model_uri"],
+        "model_sha256": metadata["model_sha256"],
+        "metrics": metadata.get("metrics"),
+        **{key: metadata.get(key) for key in LINEAGE_KEYS},
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,8 +573,9 @@ def comparable(new: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str
     """
     who = f"the champion v{champion.get('version')}"
     if list(champion.get("label_names") or []) != list(new.get("label_names") or []):
-        return False, (f"{who} was trained on labels {_labels_text(champion.get('label_names'))}, "
-                       f"this model on {_labels_text(new.get('label_names'))}")
+        return False, (
+            f"{who} was trained on labels {_labels_text(champion.get('label_names'))}, this model on {_labels_text(new.get('label_names'))}"
+        )
     if list(champion.get("input_shape") or []) != list(new.get("input_shape") or []):
         return False, f"{who} takes inputs of shape {champion.get('input_shape')}, this model {new.get('input_shape')}"
     if new.get("test_split_sha256") and champion.get("test_split_sha256") == new["test_split_sha256"]:
@@ -540,8 +589,7 @@ def comparable(new: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str
     return False, f"{why}: scoring it on this run's test split could count images it was trained on"
 
 
-def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *,
-                 if_match: str | None = None, if_none_match: bool = False) -> str:
+def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *, if_match: str | None = None, if_none_match: bool = False) -> str:
     """Write the champion pointer (one PUT: atomic for readers); returns its ETag.
 
     Unconditional by default (an operator's manual move); :func:`promote` passes the ETag it read
@@ -550,8 +598,7 @@ def set_champion(models_uri: str, name: str, pointer: dict[str, Any], s3=None, *
     Raises:
         storage.PreconditionFailed: the pointer changed since it was read.
     """
-    return storage.write_json(champion_uri(models_uri, name), pointer, s3, if_match=if_match,
-                              if_none_match=if_none_match)
+    return storage.write_json(champion_uri(models_uri, name), pointer, s3, if_match=if_match, if_none_match=if_none_match)
 
 
 def _champion_for_swap(models_uri: str, name: str, s3=None) -> tuple[dict[str, Any] | None, str | None]:
@@ -559,8 +606,7 @@ def _champion_for_swap(models_uri: str, name: str, s3=None) -> tuple[dict[str, A
     (an unconditional write would then silently replace whatever is there)."""
     pointer, etag = read_champion_with_etag(models_uri, name, s3)
     if pointer is not None and not etag:
-        raise storage.StorageError(f"{champion_uri(models_uri, name)} came back without an ETag: "
-                                   f"the store cannot move the champion safely")
+        raise storage.StorageError(f"{champion_uri(models_uri, name)} came back without an ETag: the store cannot move the champion safely")
     return pointer, etag
 
 
@@ -612,8 +658,14 @@ def needs_champion_score(version: int, champion: dict[str, Any] | None, rule: Pr
     return rule.replace is None and champion is not None and int(champion["version"]) != int(version)
 
 
-def decide_promotion(version: int, champion: dict[str, Any] | None, rule: PromotionRule, *,
-                     new_score: float | None = None, scored: tuple[float | None, str] | None = None) -> Verdict:
+def decide_promotion(
+    version: int,
+    champion: dict[str, Any] | None,
+    rule: PromotionRule,
+    *,
+    new_score: float | None = None,
+    scored: tuple[float | None, str] | None = None,
+) -> Verdict:
     """The pure decision of one compare-and-swap round.
 
     Args:
@@ -636,20 +688,34 @@ def decide_promotion(version: int, champion: dict[str, Any] | None, rule: Promot
     if score is None:
         return Verdict(False, f"not compared with champion v{champion['version']}: {how}")
     better = is_better(float(new_score), score, rule.metric, rule.min_improvement)
-    return Verdict(better, f"{rule.metric} {new_score:.5f} {'beats' if better else 'does not beat'} champion "
-                           f"v{champion['version']} {score:.5f} ({how}, min improvement {rule.min_improvement})", score)
+    return Verdict(
+        better,
+        f"{rule.metric} {new_score:.5f} {'beats' if better else 'does not beat'} champion "
+        f"v{champion['version']} {score:.5f} ({how}, min improvement {rule.min_improvement})",
+        score,
+    )
 
 
 def _conflict_note(conflicts: int, first_seen: Any, current: Any) -> str:
     if not conflicts:
         return ""
-    return (f"; compared again after champion.json changed during the comparison "
-            f"({conflicts} time{'s' if conflicts > 1 else ''}: v{first_seen} -> v{current})")
+    return (
+        f"; compared again after champion.json changed during the comparison "
+        f"({conflicts} time{'s' if conflicts > 1 else ''}: v{first_seen} -> v{current})"
+    )
 
 
-def _swap_champion(models_uri: str, name: str, metadata: dict[str, Any], rule: PromotionRule, *,
-                   score_champion: Callable[[dict[str, Any]], tuple[float | None, str]] | None,
-                   source_run: str | None, max_attempts: int, s3=None) -> Promotion:
+def _swap_champion(
+    models_uri: str,
+    name: str,
+    metadata: dict[str, Any],
+    rule: PromotionRule,
+    *,
+    score_champion: Callable[[dict[str, Any]], tuple[float | None, str]] | None,
+    source_run: str | None,
+    max_attempts: int,
+    s3=None,
+) -> Promotion:
     """The one compare-and-swap loop: read the pointer and its ETag, decide
     (:func:`decide_promotion`), write only if the pointer is still the one read; on a conflict read
     it again and decide again, at most ``max_attempts`` rounds."""
@@ -667,33 +733,54 @@ def _swap_champion(models_uri: str, name: str, metadata: dict[str, Any], rule: P
         reason = verdict.reason + _conflict_note(conflicts, first_seen, current)
         if not verdict.replace:
             return Promotion(False, reason, current, verdict.champion_score, attempt)
-        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current,
-                                       promotion_reason=reason, promoted_at=_now())
+        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current, promotion_reason=reason, promoted_at=_now())
         try:
             set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
             return Promotion(True, reason, version, verdict.champion_score, attempt)
         except storage.PreconditionFailed:
             conflicts += 1
-            log.warning("model %s: champion.json changed while v%s was compared with v%s; reading it again",
-                        name, version, current)
-    return Promotion(False, f"gave up after {max_attempts} attempts: champion.json changed every time "
-                            f"between reading and replacing it (last seen v{last}); try again to promote",
-                     last, None, max_attempts)
+            log.warning("model %s: champion.json changed while v%s was compared with v%s; reading it again", name, version, current)
+    return Promotion(
+        False,
+        f"gave up after {max_attempts} attempts: champion.json changed every time "
+        f"between reading and replacing it (last seen v{last}); try again to promote",
+        last,
+        None,
+        max_attempts,
+    )
 
 
-def make_champion(models_uri: str, name: str, metadata: dict[str, Any], *, reason: str,
-                  source_run: str | None = None, max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
+def make_champion(
+    models_uri: str,
+    name: str,
+    metadata: dict[str, Any],
+    *,
+    reason: str,
+    source_run: str | None = None,
+    max_attempts: int = MAX_PROMOTION_ATTEMPTS,
+    s3=None,
+) -> Promotion:
     """Make a version the champion because a person asked for it (no comparison), by the same
     compare-and-swap as :func:`promote`: the pointer is replaced only if it is still the one read,
     so a concurrent move is never silently overwritten with a stale ``promoted_over``.
     """
-    return _swap_champion(models_uri, name, metadata, PromotionRule(replace=reason), score_champion=None,
-                          source_run=source_run, max_attempts=max_attempts, s3=s3)
+    return _swap_champion(
+        models_uri, name, metadata, PromotionRule(replace=reason), score_champion=None, source_run=source_run, max_attempts=max_attempts, s3=s3
+    )
 
 
-def promote(models_uri: str, name: str, metadata: dict[str, Any], *, metric: str, min_improvement: float,
-            score_champion: Callable[[dict[str, Any]], tuple[float | None, str]], source_run: str | None = None,
-            max_attempts: int = MAX_PROMOTION_ATTEMPTS, s3=None) -> Promotion:
+def promote(
+    models_uri: str,
+    name: str,
+    metadata: dict[str, Any],
+    *,
+    metric: str,
+    min_improvement: float,
+    score_champion: Callable[[dict[str, Any]], tuple[float | None, str]],
+    source_run: str | None = None,
+    max_attempts: int = MAX_PROMOTION_ATTEMPTS,
+    s3=None,
+) -> Promotion:
     """Make ``metadata``'s version the champion if it beats the current one, by compare-and-swap.
 
     Reads ``champion.json`` and its ETag, compares (:func:`decide_promotion`), and writes the new
@@ -710,5 +797,13 @@ def promote(models_uri: str, name: str, metadata: dict[str, Any], *, metric: str
     Returns:
         The decision and its reason.
     """
-    return _swap_champion(models_uri, name, metadata, PromotionRule(metric, min_improvement),
-                          score_champion=score_champion, source_run=source_run, max_attempts=max_attempts, s3=s3)
+    return _swap_champion(
+        models_uri,
+        name,
+        metadata,
+        PromotionRule(metric, min_improvement),
+        score_champion=score_champion,
+        source_run=source_run,
+        max_attempts=max_attempts,
+        s3=s3,
+    )

@@ -21,8 +21,15 @@ from typing import Any
 from sparktf import knobs
 
 # The reference network (mnist_cnn defaults): the "default" of "default vs tuned".
-DEFAULT_CONFIGURATION = {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
-                         "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
+DEFAULT_CONFIGURATION = {
+    "model_family": "mnist_cnn",
+    "learning_rate": 0.001,
+    "hidden_units": 1024,
+    "batch_size": 128,
+    "dropout": 0.5,
+    "optimizer": "adam",
+    "augment": 0.0,
+}
 # Short column names of the search dimensions, for tables.
 DIMENSION_LABELS = {"learning_rate": "lr", "hidden_units": "hidden", "batch_size": "batch", "dropout": "dropout"}
 
@@ -82,8 +89,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = None,
-                 export: dict[str, Any] | None = None) -> dict[str, Any]:
+def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = None, export: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a tuning run's summary says, from its jobs' results.
 
     Args:
@@ -110,22 +116,32 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
         "trials": tune.get("trials", len(results.get("trials") or []) or None),
         "succeeded": tune.get("succeeded", len(rows) if results else None),
         "failed": failed if failed else tune.get("failed", 0),
-        "rows": rows, "rows_complete": complete, "varying": varying, "constant": constant,
-        "fixed": results.get("fixed") or {}, "model_family": results.get("model_family"),
+        "rows": rows,
+        "rows_complete": complete,
+        "varying": varying,
+        "constant": constant,
+        "fixed": results.get("fixed") or {},
+        "model_family": results.get("model_family"),
         "selection_metric": tune.get("selection_metric", "val_accuracy"),
         "figure_uri": tune.get("figure_uri") or results.get("figure_uri"),
-        "results_uri": tune.get("results_uri"), "wall_seconds": tune.get("wall_seconds"),
+        "results_uri": tune.get("results_uri"),
+        "wall_seconds": tune.get("wall_seconds"),
     }
     default = default_configuration()
     comparison: dict[str, Any] = {"configuration": default, "description": describe_configuration(default)}
-    default_row = find_default_row(rows, model_family=results.get("model_family"), fixed=results.get("fixed")) \
-        if complete else None
+    default_row = find_default_row(rows, model_family=results.get("model_family"), fixed=results.get("fixed")) if complete else None
     if default_row is not None and rows:
         best = rows[0]
         reduction = error_reduction(default_row["test_accuracy"], best["test_accuracy"])
-        comparison.update(present=True, default_row=default_row, best_row=best,
-                          default_error=1.0 - default_row["test_accuracy"], tuned_error=1.0 - best["test_accuracy"],
-                          reduction=reduction, best_is_default=default_row.get("trial_id") == best.get("trial_id"))
+        comparison.update(
+            present=True,
+            default_row=default_row,
+            best_row=best,
+            default_error=1.0 - default_row["test_accuracy"],
+            tuned_error=1.0 - best["test_accuracy"],
+            reduction=reduction,
+            best_is_default=default_row.get("trial_id") == best.get("trial_id"),
+        )
     else:
         comparison.update(present=False, why="not in this run's grid" if complete else "trial list incomplete")
     facts["default"] = comparison
@@ -138,10 +154,13 @@ def champion_decision(export: dict[str, Any] | None) -> dict[str, Any] | None:
     if not export:
         return None
     return {
-        "model_name": export.get("model_name"), "version": export.get("version"),
-        "promoted": bool(export.get("promoted")), "reason": export.get("promotion_reason") or "",
+        "model_name": export.get("model_name"),
+        "version": export.get("version"),
+        "promoted": bool(export.get("promoted")),
+        "reason": export.get("promotion_reason") or "",
         "champion_version": export.get("champion_version"),
-        "metrics": export.get("metrics") or {}, "reused_version": export.get("reused_version"),
+        "metrics": export.get("metrics") or {},
+        "reused_version": export.get("reused_version"),
     }
 
 
@@ -163,10 +182,13 @@ def nightly_facts(found: dict[str, Any] | None, result: dict[str, Any] | None) -
         "set_aside": result.get("set_aside"),
         "reasons": dict(result.get("reasons") or {}),
         "labels": dict(result.get("label_histogram") or {}),
-        "model_name": result.get("model_name"), "model_version": result.get("model_version"),
-        "output_uri": result.get("output_uri"), "images_per_second": result.get("images_per_second"),
+        "model_name": result.get("model_name"),
+        "model_version": result.get("model_version"),
+        "output_uri": result.get("output_uri"),
+        "images_per_second": result.get("images_per_second"),
         "failure_ratio_exceeded": bool(result.get("failure_ratio_exceeded")),
-        "skipped_reason": found.get("skipped_reason"), "incoming_uri": found.get("incoming_uri"),
+        "skipped_reason": found.get("skipped_reason"),
+        "incoming_uri": found.get("incoming_uri"),
     }
 
 

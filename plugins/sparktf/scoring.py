@@ -85,9 +85,15 @@ def prediction_rows(keys: list[str], probabilities, labels: list[str], k: int) -
     if probabilities.shape != (len(keys), len(labels)):
         raise ValueError(f"model output {probabilities.shape} does not match {len(keys)} images x {len(labels)} labels")
     order, scores = top_k(probabilities, k)
-    return [{"key": key, "predicted_label": labels[order[row, 0]], "score": float(scores[row, 0]),
-             "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])]}
-            for row, key in enumerate(keys)]
+    return [
+        {
+            "key": key,
+            "predicted_label": labels[order[row, 0]],
+            "score": float(scores[row, 0]),
+            "top_k": [{"label": labels[c], "score": float(s)} for c, s in zip(order[row], scores[row])],
+        }
+        for row, key in enumerate(keys)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,11 +101,23 @@ def prediction_rows(keys: list[str], probabilities, labels: list[str], k: int) -
 # ---------------------------------------------------------------------------------------------
 
 
-def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: str, label_names: list[str],
-               input_shape: tuple[int, int, int], batch_size: int = 256, fetch_threads: int = 16,
-               max_pixels: int = 40_000_000, k: int = 5, cpus: int | None = None,
-               sizes: dict[str, int] | None = None, max_image_bytes: int | None = None,
-               resize_policy: str = "resize") -> dict[str, Any]:
+def score_keys(
+    bucket: str,
+    keys: list[str],
+    *,
+    model_uri: str,
+    model_sha256: str,
+    label_names: list[str],
+    input_shape: tuple[int, int, int],
+    batch_size: int = 256,
+    fetch_threads: int = 16,
+    max_pixels: int = 40_000_000,
+    k: int = 5,
+    cpus: int | None = None,
+    sizes: dict[str, int] | None = None,
+    max_image_bytes: int | None = None,
+    resize_policy: str = "resize",
+) -> dict[str, Any]:
     """Score objects: fetch + decode concurrently, then one model call per batch.
 
     ``resize_policy`` is how images reach ``input_shape`` (:data:`sparktf.images.RESIZE_POLICIES`:
@@ -121,15 +139,24 @@ def score_keys(bucket: str, keys: list[str], *, model_uri: str, model_sha256: st
     labels = [str(n) for n in label_names]
     predictions: list[dict] = []
     errors: list[dict] = []
-    stats = {"keys": len(keys), "model_loaded_now": False, "model_seconds": 0.0, "batches": 0,
-             "pid": os.getpid()}
+    stats = {"keys": len(keys), "model_loaded_now": False, "model_seconds": 0.0, "batches": 0, "pid": os.getpid()}
     retries_before = storage.retries_so_far()
     started = time.perf_counter()
     model = None
     window = int(batch_size) + 2 * max(1, int(fetch_threads))
-    decoded = fetch.fetch_decoded(bucket, keys, height=height, width=width, channels=channels, max_pixels=max_pixels,
-                                  fetch_threads=fetch_threads, window=window, sizes=sizes, max_bytes=max_image_bytes,
-                                  resize_policy=resize_policy)
+    decoded = fetch.fetch_decoded(
+        bucket,
+        keys,
+        height=height,
+        width=width,
+        channels=channels,
+        max_pixels=max_pixels,
+        fetch_threads=fetch_threads,
+        window=window,
+        sizes=sizes,
+        max_bytes=max_image_bytes,
+        resize_policy=resize_policy,
+    )
     for batch_keys, batch_arrays in _batches(decoded, int(batch_size), errors):
         if model is None:
             model, stats["model_loaded_now"] = cached_model(model_uri, model_sha256, cpus)
@@ -166,10 +193,23 @@ def _batches(decoded: Iterator[tuple], batch_size: int, errors: list[dict]) -> I
 # ---------------------------------------------------------------------------------------------
 
 
-def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str, model: dict[str, Any],
-                    partition_date: str, processed_at: dt.datetime, batch_size: int, fetch_threads: int,
-                    max_pixels: int, top: int, sizes: dict[str, int] | None = None,
-                    max_image_bytes: int | None = None, resize_policy: str | None = None) -> dict[str, Any]:
+def score_partition(
+    index: int,
+    keys: list[str],
+    *,
+    bucket: str,
+    staged_uri: str,
+    model: dict[str, Any],
+    partition_date: str,
+    processed_at: dt.datetime,
+    batch_size: int,
+    fetch_threads: int,
+    max_pixels: int,
+    top: int,
+    sizes: dict[str, int] | None = None,
+    max_image_bytes: int | None = None,
+    resize_policy: str | None = None,
+) -> dict[str, Any]:
     """Score one group of keys and write its predictions and errors parts under ``staged_uri``.
 
     Args:
@@ -185,24 +225,38 @@ def score_partition(index: int, keys: list[str], *, bucket: str, staged_uri: str
         of errors, timing stats and the executor it ran on.
     """
     scored = score_keys(
-        bucket, keys, model_uri=model["model_uri"], model_sha256=model["model_sha256"],
-        label_names=model["label_names"], input_shape=tuple(model["input_shape"]), batch_size=batch_size,
-        fetch_threads=fetch_threads, max_pixels=max_pixels, k=top, cpus=executor.task_cpus(),
-        sizes=sizes, max_image_bytes=max_image_bytes,
-        resize_policy=resize_policy or model.get("resize_policy") or "resize")
+        bucket,
+        keys,
+        model_uri=model["model_uri"],
+        model_sha256=model["model_sha256"],
+        label_names=model["label_names"],
+        input_shape=tuple(model["input_shape"]),
+        batch_size=batch_size,
+        fetch_threads=fetch_threads,
+        max_pixels=max_pixels,
+        k=top,
+        cpus=executor.task_cpus(),
+        sizes=sizes,
+        max_image_bytes=max_image_bytes,
+        resize_policy=resize_policy or model.get("resize_policy") or "resize",
+    )
     identity = executor.executor_identity()
     name, error_name = staged_part_names(index, f"{int(identity.get('attempt', 0))}-{uuid.uuid4().hex[:12]}")
     s3 = storage.client()
     predictions_data = predictions.predictions_parquet(
-        scored["predictions"], model_name=model["name"], model_version=model["version"],
-        partition_date=partition_date, processed_at=processed_at)
+        scored["predictions"], model_name=model["name"], model_version=model["version"], partition_date=partition_date, processed_at=processed_at
+    )
     errors_data = predictions.errors_parquet(scored["errors"], partition_date=partition_date)
     storage.write_bytes(storage.join_uri(staged_uri, name), predictions_data, s3)
     storage.write_bytes(storage.join_uri(staged_uri, error_name), errors_data, s3)
     return {
-        "index": index, "file": name, "errors_file": error_name,
-        "file_size": len(predictions_data), "errors_size": len(errors_data),
-        "scored": len(scored["predictions"]), "set_aside": len(scored["errors"]),
+        "index": index,
+        "file": name,
+        "errors_file": error_name,
+        "file_size": len(predictions_data),
+        "errors_size": len(errors_data),
+        "scored": len(scored["predictions"]),
+        "set_aside": len(scored["errors"]),
         "labels": dict(Counter(p["predicted_label"] for p in scored["predictions"])),
         "reasons": dict(Counter(e["reason"] for e in scored["errors"])),
         "errors": scored["errors"][:50],

@@ -61,15 +61,43 @@ _PRECONDITION_CODES = {"412", "PreconditionFailed"}
 # Answers that say the caller is wrong, not one object: expired, invalid or refused credentials, a
 # signature the store rejects, a disabled account, a missing bucket, a KMS key the caller may not
 # use. Every later request fails the same way, so no object may be set aside for them.
-_CALLER_CODES = frozenset({
-    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken", "InvalidAccessKeyId",
-    "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch", "IncompleteSignature",
-    "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError", "MissingSecurityHeader", "InvalidSecurity",
-    "RequestExpired", "AccountProblem", "AllAccessDisabled", "NotSignedUp", "NoSuchBucket", "InvalidBucketName",
-})
-_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                    "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
-                    "ConditionalRequestConflict"}
+_CALLER_CODES = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "TokenRefreshRequired",
+        "InvalidToken",
+        "InvalidAccessKeyId",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "AuthorizationHeaderMalformed",
+        "AuthorizationQueryParametersError",
+        "MissingSecurityHeader",
+        "InvalidSecurity",
+        "RequestExpired",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "NotSignedUp",
+        "NoSuchBucket",
+        "InvalidBucketName",
+    }
+)
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+    "ConditionalRequestConflict",
+}
 
 
 class StorageError(RuntimeError):
@@ -108,14 +136,20 @@ class StorageSettings:
 
     def environment(self) -> dict[str, str]:
         """The standard AWS environment variables that give another process the same settings."""
-        names = {"endpoint_url": "AWS_ENDPOINT_URL", "region_name": "AWS_DEFAULT_REGION",
-                 "aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-                 "aws_session_token": "AWS_SESSION_TOKEN"}
+        names = {
+            "endpoint_url": "AWS_ENDPOINT_URL",
+            "region_name": "AWS_DEFAULT_REGION",
+            "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+            "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+            "aws_session_token": "AWS_SESSION_TOKEN",
+        }
         return {names[k]: str(v) for k, v in asdict(self).items() if v}
 
     def __repr__(self) -> str:  # never print a secret
-        return (f"StorageSettings(endpoint_url={self.endpoint_url!r}, region_name={self.region_name!r}, "
-                f"credentials={'set' if self.aws_access_key_id else 'AWS chain'})")
+        return (
+            f"StorageSettings(endpoint_url={self.endpoint_url!r}, region_name={self.region_name!r}, "
+            f"credentials={'set' if self.aws_access_key_id else 'AWS chain'})"
+        )
 
 
 _DEFAULT_SETTINGS = StorageSettings()
@@ -197,7 +231,7 @@ def parse_uri(uri: str) -> S3Location:
     """
     for scheme in ("s3://", "s3a://"):
         if uri.startswith(scheme):
-            bucket, _, key = uri[len(scheme):].partition("/")
+            bucket, _, key = uri[len(scheme) :].partition("/")
             if not bucket:
                 break
             return S3Location(bucket, key)
@@ -251,7 +285,11 @@ def is_caller_refused(err: BaseException) -> bool:
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
     if isinstance(err, (NoCredentialsError, PartialCredentialsError)) or type(err).__name__ in (
-            "CredentialRetrievalError", "TokenRetrievalError", "UnauthorizedSSOTokenError", "SSOTokenLoadError"):
+        "CredentialRetrievalError",
+        "TokenRetrievalError",
+        "UnauthorizedSSOTokenError",
+        "SSOTokenLoadError",
+    ):
         return True
     code = _error_code(err) or ""
     if code in _CALLER_CODES or code.upper().startswith("KMS"):
@@ -272,15 +310,26 @@ def is_transient(err: BaseException) -> bool:
     )
     from urllib3.exceptions import HTTPError as Urllib3Error
 
-    if isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, ReadTimeoutError,
-                        ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)):
+    if isinstance(
+        err,
+        (
+            BotoConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+            Urllib3Error,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
         return True
     code = _error_code(err)
     return code is not None and (code in _TRANSIENT_CODES or code.startswith("5"))
 
 
 def _backoff(attempt: int) -> None:
-    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * (2 ** attempt))
+    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * (2**attempt))
     time.sleep(delay * (0.5 + random.random() / 2))
 
 
@@ -309,12 +358,12 @@ def retrying(what: str, operation: Callable[[], T], attempts: int = READ_ATTEMPT
             if is_caller_refused(err):
                 raise CallerRefused(
                     f"{what}: the store refused the caller, not this object ({type(err).__name__}: {err}). Check the "
-                    f"credentials, their expiry and the KMS key policy; nothing was set aside for it") from err
+                    f"credentials, their expiry and the KMS key policy; nothing was set aside for it"
+                ) from err
             if not is_transient(err):
                 raise
             if attempt + 1 == attempts:
-                raise TransientStorageError(
-                    f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})") from err
+                raise TransientStorageError(f"{what}: still failing after {attempts} attempts ({type(err).__name__}: {err})") from err
             _RETRIES["count"] += 1  # a race between threads only blurs a statistic
             log.warning("%s: %s, retrying (attempt %d of %d)", what, type(err).__name__, attempt + 2, attempts)
             _backoff(attempt)
@@ -363,8 +412,7 @@ def read_json_with_etag(uri: str, s3=None) -> tuple[Any | None, str | None]:
         return None, None
 
 
-def stream_sha256(uri: str, s3=None, sink: Callable[[bytes], None] | None = None,
-                  restart: Callable[[], None] | None = None) -> str:
+def stream_sha256(uri: str, s3=None, sink: Callable[[bytes], None] | None = None, restart: Callable[[], None] | None = None) -> str:
     """sha256 of an object read in chunks (never whole in memory); chunks also go to ``sink``.
 
     A failure mid-body restarts the read from the beginning (``restart`` is called first, so a
@@ -421,9 +469,11 @@ def open_object(uri: str, s3=None, *, if_match: str | None = None) -> tuple[int,
 def download_file(uri: str, path: str, s3=None) -> str:
     """Download an object to a local file (streamed); returns its sha256."""
     with open(path, "wb") as fh:
+
         def restart() -> None:
             fh.seek(0)
             fh.truncate()
+
         return stream_sha256(uri, s3, sink=fh.write, restart=restart)
 
 
@@ -435,8 +485,7 @@ def head(uri: str, s3=None) -> dict[str, Any] | None:
         response = retrying(f"HEAD {uri}", lambda: s3.head_object(Bucket=loc.bucket, Key=loc.key))
     except ObjectNotFound:
         return None
-    return {"size": int(response.get("ContentLength", 0)), "etag": normal_etag(response.get("ETag")),
-            "last_modified": response.get("LastModified")}
+    return {"size": int(response.get("ContentLength", 0)), "etag": normal_etag(response.get("ETag")), "last_modified": response.get("LastModified")}
 
 
 def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
@@ -451,8 +500,7 @@ def iter_objects(prefix: str, s3=None) -> Iterator[dict]:
             kwargs["ContinuationToken"] = token
         page = retrying(f"LIST {prefix}", lambda kw=kwargs: s3.list_objects_v2(**kw))
         for obj in page.get("Contents", []):
-            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": normal_etag(obj.get("ETag")),
-                   "last_modified": obj.get("LastModified")}
+            yield {"key": obj["Key"], "size": int(obj["Size"]), "etag": normal_etag(obj.get("ETag")), "last_modified": obj.get("LastModified")}
         if not page.get("IsTruncated"):
             return
         token = page["NextContinuationToken"]
@@ -542,7 +590,8 @@ def check_conditional_writes(bucket: str, s3=None, key: str = "") -> None:
                 f"the store at {endpoint} (bucket {bucket}) {broken}: the model version claim, the champion swap and "
                 f"the predictions' _SUCCESS switch would silently become last-writer-wins, so nothing is written. "
                 f"Use a store that honours If-None-Match and If-Match on PUT (AWS S3, MinIO), or remove the proxy "
-                f"that drops them")
+                f"that drops them"
+            )
         _CHECKED.add((endpoint, bucket, probe))
 
 
@@ -554,8 +603,10 @@ def _probe_conditional_writes(bucket: str, key: str, s3) -> str | None:
         return normal_etag(s3.put_object(Bucket=bucket, Key=key, Body=_PROBE_BODY, **condition).get("ETag"))
 
     etag = retrying(f"PUT {uri}", put)
-    for condition, wrong in (({"IfNoneMatch": "*"}, "accepted a create (If-None-Match: *) of an existing object"),
-                             ({"IfMatch": _WRONG_ETAG}, "accepted a replace whose If-Match names another ETag")):
+    for condition, wrong in (
+        ({"IfNoneMatch": "*"}, "accepted a create (If-None-Match: *) of an existing object"),
+        ({"IfMatch": _WRONG_ETAG}, "accepted a replace whose If-Match names another ETag"),
+    ):
         outcome = _probe_outcome(uri, lambda c=condition: put(**c))
         if outcome != "refused":
             return wrong if outcome == "accepted" else f"does not implement conditional writes ({outcome})"
@@ -578,8 +629,7 @@ def _probe_outcome(uri: str, operation: Callable[[], Any]) -> str:
     return "accepted"
 
 
-def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None, *,
-                if_none_match: bool = False, if_match: str | None = None) -> str:
+def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None, *, if_none_match: bool = False, if_match: str | None = None) -> str:
     """Write a whole object with one PUT (readers see the old or the new object, never a mix).
 
     Args:
@@ -617,8 +667,7 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
         return retrying(f"PUT {uri}", put)
     except Exception as err:
         # If-Match on an object deleted since it was read answers 404: the same lost race.
-        refused = _error_code(err) in _PRECONDITION_CODES or (
-            bool(if_match) and (is_not_found(err) or isinstance(err, ObjectNotFound)))
+        refused = _error_code(err) in _PRECONDITION_CODES or (bool(if_match) and (is_not_found(err) or isinstance(err, ObjectNotFound)))
         if not (conditional and refused):
             raise
         etag = _etag_if_holding(loc, data, s3)
@@ -631,6 +680,7 @@ def write_bytes(uri: str, data: bytes, s3=None, content_type: str | None = None,
 
 def _etag_if_holding(loc: S3Location, data: bytes, s3) -> str | None:
     """The object's ETag if its bytes are exactly ``data``, else None (also when it is missing)."""
+
     def get() -> tuple[bytes, str]:
         response = s3.get_object(Bucket=loc.bucket, Key=loc.key)
         return response["Body"].read(), normal_etag(response.get("ETag"))
@@ -652,8 +702,9 @@ def copy_object(src_uri: str, dst_uri: str, s3=None) -> str:
     """Server-side copy of one object; returns the copy's ETag."""
     src, dst = parse_uri(src_uri), parse_uri(dst_uri)
     s3 = s3 or client()
-    response = retrying(f"COPY {src_uri} -> {dst_uri}", lambda: s3.copy_object(
-        Bucket=dst.bucket, Key=dst.key, CopySource={"Bucket": src.bucket, "Key": src.key}))
+    response = retrying(
+        f"COPY {src_uri} -> {dst_uri}", lambda: s3.copy_object(Bucket=dst.bucket, Key=dst.key, CopySource={"Bucket": src.bucket, "Key": src.key})
+    )
     return normal_etag(response.get("CopyObjectResult", {}).get("ETag"))
 
 
@@ -690,9 +741,11 @@ def delete_keys(bucket: str, keys: list[str], s3=None) -> int:
     """
     s3 = s3 or client()
     for start in range(0, len(keys), 1000):
-        batch = keys[start:start + 1000]
-        response = retrying(f"DELETE {len(batch)} objects in s3://{bucket}", lambda b=batch: s3.delete_objects(
-            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in b], "Quiet": True}))
+        batch = keys[start : start + 1000]
+        response = retrying(
+            f"DELETE {len(batch)} objects in s3://{bucket}",
+            lambda b=batch: s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in b], "Quiet": True}),
+        )
         errors = response.get("Errors") or []
         if errors:
             sample = ", ".join(f"{e.get('Key')}: {e.get('Code')}" for e in errors[:5])

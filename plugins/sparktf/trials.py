@@ -88,22 +88,19 @@ def attempt_history(trials_uri: str, trial_id: str, s3=None) -> list[dict[str, A
     prefix_key = storage.parse_uri(prefix).key
     names: dict[str, set[str]] = {}
     for key in storage.list_keys(prefix, s3):
-        attempt_id, _, name = key[len(prefix_key):].partition("/")
+        attempt_id, _, name = key[len(prefix_key) :].partition("/")
         names.setdefault(attempt_id, set()).add(name)
     history = []
     for attempt_id, files in sorted(names.items()):
-        started = (storage.read_json_if_exists(attempt_uri(trials_uri, trial_id, attempt_id, STARTED_NAME), s3)
-                   if STARTED_NAME in files else None)
-        history.append({"attempt_id": attempt_id, "started": started, "finished": RECORD_NAME in files,
-                        "raised": RAISED_NAME in files})
+        started = storage.read_json_if_exists(attempt_uri(trials_uri, trial_id, attempt_id, STARTED_NAME), s3) if STARTED_NAME in files else None
+        history.append({"attempt_id": attempt_id, "started": started, "finished": RECORD_NAME in files, "raised": RAISED_NAME in files})
     return history
 
 
 def default_fingerprint(*, family: str, epochs: int, patience: int, lr_decay_patience: int, seed: int) -> dict[str, Any]:
     """What :func:`train_trial` itself knows changes a result (the tuning job adds the data's
     manifest hash and the code version: :func:`sparktf.jobs.tune.trial_fingerprint`)."""
-    return {"model_family": family, "epochs": epochs, "patience": patience,
-            "lr_decay_patience": lr_decay_patience, "seed": seed}
+    return {"model_family": family, "epochs": epochs, "patience": patience, "lr_decay_patience": lr_decay_patience, "seed": seed}
 
 
 def stale_because(record: dict[str, Any], fingerprint: dict[str, Any], job_id: str | None) -> str | None:
@@ -153,9 +150,15 @@ def killed_attempts(history: list[dict[str, Any]], job_id: str, raised_here: set
         raised_here: ids of attempts this machine's local notes say raised (:func:`raised_here`):
             they count as raised even when the store lost their marker.
     """
-    return [a["started"] for a in history
-            if a["started"] is not None and a["started"].get("job_id") == job_id
-            and not a["finished"] and not a.get("raised") and a["attempt_id"] not in raised_here]
+    return [
+        a["started"]
+        for a in history
+        if a["started"] is not None
+        and a["started"].get("job_id") == job_id
+        and not a["finished"]
+        and not a.get("raised")
+        and a["attempt_id"] not in raised_here
+    ]
 
 
 def crash_verdict(killed: list[dict[str, Any]], identity: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -169,12 +172,19 @@ def crash_record(base: dict[str, Any], dead: list[dict[str, Any]]) -> dict[str, 
     """The ``failed`` record of a trial whose earlier attempts were killed (``dead``: their markers)."""
     numbers = sorted(int(d.get("attempt", 0)) for d in dead)
     label = f"attempt {numbers[0]}" if len(numbers) == 1 else f"attempts {', '.join(map(str, numbers))}"
-    return {**base, "status": "failed", "epochs_run": 0, "train_seconds": None,
-            "reason": f"crashed: the Python worker died during training ({label})", "crashed_attempts": dead}
+    return {
+        **base,
+        "status": "failed",
+        "epochs_run": 0,
+        "train_seconds": None,
+        "reason": f"crashed: the Python worker died during training ({label})",
+        "crashed_attempts": dead,
+    }
 
 
 def local_notes_dir(job_id: str | None, trial_id: str) -> str:
     """This machine's folder of "attempt raised" notes for one trial of one job."""
+
     def safe(value: str) -> str:
         return re.sub(r"[^A-Za-z0-9_.=-]", "_", value)
 
@@ -200,8 +210,15 @@ def _mark_raised(trials_uri: str, record: dict[str, Any], err: BaseException) ->
     """Say that this attempt raised: a local note (never depends on the store), then the store's
     marker, best effort (the store may be what failed; the error being raised is the one to report)."""
     trial_id, attempt_id = record["trial_id"], record["attempt_id"]
-    note = {"trial_id": trial_id, "attempt_id": attempt_id, "attempt": record["attempt"], "job_id": record["job_id"],
-            "executor": record["executor"], "error": f"{type(err).__name__}: {str(err)[:300]}", "raised_at": time.time()}
+    note = {
+        "trial_id": trial_id,
+        "attempt_id": attempt_id,
+        "attempt": record["attempt"],
+        "job_id": record["job_id"],
+        "executor": record["executor"],
+        "error": f"{type(err).__name__}: {str(err)[:300]}",
+        "raised_at": time.time(),
+    }
     try:
         folder = local_notes_dir(record["job_id"], trial_id)
         os.makedirs(folder, exist_ok=True)
@@ -212,8 +229,7 @@ def _mark_raised(trials_uri: str, record: dict[str, Any], err: BaseException) ->
     try:
         storage.write_json(attempt_uri(trials_uri, trial_id, attempt_id, RAISED_NAME), note)
     except Exception as marker_err:  # noqa: BLE001 - best effort, see the docstring
-        log.warning("%s: attempt %s raised %s and its marker could not be stored either (%s)",
-                    trial_id, attempt_id, type(err).__name__, marker_err)
+        log.warning("%s: attempt %s raised %s and its marker could not be stored either (%s)", trial_id, attempt_id, type(err).__name__, marker_err)
 
 
 def _crash_if_asked(trial_id: str, params: dict[str, Any]) -> None:
@@ -263,8 +279,7 @@ def train_trial(
         The trial record (also published as ``<trial_id>/metrics.json``).
     """
     trial_id = trial["trial_id"]
-    fingerprint = fingerprint or default_fingerprint(family=family, epochs=epochs, patience=patience,
-                                                     lr_decay_patience=lr_decay_patience, seed=seed)
+    fingerprint = fingerprint or default_fingerprint(family=family, epochs=epochs, patience=patience, lr_decay_patience=lr_decay_patience, seed=seed)
     record_uri = storage.join_uri(trial_prefix(trials_uri, trial_id), RECORD_NAME)
     previous, etag = storage.read_json_with_etag(record_uri)
     retrained_because = None if previous is None else stale_because(previous, fingerprint, job_id)
@@ -274,35 +289,63 @@ def train_trial(
         log.info("%s: training again: %s", trial_id, retrained_because)
 
     identity = executor.executor_identity()
-    base = {"trial_id": trial_id, "params": trial["params"], "family": family, "fingerprint": fingerprint,
-            "job_id": job_id, "executor": identity, "attempt": int(identity.get("attempt", 0))}
+    base = {
+        "trial_id": trial_id,
+        "params": trial["params"],
+        "family": family,
+        "fingerprint": fingerprint,
+        "job_id": job_id,
+        "executor": identity,
+        "attempt": int(identity.get("attempt", 0)),
+    }
     if job_id and base["attempt"] > 0:
         dead = crashed_attempts(trials_uri, trial_id, job_id, identity)
         if dead is not None:
             return _publish_crash(crash_record(base, dead), record_uri, etag)
-    record = attempt_record(base, f"{base['attempt']}-{uuid.uuid4().hex[:12]}", epochs=epochs, seed=seed,
-                            lr_decay_patience=lr_decay_patience, retrained_because=retrained_because)
+    record = attempt_record(
+        base,
+        f"{base['attempt']}-{uuid.uuid4().hex[:12]}",
+        epochs=epochs,
+        seed=seed,
+        lr_decay_patience=lr_decay_patience,
+        retrained_because=retrained_because,
+    )
     return _run_attempt(record, data, trials_uri, patience=patience, cpus=cpus)
 
 
-def attempt_record(base: dict[str, Any], attempt_id: str, *, epochs: int, seed: int, lr_decay_patience: int,
-                   retrained_because: str | None) -> dict[str, Any]:
+def attempt_record(
+    base: dict[str, Any], attempt_id: str, *, epochs: int, seed: int, lr_decay_patience: int, retrained_because: str | None
+) -> dict[str, Any]:
     """A new attempt's record before training: ``failed`` with no reason until it ends."""
     record: dict[str, Any] = {
-        **base, "attempt_id": attempt_id, "status": "failed", "reason": None, "epochs_run": 0, "train_seconds": None,
-        "max_epochs": epochs, "seed": seed, "lr_decay_patience": lr_decay_patience,
+        **base,
+        "attempt_id": attempt_id,
+        "status": "failed",
+        "reason": None,
+        "epochs_run": 0,
+        "train_seconds": None,
+        "max_epochs": epochs,
+        "seed": seed,
+        "lr_decay_patience": lr_decay_patience,
     }
     if retrained_because:
         record["retrained_because"] = retrained_because
     return record
 
 
-def _run_attempt(record: dict[str, Any], data: dict[str, Any], trials_uri: str, *, patience: int,
-                 cpus: int) -> dict[str, Any]:
+def _run_attempt(record: dict[str, Any], data: dict[str, Any], trials_uri: str, *, patience: int, cpus: int) -> dict[str, Any]:
     """Mark the attempt started, train, save and publish; mark it raised if anything raises."""
-    storage.write_json(attempt_uri(trials_uri, record["trial_id"], record["attempt_id"], STARTED_NAME), {
-        "trial_id": record["trial_id"], "attempt_id": record["attempt_id"], "attempt": record["attempt"],
-        "job_id": record["job_id"], "executor": record["executor"], "started_at": time.time()})
+    storage.write_json(
+        attempt_uri(trials_uri, record["trial_id"], record["attempt_id"], STARTED_NAME),
+        {
+            "trial_id": record["trial_id"],
+            "attempt_id": record["attempt_id"],
+            "attempt": record["attempt"],
+            "job_id": record["job_id"],
+            "executor": record["executor"],
+            "started_at": time.time(),
+        },
+    )
     try:
         executor.pin_threads(cpus)
         import keras
@@ -329,9 +372,11 @@ def _callbacks(params: dict[str, Any], *, patience: int, lr_decay_patience: int)
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True, mode="max"),
     ]
     if lr_decay_patience > 0:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_accuracy", mode="max", factor=0.5, patience=lr_decay_patience,
-            min_lr=float(params["learning_rate"]) / 64))
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_accuracy", mode="max", factor=0.5, patience=lr_decay_patience, min_lr=float(params["learning_rate"]) / 64
+            )
+        )
     return callbacks
 
 
@@ -355,8 +400,14 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
         callbacks = _callbacks(params, patience=patience, lr_decay_patience=record["lr_decay_patience"])
         _crash_if_asked(record["trial_id"], params)
         history = model.fit(
-            data["x_train"], data["y_train"], batch_size=int(params["batch_size"]), epochs=epochs,
-            validation_data=(data["x_val"], data["y_val"]), callbacks=callbacks, verbose=0, shuffle=True,
+            data["x_train"],
+            data["y_train"],
+            batch_size=int(params["batch_size"]),
+            epochs=epochs,
+            validation_data=(data["x_val"], data["y_val"]),
+            callbacks=callbacks,
+            verbose=0,
+            shuffle=True,
         )
         losses = history.history.get("loss", [])
         record["epochs_run"] = len(losses)
@@ -371,9 +422,14 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
         if not all(math.isfinite(v) for v in (val_loss, val_accuracy, test_loss, test_accuracy)):
             record["reason"] = "diverged: evaluation produced NaN/inf"
             return None
-        return model, {"val_loss": float(val_loss), "val_accuracy": float(val_accuracy), "test_loss": float(test_loss),
-                       "test_accuracy": float(test_accuracy), "test_error": 1.0 - float(test_accuracy),
-                       "num_parameters": int(model.count_params())}
+        return model, {
+            "val_loss": float(val_loss),
+            "val_accuracy": float(val_accuracy),
+            "test_loss": float(test_loss),
+            "test_accuracy": float(test_accuracy),
+            "test_error": 1.0 - float(test_accuracy),
+            "num_parameters": int(model.count_params()),
+        }
     except (tf.errors.ResourceExhaustedError, MemoryError) as err:
         record["reason"] = f"out_of_memory: {type(err).__name__}: {str(err)[:300]}"
     except Exception as err:
@@ -435,11 +491,20 @@ def leaderboard(records: list[dict[str, Any]], *, top: int = 5) -> dict[str, Any
     ranked = rank_trials(records)
     failed = [r for r in records if r.get("status") != "ok"]
     rows = [
-        {"rank": i + 1, "trial_id": r["trial_id"], **{k: r["params"][k] for k in knobs.search_dimensions()},
-         "val_accuracy": round(r["val_accuracy"], 5), "test_accuracy": round(r["test_accuracy"], 5),
-         "epochs_run": r["epochs_run"], "train_seconds": r["train_seconds"]}
+        {
+            "rank": i + 1,
+            "trial_id": r["trial_id"],
+            **{k: r["params"][k] for k in knobs.search_dimensions()},
+            "val_accuracy": round(r["val_accuracy"], 5),
+            "test_accuracy": round(r["test_accuracy"], 5),
+            "epochs_run": r["epochs_run"],
+            "train_seconds": r["train_seconds"],
+        }
         for i, r in enumerate(ranked)
     ]
-    return {"leaderboard": rows[:top], "full_leaderboard": rows,
-            "failed": [{"trial_id": r["trial_id"], "params": r["params"], "reason": r["reason"]} for r in failed],
-            "best": ranked[0] if ranked else None}
+    return {
+        "leaderboard": rows[:top],
+        "full_leaderboard": rows,
+        "failed": [{"trial_id": r["trial_id"], "params": r["params"], "reason": r["reason"]} for r in failed],
+        "best": ranked[0] if ranked else None,
+    }

@@ -30,10 +30,15 @@ VENV_BIN = Path(sys.executable).parent
 
 def _clean_env(s3_endpoint: str, work_dir: Path) -> dict[str, str]:
     env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(work_dir), "SPARK_HOME": SPARK_HOME,
-        "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(work_dir / "logs"),
-        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work_dir),
+        "SPARK_HOME": SPARK_HOME,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_LOG_DIR": str(work_dir / "logs"),
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
     }
     if os.environ.get("JAVA_HOME"):
         env["JAVA_HOME"] = os.environ["JAVA_HOME"]
@@ -56,19 +61,34 @@ class Cluster:
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - the daemon's log, open while it runs
         self.processes[name] = subprocess.Popen(
-            [str(VENV_BIN / "spark-class"), *args], env=self.env, stdout=log, stderr=log,
-            start_new_session=True)  # own process group: executors and Python workers die with it
+            [str(VENV_BIN / "spark-class"), *args], env=self.env, stdout=log, stderr=log, start_new_session=True
+        )  # own process group: executors and Python workers die with it
 
     def start(self) -> None:
-        self._start("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                               "--port", str(self.port), "--webui-port", str(self.ui_port)])
+        self._start(
+            "master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(self.port), "--webui-port", str(self.ui_port)]
+        )
         self._wait(lambda s: s.get("status") == "ALIVE", "master")
         for n in (1, 2):
             work = self.base / f"worker-{n}"
             work.mkdir()
-            self._start(f"worker-{n}", ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                                        "--cores", "1", "--memory", "3g", "--work-dir", str(work),
-                                        "--webui-port", str(free_port()), self.url])
+            self._start(
+                f"worker-{n}",
+                [
+                    "org.apache.spark.deploy.worker.Worker",
+                    "--host",
+                    "127.0.0.1",
+                    "--cores",
+                    "1",
+                    "--memory",
+                    "3g",
+                    "--work-dir",
+                    str(work),
+                    "--webui-port",
+                    str(free_port()),
+                    self.url,
+                ],
+            )
         self._wait(lambda s: sum(w["state"] == "ALIVE" for w in s.get("workers", [])) == 2, "two workers")
 
     def _wait(self, ready, what: str, timeout: float = 90) -> None:
@@ -121,8 +141,15 @@ def raw_mnist(bucket, mnist_subset) -> str:
 
 @pytest.fixture(scope="module")
 def cluster_tuning_run(cluster_airflow_env, raw_mnist, bucket, tmp_path_factory):
-    conf = {"dataset_uri": raw_mnist, "workspace_uri": f"s3://{bucket}/cluster/ws", "model_name": "digits",
-            "learning_rates": [0.001, 0.003], "hidden_units": [32, 64], "epochs": 1, "batch_sizes": [32]}
+    conf = {
+        "dataset_uri": raw_mnist,
+        "workspace_uri": f"s3://{bucket}/cluster/ws",
+        "model_name": "digits",
+        "learning_rates": [0.001, 0.003],
+        "hidden_units": [32, 64],
+        "epochs": 1,
+        "batch_sizes": [32],
+    }
     code, summary, output = run_dag(cluster_airflow_env, tmp_path_factory.mktemp("run"), "tuning_pipeline", conf)
     assert code == 0, output[-6000:]
     return conf, summary
@@ -140,8 +167,7 @@ def test_tuning_dag_runs_on_the_cluster_and_uses_both_workers(cluster_tuning_run
 def start_dag(env: dict[str, str], out_dir: Path, dag_id: str, conf: dict) -> tuple[subprocess.Popen, Path, Path]:
     """Start a DAG run like :func:`sparktf_dev.testing.run_dag`, in the background (own process group)."""
     summary, log_path = out_dir / f"{dag_id}-summary.json", out_dir / f"{dag_id}.log"
-    command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf),
-               "--json-out", str(summary)]
+    command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf), "--json-out", str(summary)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return process, summary, log_path
@@ -167,22 +193,35 @@ def ran_on(cluster: Cluster, worker: str, marker: dict) -> bool:
     return (cluster.base / worker / app_id / str(marker["executor"].get("executor_id"))).is_dir()
 
 
-def test_losing_a_worker_while_the_dags_tune_task_runs_trains_every_trial_once(
-        cluster, cluster_airflow_env, raw_mnist, bucket, tmp_path):
+def test_losing_a_worker_while_the_dags_tune_task_runs_trains_every_trial_once(cluster, cluster_airflow_env, raw_mnist, bucket, tmp_path):
     """Kill worker 2 (its process group: worker, executor, Python workers) while the DAG's tune task
     has a trial training there; the run still ends green and no trial is trained to completion twice."""
     ws = f"s3://{bucket}/cluster/worker-loss"
-    conf = {"dataset_uri": raw_mnist, "workspace_uri": ws, "model_name": "digits", "model_family": "mnist_cnn",
-            "learning_rates": [0.001, 0.002, 0.003], "hidden_units": [32, 64], "epochs": 2, "patience": 2,
-            "batch_sizes": [32]}
+    conf = {
+        "dataset_uri": raw_mnist,
+        "workspace_uri": ws,
+        "model_name": "digits",
+        "model_family": "mnist_cnn",
+        "learning_rates": [0.001, 0.002, 0.003],
+        "hidden_units": [32, 64],
+        "epochs": 2,
+        "patience": 2,
+        "batch_sizes": [32],
+    }
     run, summary_path, log_path = start_dag(cluster_airflow_env, tmp_path, "tuning_pipeline", conf)
     try:
         victim = None
         deadline = time.monotonic() + 900
         while victim is None and time.monotonic() < deadline:
             assert run.poll() is None, log_path.read_text(errors="replace")[-6000:]
-            victim = next(((trial_id, marker) for trial_id, marker, finished in started_attempts(ws + "/")
-                           if not finished and ran_on(cluster, "worker-2", marker)), None)
+            victim = next(
+                (
+                    (trial_id, marker)
+                    for trial_id, marker, finished in started_attempts(ws + "/")
+                    if not finished and ran_on(cluster, "worker-2", marker)
+                ),
+                None,
+            )
             if victim is None:
                 time.sleep(0.5)
         assert victim is not None, "no trial started on worker 2"
@@ -226,18 +265,22 @@ def test_losing_a_worker_while_the_dags_tune_task_runs_trains_every_trial_once(
 
 
 def test_nightly_inference_dag_scores_on_the_cluster_with_the_exported_champion(
-        cluster_airflow_env, cluster_tuning_run, bucket, mnist_subset, tmp_path):
+    cluster_airflow_env, cluster_tuning_run, bucket, mnist_subset, tmp_path
+):
     from sparktf import predictions
     from sparktf_dev.testing import land_partition
 
     conf, _summary = cluster_tuning_run
     _tx, _ty, test_x, test_y = mnist_subset
-    landed = land_partition(conf["workspace_uri"] + "/incoming/", "2026-11-20", test_x[:24], test_y[:24],
-                            with_bad=False)
+    landed = land_partition(conf["workspace_uri"] + "/incoming/", "2026-11-20", test_x[:24], test_y[:24], with_bad=False)
     storage.write_bytes(conf["workspace_uri"] + "/incoming/2026-11-20/scans/garbled.png", b"\x89PNG\r\n\x1a\n??")
-    code, summary, output = run_dag(cluster_airflow_env, tmp_path, "nightly_inference",
-                                    {"workspace_uri": conf["workspace_uri"], "model_name": conf["model_name"]},
-                                    logical_date="2026-11-21T02:30:00+00:00")
+    code, summary, output = run_dag(
+        cluster_airflow_env,
+        tmp_path,
+        "nightly_inference",
+        {"workspace_uri": conf["workspace_uri"], "model_name": conf["model_name"]},
+        logical_date="2026-11-21T02:30:00+00:00",
+    )
     assert code == 0, output[-6000:]
     job = summary["tasks"]["batch_inference"]["xcom"]
     assert job["executors"], job

@@ -25,12 +25,16 @@ def test_the_tuning_defaults_pass_and_say_how_many_trials(dag_bag):
     assert summary["search_strategy"] == "grid"
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({"learning_rates": []}, "learning_rates: give at least one value"),
-    ({"hidden_units": [0]}, "hidden_units: every value must be an integer >= 1"),
-    ({"dataset_uri": "/local/path"}, "dataset_uri:"),
-    ({"learning_rates": [i / 1000 + 0.001 for i in range(40)], "hidden_units": list(range(1, 31))}, "more than 1000"),
-], ids=lambda c: json.dumps(c) if isinstance(c, dict) else "")
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"learning_rates": []}, "learning_rates: give at least one value"),
+        ({"hidden_units": [0]}, "hidden_units: every value must be an integer >= 1"),
+        ({"dataset_uri": "/local/path"}, "dataset_uri:"),
+        ({"learning_rates": [i / 1000 + 0.001 for i in range(40)], "hidden_units": list(range(1, 31))}, "more than 1000"),
+    ],
+    ids=lambda c: json.dumps(c) if isinstance(c, dict) else "",
+)
 def test_a_bad_tuning_setting_is_named(dag_bag, change, expected):
     problems, _summary = validation.tuning_problems(tuning_params(dag_bag, **change))
     assert any(expected in p for p in problems), problems
@@ -53,9 +57,16 @@ def test_refuse_fails_without_retry_and_says_everything():
 
 # --- register_model --------------------------------------------------------------------------
 
-REQUEST = {"model_name": "inception-v3", "source": "keras_application", "application": "InceptionV3",
-           "weights_uri": "s3://b/w.weights.h5", "model_uri": "", "labels": "label_map",
-           "label_map_uri": "s3://b/labels.json", "resize_policy": "center_crop"}
+REQUEST = {
+    "model_name": "inception-v3",
+    "source": "keras_application",
+    "application": "InceptionV3",
+    "weights_uri": "s3://b/w.weights.h5",
+    "model_uri": "",
+    "labels": "label_map",
+    "label_map_uri": "s3://b/labels.json",
+    "resize_policy": "center_crop",
+}
 
 
 def store_of(objects: dict[str, bytes]):
@@ -107,14 +118,17 @@ def test_the_partition_is_the_param_or_the_utc_date_of_the_interval_start():
     start = pendulum.datetime(2026, 11, 20, 2, 30, tz="UTC")
     assert nightly.partition_date({"date": None}, start) == ("2026-11-20", "data_interval")
     assert nightly.partition_date({"date": ""}, pendulum.datetime(2026, 11, 20, 23, 30, tz="America/New_York")) == (
-        "2026-11-21", "data_interval")  # partitions are UTC dates
+        "2026-11-21",
+        "data_interval",
+    )  # partitions are UTC dates
     assert nightly.partition_date({"date": "2028-02-29"}, start) == ("2028-02-29", "param")
     with pytest.raises(Exception, match="set the 'date' Param"):
         nightly.partition_date({"date": None}, None)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("2g", 2 * 2**30), ("512m", 512 * 2**20), ("1024k", 2**20),
-                                                ("2GB", 2 * 2**30), ("1t", 2**40), ("300", 300 * 2**20)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("2g", 2 * 2**30), ("512m", 512 * 2**20), ("1024k", 2**20), ("2GB", 2 * 2**30), ("1t", 2**40), ("300", 300 * 2**20)]
+)
 def test_spark_memory_settings_are_read_as_spark_reads_them(text, expected):
     assert validation.parse_memory(text) == expected
 
@@ -146,30 +160,59 @@ def test_a_missing_or_changed_model_says_what_to_do():
 
 
 def test_the_resolved_model_is_the_exact_version():
-    metadata = {"version": "3", "model_uri": "s3://b/m/3/model.keras", "model_sha256": "ab", "input_shape": [28, 28, 1],
-                "label_names": ["0", "1"], "extra": "not passed on"}
+    metadata = {
+        "version": "3",
+        "model_uri": "s3://b/m/3/model.keras",
+        "model_sha256": "ab",
+        "input_shape": [28, 28, 1],
+        "label_names": ["0", "1"],
+        "extra": "not passed on",
+    }
     resolved = nightly.resolved_summary({"model_name": "digits", "model_version": "champion"}, metadata)
     assert resolved["version"] == 3
     assert resolved["requested"] == "champion"
     assert "extra" not in resolved
 
 
-JOB_RESULT = {"date": "2026-11-20", "listed": 10, "scored": 8, "set_aside": 2, "reasons": {"unreadable": 2},
-              "markers_skipped": 1, "storage_retries": 0, "label_histogram": {"3": 8}, "model_name": "digits",
-              "model_version": 3, "output_uri": "s3://b/p/digits/2026-11-20/", "success_uri": "s3://b/p/digits/2026-11-20/_SUCCESS",
-              "images_per_second": 12.5, "seconds": 0.8, "tasks": 2, "publish_id": "p1", "attempt_id": "run-1",
-              "failure_ratio_exceeded": False, "errors_sample": []}
+JOB_RESULT = {
+    "date": "2026-11-20",
+    "listed": 10,
+    "scored": 8,
+    "set_aside": 2,
+    "reasons": {"unreadable": 2},
+    "markers_skipped": 1,
+    "storage_retries": 0,
+    "label_histogram": {"3": 8},
+    "model_name": "digits",
+    "model_version": 3,
+    "output_uri": "s3://b/p/digits/2026-11-20/",
+    "success_uri": "s3://b/p/digits/2026-11-20/_SUCCESS",
+    "images_per_second": 12.5,
+    "seconds": 0.8,
+    "tasks": 2,
+    "publish_id": "p1",
+    "attempt_id": "run-1",
+    "failure_ratio_exceeded": False,
+    "errors_sample": [],
+}
 
 
 def test_the_run_summary_keeps_the_jobs_own_keys():
     summary = nightly.published_summary(JOB_RESULT, {"model_name": "digits"}, {"date_from": "param"})
     assert {k: summary[k] for k in ("listed", "scored", "set_aside", "reasons", "seconds", "tasks")} == {
-        k: JOB_RESULT[k] for k in ("listed", "scored", "set_aside", "reasons", "seconds", "tasks")}
+        k: JOB_RESULT[k] for k in ("listed", "scored", "set_aside", "reasons", "seconds", "tasks")
+    }
     assert summary["date_from"] == "param"
     assert "errors_sample" not in summary
-    assert nightly.asset_extra(summary) == {"date": "2026-11-20", "output_uri": JOB_RESULT["output_uri"],
-                                            "success_uri": JOB_RESULT["success_uri"], "model_name": "digits",
-                                            "model_version": 3, "scored": 8, "set_aside": 2}
+    assert nightly.asset_extra(summary) == {
+        "date": "2026-11-20",
+        "output_uri": JOB_RESULT["output_uri"],
+        "success_uri": JOB_RESULT["success_uri"],
+        "model_name": "digits",
+        "model_version": 3,
+        "scored": 8,
+        "set_aside": 2,
+    }
 
 
 def test_a_partition_replaced_by_a_later_run_is_not_announced():
@@ -182,8 +225,15 @@ def test_a_partition_replaced_by_a_later_run_is_not_announced():
 
 def test_what_the_run_found_and_why_nothing_runs_on_an_empty_night():
     stamp = dt.datetime(2026, 11, 21, 2, 30, tzinfo=dt.UTC)
-    common = {"date": "2026-11-20", "source": "data_interval", "incoming_uri": "s3://b/in/2026-11-20/", "markers": 2,
-              "max_image_bytes": 100, "data_interval": ["a", "b"], "processed_at": stamp}
+    common = {
+        "date": "2026-11-20",
+        "source": "data_interval",
+        "incoming_uri": "s3://b/in/2026-11-20/",
+        "markers": 2,
+        "max_image_bytes": 100,
+        "data_interval": ["a", "b"],
+        "processed_at": stamp,
+    }
     found = nightly.found_summary(objects=[{"size": 10}, {"size": 500}], **common)
     assert (found["images"], found["bytes"], found["over_max_image_bytes"]) == (2, 510, 1)
     assert found["processed_at"] == "2026-11-21T02:30:00+00:00"

@@ -72,8 +72,7 @@ def connection_lookups(path: Path) -> list[str]:
     import os
 
     env = {**os.environ, "AIRFLOW_CONN_AWS_DEFAULT": "not-a-connection", "AIRFLOW_CONN_SPARK_DEFAULT": "not-a-connection"}
-    out = subprocess.run([sys.executable, "-c", COUNT_LOOKUPS, str(path)], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", COUNT_LOOKUPS, str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -87,8 +86,7 @@ def test_dag_file_parses_without_a_connection_lookup(path):
 def test_the_lookup_count_sees_a_lookup_at_parse_time(tmp_path):
     """The counter itself: a DAG file that reads a connection at the top is caught."""
     bad = tmp_path / "reads_a_connection.py"
-    bad.write_text("from airflow.sdk import Connection\n"
-                   "try:\n    Connection.get('aws_default')\nexcept Exception:\n    pass\n")
+    bad.write_text("from airflow.sdk import Connection\ntry:\n    Connection.get('aws_default')\nexcept Exception:\n    pass\n")
     assert connection_lookups(bad) == ["aws_default"]
 
 

@@ -11,8 +11,12 @@ from airflow.sdk.exceptions import ParamValidationError
 
 from sparktf_dev.testing import batch_inference_argv, params_with, rendered_task
 
-XCOMS = {("find_new_images", "date"): "2026-11-20", ("find_new_images", "processed_at"): "2026-11-21T02:30:00+00:00",
-         ("resolve_model", "version"): 12, ("resolve_model", "model_sha256"): "ab" * 32}
+XCOMS = {
+    ("find_new_images", "date"): "2026-11-20",
+    ("find_new_images", "processed_at"): "2026-11-21T02:30:00+00:00",
+    ("resolve_model", "version"): 12,
+    ("resolve_model", "model_sha256"): "ab" * 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +30,7 @@ def rendered_args(dag, conf: dict | None = None) -> list[str]:
 
 
 def test_shape_schedule_and_asset(dag):
-    assert [t.task_id for t in dag.topological_sort()] == [
-        "find_new_images", "resolve_model", "batch_inference", "publish", "report"]
+    assert [t.task_id for t in dag.topological_sort()] == ["find_new_images", "resolve_model", "batch_inference", "publish", "report"]
     report = dag.get_task("report")  # the run note: a teardown after everything, ignored by the run's state
     assert report.is_teardown
     assert report.upstream_task_ids == {"publish"}
@@ -53,11 +56,22 @@ def test_the_0230_run_scores_the_day_its_interval_starts_on(dag):
     assert partition_date({"date": None}, interval.start) == ("2026-11-20", "data_interval")
 
 
-@pytest.mark.parametrize("change", [
-    {"date": "2026-13-01"}, {"date": "20261120"}, {"date": "2026-02-31"}, {"model_version": "latest"}, {"model_version": "0"},
-    {"max_failure_ratio": 1.5}, {"batch_size": 0}, {"workspace_uri": "/local/path"},
-    {"max_image_bytes": 0}, {"allow_shrink": "yes"},
-], ids=lambda c: json.dumps(c))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"date": "2026-13-01"},
+        {"date": "20261120"},
+        {"date": "2026-02-31"},
+        {"model_version": "latest"},
+        {"model_version": "0"},
+        {"max_failure_ratio": 1.5},
+        {"batch_size": 0},
+        {"workspace_uri": "/local/path"},
+        {"max_image_bytes": 0},
+        {"allow_shrink": "yes"},
+    ],
+    ids=lambda c: json.dumps(c),
+)
 def test_bad_trigger_params_are_refused(dag, change):
     with pytest.raises(ParamValidationError):
         params_with(dag, change).validate()

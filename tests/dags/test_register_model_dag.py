@@ -29,11 +29,21 @@ def test_shape_manual_trigger_and_form(dag):
     assert dag.params.get_param("promote").schema["type"] == "boolean"
 
 
-@pytest.mark.parametrize("change", [
-    {"source": "torch_hub"}, {"application": "ResNet50"}, {"weights_uri": "s3://b/w.h5"},
-    {"weights_uri": "/home/me/w.weights.h5"}, {"model_uri": "s3://b/model.h5"}, {"labels": "coco"},
-    {"resize_policy": "letterbox"}, {"model_name": "Inception V3"}, {"promote": "yes"},
-], ids=lambda c: json.dumps(c))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"source": "torch_hub"},
+        {"application": "ResNet50"},
+        {"weights_uri": "s3://b/w.h5"},
+        {"weights_uri": "/home/me/w.weights.h5"},
+        {"model_uri": "s3://b/model.h5"},
+        {"labels": "coco"},
+        {"resize_policy": "letterbox"},
+        {"model_name": "Inception V3"},
+        {"promote": "yes"},
+    ],
+    ids=lambda c: json.dumps(c),
+)
 def test_bad_trigger_params_are_refused(dag, change):
     with pytest.raises(ParamValidationError):
         params_with(dag, change).validate()
@@ -46,8 +56,7 @@ def test_the_form_reaches_the_job_intact(dag, promote):
     conf = {"weights_uri": WEIGHTS, "promote": promote, "workspace_uri": "s3://bucket/ws"}
     params_with(dag, conf).validate()
     args = register_model.parse_args(rendered_task(dag, "register_model", conf).application_args)
-    assert (args.source, args.application, args.weights_uri, args.model_uri) == ("keras_application", "InceptionV3",
-                                                                                 WEIGHTS, "")
+    assert (args.source, args.application, args.weights_uri, args.model_uri) == ("keras_application", "InceptionV3", WEIGHTS, "")
     assert (args.labels, args.label_map_uri, args.resize_policy, args.promote) == ("imagenet", "", "center_crop", promote)
     assert args.models_uri == "s3://bucket/ws/models/"
     assert args.source_run == "manual__2026-11-24T10:00:00+00:00"

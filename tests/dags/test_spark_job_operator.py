@@ -15,7 +15,7 @@ from sparktf import storage
 from sparktf.airflow import pipeline_settings
 
 # The application: reports whether a result already existed when it started, or fails as told.
-APPLICATION = '''
+APPLICATION = """
 import sys
 from sparktf import storage
 
@@ -29,7 +29,7 @@ if mode == "final":
 if mode == "crash":
     sys.exit(4)
 storage.write_json(uri, {"found_at_start": found, "argv": args})
-'''
+"""
 
 
 @pytest.fixture
@@ -44,8 +44,7 @@ def application(tmp_path, s3_server, monkeypatch) -> str:
 def operator(application: str, result_uri: str, mode: str):
     from sparktf.airflow.spark_job_operator import SparkJobOperator
 
-    return SparkJobOperator(task_id="report_job", application=application, application_args=["--mode", mode, "--n", 7],
-                            result_uri=result_uri)
+    return SparkJobOperator(task_id="report_job", application=application, application_args=["--mode", mode, "--n", 7], result_uri=result_uri)
 
 
 def test_the_command_line_carries_the_shared_settings_and_the_result_uri(application, s3_prefix):

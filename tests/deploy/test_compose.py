@@ -62,8 +62,14 @@ pytestmark = pytest.mark.skipif(BINARY is None, reason="docker-compose (compose-
 def run_config(env_file: Path) -> subprocess.CompletedProcess:
     # A bare environment: variables of the caller's shell must not stand in for the env file's.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run([str(BINARY), "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "--format", "json"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(BINARY), "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -156,6 +162,7 @@ def requirement_specs(path: Path) -> dict[str, Requirement]:
 
 # --- the file resolves --------------------------------------------------------------------------
 
+
 def test_config_resolves_with_the_example_env(services):
     missing = [name for name in REQUIRED_SERVICES if name not in services]
     assert not missing, f"services missing from docker-compose.yaml: {missing}"
@@ -181,14 +188,20 @@ def test_every_required_variable_is_in_the_example_env():
 
 # --- network exposure and start order -----------------------------------------------------------
 
+
 def test_every_published_port_is_bound_to_loopback(services):
     published = {}
     for name, service in services.items():
         for port in service.get("ports") or []:
             assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} on all interfaces"
             published[(name, port["target"])] = int(port["published"])
-    assert published == {("api-server", 8080): 8080, ("spark-master", 7077): 7077, ("spark-master", 8080): 8081,
-                         ("minio", 9000): 9000, ("minio", 9001): 9001}
+    assert published == {
+        ("api-server", 8080): 8080,
+        ("spark-master", 7077): 7077,
+        ("spark-master", 8080): 8081,
+        ("minio", 9000): 9000,
+        ("minio", 9001): 9001,
+    }
 
 
 def test_services_start_in_order(services):
@@ -227,6 +240,7 @@ def test_healthchecks(services):
 
 
 # --- connections and storage agree with the code ------------------------------------------------
+
 
 def test_connections_the_code_uses_are_defined_in_every_airflow_service(services):
     ids = connection_ids_used_by_the_code()
@@ -338,8 +352,11 @@ def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypa
         assert env_of(services[name])["SPARKTF_WORKSPACE_URI"] == default_uri == f"s3://{bucket}"
 
     calls, rendered = run_minio_init(init, tmp_path, bucket)
-    assert calls[:3] == ["alias set local http://minio:9000 {} {}".format(env_of(init)["MINIO_ROOT_USER"], env_of(init)["MINIO_ROOT_PASSWORD"]),
-                         f"mb --ignore-existing local/{bucket}", f"version enable local/{bucket}"]
+    assert calls[:3] == [
+        "alias set local http://minio:9000 {} {}".format(env_of(init)["MINIO_ROOT_USER"], env_of(init)["MINIO_ROOT_PASSWORD"]),
+        f"mb --ignore-existing local/{bucket}",
+        f"version enable local/{bucket}",
+    ]
     for role in ("pipeline", "executor", "registry"):
         key, secret = env_of(init)[f"S3_{role.upper()}_ACCESS_KEY_ID"], env_of(init)[f"S3_{role.upper()}_SECRET_ACCESS_KEY"]
         assert f"admin policy create local sparktf-{role} {tmp_path / f'sparktf-{role}.json'}" in calls
@@ -359,6 +376,7 @@ def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypa
 
 
 # --- Airflow containers -------------------------------------------------------------------------
+
 
 def test_project_folders_are_mounted_where_airflow_looks(services):
     for name in AIRFLOW_SERVICES:
@@ -410,8 +428,11 @@ def test_airflow_init_migrates_and_writes_the_admin_password(services, tmp_path)
     stub.chmod(0o755)
     password_file = tmp_path / "auth" / "passwords.json"
     password_file.parent.mkdir()
-    env = {**env_of(init), "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
-           "PATH": f"{stub.parent}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env = {
+        **env_of(init),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
+        "PATH": f"{stub.parent}:{Path(sys.executable).parent}:/usr/bin:/bin",
+    }
     proc = subprocess.run(["/bin/bash", *init["entrypoint"][1:], script], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "airflow.log").read_text().split("\n")[0] == "db migrate"
@@ -423,6 +444,7 @@ def test_airflow_init_migrates_and_writes_the_admin_password(services, tmp_path)
 
 # --- images -------------------------------------------------------------------------------------
 
+
 def test_images_are_built_from_the_dockerfiles(services):
     for names, dockerfile in ((AIRFLOW_SERVICES, "airflow.Dockerfile"), (("spark-master", *SPARK_WORKERS), "spark.Dockerfile")):
         for name in names:
@@ -431,8 +453,9 @@ def test_images_are_built_from_the_dockerfiles(services):
             assert build["dockerfile"] == dockerfile, name
 
 
-@pytest.mark.parametrize(("dockerfile", "requirements"), [("airflow.Dockerfile", "requirements-airflow.txt"),
-                                                      ("spark.Dockerfile", "requirements-spark.txt")])
+@pytest.mark.parametrize(
+    ("dockerfile", "requirements"), [("airflow.Dockerfile", "requirements-airflow.txt"), ("spark.Dockerfile", "requirements-spark.txt")]
+)
 def test_dockerfile_pins_match_requirements_txt(dockerfile, requirements):
     text = (ROOT / "docker" / dockerfile).read_text()
     assert re.search(rf"COPY {re.escape(requirements)} /tmp/", text)
@@ -450,8 +473,10 @@ def test_dockerfile_pins_match_requirements_txt(dockerfile, requirements):
 
 
 def test_driver_and_executor_images_run_the_same_python_minor_version():
-    bases = {name: re.search(r"^FROM\s+(\S+)", (ROOT / "docker" / name).read_text(), re.MULTILINE).group(1)
-             for name in ("airflow.Dockerfile", "spark.Dockerfile")}
+    bases = {
+        name: re.search(r"^FROM\s+(\S+)", (ROOT / "docker" / name).read_text(), re.MULTILINE).group(1)
+        for name in ("airflow.Dockerfile", "spark.Dockerfile")
+    }
     minors = {name: re.search(r"python(?::|)(3\.\d+)", base).group(1) for name, base in bases.items()}
     assert set(minors.values()) == {"3.11"}, bases
     spark_home = re.search(r"SPARK_HOME=(\S+)", (ROOT / "docker" / "spark.Dockerfile").read_text()).group(1)
@@ -459,6 +484,7 @@ def test_driver_and_executor_images_run_the_same_python_minor_version():
 
 
 # --- secrets ------------------------------------------------------------------------------------
+
 
 def test_no_secret_literal_in_the_compose_file():
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
@@ -499,10 +525,10 @@ def test_example_env_holds_placeholders_and_env_is_ignored():
 
 # --- weak settings are refused before anything starts ------------------------------------------
 
+
 def run_check(env: dict[str, str]) -> subprocess.CompletedProcess:
     """docker/check_settings.py as the check-settings service runs it, with exactly ``env``."""
-    return subprocess.run([sys.executable, str(CHECK_SCRIPT)], env={"PATH": "/usr/bin:/bin", **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, str(CHECK_SCRIPT)], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
 
 
 def good_env_file(tmp_path: Path, **overrides: str) -> Path:
@@ -513,8 +539,11 @@ def good_env_file(tmp_path: Path, **overrides: str) -> Path:
     values = read_env_file(ENV_EXAMPLE)
     for name, value in values.items():
         if "change-me" in value:
-            values[name] = f"{name.split('_')[1].lower()}{secrets.token_hex(4)}" if name.endswith(("_USER", "_KEY_ID")) \
+            values[name] = (
+                f"{name.split('_')[1].lower()}{secrets.token_hex(4)}"
+                if name.endswith(("_USER", "_KEY_ID"))
                 else secrets.token_hex(16 if "S3_" in name or "MINIO" in name else 24)
+            )
     values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
     values.update(overrides)
     path = tmp_path / "good.env"
@@ -576,15 +605,18 @@ def test_an_empty_fernet_key_is_refused_by_compose_and_by_the_check(tmp_path):
         assert "generate one with" in proc.stderr
 
 
-@pytest.mark.parametrize(("name", "value", "message"), [
-    ("POSTGRES_PASSWORD", "short", "must be 16 to 128 characters long"),
-    ("AIRFLOW_JWT_SECRET", "x" * 20, "must be 32 to 256 characters long"),
-    ("SPARK_AUTH_SECRET", "", "is empty"),
-    ("S3_EXECUTOR_SECRET_ACCESS_KEY", "a" * 41, "must be 16 to 40 characters long"),
-    ("AIRFLOW_ADMIN_PASSWORD", "pass word with spaces", "may hold only letters, digits"),
-    ("S3_PIPELINE_SECRET_ACCESS_KEY", 'quote"brace}', "may hold only letters, digits"),
-    ("MINIO_ROOT_USER", "CHANGE-ME-root", "placeholder"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("POSTGRES_PASSWORD", "short", "must be 16 to 128 characters long"),
+        ("AIRFLOW_JWT_SECRET", "x" * 20, "must be 32 to 256 characters long"),
+        ("SPARK_AUTH_SECRET", "", "is empty"),
+        ("S3_EXECUTOR_SECRET_ACCESS_KEY", "a" * 41, "must be 16 to 40 characters long"),
+        ("AIRFLOW_ADMIN_PASSWORD", "pass word with spaces", "may hold only letters, digits"),
+        ("S3_PIPELINE_SECRET_ACCESS_KEY", 'quote"brace}', "may hold only letters, digits"),
+        ("MINIO_ROOT_USER", "CHANGE-ME-root", "placeholder"),
+    ],
+)
 def test_weak_settings_are_refused(tmp_path, name, value, message):
     env = check_service_env(good_env_file(tmp_path))
     proc = run_check({**env, name: value})
@@ -711,14 +743,16 @@ def test_export_and_register_run_as_the_registry_user_in_the_stack(services, mon
             monkeypatch.setenv("SPARKTF_REGISTRY_CONN_ID", value)
         else:
             monkeypatch.delenv("SPARKTF_REGISTRY_CONN_ID", raising=False)
-        spec = importlib.util.spec_from_file_location("_pipeline_settings_registry",
-                                                      ROOT / "plugins" / "sparktf" / "airflow" / "pipeline_settings.py")
+        spec = importlib.util.spec_from_file_location(
+            "_pipeline_settings_registry", ROOT / "plugins" / "sparktf" / "airflow" / "pipeline_settings.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert expected == module.REGISTRY_CONN_ID
 
 
 # --- Spark RPC authentication ------------------------------------------------------------------
+
 
 def test_spark_rpc_authentication_on_master_workers_and_the_driver(services):
     example = read_env_file(ENV_EXAMPLE)
@@ -740,8 +774,9 @@ def test_spark_rpc_authentication_on_master_workers_and_the_driver(services):
 def test_spark_auth_script_writes_the_secret_to_spark_defaults_only(tmp_path):
     conf_dir = tmp_path / "conf"
     env = {"PATH": "/usr/bin:/bin", "SPARK_CONF_DIR": str(conf_dir), "SPARK_AUTH_SECRET": "s3cr3t-for-the-test"}
-    proc = subprocess.run(["/bin/sh", str(SPARK_AUTH_SCRIPT), "sh", "-c", 'echo "args:$*"; env', "cmd", "a b"], env=env,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["/bin/sh", str(SPARK_AUTH_SCRIPT), "sh", "-c", 'echo "args:$*"; env', "cmd", "a b"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     assert "args:a b" in proc.stdout  # the command runs with its arguments
     assert "SPARK_AUTH_SECRET" not in proc.stdout
@@ -749,7 +784,8 @@ def test_spark_auth_script_writes_the_secret_to_spark_defaults_only(tmp_path):
     defaults = conf_dir / "spark-defaults.conf"
     assert defaults.read_text().splitlines() == ["spark.authenticate true", "spark.authenticate.secret s3cr3t-for-the-test"]
     assert defaults.stat().st_mode & 0o077 == 0
-    missing = subprocess.run(["/bin/sh", str(SPARK_AUTH_SCRIPT), "true"], env={**env, "SPARK_AUTH_SECRET": ""},
-                             capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        ["/bin/sh", str(SPARK_AUTH_SCRIPT), "true"], env={**env, "SPARK_AUTH_SECRET": ""}, capture_output=True, text=True, timeout=30
+    )
     assert missing.returncode != 0
     assert "SPARK_AUTH_SECRET is not set" in missing.stderr

@@ -38,9 +38,16 @@ spark.stop()
 
 
 def base_env(work: Path, conf_dir: str) -> dict[str, str]:
-    env = {"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(work), "SPARK_HOME": SPARK_HOME,
-           "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(work / "logs"), "SPARK_CONF_DIR": str(work / conf_dir),
-           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env = {
+        "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "SPARK_HOME": SPARK_HOME,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_LOG_DIR": str(work / "logs"),
+        "SPARK_CONF_DIR": str(work / conf_dir),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     if os.environ.get("JAVA_HOME"):
         env["JAVA_HOME"] = os.environ["JAVA_HOME"]
     return env
@@ -71,16 +78,29 @@ def authenticated_cluster(tmp_path_factory):
     url = f"spark://127.0.0.1:{port}"
     daemons = {
         "master": ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui_port)],
-        "worker": ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "1g",
-                   "--work-dir", str(work / "worker"), "--webui-port", str(free_port()), url],
+        "worker": [
+            "org.apache.spark.deploy.worker.Worker",
+            "--host",
+            "127.0.0.1",
+            "--cores",
+            "1",
+            "--memory",
+            "1g",
+            "--work-dir",
+            str(work / "worker"),
+            "--webui-port",
+            str(free_port()),
+            url,
+        ],
     }
     processes = []
     try:
         for name, args in daemons.items():
             log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - the daemon's log, open while it runs
             env = {**base_env(work, f"{name}-conf"), "SPARK_AUTH_SECRET": SECRET}
-            processes.append(subprocess.Popen(["/bin/sh", str(SPARK_AUTH_SCRIPT), "spark-class", *args], env=env,
-                                              stdout=log, stderr=log, start_new_session=True))
+            processes.append(
+                subprocess.Popen(["/bin/sh", str(SPARK_AUTH_SCRIPT), "spark-class", *args], env=env, stdout=log, stderr=log, start_new_session=True)
+            )
             if name == "master":
                 wait_for(lambda: master_state(ui_port).get("status") == "ALIVE", "master")
         wait_for(lambda: sum(w["state"] == "ALIVE" for w in master_state(ui_port).get("workers", [])) == 1, "worker")
@@ -96,13 +116,22 @@ def submit(cluster: dict, *, with_secret: bool, timeout: float) -> subprocess.Co
     app = cluster["work"] / "app.py"
     app.write_text(APP)
     env = base_env(cluster["work"], "driver-conf" if with_secret else "no-conf")
-    command = ["spark-submit", "--master", cluster["url"], "--conf", "spark.executor.memory=512m", "--conf", "spark.cores.max=1",
-               "--conf", "spark.ui.enabled=false", str(app)]
+    command = [
+        "spark-submit",
+        "--master",
+        cluster["url"],
+        "--conf",
+        "spark.executor.memory=512m",
+        "--conf",
+        "spark.cores.max=1",
+        "--conf",
+        "spark.ui.enabled=false",
+        str(app),
+    ]
     if with_secret:  # as the scheduler service runs it
         env["SPARK_AUTH_SECRET"] = SECRET
         command = ["/bin/sh", str(SPARK_AUTH_SCRIPT), *command]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

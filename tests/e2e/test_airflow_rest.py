@@ -22,8 +22,7 @@ pytestmark = pytest.mark.e2e
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 REST_WORKSPACE = "rest/ws"
 # Backfill of three nightly runs (run_after 02:30 UTC); each scores the UTC day its data interval starts on.
-BACKFILL_RUNS = {"2026-11-10T02:30:00+00:00": "2026-11-09", "2026-11-11T02:30:00+00:00": "2026-11-10",
-                 "2026-11-12T02:30:00+00:00": "2026-11-11"}
+BACKFILL_RUNS = {"2026-11-10T02:30:00+00:00": "2026-11-09", "2026-11-11T02:30:00+00:00": "2026-11-10", "2026-11-12T02:30:00+00:00": "2026-11-11"}
 
 
 class AirflowServer:
@@ -32,14 +31,19 @@ class AirflowServer:
 
     def __init__(self, base_env: dict[str, str], home: Path) -> None:
         self.home = home
-        self.ui = LocalAirflow(home, free_port(), env={**base_env, "AIRFLOW_HOME": str(home)}, settings={
-            # Its own metadata DB (AIRFLOW_HOME above): this is a separate deployment (its Asset URIs
-            # and defaults differ from the dag.test() runs of other test modules).
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        })
+        self.ui = LocalAirflow(
+            home,
+            free_port(),
+            env={**base_env, "AIRFLOW_HOME": str(home)},
+            settings={
+                # Its own metadata DB (AIRFLOW_HOME above): this is a separate deployment (its Asset URIs
+                # and defaults differ from the dag.test() runs of other test modules).
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            },
+        )
         self.port, self.base = self.ui.port, self.ui.base_url
 
     def start(self) -> None:
@@ -50,8 +54,9 @@ class AirflowServer:
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json", "Accept": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as response:
                 return response.status, json.loads(response.read() or b"{}")
@@ -95,8 +100,7 @@ class AirflowServer:
     def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
         """A task's log as the UI shows it (the api-server reads it from the worker's log file)."""
         ti = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
-        body = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{ti['try_number']}"
-                        "?full_content=true")
+        body = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{ti['try_number']}?full_content=true")
         return "\n".join(line.get("event", "") if isinstance(line, dict) else str(line) for line in body["content"])
 
     def fetch(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
@@ -140,8 +144,9 @@ def test_invalid_param_is_refused_with_a_clear_message(airflow_server):
     airflow_server.wait_for_dag("tuning_pipeline")
     # Compared with the runs before, so the check holds whatever ran on this server first.
     runs_before = airflow_server.get("/api/v2/dags/tuning_pipeline/dagRuns")["total_entries"]
-    status, body = airflow_server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns",
-                                          {"logical_date": None, "conf": {"learning_rates": [0.01, 0]}})
+    status, body = airflow_server.request(
+        "POST", "/api/v2/dags/tuning_pipeline/dagRuns", {"logical_date": None, "conf": {"learning_rates": [0.01, 0]}}
+    )
     assert status == 400, body
     assert "learning_rates" in json.dumps(body) or "exclusiveMinimum" in json.dumps(body)
     runs_after = airflow_server.get("/api/v2/dags/tuning_pipeline/dagRuns")["total_entries"]
@@ -155,11 +160,17 @@ def tuning_run(airflow_server, tiny_mnist, bucket) -> str:
     status, body = airflow_server.request("PATCH", "/api/v2/dags/tuning_pipeline", {"is_paused": False})
     assert status == 200
     assert body["is_paused"] is False
-    conf = {"dataset_uri": tiny_mnist, "workspace_uri": f"s3://{bucket}/{REST_WORKSPACE}", "model_name": "digits",
-            "learning_rates": [0.001, 0.003], "hidden_units": [32], "epochs": 1, "batch_sizes": [32],
-            "model_family": "mlp"}
-    status, run = airflow_server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns",
-                                         {"logical_date": None, "conf": conf})
+    conf = {
+        "dataset_uri": tiny_mnist,
+        "workspace_uri": f"s3://{bucket}/{REST_WORKSPACE}",
+        "model_name": "digits",
+        "learning_rates": [0.001, 0.003],
+        "hidden_units": [32],
+        "epochs": 1,
+        "batch_sizes": [32],
+        "model_family": "mlp",
+    }
+    status, run = airflow_server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns", {"logical_date": None, "conf": conf})
     assert status == 200, run
     return run["dag_run_id"]
 
@@ -190,8 +201,10 @@ def test_tuning_run_explains_itself_on_its_run_page(airflow_server, tuning_run):
     assert "**Tuning run succeeded**: 2 of 2 trials trained; selected by validation accuracy." in note
     assert "| # | lr | val % | test % | epochs | s |" in note  # only what varies gets a column
     for row in tuned["leaderboard"]:
-        assert (f"| {row['rank']} | {row['learning_rate']:g} | {100 * row['val_accuracy']:.2f} | "
-                f"{100 * row['test_accuracy']:.2f} | {row['epochs_run']} | {row['train_seconds']:.0f} |") in note
+        assert (
+            f"| {row['rank']} | {row['learning_rate']:g} | {100 * row['val_accuracy']:.2f} | "
+            f"{100 * row['test_accuracy']:.2f} | {row['epochs_run']} | {row['train_seconds']:.0f} |"
+        ) in note
     assert "Every trial: hidden 32, batch 32, dropout 0.5." in note
     # mlp with 32 hidden units: the reference network (mnist_cnn defaults, 1024 units) was not trained.
     assert "the reference network (mnist_cnn, lr 0.001, hidden 1024" in note
@@ -257,13 +270,11 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
     landed = {}
     for n, date in enumerate(BACKFILL_RUNS.values()):
         count = 6 + 2 * n  # a different number per day, so a mixed-up partition shows
-        land_partition(workspace + "/incoming/", date, test_x[300 + 10 * n:][:count],
-                       test_y[300 + 10 * n:][:count], with_bad=False)
+        land_partition(workspace + "/incoming/", date, test_x[300 + 10 * n :][:count], test_y[300 + 10 * n :][:count], with_bad=False)
         landed[date] = count
     airflow_server.wait_for_dag("nightly_inference")
     # No dag_run_conf: a backfill's inputs come from each run's data interval and the deployment's defaults.
-    request = {"dag_id": "nightly_inference", "from_date": "2026-11-10T00:00:00Z",
-               "to_date": "2026-11-12T23:00:00Z", "max_active_runs": 2}
+    request = {"dag_id": "nightly_inference", "from_date": "2026-11-10T00:00:00Z", "to_date": "2026-11-12T23:00:00Z", "max_active_runs": 2}
     for _attempt in range(10):
         status, backfill = airflow_server.request("POST", "/api/v2/backfills", request)
         if status != 503:  # SQLite only: "Database is locked ... under concurrent access"; retryable

@@ -27,9 +27,11 @@ BROKEN = '{"conn_type": "spark", "host": "local[2]"}}'  # what a second `source`
 
 def sourced_twice(env: dict[str, str], then: str = "true") -> subprocess.CompletedProcess:
     """Run ``then`` in bash after sourcing scripts/env.sh twice, printing both connections before it."""
-    script = (f'source "{ROOT}/scripts/env.sh"; first=$(printf "%s\\n%s" "$AIRFLOW_CONN_AWS_DEFAULT" "$AIRFLOW_CONN_SPARK_DEFAULT"); '
-              f'source "{ROOT}/scripts/env.sh"; printf "%s\\n===\\n%s\\n%s\\n===\\n" "$first" "$AIRFLOW_CONN_AWS_DEFAULT" '
-              f'"$AIRFLOW_CONN_SPARK_DEFAULT"; {then}')
+    script = (
+        f'source "{ROOT}/scripts/env.sh"; first=$(printf "%s\\n%s" "$AIRFLOW_CONN_AWS_DEFAULT" "$AIRFLOW_CONN_SPARK_DEFAULT"); '
+        f'source "{ROOT}/scripts/env.sh"; printf "%s\\n===\\n%s\\n%s\\n===\\n" "$first" "$AIRFLOW_CONN_AWS_DEFAULT" '
+        f'"$AIRFLOW_CONN_SPARK_DEFAULT"; {then}'
+    )
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=1500)
 
 
@@ -52,8 +54,7 @@ def test_sourcing_env_sh_twice_keeps_both_connections_valid_and_unchanged():
 
 def test_seed_demo_names_an_unparsable_connection(tmp_path):
     env = {**clean_env(dict(os.environ)), "AIRFLOW_CONN_AWS_DEFAULT": BROKEN.replace("spark", "aws")}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_demo.py")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_demo.py")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "AIRFLOW_CONN_AWS_DEFAULT is not valid JSON" in proc.stderr, proc.stderr
     assert "aws_default" in proc.stderr, proc.stderr
@@ -72,12 +73,14 @@ def spark_submit_stub(tmp_path, monkeypatch) -> Path:
     return marker
 
 
-@pytest.mark.parametrize(("spark_default", "message"), [
-    (BROKEN, "AIRFLOW_CONN_SPARK_DEFAULT is not valid JSON"),
-    (None, "connection 'spark_default' is not defined"),
-])
-def test_operator_refuses_an_unusable_spark_default_before_spark_submit(s3_server, s3_prefix, spark_submit_stub,
-                                                                        monkeypatch, spark_default, message):
+@pytest.mark.parametrize(
+    ("spark_default", "message"),
+    [
+        (BROKEN, "AIRFLOW_CONN_SPARK_DEFAULT is not valid JSON"),
+        (None, "connection 'spark_default' is not defined"),
+    ],
+)
+def test_operator_refuses_an_unusable_spark_default_before_spark_submit(s3_server, s3_prefix, spark_submit_stub, monkeypatch, spark_default, message):
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", s3_server.connection_json())
     if spark_default is None:
         monkeypatch.delenv("AIRFLOW_CONN_SPARK_DEFAULT", raising=False)
@@ -97,8 +100,10 @@ def test_operator_refuses_an_unusable_spark_default_before_spark_submit(s3_serve
 def keras_upload(s3_server, bucket, tmp_path_factory) -> dict[str, str]:
     """A small user .keras file (10 classes) and its label map, uploaded as a user would."""
     path = tmp_path_factory.mktemp("model") / "digits.keras"
-    build = ("import keras, sys; from sparktf.models import build_model; keras.utils.set_random_seed(1); "
-             "build_model('mlp', (28, 28, 1), 10, hidden_units=8).save(sys.argv[1])")
+    build = (
+        "import keras, sys; from sparktf.models import build_model; keras.utils.set_random_seed(1); "
+        "build_model('mlp', (28, 28, 1), 10, hidden_units=8).save(sys.argv[1])"
+    )
     subprocess.run([sys.executable, "-c", build, str(path)], check=True, capture_output=True, timeout=300)
     ws = f"s3://{bucket}/e2e-env-sh"
     storage.write_bytes(f"{ws}/uploads/digits.keras", path.read_bytes())
@@ -111,14 +116,23 @@ def test_a_dag_runs_after_env_sh_was_sourced_twice(airflow_env, s3_endpoint, ker
     """register_model (validate_params reads S3 through aws_default, then a Spark job through
     spark_default) with both connections as the twice-sourced env.sh leaves them."""
     env = {**clean_env(airflow_env), "SPARKTF_S3_ENDPOINT": s3_endpoint, "SPARKTF_AIRFLOW_HOME": airflow_env["AIRFLOW_HOME"]}
-    conf = {"workspace_uri": keras_upload["ws"], "model_name": "digits-env-sh", "source": "keras_file",
-            "model_uri": keras_upload["model_uri"], "labels": "label_map", "label_map_uri": keras_upload["label_map_uri"],
-            "resize_policy": "resize"}
+    conf = {
+        "workspace_uri": keras_upload["ws"],
+        "model_name": "digits-env-sh",
+        "source": "keras_file",
+        "model_uri": keras_upload["model_uri"],
+        "labels": "label_map",
+        "label_map_uri": keras_upload["label_map_uri"],
+        "resize_policy": "resize",
+    }
     out = tmp_path / "summary.json"
     proc = sourced_twice(env, f"python {ROOT / 'scripts' / 'run_dag.py'} register_model --conf '{json.dumps(conf)}' --json-out {out}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     summary = json.loads(out.read_text())
     assert {task: info["state"] for task, info in summary["tasks"].items()} == {
-        "validate_params": "success", "register_model": "success", "check_registered": "success"}
+        "validate_params": "success",
+        "register_model": "success",
+        "check_registered": "success",
+    }
     assert summary["tasks"]["register_model"]["xcom"]["registered"] is True
     assert "defaulting to yarn" not in proc.stdout + proc.stderr

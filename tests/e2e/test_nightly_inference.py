@@ -38,7 +38,7 @@ def workspace(bucket, mnist_subset) -> str:
     storage.write_bytes(f"{ws}/incoming/2026-11-20/late/empty file.png", b"")
     storage.write_bytes(f"{ws}/incoming/2026-11-20/late/index.png", b"<html>404</html>")
     storage.write_bytes(f"{ws}/incoming/2026-11-20/late/", b"")  # a folder marker: counted, not listed
-    land_partition(ws + "/incoming/", "2026-11-21", test_x[200:200 + BIG], test_y[200:200 + BIG])
+    land_partition(ws + "/incoming/", "2026-11-21", test_x[200 : 200 + BIG], test_y[200 : 200 + BIG])
     storage.write_bytes(f"{ws}/incoming/2026-11-22/", b"")  # only a folder marker that day
     land_partition(ws + "/incoming/", BREACH[1], test_x[600:602], test_y[600:602])  # 2 valid, 8 bad
     return ws
@@ -51,8 +51,7 @@ def runs(airflow_env, workspace, tmp_path_factory) -> dict:
         conf = {"workspace_uri": workspace, "model_name": "digits"}
         if date == "2026-11-21":
             conf["model_version"] = "1"  # pinned instead of the champion
-        code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("run"), "nightly_inference",
-                                        conf, logical_date=logical_date)
+        code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("run"), "nightly_inference", conf, logical_date=logical_date)
         assert code == 0, output[-6000:]
         results[date] = summary
     return results
@@ -64,9 +63,10 @@ def states(summary: dict) -> dict:
 
 def rows_of(partition: str) -> tuple[list, list]:
     scored, errors = predictions.read_predictions(partition)
-    return (sorted((r["key"], r["predicted_label"], r["score"], str(r["top_k"]), r["model_version"],
-                    str(r["processed_at"])) for r in scored),
-            sorted((e["key"], e["reason"], e["detail"]) for e in errors))
+    return (
+        sorted((r["key"], r["predicted_label"], r["score"], str(r["top_k"]), r["model_version"], str(r["processed_at"])) for r in scored),
+        sorted((e["key"], e["reason"], e["detail"]) for e in errors),
+    )
 
 
 @pytest.mark.parametrize(("date", "scored", "set_aside"), [("2026-11-20", 16, 2), ("2026-11-21", BIG, 8)])
@@ -116,13 +116,15 @@ def test_terminal_summary_per_date(runs, airflow_env, tmp_path):
     """scripts/print_summary.py after a nightly run: the date's counts, reasons, labels, model version."""
     from sparktf_dev.testing import ROOT
 
-    for date, lines in {"2026-11-20": ["2026-11-20: 16 scored, 2 set aside of 18 images, model digits v1",
-                                       "  set aside: empty 1, not_an_image 1"],
-                        "2026-11-22": ["2026-11-22: 0 images (no images under "]}.items():
+    for date, lines in {
+        "2026-11-20": ["2026-11-20: 16 scored, 2 set aside of 18 images, model digits v1", "  set aside: empty 1, not_an_image 1"],
+        "2026-11-22": ["2026-11-22: 0 images (no images under "],
+    }.items():
         path = tmp_path / f"nightly_inference_{date}.json"
         path.write_text(json.dumps(runs[date]))
-        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "print_summary.py"), str(path)], env=airflow_env,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "print_summary.py"), str(path)], env=airflow_env, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         for line in lines:
             assert line in out.stdout, out.stdout
@@ -133,8 +135,13 @@ def test_empty_date_short_circuits_with_a_summary(runs):
     summary = runs["2026-11-22"]
     assert summary["state"].endswith("success")
     # The short-circuit skips the work; the report (a teardown) still runs and says why.
-    assert states(summary) == {"find_new_images": "success", "resolve_model": "skipped",
-                               "batch_inference": "skipped", "publish": "skipped", "report": "success"}
+    assert states(summary) == {
+        "find_new_images": "success",
+        "resolve_model": "skipped",
+        "batch_inference": "skipped",
+        "publish": "skipped",
+        "report": "success",
+    }
     found = summary["tasks"]["find_new_images"]["xcom"]
     assert found["images"] == 0
     assert found["date"] == "2026-11-22"
@@ -149,9 +156,9 @@ def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tm
     before = predictions.read_published(partition)
     expected = rows_of(partition)
     # "Clear": the run of the same logical date runs all its tasks again (dag.test clears them).
-    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference",
-                                    {"workspace_uri": workspace, "model_name": "digits"},
-                                    logical_date="2026-11-21T02:30:00+00:00")
+    code, summary, output = run_dag(
+        airflow_env, tmp_path, "nightly_inference", {"workspace_uri": workspace, "model_name": "digits"}, logical_date="2026-11-21T02:30:00+00:00"
+    )
     assert code == 0, output[-6000:]
     assert summary["tasks"]["find_new_images"]["xcom"] == runs["2026-11-20"]["tasks"]["find_new_images"]["xcom"]
     after = predictions.read_published(partition)
@@ -162,8 +169,7 @@ def test_a_cleared_run_publishes_identical_rows(runs, airflow_env, workspace, tm
 
 def test_a_manual_run_scores_the_date_param(runs, airflow_env, workspace, tmp_path):
     conf = {"workspace_uri": workspace, "model_name": "digits", "date": "2026-11-20"}
-    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf,
-                                    logical_date="2026-12-01T10:00:00+00:00")
+    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf, logical_date="2026-12-01T10:00:00+00:00")
     assert code == 0, output[-6000:]
     assert set(states(summary).values()) == {"success"}
     found = summary["tasks"]["find_new_images"]["xcom"]
@@ -194,12 +200,14 @@ def test_a_failure_ratio_breach_fails_the_run_and_flags_the_partition(breach, wo
     assert (manifest["scored"], manifest["set_aside"]) == (2, 8)
 
 
-@pytest.mark.parametrize(("model_name", "message", "what_to_do"), [
-    ("nobody", "has no champion", "To fix: run tuning_pipeline"),
-    ("tampered", "changed after it was registered", "To fix: re-register the model"),
-])
-def test_a_missing_or_tampered_model_fails_resolve_model_saying_what_to_do(
-        airflow_env, workspace, runs, tmp_path, model_name, message, what_to_do):
+@pytest.mark.parametrize(
+    ("model_name", "message", "what_to_do"),
+    [
+        ("nobody", "has no champion", "To fix: run tuning_pipeline"),
+        ("tampered", "changed after it was registered", "To fix: re-register the model"),
+    ],
+)
+def test_a_missing_or_tampered_model_fails_resolve_model_saying_what_to_do(airflow_env, workspace, runs, tmp_path, model_name, message, what_to_do):
     conf = {"workspace_uri": workspace, "model_name": model_name, "date": "2026-11-20"}
     logical = "2026-11-26T02:30:00+00:00" if model_name == "nobody" else "2026-11-27T02:30:00+00:00"
     code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf, logical_date=logical)
@@ -213,8 +221,7 @@ def test_a_missing_or_tampered_model_fails_resolve_model_saying_what_to_do(
 
 def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace, runs, tmp_path):
     conf = {"workspace_uri": workspace, "model_name": "digits", "model_version": "9", "date": "2026-11-20"}
-    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf,
-                                    logical_date="2026-11-25T02:30:00+00:00")
+    code, summary, output = run_dag(airflow_env, tmp_path, "nightly_inference", conf, logical_date="2026-11-25T02:30:00+00:00")
     assert code == 1
     assert summary["tasks"]["find_new_images"]["xcom"]["date_from"] == "param"
     assert states(summary)["resolve_model"] == "failed"
@@ -229,8 +236,7 @@ def test_missing_model_version_fails_clearly_before_spark(airflow_env, workspace
     assert predictions.read_published(f"{workspace}/predictions/digits/2026-11-20/")["model_version"] == 1
 
 
-def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, airflow_env, workspace, s3_server,
-                                                                     tmp_path):
+def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, airflow_env, workspace, s3_server, tmp_path):
     partition = f"{workspace}/predictions/digits/2026-11-21/"
     clean = predictions.read_published(partition)
     expected = rows_of(partition)
@@ -240,9 +246,13 @@ def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, air
     with FaultProxy(s3_server.endpoint, seed=11, slowdown=0.05, internal=0.02, reset=0.05, latency=0.03) as proxy:
         connection["extra"]["endpoint_url"] = proxy.endpoint
         env = {**airflow_env, "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection)}
-        code, summary, output = run_dag(env, tmp_path, "nightly_inference",
-                                        {"workspace_uri": workspace, "model_name": "digits", "model_version": "1"},
-                                        logical_date="2026-11-22T02:30:00+00:00")
+        code, summary, output = run_dag(
+            env,
+            tmp_path,
+            "nightly_inference",
+            {"workspace_uri": workspace, "model_name": "digits", "model_version": "1"},
+            logical_date="2026-11-22T02:30:00+00:00",
+        )
     assert code == 0, output[-6000:]
     assert min(proxy.faults[k] for k in ("slowdown", "internal", "reset")) > 0, proxy.faults
     assert all(info["try_number"] == 1 for info in summary["tasks"].values())  # no task needed a retry
@@ -255,9 +265,9 @@ def test_a_run_through_a_faulty_store_publishes_exactly_the_clean_rows(runs, air
 
 
 def test_predictions_asset_events_carry_the_partition(runs, breach, airflow_env, workspace):
-    events = [extra for extra in asset_events(airflow_env, "nightly_predictions")
-              if extra["output_uri"].startswith(workspace + "/")]  # the DB is shared
+    events = [
+        extra for extra in asset_events(airflow_env, "nightly_predictions") if extra["output_uri"].startswith(workspace + "/")
+    ]  # the DB is shared
     # none for the empty day, none for the breached one
     assert {e["date"] for e in events} == {"2026-11-20", "2026-11-21"}
-    assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits"
-               for e in events)
+    assert all(e["output_uri"].endswith(f"/predictions/digits/{e['date']}/") and e["model_name"] == "digits" for e in events)

@@ -46,9 +46,15 @@ def workspace(bucket, tmp_path_factory) -> dict:
 def registered(airflow_env, workspace, tmp_path_factory) -> dict:
     summaries = {}
     for name, (application, *_rest) in MODELS.items():
-        conf = {"workspace_uri": workspace["ws"], "model_name": name, "source": "keras_application",
-                "application": application, "weights_uri": workspace["uploads"][name]["uri"], "labels": "imagenet",
-                "promote": True}
+        conf = {
+            "workspace_uri": workspace["ws"],
+            "model_name": name,
+            "source": "keras_application",
+            "application": application,
+            "weights_uri": workspace["uploads"][name]["uri"],
+            "labels": "imagenet",
+            "promote": True,
+        }
         code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("register"), "register_model", conf)
         assert code == 0, output[-6000:]
         summaries[name] = summary
@@ -60,10 +66,8 @@ def nightly(airflow_env, workspace, registered, tmp_path_factory) -> dict:
     """One nightly_inference run per model, both for the same day."""
     summaries = {}
     for name, (*_rest, logical_date) in MODELS.items():
-        conf = {"workspace_uri": workspace["ws"], "model_name": name, "date": DATE, "batch_size": 4,
-                "fetch_threads": 4, "max_failure_ratio": 0.5}
-        code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("nightly"), "nightly_inference", conf,
-                                        logical_date=logical_date)
+        conf = {"workspace_uri": workspace["ws"], "model_name": name, "date": DATE, "batch_size": 4, "fetch_threads": 4, "max_failure_ratio": 0.5}
+        code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("nightly"), "nightly_inference", conf, logical_date=logical_date)
         assert code == 0, output[-6000:]
         summaries[name] = summary
     return summaries
@@ -97,13 +101,18 @@ def test_stock_networks_are_registered_through_the_dag(registered, workspace):
 
 def test_a_label_map_of_the_wrong_size_is_refused_before_spark(airflow_env, workspace, registered, tmp_path):
     storage.write_bytes(workspace["ws"] + "/uploads/labels-999.txt", "\n".join(f"class {i}" for i in range(999)).encode())
-    conf = {"workspace_uri": workspace["ws"], "model_name": "wrong-labels", "source": "keras_application",
-            "application": "InceptionV3", "weights_uri": workspace["uploads"]["inception-v3"]["uri"],
-            "labels": "label_map", "label_map_uri": workspace["ws"] + "/uploads/labels-999.txt"}
+    conf = {
+        "workspace_uri": workspace["ws"],
+        "model_name": "wrong-labels",
+        "source": "keras_application",
+        "application": "InceptionV3",
+        "weights_uri": workspace["uploads"]["inception-v3"]["uri"],
+        "labels": "label_map",
+        "label_map_uri": workspace["ws"] + "/uploads/labels-999.txt",
+    }
     code, summary, output = run_dag(airflow_env, tmp_path, "register_model", conf)
     assert code == 1
-    assert states(summary) == {"validate_params": "failed", "register_model": "upstream_failed",
-                               "check_registered": "upstream_failed"}
+    assert states(summary) == {"validate_params": "failed", "register_model": "upstream_failed", "check_registered": "upstream_failed"}
     assert "has 999 labels but the model has 1000 outputs" in output
     assert storage.list_keys(workspace["ws"] + "/models/wrong-labels/") == []
 
@@ -114,13 +123,16 @@ def reference_top5(metadata: dict, landed: dict) -> dict:
     model = registry.load_version_model(metadata)
     height, width, channels = metadata["input_shape"]
     keys = sorted(k for k, v in landed.items() if "kind" in v)
-    batch = np.stack([images.decode_image(landed[k]["bytes"], height=height, width=width, channels=channels,
-                                          resize_policy=metadata["resize_policy"]) for k in keys])
+    batch = np.stack(
+        [
+            images.decode_image(landed[k]["bytes"], height=height, width=width, channels=channels, resize_policy=metadata["resize_policy"])
+            for k in keys
+        ]
+    )
     probabilities = np.asarray(model(batch, training=False), dtype=np.float32)
     order, scores = scoring.top_k(probabilities, 5)
     labels = metadata["label_names"]
-    return {k: (probabilities[i], [(labels[c], float(s)) for c, s in zip(order[i], scores[i])])
-            for i, k in enumerate(keys)}
+    return {k: (probabilities[i], [(labels[c], float(s)) for c, s in zip(order[i], scores[i])]) for i, k in enumerate(keys)}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -145,8 +157,7 @@ def test_every_photo_gets_the_models_top5_labels(nightly, workspace, name):
             assert abs(score - want_score) <= SCORE_TOLERANCE, (row["key"], got, expected)
             # The same label at every rank; only two classes the model itself scores the same
             # (within rounding of batch composition) may trade places.
-            assert label == want_label or abs(probabilities[labels.index(label)] - want_score) <= 1e-5, (
-                row["key"], got, expected)
+            assert label == want_label or abs(probabilities[labels.index(label)] - want_score) <= 1e-5, (row["key"], got, expected)
         assert all(label in labels and "_" not in label for label, _s in got)  # human-readable names
         assert (row["model_name"], row["model_version"], row["partition_date"]) == (name, 1, DATE)
     # the set-aside list: exactly the bad files, each with an acceptable reason
@@ -166,7 +177,5 @@ def test_two_models_score_the_same_day_side_by_side(nightly, workspace, airflow_
         assert manifest["set_aside"] == 4
     assert storage.list_keys(f"{ws}/predictions/{DATE}/") == []  # nothing in a shared, model-less partition
     assert all(storage.list_keys(f"{ws}/predictions/{name}/_staging/") == [] for name in MODELS)
-    events = [extra for extra in asset_events(airflow_env, "nightly_predictions")
-              if extra["output_uri"].startswith(ws + "/")]  # the DB is shared
-    assert sorted((e["model_name"], e["output_uri"]) for e in events) == sorted(
-        (name, uri) for name, uri in partitions.items())
+    events = [extra for extra in asset_events(airflow_env, "nightly_predictions") if extra["output_uri"].startswith(ws + "/")]  # the DB is shared
+    assert sorted((e["model_name"], e["output_uri"]) for e in events) == sorted((name, uri) for name, uri in partitions.items())

@@ -44,9 +44,18 @@ def raw_dataset(bucket, mnist_subset) -> str:
 @pytest.fixture(scope="module")
 def tuning_run(airflow_env, raw_dataset, bucket, tmp_path_factory):
     conf = {
-        "dataset_uri": raw_dataset, "workspace_uri": f"s3://{bucket}/e2e-tuning/ws", "model_name": "digits",
-        "model_family": "mnist_cnn", "augment": 0, "learning_rates": [0.001, 0.003], "hidden_units": [32, 64], "epochs": 2, "patience": 2,
-        "batch_sizes": [32], "validation_fraction": 0.2, "test_fraction": 0.2,
+        "dataset_uri": raw_dataset,
+        "workspace_uri": f"s3://{bucket}/e2e-tuning/ws",
+        "model_name": "digits",
+        "model_family": "mnist_cnn",
+        "augment": 0,
+        "learning_rates": [0.001, 0.003],
+        "hidden_units": [32, 64],
+        "epochs": 2,
+        "patience": 2,
+        "batch_sizes": [32],
+        "validation_fraction": 0.2,
+        "test_fraction": 0.2,
     }
     code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("run"), "tuning_pipeline", conf)
     assert code == 0, output[-6000:]
@@ -149,8 +158,7 @@ def test_terminal_summary_with_leaderboard_decision_and_figure(tuning_run, airfl
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert f"full JSON: {path}" in text
     assert len(text.splitlines()) < 25
-    as_json = subprocess.run([sys.executable, script, "--json", str(path)], env=airflow_env, capture_output=True,
-                             text=True, timeout=120)
+    as_json = subprocess.run([sys.executable, script, "--json", str(path)], env=airflow_env, capture_output=True, text=True, timeout=120)
     assert json.loads(as_json.stdout) == json.loads(json.dumps(summary, sort_keys=True))
 
 
@@ -158,13 +166,23 @@ def test_no_secret_in_xcom_rendered_fields_or_logs(tuning_run, airflow_env):
     _conf, summary, output = tuning_run
     assert TEST_SECRET_KEY not in json.dumps(summary)
     assert TEST_ACCESS_KEY not in json.dumps(summary)
-    dump = subprocess.run([sys.executable, "-c", (
-        "import json\n"
-        "from airflow.models.renderedtifields import RenderedTaskInstanceFields as R\n"
-        "from airflow.utils.session import create_session\n"
-        "with create_session() as s:\n"
-        "    print(json.dumps([r.rendered_fields for r in s.query(R).all()], default=str))\n")],
-        env=airflow_env, capture_output=True, text=True, timeout=120)
+    dump = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import json\n"
+                "from airflow.models.renderedtifields import RenderedTaskInstanceFields as R\n"
+                "from airflow.utils.session import create_session\n"
+                "with create_session() as s:\n"
+                "    print(json.dumps([r.rendered_fields for r in s.query(R).all()], default=str))\n"
+            ),
+        ],
+        env=airflow_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dump.returncode == 0, dump.stderr[-2000:]
     assert TEST_SECRET_KEY not in dump.stdout
     assert "result_uri" in dump.stdout
@@ -209,12 +227,12 @@ def test_params_a_schema_lets_through_are_refused_before_any_spark_job(airflow_e
         # NaN passes the Params' JSON Schema when the run is created (every bound compares False
         # with NaN), but reaches the task as null (the conf travels as strict JSON): Airflow's own
         # check of the Params refuses it as validate_params starts, before any code of ours.
-        "nan": ({"learning_rates": [0.001, float("nan")]},
-                "Invalid input for param learning_rates: None is not of type 'number'"),
+        "nan": ({"learning_rates": [0.001, float("nan")]}, "Invalid input for param learning_rates: None is not of type 'number'"),
         # 11 x 10 x 10 points: within every bound, but more trials than a grid may have.
-        "grid": ({"learning_rates": [0.0001 * (i + 1) for i in range(11)], "hidden_units": list(range(1, 11)),
-                  "batch_sizes": list(range(1, 11))},
-                 "invalid parameters: the grid has 1100 trials, more than 1000: use random search or a smaller grid"),
+        "grid": (
+            {"learning_rates": [0.0001 * (i + 1) for i in range(11)], "hidden_units": list(range(1, 11)), "batch_sizes": list(range(1, 11))},
+            "invalid parameters: the grid has 1100 trials, more than 1000: use random search or a smaller grid",
+        ),
     }
     for name, (change, message) in refused_when_validate_params_starts.items():
         conf = {"dataset_uri": raw_dataset, "workspace_uri": ws, **change}
@@ -230,8 +248,9 @@ def test_params_a_schema_lets_through_are_refused_before_any_spark_job(airflow_e
 
     # A seed beyond 32 bits is refused when the run is created (its Param's maximum): no run at all.
     (tmp_path / "seed").mkdir()
-    code, summary, output = run_dag(airflow_env, tmp_path / "seed", "tuning_pipeline",
-                                    {"dataset_uri": raw_dataset, "workspace_uri": ws, "seed": 2**32})
+    code, summary, output = run_dag(
+        airflow_env, tmp_path / "seed", "tuning_pipeline", {"dataset_uri": raw_dataset, "workspace_uri": ws, "seed": 2**32}
+    )
     assert code != 0
     assert summary is None
     assert "seed" in output
@@ -239,13 +258,19 @@ def test_params_a_schema_lets_through_are_refused_before_any_spark_job(airflow_e
 
     # The same kind of space 10^8 points large, with random search: sampled by index (never built),
     # so validation gets past it at once; only the empty dataset location stops this run.
-    huge = {"learning_rates": [0.0001 * (i + 1) for i in range(100)], "hidden_units": list(range(1, 101)),
-            "batch_sizes": list(range(1, 101)), "dropouts": [i / 200 for i in range(100)],
-            "search_strategy": "random", "num_random_trials": 1000}
+    huge = {
+        "learning_rates": [0.0001 * (i + 1) for i in range(100)],
+        "hidden_units": list(range(1, 101)),
+        "batch_sizes": list(range(1, 101)),
+        "dropouts": [i / 200 for i in range(100)],
+        "search_strategy": "random",
+        "num_random_trials": 1000,
+    }
     empty = f"s3://{bucket}/e2e-params-nothing/"
     (tmp_path / "huge").mkdir()
-    code, summary, output = run_dag(airflow_env, tmp_path / "huge", "tuning_pipeline",
-                                    {"dataset_uri": empty, "workspace_uri": ws, **huge}, timeout=600)
+    code, summary, output = run_dag(
+        airflow_env, tmp_path / "huge", "tuning_pipeline", {"dataset_uri": empty, "workspace_uri": ws, **huge}, timeout=600
+    )
     assert code == 1
     assert task_states(summary)["validate_params"] == "failed"
     assert f"invalid parameters: dataset_uri {empty} holds no objects" in output
@@ -255,11 +280,24 @@ def test_params_a_schema_lets_through_are_refused_before_any_spark_job(airflow_e
 def test_a_trial_that_kills_its_worker_is_recorded_and_the_run_ends_green(airflow_env, raw_dataset, bucket, tmp_path):
     """The trial with 48 hidden units SIGKILLs its own Python worker (the test-only hook). Local mode
     retries a task only with a master local[N,F]: the connection gives local[2,2]."""
-    env = {**airflow_env, "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2,2]"}),
-           trials.CRASH_TEST_ENV: '"hidden_units": 48'}
-    conf = {"dataset_uri": raw_dataset, "workspace_uri": f"s3://{bucket}/e2e-crash/ws", "model_name": "digits",
-            "model_family": "mlp", "learning_rates": [0.003], "hidden_units": [32, 48], "epochs": 1, "patience": 1,
-            "batch_sizes": [32], "validation_fraction": 0.2, "test_fraction": 0.2}
+    env = {
+        **airflow_env,
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2,2]"}),
+        trials.CRASH_TEST_ENV: '"hidden_units": 48',
+    }
+    conf = {
+        "dataset_uri": raw_dataset,
+        "workspace_uri": f"s3://{bucket}/e2e-crash/ws",
+        "model_name": "digits",
+        "model_family": "mlp",
+        "learning_rates": [0.003],
+        "hidden_units": [32, 48],
+        "epochs": 1,
+        "patience": 1,
+        "batch_sizes": [32],
+        "validation_fraction": 0.2,
+        "test_fraction": 0.2,
+    }
     code, summary, output = run_dag(env, tmp_path, "tuning_pipeline", conf)
     assert code == 0, output[-6000:]
     assert set(task_states(summary).values()) == {"success"}
@@ -302,13 +340,13 @@ def test_the_champion_policy_reaches_the_export_job():
     flag = args.index("--champion-policy")
     assert args[flag + 1] == "{{ params.champion_policy }}"
     rendered = [args[flag], args[flag + 1].replace("{{ params.champion_policy }}", "replace")]
-    parsed = export_model.parse_args(["--results-uri", "s3://b/r.json", "--models-uri", "s3://b/m/", "--model-name", "m",
-                                      "--source-run", "r", "--trained-at", "t", *rendered])
+    parsed = export_model.parse_args(
+        ["--results-uri", "s3://b/r.json", "--models-uri", "s3://b/m/", "--model-name", "m", "--source-run", "r", "--trained-at", "t", *rendered]
+    )
     assert parsed.champion_policy == "replace"
 
 
-def test_a_run_on_other_labels_under_the_same_model_name_does_not_move_the_champion(
-        tuning_run, mnist_subset, bucket, airflow_env, tmp_path):
+def test_a_run_on_other_labels_under_the_same_model_name_does_not_move_the_champion(tuning_run, mnist_subset, bucket, airflow_env, tmp_path):
     """A user points the DAG at another data set (same input size, other classes) under the same
     model_name: the new version is exported, the champion stays, and the run says why (XCom and
     note). With champion_policy=replace the user moves it on purpose."""
@@ -319,8 +357,7 @@ def test_a_run_on_other_labels_under_the_same_model_name_does_not_move_the_champ
     for name, digits in (("even", (0, 2)), ("odd", (1, 3))):
         for n, index in enumerate(np.flatnonzero(np.isin(labels, digits))[:40]):
             storage.write_bytes(f"{raw}{name}/{n:03d}.png", png(images[index]), client)
-    other = {**conf, "dataset_uri": raw, "model_family": "mlp", "learning_rates": [0.003], "hidden_units": [32],
-             "epochs": 1, "patience": 1}
+    other = {**conf, "dataset_uri": raw, "model_family": "mlp", "learning_rates": [0.003], "hidden_units": [32], "epochs": 1, "patience": 1}
     code, summary, output = run_dag(airflow_env, tmp_path, "tuning_pipeline", other)
     assert code == 0, output[-6000:]
     export = summary["tasks"]["export_best_model"]["xcom"]
@@ -333,8 +370,7 @@ def test_a_run_on_other_labels_under_the_same_model_name_does_not_move_the_champ
     assert registry.resolve(conf["workspace_uri"] + "/models/", "digits")["version"] == 1
 
     (tmp_path / "replace").mkdir()
-    code, summary, output = run_dag(airflow_env, tmp_path / "replace", "tuning_pipeline",
-                                    {**other, "champion_policy": "replace"})
+    code, summary, output = run_dag(airflow_env, tmp_path / "replace", "tuning_pipeline", {**other, "champion_policy": "replace"})
     assert code == 0, output[-6000:]
     export = summary["tasks"]["export_best_model"]["xcom"]
     assert export["promoted"] is True

@@ -25,12 +25,10 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def test_ui_script_listens_on_loopback_only_and_stops_cleanly(airflow_env, tmp_path):
     port, state = free_port(), tmp_path / "state"
     (tmp_path / "home").mkdir()
-    env = {**airflow_env, "AIRFLOW_HOME": str(tmp_path / "home"), "SPARKTF_STATE_DIR": str(state),
-           "SPARKTF_UI_PORT": str(port)}
+    env = {**airflow_env, "AIRFLOW_HOME": str(tmp_path / "home"), "SPARKTF_STATE_DIR": str(state), "SPARKTF_UI_PORT": str(port)}
 
     def ui(command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "ui.py"), command], env=env,
-                              capture_output=True, text=True, timeout=420)
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "ui.py"), command], env=env, capture_output=True, text=True, timeout=420)
 
     started = ui("start")
     pids = LocalAirflow(state, port).pids()

@@ -79,32 +79,38 @@ def test_packaged_imagenet_class_index_is_complete_and_in_output_order():
     assert len(set(wnids)) == 1000
     labels = applications.imagenet_labels()
     # the seed's example: coral reef, scuba diver, brain coral, snorkel, promontory
-    assert [labels[i] for i in (973, 983, 109, 801, 976)] == ["coral reef", "scuba diver", "brain coral", "snorkel",
-                                                              "promontory"]
+    assert [labels[i] for i in (973, 983, 109, 801, 976)] == ["coral reef", "scuba diver", "brain coral", "snorkel", "promontory"]
     assert (labels[0], labels[999], index[0][0], index[999][0]) == ("tench", "toilet tissue", "n01440764", "n15075141")
     assert not any("_" in label for label in labels)
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    (b'["cat", "dog", "bird"]', ["cat", "dog", "bird"]),
-    (b'{"1": "dog", "0": "cat", "2": "bird"}', ["cat", "dog", "bird"]),
-    (b'{"0": ["n01", "tabby_cat"], "1": ["n02", "dog"], "2": ["n03", "bird"]}', ["tabby cat", "dog", "bird"]),
-    (b"cat\ndog\noiseau bleu\n\n", ["cat", "dog", "oiseau bleu"]),
-    (b"\xef\xbb\xbfcat\r\ndog\r\nbird", ["cat", "dog", "bird"]),
-], ids=["json-list", "json-dict", "keras-index", "text", "text-bom-crlf"])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'["cat", "dog", "bird"]', ["cat", "dog", "bird"]),
+        (b'{"1": "dog", "0": "cat", "2": "bird"}', ["cat", "dog", "bird"]),
+        (b'{"0": ["n01", "tabby_cat"], "1": ["n02", "dog"], "2": ["n03", "bird"]}', ["tabby cat", "dog", "bird"]),
+        (b"cat\ndog\noiseau bleu\n\n", ["cat", "dog", "oiseau bleu"]),
+        (b"\xef\xbb\xbfcat\r\ndog\r\nbird", ["cat", "dog", "bird"]),
+    ],
+    ids=["json-list", "json-dict", "keras-index", "text", "text-bom-crlf"],
+)
 def test_label_maps(content, expected):
     assert applications.parse_label_map(content) == expected
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"", "no labels"),
-    (b"[]", "no labels"),
-    (b'{"0": "cat", "2": "dog"}', "keys"),
-    (b'["cat", 3]', "strings"),
-    (b'["cat", ', "does not parse"),
-    (b"cat\n\ndog\n", "empty labels"),
-    (b"\xff\xfe\x00", "UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no labels"),
+        (b"[]", "no labels"),
+        (b'{"0": "cat", "2": "dog"}', "keys"),
+        (b'["cat", 3]', "strings"),
+        (b'["cat", ', "does not parse"),
+        (b"cat\n\ndog\n", "empty labels"),
+        (b"\xff\xfe\x00", "UTF-8"),
+    ],
+)
 def test_bad_label_maps_are_refused(content, message):
     with pytest.raises(RegistrationRefused, match=message):
         applications.parse_label_map(content)
@@ -117,12 +123,19 @@ def test_label_map_size_must_match_the_outputs():
 
 
 def test_request_checks_say_what_to_fix():
-    good = {"model_name": "inception-v3", "source": "keras_application", "application": "InceptionV3",
-            "weights_uri": "s3://b/up/inception_v3.weights.h5", "labels": "imagenet", "resize_policy": "center_crop"}
+    good = {
+        "model_name": "inception-v3",
+        "source": "keras_application",
+        "application": "InceptionV3",
+        "weights_uri": "s3://b/up/inception_v3.weights.h5",
+        "labels": "imagenet",
+        "resize_policy": "center_crop",
+    }
     assert applications.check_request(good) == []
     assert applications.check_request({**good, "source": "keras_file", "model_uri": "s3://b/m.keras"}) == []
-    problems = applications.check_request({**good, "application": "ResNet50", "weights_uri": "s3://b/x.h5",
-                                           "labels": "label_map", "model_name": "Bad Name"})
+    problems = applications.check_request(
+        {**good, "application": "ResNet50", "weights_uri": "s3://b/x.h5", "labels": "label_map", "model_name": "Bad Name"}
+    )
     assert len(problems) == 4
     assert any("ResNet50" in p for p in problems)
     assert any(".weights.h5" in p for p in problems)
@@ -148,8 +161,7 @@ def test_inception_v3_takes_uint8_and_scales_like_keras_preprocess_input(incepti
     reference = keras.applications.InceptionV3(weights=None)
     reference.load_weights(inception_weights)
     batch = probe_batch(299)
-    expected = np.asarray(reference(keras.applications.inception_v3.preprocess_input(batch.astype("float32")),
-                                    training=False))
+    expected = np.asarray(reference(keras.applications.inception_v3.preprocess_input(batch.astype("float32")), training=False))
     got = np.asarray(model(batch, training=False))
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
@@ -167,8 +179,7 @@ def test_small_network_keeps_its_own_preprocessing(mobilenet_weights, tmp_path):
     reference.load_weights(mobilenet_weights)
     assert any(isinstance(layer, keras.layers.Rescaling) for layer in reference.layers)  # its own, inside
     batch = probe_batch(224)
-    np.testing.assert_allclose(np.asarray(served(batch, training=False)),
-                               np.asarray(reference(batch.astype("float32"), training=False)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(served(batch, training=False)), np.asarray(reference(batch.astype("float32"), training=False)), atol=1e-6)
 
 
 def test_weights_of_another_network_are_refused(mobilenet_weights):
@@ -244,9 +255,24 @@ def test_job_registers_a_small_network_with_imagenet_labels_and_promotes_it(s3_p
     with open(mobilenet_weights, "rb") as fh:
         data = fh.read()
     storage.write_bytes(weights_uri, data)
-    args = job_args(ws, "mobilenet", "--source", "keras_application", "--application", "MobileNetV3Small",
-                    "--weights-uri", weights_uri, "--labels", "imagenet", "--promote", "true", "--source-run", "run-1",
-                    "--registered-at", "2026-11-24T10:00:00+00:00")
+    args = job_args(
+        ws,
+        "mobilenet",
+        "--source",
+        "keras_application",
+        "--application",
+        "MobileNetV3Small",
+        "--weights-uri",
+        weights_uri,
+        "--labels",
+        "imagenet",
+        "--promote",
+        "true",
+        "--source-run",
+        "run-1",
+        "--registered-at",
+        "2026-11-24T10:00:00+00:00",
+    )
     result = register_model.run(args)
     assert result["registered"]
     assert result["version"] == 1
@@ -278,9 +304,22 @@ def test_job_registers_a_users_keras_file_with_a_text_label_map(s3_prefix, tmp_p
     path = small_classifier(str(tmp_path / "mine.keras"))
     storage.write_bytes(ws + "/uploads/mine.keras", Path(path).read_bytes())
     storage.write_bytes(ws + "/uploads/labels.txt", "chat\nchien\nécureuil\npoisson\n".encode())
-    result = register_model.run(job_args(
-        ws, "mine", "--source", "keras_file", "--model-uri", ws + "/uploads/mine.keras", "--labels", "label_map",
-        "--label-map-uri", ws + "/uploads/labels.txt", "--resize-policy", "resize"))
+    result = register_model.run(
+        job_args(
+            ws,
+            "mine",
+            "--source",
+            "keras_file",
+            "--model-uri",
+            ws + "/uploads/mine.keras",
+            "--labels",
+            "label_map",
+            "--label-map-uri",
+            ws + "/uploads/labels.txt",
+            "--resize-policy",
+            "resize",
+        )
+    )
     assert result["registered"]
     assert not result["promoted"]
     assert result["champion_version"] is None
@@ -299,8 +338,20 @@ def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_pat
     model_uri, labels_uri = ws + "/uploads/mine.keras", ws + "/uploads/labels.txt"
     storage.write_bytes(model_uri, Path(small_classifier(str(tmp_path / "a.keras"))).read_bytes())
     storage.write_bytes(labels_uri, b"a\nb\nc\nd\n")
-    args = job_args(ws, "mine", "--source", "keras_file", "--model-uri", model_uri, "--labels", "label_map",
-                    "--label-map-uri", labels_uri, "--source-run", "run-1")
+    args = job_args(
+        ws,
+        "mine",
+        "--source",
+        "keras_file",
+        "--model-uri",
+        model_uri,
+        "--labels",
+        "label_map",
+        "--label-map-uri",
+        labels_uri,
+        "--source-run",
+        "run-1",
+    )
     first = register_model.run(args)
     assert first["registered"]
     assert first["version"] == 1
@@ -319,8 +370,10 @@ def test_a_retry_reuses_its_version_only_for_the_same_request(s3_prefix, tmp_pat
     again = register_model.run(args)
     assert again["version"] == 3
     assert again["reused_version"]
-    assert register_model.request_differences(registry.resolve(ws + "/models/", "mine", 1),
-                                              register_model.asked_fields(args)) == ["model_sha256", "label_map_sha256"]
+    assert register_model.request_differences(registry.resolve(ws + "/models/", "mine", 1), register_model.asked_fields(args)) == [
+        "model_sha256",
+        "label_map_sha256",
+    ]
 
 
 @pytest.mark.parametrize("case", ["lambda", "labels", "weights", "missing", "params"])
@@ -332,8 +385,7 @@ def test_job_refusals_register_nothing(s3_prefix, tmp_path, mobilenet_weights, c
     elif case == "labels":
         storage.write_bytes(ws + "/up/m.keras", Path(small_classifier(str(tmp_path / "s.keras"))).read_bytes())
         storage.write_bytes(ws + "/up/labels.json", json.dumps(["a", "b", "c"]).encode())
-        extra = ["--source", "keras_file", "--model-uri", ws + "/up/m.keras", "--labels", "label_map",
-                 "--label-map-uri", ws + "/up/labels.json"]
+        extra = ["--source", "keras_file", "--model-uri", ws + "/up/m.keras", "--labels", "label_map", "--label-map-uri", ws + "/up/labels.json"]
         message = "has 3 labels but the model has 4 outputs"
     elif case == "weights":
         storage.write_bytes(ws + "/up/x.weights.h5", Path(mobilenet_weights).read_bytes())
@@ -376,12 +428,31 @@ def test_the_job_runs_under_spark_submit_without_a_spark_session(s3_prefix, tmp_
 
     zip_path, _sha = package_zip()
     plugins = str(Path(sparktf.__file__).resolve().parents[1])
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
+    }
     result_uri = s3_prefix + "/result.json"
-    command = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]", "--py-files", zip_path,
-               str(ROOT / "jobs" / "register_model.py"), "--models-uri", s3_prefix + "/models/", "--model-name", "absent",
-               "--source", "keras_file", "--model-uri", s3_prefix + "/up/absent.keras", "--result-uri", result_uri]
+    command = [
+        str(Path(sys.executable).with_name("spark-submit")),
+        "--master",
+        "local[1]",
+        "--py-files",
+        zip_path,
+        str(ROOT / "jobs" / "register_model.py"),
+        "--models-uri",
+        s3_prefix + "/models/",
+        "--model-name",
+        "absent",
+        "--source",
+        "keras_file",
+        "--model-uri",
+        s3_prefix + "/up/absent.keras",
+        "--result-uri",
+        result_uri,
+    ]
     job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     output = job.stdout + job.stderr

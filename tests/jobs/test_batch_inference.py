@@ -29,8 +29,9 @@ def workspace(bucket, mnist_subset) -> dict:
 
 
 def job_args(ws: str, date: str = DATE, *extra: str, models: str | None = None):
-    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "16", "--max-keys-per-task", "10",
-                                                           *extra, models_uri=models, processed_at=PROCESSED_AT))
+    return batch_inference.parse_args(
+        batch_inference_argv(ws, date, "--batch-size", "16", "--max-keys-per-task", "10", *extra, models_uri=models, processed_at=PROCESSED_AT)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +107,7 @@ def test_partition_is_published_with_a_manifest_of_sizes_and_etags(first_run, wo
     assert manifest["publish_id"] == first_run["publish_id"]
     assert first_run["publish_id"].startswith("first-")
     assert first_run["output_uri"] == f"{ws}/predictions/digits/{DATE}/"  # one folder per model
-    present = {o["key"][len(storage.parse_uri(first_run["output_uri"]).key):]: o
-               for o in storage.iter_objects(first_run["output_uri"])}
+    present = {o["key"][len(storage.parse_uri(first_run["output_uri"]).key) :]: o for o in storage.iter_objects(first_run["output_uri"])}
     assert set(present) == set(predictions.listed_files(manifest)) | {predictions.MANIFEST_NAME}
     for rel in predictions.listed_files(manifest):
         # every file is named after this attempt and recorded with the size and ETag it has
@@ -159,22 +159,26 @@ def test_rerun_replaces_the_partition_with_identical_rows(spark, first_run, work
     assert storage.head(partition + "part-99999.parquet") is None
     assert all(storage.head(partition + rel) is None for rel in first_files)  # the replaced output is gone
     assert storage.head(partition + predictions.part_name("other-run-1-0a0b0c0d", 0)) is not None
-    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{DATE}/") == sorted([
-        storage.parse_uri(in_flight).key + predictions.ATTEMPT_MARKER,
-        f"{storage.parse_uri(ws).key}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet"])
+    assert storage.list_keys(f"{ws}/predictions/digits/_staging/{DATE}/") == sorted(
+        [
+            storage.parse_uri(in_flight).key + predictions.ATTEMPT_MARKER,
+            f"{storage.parse_uri(ws).key}/predictions/digits/_staging/{DATE}/crashed/part-00000.parquet",
+        ]
+    )
     assert all(storage.read_bytes(uri) == b"another model's" for uri in others)
 
 
 def test_attempts_dead_for_longer_than_the_stale_limit_are_cleaned_up(spark, first_run, workspace, monkeypatch):
     ws = workspace["ws"]
     partition = first_run["output_uri"]
-    storage.write_json(predictions.staging_uri(ws + "/predictions/digits/", DATE, "dead-1-00000000") + predictions.ATTEMPT_MARKER,
-                       {"publish_id": "dead-1-00000000"})
+    storage.write_json(
+        predictions.staging_uri(ws + "/predictions/digits/", DATE, "dead-1-00000000") + predictions.ATTEMPT_MARKER, {"publish_id": "dead-1-00000000"}
+    )
     storage.write_bytes(partition + predictions.part_name("dead-1-00000000", 3), b"never published")
     monkeypatch.setattr(predictions, "STALE_ATTEMPT_SECONDS", 0)  # every other attempt counts as dead
     batch_inference.run(spark, job_args(ws, DATE, "--attempt-id", "third"))
     manifest = predictions.read_published(partition)
-    present = {k[len(storage.parse_uri(partition).key):] for k in storage.list_keys(partition)}
+    present = {k[len(storage.parse_uri(partition).key) :] for k in storage.list_keys(partition)}
     assert present == set(predictions.listed_files(manifest)) | {predictions.MANIFEST_NAME}
     assert storage.list_keys(f"{ws}/predictions/digits/_staging/") == []
 
@@ -242,15 +246,27 @@ def test_top_k_and_task_planning():
 
 
 def task_summary(index: int, scored: int, set_aside: int, labels: dict, reasons: dict, **stats) -> dict:
-    return {"index": index, "file": f"part-{index:05d}-0-x.parquet", "errors_file": f"_errors/part-{index:05d}-0-x.parquet",
-            "file_size": 100 + index, "errors_size": 10 + index, "scored": scored, "set_aside": set_aside,
-            "labels": labels, "reasons": reasons, "errors": [{"key": f"k{index}", "reason": "not_an_image"}] * set_aside,
-            "executor": "driver", "stats": {"model_loaded_now": index == 0, "pid": 7, "model_seconds": 0.5, **stats}}
+    return {
+        "index": index,
+        "file": f"part-{index:05d}-0-x.parquet",
+        "errors_file": f"_errors/part-{index:05d}-0-x.parquet",
+        "file_size": 100 + index,
+        "errors_size": 10 + index,
+        "scored": scored,
+        "set_aside": set_aside,
+        "labels": labels,
+        "reasons": reasons,
+        "errors": [{"key": f"k{index}", "reason": "not_an_image"}] * set_aside,
+        "executor": "driver",
+        "stats": {"model_loaded_now": index == 0, "pid": 7, "model_seconds": 0.5, **stats},
+    }
 
 
 def test_task_summaries_are_added_up_in_label_order():
-    tasks = [task_summary(0, 3, 1, {"10": 1, "2": 2}, {"not_an_image": 1}, storage_retries=2),
-             task_summary(1, 2, 2, {"2": 1, "x": 1}, {"too_large": 1, "not_an_image": 1})]
+    tasks = [
+        task_summary(0, 3, 1, {"10": 1, "2": 2}, {"not_an_image": 1}, storage_retries=2),
+        task_summary(1, 2, 2, {"2": 1, "x": 1}, {"too_large": 1, "not_an_image": 1}),
+    ]
     summary = batch_inference.summarise_tasks(tasks, ["2", "10"], listed=8, max_failure_ratio=0.3)
     assert (summary["scored"], summary["set_aside"], summary["ratio"]) == (5, 3, 3 / 8)
     assert list(summary["label_histogram"].items()) == [("2", 3), ("10", 1), ("x", 1)]  # the model's order, then others
@@ -264,8 +280,10 @@ def test_task_summaries_are_added_up_in_label_order():
 
 def test_the_publish_gets_exactly_the_parts_the_tasks_reported():
     files = batch_inference.staged_files([task_summary(1, 2, 0, {}, {})])
-    assert files == [{"name": "part-00001-0-x.parquet", "kind": "predictions", "index": 1, "rows": 2, "size": 101},
-                     {"name": "_errors/part-00001-0-x.parquet", "kind": "errors", "index": 1, "rows": 0, "size": 11}]
+    assert files == [
+        {"name": "part-00001-0-x.parquet", "kind": "predictions", "index": 1, "rows": 2, "size": 101},
+        {"name": "_errors/part-00001-0-x.parquet", "kind": "errors", "index": 1, "rows": 0, "size": 11},
+    ]
     groups = batch_inference.plan_groups([{"key": k, "size": i} for i, k in enumerate("abcde")], 2, 2)
     assert groups == [(0, ["a", "e"], {"a": 0, "e": 4}), (1, ["b"], {"b": 1}), (2, ["c"], {"c": 2}), (3, ["d"], {"d": 3})]
     name, errors_name = scoring.staged_part_names(3, "1-abc")
@@ -274,7 +292,9 @@ def test_the_publish_gets_exactly_the_parts_the_tasks_reported():
 
 def test_prediction_rows_keep_the_top_k_and_refuse_a_mismatched_output():
     rows = scoring.prediction_rows(["a", "b"], np.array([[0.2, 0.8], [0.6, 0.4]], np.float32), ["x", "y"], 1)
-    assert rows == [{"key": "a", "predicted_label": "y", "score": pytest.approx(0.8), "top_k": [{"label": "y", "score": pytest.approx(0.8)}]},
-                    {"key": "b", "predicted_label": "x", "score": pytest.approx(0.6), "top_k": [{"label": "x", "score": pytest.approx(0.6)}]}]
+    assert rows == [
+        {"key": "a", "predicted_label": "y", "score": pytest.approx(0.8), "top_k": [{"label": "y", "score": pytest.approx(0.8)}]},
+        {"key": "b", "predicted_label": "x", "score": pytest.approx(0.6), "top_k": [{"label": "x", "score": pytest.approx(0.6)}]},
+    ]
     with pytest.raises(ValueError, match=r"model output \(2, 2\) does not match 2 images x 3 labels"):
         scoring.prediction_rows(["a", "b"], np.zeros((2, 2), np.float32), ["x", "y", "z"], 1)

@@ -40,8 +40,9 @@ def test_spark_ui_link_is_published_while_the_job_runs(tmp_path, monkeypatch):
     app, release = tmp_path / "waiting_job.py", tmp_path / "release"
     app.write_text(WAITING_JOB)
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_UI_TEST", json.dumps({"conn_type": "spark", "host": "local[1]"}))
-    hook = SparkSubmitHook(conn_id="spark_ui_test", name="ui-link-test", application_args=[str(release)],
-                           conf={"spark.ui.showConsoleProgress": "false"})
+    hook = SparkSubmitHook(
+        conn_id="spark_ui_test", name="ui-link-test", application_args=[str(release)], conf={"spark.ui.showConsoleProgress": "false"}
+    )
     seen: dict[str, str] = {}
     spark_ui.watch_output(hook, lambda app_id, url: seen.update(app_id=app_id, url=url))
     errors: list[BaseException] = []
@@ -79,8 +80,10 @@ def test_the_link_after_the_job(monkeypatch):
     assert link.get_link(Task(), ti_key=None) == "http://history.example:18080/history/local-1700000000000/"
     assert link.get_link(object(), ti_key=None) == ""
     assert link.xcom_key == "_link_SparkUILink"
-    assert spark_ui.parse_ui_line("2026-11-29 10:00:00,000 INFO sparktf: Spark UI of application "
-                                  "app-20261129-0001: http://10.0.0.5:4041") == ("app-20261129-0001", "http://10.0.0.5:4041")
+    assert spark_ui.parse_ui_line("2026-11-29 10:00:00,000 INFO sparktf: Spark UI of application app-20261129-0001: http://10.0.0.5:4041") == (
+        "app-20261129-0001",
+        "http://10.0.0.5:4041",
+    )
     assert spark_ui.parse_ui_line("INFO sparktf: Spark UI of application local-1: disabled (spark.ui.enabled=false)") is None
 
 
@@ -97,8 +100,7 @@ stream.close()
 
 
 def test_no_logging_error_when_the_interpreter_exits(tmp_path):
-    out = subprocess.run([sys.executable, "-c", EXIT_WITH_A_CLOSED_STREAM, str(tmp_path / "log.txt")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", EXIT_WITH_A_CLOSED_STREAM, str(tmp_path / "log.txt")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--- Logging error ---" not in out.stderr, out.stderr[-3000:]
 
@@ -107,14 +109,17 @@ DRIVER_LINE = "2026-11-29 10:00:00,000 INFO sparktf: Spark UI of application loc
 KEY = "incoming/2026-11-20/Spark UI of application app-evil: http://evil.example/x.png"
 
 
-@pytest.mark.parametrize("line", [
-    f"2026-11-29 10:00:01,000 WARNING sparktf.scoring: set aside {KEY}: corrupt",
-    f"2026-11-29 10:00:01,000 INFO sparktf: job result: {{'errors': ['{KEY}']}}",
-    f"26/11/29 10:00:01 ERROR Executor: Exception in task 0.0: GET s3://b/{KEY}: AccessDenied",
-    KEY,
-    "Spark UI of application app-evil: http://evil.example/",
-    f"2026-11-29 10:00:01,000 INFO sparktf: Spark UI of application app-evil: http://evil.example/ {KEY}",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"2026-11-29 10:00:01,000 WARNING sparktf.scoring: set aside {KEY}: corrupt",
+        f"2026-11-29 10:00:01,000 INFO sparktf: job result: {{'errors': ['{KEY}']}}",
+        f"26/11/29 10:00:01 ERROR Executor: Exception in task 0.0: GET s3://b/{KEY}: AccessDenied",
+        KEY,
+        "Spark UI of application app-evil: http://evil.example/",
+        f"2026-11-29 10:00:01,000 INFO sparktf: Spark UI of application app-evil: http://evil.example/ {KEY}",
+    ],
+)
 def test_a_line_that_only_contains_the_phrase_is_not_the_drivers(line):
     assert spark_ui.parse_ui_line(line) is None
 
@@ -122,14 +127,18 @@ def test_a_line_that_only_contains_the_phrase_is_not_the_drivers(line):
 def test_an_object_key_cannot_replace_the_spark_ui_link():
     """The hook hands the wrapped iterator every line; a key with a newline and a copy of the
     driver's line comes after the real one and is ignored."""
+
     class Hook:
         def _process_spark_submit_log(self, itr):
             return list(itr)
 
     forged = "2026-11-29 10:00:02,000 INFO sparktf: Spark UI of application app-evil: http://evil.example/"
-    output = [b"26/11/29 10:00:00 INFO SparkContext: Running Spark version 4.0.0\n", (DRIVER_LINE + "\n").encode(),
-              b"2026-11-29 10:00:01,000 WARNING sparktf.scoring: set aside incoming/x\n",
-              (forged + "\n").encode()]
+    output = [
+        b"26/11/29 10:00:00 INFO SparkContext: Running Spark version 4.0.0\n",
+        (DRIVER_LINE + "\n").encode(),
+        b"2026-11-29 10:00:01,000 WARNING sparktf.scoring: set aside incoming/x\n",
+        (forged + "\n").encode(),
+    ]
     seen: list[tuple[str, str]] = []
     hook = spark_ui.watch_output(Hook(), lambda app_id, url: seen.append((app_id, url)))
     assert hook._process_spark_submit_log(iter(output)) == output  # every line still logged

@@ -108,15 +108,17 @@ def ws(bucket, mnist_subset) -> dict:
 
 
 def args(ws: str, date: str, *extra: str):
-    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "32", "--max-keys-per-task", "40",
-                                                           "--fetch-threads", "8", *extra, processed_at=PROCESSED_AT))
+    return batch_inference.parse_args(
+        batch_inference_argv(ws, date, "--batch-size", "32", "--max-keys-per-task", "40", "--fetch-threads", "8", *extra, processed_at=PROCESSED_AT)
+    )
 
 
 def rows_of(partition: str) -> tuple[list, list]:
     scored, errors = predictions.read_predictions(partition)
-    return (sorted((r["key"], r["predicted_label"], r["score"], str(r["top_k"]), r["model_version"],
-                    str(r["processed_at"])) for r in scored),
-            sorted((e["key"], e["reason"]) for e in errors))
+    return (
+        sorted((r["key"], r["predicted_label"], r["score"], str(r["top_k"]), r["model_version"], str(r["processed_at"])) for r in scored),
+        sorted((e["key"], e["reason"]) for e in errors),
+    )
 
 
 def test_inference_through_faults_publishes_exactly_the_clean_rows(spark, ws, proxy, s3_server):
@@ -161,11 +163,9 @@ def test_an_image_the_store_keeps_failing_fails_the_task_not_the_image(spark, ws
     assert storage.list_keys(f"{ws['ws']}/predictions/digits/_staging/") == []
 
 
-def test_a_rerun_whose_clean_up_the_store_refuses_fails_but_leaves_its_partition_readable(
-        spark, ws, proxy, s3_server):
+def test_a_rerun_whose_clean_up_the_store_refuses_fails_but_leaves_its_partition_readable(spark, ws, proxy, s3_server):
     partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
-    previous = predictions.read_published(partition) or batch_inference.run(
-        spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
+    previous = predictions.read_published(partition) or batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
     proxy.add_rule(FaultRule("delete_errors", method="POST", query="delete"))
     with through(proxy, s3_server), pytest.raises(storage.StorageError, match="could not all be removed"):
         batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "no-deletes"))
@@ -192,13 +192,45 @@ def test_a_failure_ratio_breach_is_a_final_failure(spark, ws):
 
 def tuning_run(spark, raw: str, out: str) -> dict:
     prepared = prepare_data.run(spark, prepare_data.parse_args(["--input-uri", raw, "--output-uri", out + "prepared/"]))
-    tuned = tune.run(spark, tune.parse_args([
-        "--prepared-uri", out + "prepared/", "--output-uri", out + "tuning/", "--model-family", "mlp",
-        "--epochs", "1", "--patience", "1", "--batch-sizes", "32", "--hidden-units", "32",
-        "--learning-rates", "0.003,0.03"]))
-    exported = export_model.run(export_model.parse_args([
-        "--results-uri", out + "tuning/results.json", "--models-uri", out + "models/", "--model-name", "digits",
-        "--source-run", "run-1", "--trained-at", "2026-11-22T03:00:00+00:00"]))
+    tuned = tune.run(
+        spark,
+        tune.parse_args(
+            [
+                "--prepared-uri",
+                out + "prepared/",
+                "--output-uri",
+                out + "tuning/",
+                "--model-family",
+                "mlp",
+                "--epochs",
+                "1",
+                "--patience",
+                "1",
+                "--batch-sizes",
+                "32",
+                "--hidden-units",
+                "32",
+                "--learning-rates",
+                "0.003,0.03",
+            ]
+        ),
+    )
+    exported = export_model.run(
+        export_model.parse_args(
+            [
+                "--results-uri",
+                out + "tuning/results.json",
+                "--models-uri",
+                out + "models/",
+                "--model-name",
+                "digits",
+                "--source-run",
+                "run-1",
+                "--trained-at",
+                "2026-11-22T03:00:00+00:00",
+            ]
+        )
+    )
     results = storage.read_json(out + "tuning/results.json")
     return {"prepared": prepared, "tuned": tuned, "exported": exported, "trials": results["trials"]}
 
@@ -241,8 +273,9 @@ def test_production_code_never_imports_the_proxy():
             continue
         tree = ast.parse(path.read_text(), str(path))
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
+        imported |= {
+            f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module for alias in node.names
+        }
         assert not {name for name in imported if "faults" in name.split(".")}, path
     import zipfile
 
@@ -296,23 +329,25 @@ def test_a_conditional_write_the_store_asks_to_resend_is_not_a_lost_race(proxy, 
 def client_error(code: str, message: str = "", status: int = 403):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": message},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
 
-@pytest.mark.parametrize(("code", "message"), [
-    ("ExpiredToken", "The provided token has expired."),
-    ("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
-    ("SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
-    ("InvalidToken", "The provided token is malformed or otherwise invalid."),
-    ("TokenRefreshRequired", "The provided token must be refreshed."),
-    ("AccountProblem", "There is a problem with your AWS account."),
-    ("AllAccessDisabled", "All access to this Amazon S3 resource has been disabled."),
-    ("NoSuchBucket", "The specified bucket does not exist"),
-    ("KMS.DisabledException", "arn:aws:kms:...:key/... is disabled."),
-    ("KMS.NotFoundException", "Invalid keyId"),
-    ("AccessDenied", "User: arn:aws:iam::1:user/x is not authorized to perform: kms:Decrypt on resource: arn:aws:kms:..."),
-])
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("ExpiredToken", "The provided token has expired."),
+        ("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
+        ("SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
+        ("InvalidToken", "The provided token is malformed or otherwise invalid."),
+        ("TokenRefreshRequired", "The provided token must be refreshed."),
+        ("AccountProblem", "There is a problem with your AWS account."),
+        ("AllAccessDisabled", "All access to this Amazon S3 resource has been disabled."),
+        ("NoSuchBucket", "The specified bucket does not exist"),
+        ("KMS.DisabledException", "arn:aws:kms:...:key/... is disabled."),
+        ("KMS.NotFoundException", "Invalid keyId"),
+        ("AccessDenied", "User: arn:aws:iam::1:user/x is not authorized to perform: kms:Decrypt on resource: arn:aws:kms:..."),
+    ],
+)
 def test_errors_that_blame_the_caller_are_told_from_those_about_one_object(code, message):
     assert storage.is_caller_refused(client_error(code, message))
 
@@ -329,18 +364,19 @@ def test_missing_credentials_blame_the_caller():
     assert storage.is_caller_refused(PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"))
 
 
-def test_credentials_that_expire_part_way_fail_the_rerun_and_keep_the_published_partition(
-        spark, ws, proxy, s3_server):
+def test_credentials_that_expire_part_way_fail_the_rerun_and_keep_the_published_partition(spark, ws, proxy, s3_server):
     partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
-    published = predictions.read_published(partition) or batch_inference.run(
-        spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
+    published = predictions.read_published(partition) or batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
     published = predictions.read_published(partition)
     rows = rows_of(partition)
     incoming = storage.parse_uri(ws["ws"] + "/incoming/2026-11-20/").key
     # The first 80 reads of images get through; from then on the store says the token expired (a
     # 60 % run would pass the shrink guard and be published over the complete partition).
-    proxy.add_rule(FaultRule("error", method="GET", key=f"^{re.escape(incoming)}", after=80, code="ExpiredToken",
-                             status=400, message="The provided token has expired."))
+    proxy.add_rule(
+        FaultRule(
+            "error", method="GET", key=f"^{re.escape(incoming)}", after=80, code="ExpiredToken", status=400, message="The provided token has expired."
+        )
+    )
     with through(proxy, s3_server, spark), pytest.raises(Exception, match="CallerRefused") as failed:
         batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "expired"))
     assert proxy.faults["error"] > 0
@@ -358,8 +394,7 @@ def test_credentials_that_expire_part_way_fail_the_rerun_and_keep_the_published_
 
 def test_a_store_that_ignores_conditional_writes_is_refused_by_name(spark, ws, s3_server, s3_prefix):
     partition = f"{ws['ws']}/predictions/digits/2026-11-20/"
-    published = predictions.read_published(partition) or batch_inference.run(
-        spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
+    published = predictions.read_published(partition) or batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "before"))
     published = predictions.read_published(partition)
     with FaultProxy(s3_server.endpoint, ignore_conditions=True) as ignoring:
         with through(ignoring, s3_server):

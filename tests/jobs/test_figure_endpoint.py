@@ -29,22 +29,24 @@ def client_through(proxy: FaultProxy, s3_server):
 
 
 def test_the_run_folder_is_the_dags_run_uri(s3_prefix):
-    assert run_folder_uri(s3_prefix, "tuning_pipeline", RUN_ID) == (
-        f"{s3_prefix}/runs/tuning_pipeline/manual__2026-11-24T100000_0000/")
+    assert run_folder_uri(s3_prefix, "tuning_pipeline", RUN_ID) == (f"{s3_prefix}/runs/tuning_pipeline/manual__2026-11-24T100000_0000/")
 
 
-@pytest.mark.parametrize(("uri", "served"), [
-    ("{folder}tuning/error_vs_learning_rate.png", True),
-    ("s3a://{bucket}/{key}tuning/error_vs_learning_rate.png", True),
-    ("{ws}/runs/tuning_pipeline/another_run/tuning/error_vs_learning_rate.png", False),  # another run's
-    ("{ws}/models/digits/v1/secret.png", False),  # outside every run folder
-    ("s3://other-bucket/{key}tuning/error_vs_learning_rate.png", False),  # same key, another bucket
-    ("{folder}../another_run/x.png", False),
-    ("{folder}tuning//x.png", False),
-    ("{folder}tuning/results.json", False),  # not a figure
-    ("{folder}", False),
-    ("https://example.com/x.png", False),
-])
+@pytest.mark.parametrize(
+    ("uri", "served"),
+    [
+        ("{folder}tuning/error_vs_learning_rate.png", True),
+        ("s3a://{bucket}/{key}tuning/error_vs_learning_rate.png", True),
+        ("{ws}/runs/tuning_pipeline/another_run/tuning/error_vs_learning_rate.png", False),  # another run's
+        ("{ws}/models/digits/v1/secret.png", False),  # outside every run folder
+        ("s3://other-bucket/{key}tuning/error_vs_learning_rate.png", False),  # same key, another bucket
+        ("{folder}../another_run/x.png", False),
+        ("{folder}tuning//x.png", False),
+        ("{folder}tuning/results.json", False),  # not a figure
+        ("{folder}", False),
+        ("https://example.com/x.png", False),
+    ],
+)
 def test_only_a_png_inside_the_runs_own_folder_is_a_figure(s3_prefix, uri, served):
     folder = run_folder_uri(s3_prefix, "tuning_pipeline", RUN_ID)
     location = storage.parse_uri(folder)

@@ -46,13 +46,16 @@ def test_idx_round_trips_plain_gzipped_and_in_several_members():
         assert (parsed == DIGITS).all()
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (gzip.compress(idx.encode_idx(DIGITS))[:-20], "ends before its last member"),
-    (gzip.compress(idx.encode_idx(DIGITS)) + b"junk", "bad gzip stream"),
-    (gzip.compress(idx.encode_idx(DIGITS)[:-1]), "expected 3920 data bytes for shape (5, 28, 28), found 3919"),
-    (gzip.compress(b"\x89PNG not an idx file"), "bad magic number"),
-    (b"\x00\x00\x08\x03garbage", "truncated header"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (gzip.compress(idx.encode_idx(DIGITS))[:-20], "ends before its last member"),
+        (gzip.compress(idx.encode_idx(DIGITS)) + b"junk", "bad gzip stream"),
+        (gzip.compress(idx.encode_idx(DIGITS)[:-1]), "expected 3920 data bytes for shape (5, 28, 28), found 3919"),
+        (gzip.compress(b"\x89PNG not an idx file"), "bad magic number"),
+        (b"\x00\x00\x08\x03garbage", "truncated header"),
+    ],
+)
 def test_bad_content_is_an_idx_error_with_its_reason(data, reason):
     with pytest.raises(idx.IdxError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         idx.parse_idx(data)
@@ -82,8 +85,15 @@ def test_a_bomb_among_the_raw_files_is_set_aside_as_corrupt(s3_prefix):
     storage.write_bytes(images, gzip_bomb((5, 28, 28), zeros_mib=256))
     storage.write_bytes(labels, gzip.compress(idx.encode_idx(np.arange(5, dtype=np.uint8))))
     bucket = storage.parse_uri(s3_prefix).bucket
-    unit = {"kind": "idx", "bucket": bucket, "images_key": storage.parse_uri(images).key,
-            "labels_key": storage.parse_uri(labels).key, "start": 0, "stop": 5, "source_split": "test"}
+    unit = {
+        "kind": "idx",
+        "bucket": bucket,
+        "images_key": storage.parse_uri(images).key,
+        "labels_key": storage.parse_uri(labels).key,
+        "start": 0,
+        "stop": 5,
+        "source_split": "test",
+    }
     [row] = prepare_data.decode_units(iter([unit]), height=28, width=28, channels=1, fetch_threads=1, max_pixels=10**6)
     assert row["pixels"] is None
     assert row["error"].startswith("corrupt_idx: the gzip stream decompresses to more than")

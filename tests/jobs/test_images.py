@@ -63,8 +63,7 @@ def test_content_decides_not_extension(bucket, digit):
 
     key = "content-decides/photo.jpg"
     storage.write_bytes(storage.object_uri(bucket, key), encode(Image.fromarray(digit), "PNG"))
-    [(got_key, array, reason, detail)] = list(fetch.fetch_decoded(bucket, [key], height=28, width=28, channels=1,
-                                                                   max_pixels=1_000_000))
+    [(got_key, array, reason, detail)] = list(fetch.fetch_decoded(bucket, [key], height=28, width=28, channels=1, max_pixels=1_000_000))
     assert (got_key, reason, detail) == (key, None, None)
     assert np.array_equal(array[:, :, 0], digit)
     assert "name" not in inspect.signature(decode_image).parameters
@@ -115,8 +114,8 @@ def bands(width: int, height: int) -> Image.Image:
     """Left quarter red, right quarter green, the middle half blue."""
     array = np.zeros((height, width, 3), dtype=np.uint8)
     array[:, : width // 4] = (255, 0, 0)
-    array[:, width // 4: 3 * width // 4] = (0, 0, 255)
-    array[:, 3 * width // 4:] = (0, 255, 0)
+    array[:, width // 4 : 3 * width // 4] = (0, 0, 255)
+    array[:, 3 * width // 4 :] = (0, 255, 0)
     return Image.fromarray(array, "RGB")
 
 
@@ -137,8 +136,7 @@ def test_center_crop_keeps_the_aspect_ratio_and_the_centre():
 def test_center_crop_of_a_portrait_keeps_the_vertical_centre():
     tall = np.zeros((600, 300, 3), dtype=np.uint8)
     tall[150:450] = 200  # the middle half (a square 300x300) is grey, top and bottom black
-    photo = decode_image(encode(Image.fromarray(tall), "JPEG", quality=95), height=64, width=64, channels=3,
-                         resize_policy="center_crop")
+    photo = decode_image(encode(Image.fromarray(tall), "JPEG", quality=95), height=64, width=64, channels=3, resize_policy="center_crop")
     inner = photo[1:-1]  # the outermost rows blend with the black just outside the crop
     assert abs(int(inner.min()) - 200) <= 6
     assert abs(int(inner.max()) - 200) <= 6
@@ -192,6 +190,7 @@ def peak_memory_delta(action) -> int:
     Pillow's buffers are not visible to tracemalloc, so this resets the kernel's high-water mark
     of this process (``/proc/self/clear_refs``) and reads it back afterwards.
     """
+
     def status(field: str) -> int:
         with open("/proc/self/status") as fh:
             return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field))
@@ -228,11 +227,14 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale(digit):
     assert np.corrcoef(array.ravel().astype(float), reference.ravel().astype(float))[0, 1] > 0.9
 
 
-@pytest.mark.parametrize(("orientation", "stored"), [
-    (6, Image.Transpose.ROTATE_90),    # phone held upright: pixels stored turned left, tag says turn right
-    (8, Image.Transpose.ROTATE_270),
-    (3, Image.Transpose.ROTATE_180),
-])
+@pytest.mark.parametrize(
+    ("orientation", "stored"),
+    [
+        (6, Image.Transpose.ROTATE_90),  # phone held upright: pixels stored turned left, tag says turn right
+        (8, Image.Transpose.ROTATE_270),
+        (3, Image.Transpose.ROTATE_180),
+    ],
+)
 def test_exif_orientation_is_applied_before_resizing(digit, orientation, stored):
     upright = Image.fromarray(digit).resize((56, 84), Image.Resampling.BILINEAR)  # not square: sides matter
     exif = Image.Exif()
@@ -255,8 +257,17 @@ def test_objects_over_the_byte_cap_are_set_aside_by_listed_size_without_a_get(bu
     from sparktf import fetch
 
     # "listed" at 10 MB but never written: were it fetched, its reason would be "missing".
-    [(_key, array, reason, detail)] = list(fetch.fetch_decoded(
-        bucket, ["never-fetched/huge.png"], height=28, width=28, channels=1, max_pixels=1_000_000,
-        sizes={"never-fetched/huge.png": 10_000_000}, max_bytes=5_000_000))
+    [(_key, array, reason, detail)] = list(
+        fetch.fetch_decoded(
+            bucket,
+            ["never-fetched/huge.png"],
+            height=28,
+            width=28,
+            channels=1,
+            max_pixels=1_000_000,
+            sizes={"never-fetched/huge.png": 10_000_000},
+            max_bytes=5_000_000,
+        )
+    )
     assert (array, reason) == (None, "too_large")
     assert "not fetched" in detail

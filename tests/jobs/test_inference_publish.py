@@ -47,8 +47,9 @@ def landed(ws, mnist_subset) -> str:
 
 
 def args(ws: str, date: str, *extra: str):
-    return batch_inference.parse_args(batch_inference_argv(ws, date, "--batch-size", "8", "--max-keys-per-task", "8",
-                                                           *extra, processed_at=PROCESSED_AT))
+    return batch_inference.parse_args(
+        batch_inference_argv(ws, date, "--batch-size", "8", "--max-keys-per-task", "8", *extra, processed_at=PROCESSED_AT)
+    )
 
 
 def run_once_inside(monkeypatch, module, name: str, when, action) -> list:
@@ -69,7 +70,7 @@ def run_once_inside(monkeypatch, module, name: str, when, action) -> list:
 
 def relative_keys(partition: str) -> set[str]:
     prefix = storage.parse_uri(partition).key
-    return {key[len(prefix):] for key in storage.list_keys(partition)}
+    return {key[len(prefix) :] for key in storage.list_keys(partition)}
 
 
 def failure_of(action) -> Exception | None:
@@ -97,16 +98,19 @@ def assert_whole(partition: str, attempt_id: str, model_version: int, rows: int 
     return manifest
 
 
-def test_a_run_that_publishes_while_another_publishes_wins_and_the_other_changes_nothing(
-        spark, ws, landed, monkeypatch):
+def test_a_run_that_publishes_while_another_publishes_wins_and_the_other_changes_nothing(spark, ws, landed, monkeypatch):
     date = landed
     partition = f"{ws}/predictions/digits/{date}/"
     other: dict = {}
     # The manual run has copied its files and is about to write _SUCCESS when the nightly run
     # (pinned to v2) starts, scores, and publishes from start to end.
     fired = run_once_inside(
-        monkeypatch, storage, "write_json", lambda uri, *a, **k: uri == partition + predictions.MANIFEST_NAME,
-        lambda: other.update(batch_inference.run(spark, args(ws, date, "--attempt-id", "nightly", "--model-version", "2"))))
+        monkeypatch,
+        storage,
+        "write_json",
+        lambda uri, *a, **k: uri == partition + predictions.MANIFEST_NAME,
+        lambda: other.update(batch_inference.run(spark, args(ws, date, "--attempt-id", "nightly", "--model-version", "2"))),
+    )
     lost = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "manual")))
     assert fired
     assert_whole(partition, "nightly", 2)
@@ -124,8 +128,12 @@ def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, mo
     incoming = predictions.partition_uri(ws + "/incoming/", date)
     # The manual run has started (and seen an unpublished date) when the nightly run does all its work.
     fired = run_once_inside(
-        monkeypatch, storage, "iter_objects", lambda prefix, *a, **k: prefix == incoming,
-        lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "nightly", "--model-version", "2")))
+        monkeypatch,
+        storage,
+        "iter_objects",
+        lambda prefix, *a, **k: prefix == incoming,
+        lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "nightly", "--model-version", "2")),
+    )
     lost = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "manual")))
     assert fired
     assert_whole(partition, "nightly", 2)
@@ -138,8 +146,7 @@ def test_a_run_that_finishes_while_another_is_scoring_wins(spark, ws, landed, mo
     assert_whole(partition, "manual-again", 1)
 
 
-def test_a_zombie_task_attempt_that_stages_after_the_winner_reported_cannot_change_the_partition(
-        spark, ws, landed, monkeypatch):
+def test_a_zombie_task_attempt_that_stages_after_the_winner_reported_cannot_change_the_partition(spark, ws, landed, monkeypatch):
     """After every task reported its parts, a zombie attempt of task 0 (other keys, model v2) stages
     its output: the publish copies exactly the files the winners reported."""
     date = landed
@@ -149,11 +156,21 @@ def test_a_zombie_task_attempt_that_stages_after_the_winner_reported_cannot_chan
     publish = predictions.publish_partition
 
     def zombie_stages_first(attempt, staged_files, *rest, **kwargs):
-        zombie.update(scoring.score_partition(
-            0, keys[:3], bucket=storage.parse_uri(ws).bucket, staged_uri=attempt.staged_uri,
-            model=registry.resolve(ws + "/models/", "digits", "2"), partition_date=date,
-            processed_at=batch_inference.processed_timestamp(PROCESSED_AT, date), batch_size=8, fetch_threads=2,
-            max_pixels=40_000_000, top=5))
+        zombie.update(
+            scoring.score_partition(
+                0,
+                keys[:3],
+                bucket=storage.parse_uri(ws).bucket,
+                staged_uri=attempt.staged_uri,
+                model=registry.resolve(ws + "/models/", "digits", "2"),
+                partition_date=date,
+                processed_at=batch_inference.processed_timestamp(PROCESSED_AT, date),
+                batch_size=8,
+                fetch_threads=2,
+                max_pixels=40_000_000,
+                top=5,
+            )
+        )
         zombie["winners"] = [f["name"] for f in staged_files]
         return publish(attempt, staged_files, *rest, **kwargs)
 
@@ -173,11 +190,12 @@ def test_a_failed_copy_leaves_the_published_partition_whole(spark, ws, landed, s
     first = batch_inference.run(spark, args(ws, date, "--attempt-id", "good"))
     before = predictions.read_predictions(partition)
     # The re-run's first copy into the partition goes through, every other one is refused.
-    rules = [FaultRule("latency", method="PUT", copy=True, key=f"/predictions/digits/{date}/", times=1),
-             FaultRule("access_denied", method="PUT", copy=True, key=f"/predictions/digits/{date}/")]
+    rules = [
+        FaultRule("latency", method="PUT", copy=True, key=f"/predictions/digits/{date}/", times=1),
+        FaultRule("access_denied", method="PUT", copy=True, key=f"/predictions/digits/{date}/"),
+    ]
     with FaultProxy(s3_server.endpoint, rules=rules) as proxy, route_storage(proxy.settings(s3_server.settings())):
-        failed = failure_of(lambda: batch_inference.run(
-            spark, args(ws, date, "--attempt-id", "rerun", "--max-keys-per-task", "4")))
+        failed = failure_of(lambda: batch_inference.run(spark, args(ws, date, "--attempt-id", "rerun", "--max-keys-per-task", "4")))
     assert proxy.faults["access_denied"] >= 1
     manifest = assert_whole(partition, "good", 1)
     assert "AccessDenied" in str(failed)
@@ -220,9 +238,9 @@ def test_folder_markers_are_counted_and_oversized_objects_set_aside_unfetched(sp
     key = storage.parse_uri(prefix).key
     digit_png = encode(Image.fromarray(np.full((28, 28), 200, np.uint8)), "PNG")
     noise = np.random.default_rng(5).integers(0, 256, (220, 220, 3), dtype=np.uint8)
-    storage.write_bytes(prefix + "scans/", b"")                          # a folder marker: counted only
-    storage.write_bytes(prefix + "camera/", digit_png)                   # ends in "/" but is an image
-    storage.write_bytes(prefix + "notes/", b"not an image\n")            # ends in "/", has content
+    storage.write_bytes(prefix + "scans/", b"")  # a folder marker: counted only
+    storage.write_bytes(prefix + "camera/", digit_png)  # ends in "/" but is an image
+    storage.write_bytes(prefix + "notes/", b"not an image\n")  # ends in "/", has content
     storage.write_bytes(prefix + "huge.png", encode(Image.fromarray(noise), "PNG"))  # ~145 kB
     with FaultProxy(s3_server.endpoint) as proxy, route_storage(proxy.settings(s3_server.settings()), spark):
         result = batch_inference.run(spark, args(ws, date, "--attempt-id", "markers", "--max-image-bytes", "100000"))

@@ -15,8 +15,18 @@ JOB_PARSERS = {"prepare_data": prepare_data.parse_args, "tune": tune.parse_args,
 REQUIRED = {
     "prepare_data": ["--input-uri", "s3://b/raw/", "--output-uri", "s3://b/prepared/"],
     "tune": ["--prepared-uri", "s3://b/prepared/", "--output-uri", "s3://b/tuning/"],
-    "export_model": ["--results-uri", "s3://b/r.json", "--models-uri", "s3://b/models/", "--model-name", "m",
-                     "--source-run", "r", "--trained-at", "2026-11-22T03:00:00+00:00"],
+    "export_model": [
+        "--results-uri",
+        "s3://b/r.json",
+        "--models-uri",
+        "s3://b/models/",
+        "--model-name",
+        "m",
+        "--source-run",
+        "r",
+        "--trained-at",
+        "2026-11-22T03:00:00+00:00",
+    ],
 }
 
 
@@ -71,8 +81,12 @@ def test_defaults_are_valid():
 
 
 def test_random_search_samples_a_huge_grid_without_building_it():
-    space = {"learning_rate": [0.001 * (i + 1) for i in range(100)], "hidden_units": list(range(1, 101)),
-             "batch_size": list(range(1, 101)), "dropout": [i / 200 for i in range(100)]}  # 10^8 points
+    space = {
+        "learning_rate": [0.001 * (i + 1) for i in range(100)],
+        "hidden_units": list(range(1, 101)),
+        "batch_size": list(range(1, 101)),
+        "dropout": [i / 200 for i in range(100)],
+    }  # 10^8 points
     sample = search.build_trials(space, strategy="random", num_samples=20, seed=3)
     assert len(sample) == len({t["trial_id"] for t in sample}) == 20
     assert sample == search.build_trials(space, strategy="random", num_samples=20, seed=3)
@@ -100,4 +114,3 @@ def test_every_family_takes_every_hyperparameter_the_tune_job_passes():
     for family in MODEL_FAMILIES:
         model = build_model(family, (28, 28, 1), 10, optimizer="adam", augment=0.1, **hyper)
         assert model.output_shape == (None, 10), family
-

@@ -99,8 +99,7 @@ def test_rerun_is_deterministic_and_replaces_output(spark, image_folder_run):
     again = prepare_data.run(spark, args_for(raw, out, validation_fraction=0.2, test_fraction=0.1))
     assert again["content_sha256"] == result["content_sha256"]
     assert storage.head(storage.join_uri(out, "train/stale-part.parquet")) is None
-    other_seed = prepare_data.run(spark, args_for(raw, out + "seed7/", validation_fraction=0.2,
-                                                  test_fraction=0.1, seed=7))
+    other_seed = prepare_data.run(spark, args_for(raw, out + "seed7/", validation_fraction=0.2, test_fraction=0.1, seed=7))
     assert other_seed["counts"] == result["counts"]
     assert other_seed["content_sha256"] != result["content_sha256"]
 
@@ -144,10 +143,12 @@ def test_transform_split_is_stratified_and_seeded(spark):
     counts = split.groupBy("label", "split").count()
     expected = spark.createDataFrame(
         [(label, name, n) for label in range(3) for name, n in (("train", 35), ("validation", 10), ("test", 5))],
-        "label int, split string, count long")
+        "label int, split string, count long",
+    )
     assertDataFrameEqual(counts, expected)
     assertDataFrameEqual(split, prepare_data.transform_split(df, validation_fraction=0.2, test_fraction=0.1, seed=1))
     other = prepare_data.transform_split(df, validation_fraction=0.2, test_fraction=0.1, seed=2)
+
     def test_ids(frame):
         return {row["id"] for row in frame.where(F.col("split") == "test").select("id").collect()}
 
@@ -162,8 +163,11 @@ def test_an_idx_file_the_store_fails_to_serve_fails_the_job_not_the_data(spark, 
     upload_mnist(raw, mnist_subset, train_limit=300, test_limit=100)
     images_key = storage.parse_uri(storage.join_uri(raw, "t10k-images-idx3-ubyte.gz")).key
     rule = FaultRule("reset", method="GET", key=f"^{re.escape(images_key)}$")
-    with (FaultProxy(s3_server.endpoint, rules=[rule]) as proxy, route_storage(proxy.settings(s3_server.settings()), spark),
-          pytest.raises(Exception, match="TransientStorageError") as failed):
+    with (
+        FaultProxy(s3_server.endpoint, rules=[rule]) as proxy,
+        route_storage(proxy.settings(s3_server.settings()), spark),
+        pytest.raises(Exception, match="TransientStorageError") as failed,
+    ):
         prepare_data.run(spark, args_for(raw, out))
     assert "could not be read" in str(failed.value)
     assert "still failing after 5 attempts" in str(failed.value)
@@ -183,11 +187,22 @@ def test_shard_planning_manifest_and_result_are_pure_summaries():
     args = args_for("s3://b/raw/", "s3://b/out")
     written = [{"split": "train", "shard": "train/part-00001.parquet"}, {"split": "train", "shard": "train/part-00000.parquet"}]
     manifest = prepare_data.build_manifest(args, ["3", "7"], counts, totals, written, "abc", "def", [{"key": "x"}], [])
-    assert manifest["splits"]["train"] == {"count": 120, "per_class": {"3": 70, "7": 50},
-                                           "shards": ["train/part-00000.parquet", "train/part-00001.parquet"]}
+    assert manifest["splits"]["train"] == {
+        "count": 120,
+        "per_class": {"3": 70, "7": 50},
+        "shards": ["train/part-00000.parquet", "train/part-00001.parquet"],
+    }
     assert manifest["num_classes"] == 2
     assert manifest["content_sha256"] == "abc"
     assert manifest["test_split_sha256"] == "def"
     result = prepare_data.job_result("s3://b/out", "s3://b/out/manifest.json", manifest)
-    assert result == {"prepared_uri": "s3://b/out/", "manifest_uri": "s3://b/out/manifest.json", "counts": totals,
-                      "num_classes": 2, "image_shape": [28, 28, 1], "rejected": 1, "skipped": 0, "content_sha256": "abc"}
+    assert result == {
+        "prepared_uri": "s3://b/out/",
+        "manifest_uri": "s3://b/out/manifest.json",
+        "counts": totals,
+        "num_classes": 2,
+        "image_shape": [28, 28, 1],
+        "rejected": 1,
+        "skipped": 0,
+        "content_sha256": "abc",
+    }

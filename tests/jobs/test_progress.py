@@ -59,8 +59,9 @@ def test_trials_are_reported_one_line_each_as_they_finish(s3_prefix, log):
     wait_until(lambda: len(log.lines) == 2, "trial A reported", 30)
     watch.poll()  # one more full pass: B's stale record is not a finished trial
     assert len(log.lines) == 2
-    assert log.lines[1] == (f"tuning progress: trial 2/3 done (lr 0.001, hidden 64, batch 128, dropout 0.5): "
-                            f"val_accuracy 0.9731, 12.3 s [{trial_a['trial_id']}]")
+    assert log.lines[1] == (
+        f"tuning progress: trial 2/3 done (lr 0.001, hidden 64, batch 128, dropout 0.5): val_accuracy 0.9731, 12.3 s [{trial_a['trial_id']}]"
+    )
 
     storage.write_json(metrics(trial_b), record(trial_b, "failed", train_seconds=3.0))
     wait_until(lambda: len(log.lines) == 3, "trial B reported", 30)
@@ -70,16 +71,14 @@ def test_trials_are_reported_one_line_each_as_they_finish(s3_prefix, log):
 
 
 def test_stop_reports_what_finished_since_the_last_poll(s3_prefix, log):
-    trials = search.build_trials({"learning_rate": [0.001, 0.002], "hidden_units": [32], "batch_size": [64],
-                                  "dropout": [0.0]})
+    trials = search.build_trials({"learning_rate": [0.001, 0.002], "hidden_units": [32], "batch_size": [64], "dropout": [0.0]})
     trials_uri = f"{s3_prefix}/trials"
     watch = progress.TrialProgress(trials_uri, trials, log=log, interval=3600).start()  # never polls by itself
     for trial in trials:
         storage.write_json(storage.join_uri(trials_uri, trial["trial_id"], "metrics.json"), record(trial))
     assert log.lines == []
     watch.stop()
-    assert [line.split(" (")[0] for line in log.lines] == ["tuning progress: trial 1/2 done",
-                                                          "tuning progress: trial 2/2 done"]
+    assert [line.split(" (")[0] for line in log.lines] == ["tuning progress: trial 1/2 done", "tuning progress: trial 2/2 done"]
 
 
 def test_inference_tasks_are_reported_with_their_images(s3_prefix, log):

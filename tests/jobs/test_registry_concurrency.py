@@ -63,8 +63,13 @@ def run_together(jobs: dict[str, Callable[[], object]]) -> dict[str, object]:
 
 
 def metadata_for(run: str, score: float = 0.5) -> dict:
-    return {"source_run": run, "trial_id": f"trial-of-{run}", "input_shape": [28, 28, 1], "label_names": LABEL_NAMES,
-            "metrics": {"test_accuracy": score, "test_loss": 1.0 - score}}
+    return {
+        "source_run": run,
+        "trial_id": f"trial-of-{run}",
+        "input_shape": [28, 28, 1],
+        "label_names": LABEL_NAMES,
+        "metrics": {"test_accuracy": score, "test_loss": 1.0 - score},
+    }
 
 
 def file_sha(path: str) -> str:
@@ -91,10 +96,12 @@ def test_two_exports_at_once_claim_different_versions(s3_prefix, keras_files):
             barrier.wait()
 
     registry.TEST_HOOKS["version_chosen"] = both_pick_before_either_claims
-    results = run_together({
-        run: (lambda run=run, path=path: registry.write_version(models, "digits", model_path=path,
-                                                                metadata=metadata_for(run)))
-        for run, path in (("run-a", keras_files[0]), ("run-b", keras_files[1]))})
+    results = run_together(
+        {
+            run: (lambda run=run, path=path: registry.write_version(models, "digits", model_path=path, metadata=metadata_for(run)))
+            for run, path in (("run-a", keras_files[0]), ("run-b", keras_files[1]))
+        }
+    )
 
     assert chosen[:2] == [1, 1]  # the race happened: both picked version 1 before claiming it
     assert sorted(m["version"] for m in results.values()) == [1, 2]
@@ -153,8 +160,7 @@ def test_a_taken_over_export_does_not_publish(s3_prefix, keras_files):
 
     def retry_takes_over(**_info) -> None:
         registry.TEST_HOOKS.pop("before_metadata")
-        retried["metadata"] = registry.write_version(models, "digits", model_path=keras_files[0],
-                                                     metadata=metadata_for("run-x"))
+        retried["metadata"] = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-x"))
 
     registry.TEST_HOOKS["before_metadata"] = retry_takes_over
     with pytest.raises(registry.VersionConflict, match="taken over"):
@@ -172,8 +178,7 @@ def test_a_zombie_export_writing_after_the_retry_published_cannot_change_its_fil
 
     def retry_publishes_meanwhile(**_info) -> None:
         registry.TEST_HOOKS.pop("claimed")
-        retried["metadata"] = registry.write_version(models, "digits", model_path=keras_files[0],
-                                                     metadata=metadata_for("run-z"))
+        retried["metadata"] = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-z"))
 
     registry.TEST_HOOKS["claimed"] = retry_publishes_meanwhile
     with pytest.raises(registry.VersionConflict, match="taken over"):
@@ -195,16 +200,26 @@ def recorded_score(pointer: dict) -> tuple[float, str]:
 
 
 def promote(models: str, metadata: dict, **kwargs) -> registry.Promotion:
-    return registry.promote(models, "digits", metadata, metric="test_accuracy", min_improvement=0.0,
-                            score_champion=recorded_score, source_run=metadata["source_run"], **kwargs)
+    return registry.promote(
+        models,
+        "digits",
+        metadata,
+        metric="test_accuracy",
+        min_improvement=0.0,
+        score_champion=recorded_score,
+        source_run=metadata["source_run"],
+        **kwargs,
+    )
 
 
 @pytest.fixture
 def three_versions(s3_prefix, keras_files) -> tuple[str, list[dict]]:
     """v1 (0.50, champion), v2 (0.90) and v3 (0.80): both new versions beat the champion."""
     models = s3_prefix + "/models/"
-    versions = [registry.write_version(models, "digits", model_path=path, metadata=metadata_for(run, score))
-                for path, run, score in zip(keras_files, ("run-1", "run-2", "run-3"), (0.5, 0.9, 0.8))]
+    versions = [
+        registry.write_version(models, "digits", model_path=path, metadata=metadata_for(run, score))
+        for path, run, score in zip(keras_files, ("run-1", "run-2", "run-3"), (0.5, 0.9, 0.8))
+    ]
     assert promote(models, versions[0]).promoted
     return models, versions
 
@@ -222,8 +237,7 @@ def race(models: str, first: dict, second: dict) -> dict[str, registry.Promotion
             return  # the re-read after a conflict goes straight on
         barrier.wait()  # both have read the same champion
         if version == second["version"]:
-            wait_until(lambda: registry.read_champion(models, "digits")["version"] == first["version"],
-                       f"v{first['version']} promoted", timeout=60)
+            wait_until(lambda: registry.read_champion(models, "digits")["version"] == first["version"], f"v{first['version']} promoted", timeout=60)
 
     registry.TEST_HOOKS["champion_read"] = interleave
     return run_together({name: (lambda m=m: promote(models, m)) for name, m in (("first", first), ("second", second))})
@@ -293,8 +307,7 @@ def test_saved_model_files_are_checked_before_serving(s3_prefix, keras_files, tm
     model = keras.saving.load_model(keras_files[0], compile=False)
     saved = str(tmp_path / "saved_model")
     model.export(saved, format="tf_saved_model", verbose=False)
-    metadata = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-1"),
-                                      saved_model_dir=saved)
+    metadata = registry.write_version(models, "digits", model_path=keras_files[0], metadata=metadata_for("run-1"), saved_model_dir=saved)
     files = {f["path"] for f in metadata["saved_model_files"]}
     assert "saved_model.pb" in files
     assert any(p.startswith("variables/") for p in files)
@@ -386,8 +399,9 @@ def test_decide_promotion_compares_replaces_and_says_why():
 # ---------------------------------------------------------------------------------------------
 
 
-def zombie_publishes_first(models: str, zombie_file: str, retry_file: str, retry_metadata: dict,
-                           after_zombie: Callable[[dict], None] = lambda published: None) -> dict[str, object]:
+def zombie_publishes_first(
+    models: str, zombie_file: str, retry_file: str, retry_metadata: dict, after_zombie: Callable[[dict], None] = lambda published: None
+) -> dict[str, object]:
     """The zombie checks its claim (still its own) and stalls; the retry takes the claim over,
     writes its artifacts and checks the claim too; then the zombie publishes, then the retry goes on.
 
@@ -424,6 +438,7 @@ def zombie_publishes_first(models: str, zombie_file: str, retry_file: str, retry
                 return fn()
             except (registry.VersionConflict, registry.ModelIntegrityError) as err:
                 return err
+
         return call
 
     registry.TEST_HOOKS["claim_checked"] = interleave

@@ -20,9 +20,26 @@ def default_grid_run(spark, bucket, mnist_subset):
     raw, prepared, out = (f"s3://{bucket}/notes/{part}/" for part in ("raw", "prepared", "tuning"))
     testing.upload_mnist(raw, mnist_subset, train_limit=600, test_limit=200)
     testing.prepare(spark, raw, prepared)
-    args = tune.parse_args(["--prepared-uri", prepared, "--output-uri", out, "--model-family", "mnist_cnn",
-                            "--augment", "0", "--learning-rates", "0.001,0.003", "--hidden-units", "1024",
-                            "--epochs", "1", "--patience", "1"])
+    args = tune.parse_args(
+        [
+            "--prepared-uri",
+            prepared,
+            "--output-uri",
+            out,
+            "--model-family",
+            "mnist_cnn",
+            "--augment",
+            "0",
+            "--learning-rates",
+            "0.001,0.003",
+            "--hidden-units",
+            "1024",
+            "--epochs",
+            "1",
+            "--patience",
+            "1",
+        ]
+    )
     handler = logging.Handler()
     lines: list[str] = []
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -46,8 +63,7 @@ def test_the_job_logs_one_progress_line_per_trial(default_grid_run):
     for k, line in enumerate(progress, 1):
         trial_id = line.rsplit("[", 1)[1].rstrip("]")
         record = by_id.pop(trial_id)
-        assert line.startswith(f"tuning progress: trial {k}/2 done (lr {record['params']['learning_rate']:g}, "
-                               "hidden 1024, batch 128, dropout 0.5): ")
+        assert line.startswith(f"tuning progress: trial {k}/2 done (lr {record['params']['learning_rate']:g}, hidden 1024, batch 128, dropout 0.5): ")
         assert f"val_accuracy {record['val_accuracy']:.4f}, {record['train_seconds']:.1f} s" in line
     assert by_id == {}
 
@@ -62,8 +78,9 @@ def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
     assert comparison["default_row"]["trial_id"] == default["trial_id"]
     expected = ((1 - default["test_accuracy"]) - (1 - best["test_accuracy"])) / (1 - default["test_accuracy"])
     assert comparison["reduction"] == pytest.approx(expected)
-    note = run_notes.tuning_note(facts, state="succeeded", problems=[],
-                                 figure=run_notes.figure_url("tuning_pipeline", "manual__2026-11-29T10:00:00+00:00", root=""))
+    note = run_notes.tuning_note(
+        facts, state="succeeded", problems=[], figure=run_notes.figure_url("tuning_pipeline", "manual__2026-11-29T10:00:00+00:00", root="")
+    )
     assert len(note) <= run_notes.MAX_NOTE_CHARS
     assert "| # | lr | val % | test % | epochs | s |" in note  # only the learning rate varies
     assert "Every trial: hidden 1024, batch 128, dropout 0.5." in note
@@ -71,18 +88,29 @@ def test_default_vs_tuned_reduction_in_the_note(default_grid_run):
         assert "the reference network (lr 0.001) was selected itself" in note
     else:
         change = f"{expected:.0%} less error" if expected >= 0 else f"{-expected:.0%} more error"
-        assert (f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the reference network (lr 0.001), "
-                f"{1 - best['test_accuracy']:.2%} tuned (rank 1): **{change}**.") in note
-    assert ("[![test error vs learning rate](/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)]"
-            "(/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)") in note
+        assert (
+            f"**Default vs tuned:** test error {1 - default['test_accuracy']:.2%} for the reference network (lr 0.001), "
+            f"{1 - best['test_accuracy']:.2%} tuned (rank 1): **{change}**."
+        ) in note
+    assert (
+        "[![test error vs learning rate](/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)]"
+        "(/sparktf/figure/tuning_pipeline/manual__2026-11-29T10%3A00%3A00%2B00%3A00/tune)"
+    ) in note
 
 
 def test_the_default_configuration_is_the_reference_network_and_names_every_search_dimension():
     from sparktf import knobs
 
     default = run_summary.default_configuration()
-    assert default == {"model_family": "mnist_cnn", "learning_rate": 0.001, "hidden_units": 1024, "batch_size": 128,
-                       "dropout": 0.5, "optimizer": "adam", "augment": 0.0}
+    assert default == {
+        "model_family": "mnist_cnn",
+        "learning_rate": 0.001,
+        "hidden_units": 1024,
+        "batch_size": 128,
+        "dropout": 0.5,
+        "optimizer": "adam",
+        "augment": 0.0,
+    }
     # A dimension added to the knob table needs the reference network's value here, or no run would match.
     assert set(knobs.search_dimensions()) <= set(default)
     assert default["model_family"] in knobs.BY_NAME["model_family"].choices
@@ -95,26 +123,47 @@ def test_the_default_configuration_is_the_reference_network_and_names_every_sear
 def synthetic_grid(n_rates: int, n_widths: int) -> tuple[dict, dict]:
     rows = []
     for i in range(n_rates * n_widths):
-        rows.append({"rank": i + 1, "trial_id": f"trial-{i:010d}", "learning_rate": 0.0001 * (i // n_widths + 1),
-                     "hidden_units": 128 * (i % n_widths + 1), "batch_size": 128, "dropout": 0.5,
-                     "val_accuracy": 0.99 - i / 1000, "test_accuracy": 0.989 - i / 1000, "epochs_run": 30,
-                     "train_seconds": 1234.5})
-    results = {"leaderboard": rows, "failed": [{"trial_id": "trial-x", "reason": "error: " + "x" * 400}],
-               "fixed": {"optimizer": "adam", "augment": 0.0}, "model_family": "mnist_cnn"}
-    tune_xcom = {"trials": len(rows) + 1, "succeeded": len(rows), "failed": 1, "figure_uri": "s3://b/f.png",
-                 "leaderboard": rows[:5]}
+        rows.append(
+            {
+                "rank": i + 1,
+                "trial_id": f"trial-{i:010d}",
+                "learning_rate": 0.0001 * (i // n_widths + 1),
+                "hidden_units": 128 * (i % n_widths + 1),
+                "batch_size": 128,
+                "dropout": 0.5,
+                "val_accuracy": 0.99 - i / 1000,
+                "test_accuracy": 0.989 - i / 1000,
+                "epochs_run": 30,
+                "train_seconds": 1234.5,
+            }
+        )
+    results = {
+        "leaderboard": rows,
+        "failed": [{"trial_id": "trial-x", "reason": "error: " + "x" * 400}],
+        "fixed": {"optimizer": "adam", "augment": 0.0},
+        "model_family": "mnist_cnn",
+    }
+    tune_xcom = {"trials": len(rows) + 1, "succeeded": len(rows), "failed": 1, "figure_uri": "s3://b/f.png", "leaderboard": rows[:5]}
     return tune_xcom, results
 
 
 @pytest.mark.parametrize(("rates", "widths"), [(1, 1), (3, 3), (10, 10)])
 def test_a_note_always_fits_airflows_limit(rates, widths):
     tune_xcom, results = synthetic_grid(rates, widths)
-    export = {"model_name": "mnist-cnn", "version": 12, "promoted": False, "champion_version": 11,
-              "promotion_reason": "test_accuracy 0.98900 does not beat champion v11 0.99000 (recorded on the same "
-                                  "test set, min improvement 0.0)"}
+    export = {
+        "model_name": "mnist-cnn",
+        "version": 12,
+        "promoted": False,
+        "champion_version": 11,
+        "promotion_reason": "test_accuracy 0.98900 does not beat champion v11 0.99000 (recorded on the same test set, min improvement 0.0)",
+    }
     facts = run_summary.tuning_facts(tune_xcom, results, export)
-    note = run_notes.tuning_note(facts, state="failed", problems=["`export_best_model` **failed**: see its log"],
-                                 figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"))
+    note = run_notes.tuning_note(
+        facts,
+        state="failed",
+        problems=["`export_best_model` **failed**: see its log"],
+        figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"),
+    )
     assert len(note) <= run_notes.MAX_NOTE_CHARS
     assert note.startswith(run_notes.NOTE_MARKER)
     assert "**Tuning run failed**" in note
@@ -127,11 +176,20 @@ def test_a_note_always_fits_airflows_limit(rates, widths):
 
 def test_even_an_extreme_note_fits_and_keeps_the_decision_and_the_figure():
     tune_xcom, results = synthetic_grid(10, 10)
-    export = {"model_name": "m" * 64, "version": 123456789, "promoted": False, "champion_version": 123456788,
-              "promotion_reason": "test_accuracy 0.98900 does not beat champion (" + "y" * 900 + ")"}
+    export = {
+        "model_name": "m" * 64,
+        "version": 123456789,
+        "promoted": False,
+        "champion_version": 123456788,
+        "promotion_reason": "test_accuracy 0.98900 does not beat champion (" + "y" * 900 + ")",
+    }
     facts = run_summary.tuning_facts(tune_xcom, results, export)
-    note = run_notes.tuning_note(facts, state="failed", problems=["`export_best_model` **failed**: see its log"] * 3,
-                                 figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"))
+    note = run_notes.tuning_note(
+        facts,
+        state="failed",
+        problems=["`export_best_model` **failed**: see its log"] * 3,
+        figure=run_notes.figure_url("tuning_pipeline", "scheduled__2026-11-29T03:00:00+00:00"),
+    )
     assert len(note) <= run_notes.MAX_NOTE_CHARS
     assert "| 1 |" in note
     assert "**not promoted**" in note
@@ -139,9 +197,18 @@ def test_even_an_extreme_note_fits_and_keeps_the_decision_and_the_figure():
 
 
 def test_nightly_note_when_too_many_images_are_set_aside():
-    job = {"date": "2026-11-20", "listed": 10, "scored": 6, "set_aside": 4, "reasons": {"corrupt": 3, "too_large": 1},
-           "label_histogram": {"3": 4, "7": 2}, "model_name": "digits", "model_version": 2,
-           "output_uri": "s3://b/ws/predictions/2026-11-20/", "failure_ratio_exceeded": True}
+    job = {
+        "date": "2026-11-20",
+        "listed": 10,
+        "scored": 6,
+        "set_aside": 4,
+        "reasons": {"corrupt": 3, "too_large": 1},
+        "label_histogram": {"3": 4, "7": 2},
+        "model_name": "digits",
+        "model_version": 2,
+        "output_uri": "s3://b/ws/predictions/2026-11-20/",
+        "failure_ratio_exceeded": True,
+    }
     facts = run_summary.nightly_facts({"date": "2026-11-20", "images": 10}, job)
     note = run_notes.nightly_note(facts, state="failed", problems=["`batch_inference` **failed**: see its log"])
     assert "**Nightly inference failed: 2026-11-20**" in note
@@ -153,9 +220,20 @@ def test_nightly_note_when_too_many_images_are_set_aside():
 
 
 PIXEL = "![x](http://tracker.example/p.png?run=1)"
-HOSTILE = [PIXEL, "[click](javascript:alert(1))", "<img src=http://tracker.example/p.png>", "**bold** _it_ ~~gone~~",
-           "a | b", "`code`", "www.tracker.example", "http://tracker.example/", "x@tracker.example", "&lt;b&gt;",
-           "line one\n# heading\n- item", "\\![x](http://tracker.example/)"]
+HOSTILE = [
+    PIXEL,
+    "[click](javascript:alert(1))",
+    "<img src=http://tracker.example/p.png>",
+    "**bold** _it_ ~~gone~~",
+    "a | b",
+    "`code`",
+    "www.tracker.example",
+    "http://tracker.example/",
+    "x@tracker.example",
+    "&lt;b&gt;",
+    "line one\n# heading\n- item",
+    "\\![x](http://tracker.example/)",
+]
 
 
 def rendered(note: str) -> str:
@@ -184,25 +262,37 @@ def test_untrusted_text_renders_as_the_same_text(text):
 
 
 def test_label_names_reasons_and_keys_stay_text_in_the_nightly_note():
-    job = {"date": "2026-11-20", "listed": 3, "scored": 2, "set_aside": 1, "reasons": {PIXEL: 1},
-           "label_histogram": {PIXEL: 1, "<img src=http://tracker.example/q.png>": 1}, "model_name": "digits`![x](y)",
-           "model_version": 2, "output_uri": "s3://b/ws/`![x](http://tracker.example/r.png)`/",
-           "failure_ratio_exceeded": False}
+    job = {
+        "date": "2026-11-20",
+        "listed": 3,
+        "scored": 2,
+        "set_aside": 1,
+        "reasons": {PIXEL: 1},
+        "label_histogram": {PIXEL: 1, "<img src=http://tracker.example/q.png>": 1},
+        "model_name": "digits`![x](y)",
+        "model_version": 2,
+        "output_uri": "s3://b/ws/`![x](http://tracker.example/r.png)`/",
+        "failure_ratio_exceeded": False,
+    }
     facts = run_summary.nightly_facts({"date": "2026-11-20", "images": 3}, job)
     html = rendered(run_notes.nightly_note(facts, state="succeeded", problems=[]))
     assert "<img" not in html
     assert "<a " not in html
     assert "tracker.example/p.png" in html
-    skipped = run_summary.nightly_facts({"date": "2026-11-20", "images": 0, "skipped_reason": f"no images under {PIXEL}"},
-                                        None)
+    skipped = run_summary.nightly_facts({"date": "2026-11-20", "images": 0, "skipped_reason": f"no images under {PIXEL}"}, None)
     assert "<img" not in rendered(run_notes.nightly_note(skipped, state="succeeded", problems=[]))
 
 
 def test_reasons_and_error_messages_stay_text_in_the_tuning_note():
     tune_xcom, results = synthetic_grid(2, 1)
     results["failed"] = [{"trial_id": "t", "reason": f"ValueError: {PIXEL}"}]
-    export = {"model_name": "digits", "version": 2, "promoted": False, "champion_version": 1,
-              "promotion_reason": f"the champion was trained on {PIXEL}"}
+    export = {
+        "model_name": "digits",
+        "version": 2,
+        "promoted": False,
+        "champion_version": 1,
+        "promotion_reason": f"the champion was trained on {PIXEL}",
+    }
     facts = run_summary.tuning_facts(tune_xcom, results, export)
     html = rendered(run_notes.tuning_note(facts, state="succeeded", problems=[], figure=None))
     assert "<img" not in html

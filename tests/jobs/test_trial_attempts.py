@@ -25,10 +25,16 @@ def no_hooks_left():
 @pytest.fixture(scope="module")
 def small_data(mnist_subset) -> dict:
     train_x, train_y, test_x, test_y = mnist_subset
-    return {"x_train": train_x[:300, :, :, None], "y_train": train_y[:300].astype(np.int32),
-            "x_val": train_x[300:400, :, :, None], "y_val": train_y[300:400].astype(np.int32),
-            "x_test": test_x[:100, :, :, None], "y_test": test_y[:100].astype(np.int32),
-            "input_shape": (28, 28, 1), "num_classes": 10}
+    return {
+        "x_train": train_x[:300, :, :, None],
+        "y_train": train_y[:300].astype(np.int32),
+        "x_val": train_x[300:400, :, :, None],
+        "y_val": train_y[300:400].astype(np.int32),
+        "x_test": test_x[:100, :, :, None],
+        "y_test": test_y[:100].astype(np.int32),
+        "input_shape": (28, 28, 1),
+        "num_classes": 10,
+    }
 
 
 PARAMS = {"learning_rate": 0.01, "hidden_units": 8, "batch_size": 32, "dropout": 0.0, "optimizer": "adam"}
@@ -111,15 +117,23 @@ def test_failed_records_are_reused_only_within_the_job_that_wrote_them(s3_prefix
 
 
 def started(attempt_id: str, job_id: str = "job-1", host: str = "h1", executor_id: str = "1", attempt: int = 0) -> dict:
-    return {"attempt_id": attempt_id, "started": {"attempt_id": attempt_id, "job_id": job_id, "attempt": attempt,
-                                                  "executor": {"host": host, "executor_id": executor_id}},
-            "finished": False, "raised": False}
+    return {
+        "attempt_id": attempt_id,
+        "started": {"attempt_id": attempt_id, "job_id": job_id, "attempt": attempt, "executor": {"host": host, "executor_id": executor_id}},
+        "finished": False,
+        "raised": False,
+    }
 
 
 def test_only_attempts_that_neither_finished_nor_raised_count_as_killed():
-    history = [started("0-a"), {**started("1-b"), "finished": True}, {**started("2-c"), "raised": True},
-               started("3-d"), started("4-e", job_id="job-0"), {"attempt_id": "5-f", "started": None,
-                                                                "finished": False, "raised": False}]
+    history = [
+        started("0-a"),
+        {**started("1-b"), "finished": True},
+        {**started("2-c"), "raised": True},
+        started("3-d"),
+        started("4-e", job_id="job-0"),
+        {"attempt_id": "5-f", "started": None, "finished": False, "raised": False},
+    ]
     killed = trials.killed_attempts(history, "job-1", raised_here={"3-d"})  # 3-d's marker was lost: local note
     assert [k["attempt_id"] for k in killed] == ["0-a"]
 
@@ -167,18 +181,20 @@ def test_storage_errors_fail_the_attempt_and_the_retry_trains_the_trial(s3_prefi
     proxy.add_rule(FaultRule("internal", method="PUT", key=rf"{record_fails}/attempts/0-[^/]+/metrics\.json$"))
     out = tmp_path / "records.json"
     plugins = str(Path(trials.__file__).resolve().parents[1])
-    env = {**os.environ, **proxy.settings(s3_server.settings()).environment(), "PYSPARK_PYTHON": sys.executable,
-           "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, str(Path(__file__).with_name("trial_retry_job.py")), s3_prefix, str(out), job_id,
-               save_fails, record_fails]
+    env = {
+        **os.environ,
+        **proxy.settings(s3_server.settings()).environment(),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
+    }
+    command = [sys.executable, str(Path(__file__).with_name("trial_retry_job.py")), s3_prefix, str(out), job_id, save_fails, record_fails]
     job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
     assert "TransientStorageError" in job.stderr  # Spark saw the attempts raise
 
     records = {r["trial_id"]: r for r in json.loads(out.read_text())}
-    assert {t: (r["status"], r["attempt"], r["reason"]) for t, r in records.items()} == {
-        save_fails: ("ok", 1, None), record_fails: ("ok", 1, None)}
+    assert {t: (r["status"], r["attempt"], r["reason"]) for t, r in records.items()} == {save_fails: ("ok", 1, None), record_fails: ("ok", 1, None)}
     for trial_id, record in records.items():
         assert storage.read_json(storage.join_uri(s3_prefix, trial_id, "metrics.json")) == record
         registry.verify_artifact(record["model_uri"], record["model_sha256"])

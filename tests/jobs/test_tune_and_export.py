@@ -29,16 +29,32 @@ def prepared(spark, bucket, mnist_subset):
 
 
 def tune_args(prepared_uri: str, output_uri: str, *extra: str):
-    return tune.parse_args(["--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mlp",
-                            "--augment", "0", "--epochs", "2", "--patience", "2", "--batch-sizes", "32", *extra])
+    return tune.parse_args(
+        [
+            "--prepared-uri",
+            prepared_uri,
+            "--output-uri",
+            output_uri,
+            "--model-family",
+            "mlp",
+            "--augment",
+            "0",
+            "--epochs",
+            "2",
+            "--patience",
+            "2",
+            "--batch-sizes",
+            "32",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def tuned(spark, prepared, bucket):
     """A 2x2 grid where one learning rate diverges: 2 trials succeed, 2 are recorded as failed."""
     out = f"s3://{bucket}/tune/run1/"
-    result = tune.run(spark, tune_args(prepared, out, "--learning-rates", "0.05,1e12",
-                                       "--hidden-units", "32,64", "--optimizer", "sgd"))
+    result = tune.run(spark, tune_args(prepared, out, "--learning-rates", "0.05,1e12", "--hidden-units", "32,64", "--optimizer", "sgd"))
     return out, result
 
 
@@ -81,8 +97,7 @@ def test_figure_is_a_png(tuned):
 
 def test_rerun_reuses_finished_trials(spark, prepared, tuned):
     out, result = tuned
-    again = tune.run(spark, tune_args(prepared, out, "--learning-rates", "0.05,1e12",
-                                      "--hidden-units", "32,64", "--optimizer", "sgd"))
+    again = tune.run(spark, tune_args(prepared, out, "--learning-rates", "0.05,1e12", "--hidden-units", "32,64", "--optimizer", "sgd"))
     assert again["best"] == result["best"]
     records = storage.read_json(out + "results.json")["trials"]
     assert all(r.get("reused") for r in records if r["status"] == "ok")
@@ -90,8 +105,7 @@ def test_rerun_reuses_finished_trials(spark, prepared, tuned):
 
 def test_job_fails_only_when_every_trial_fails(spark, prepared, s3_prefix):
     with pytest.raises(RuntimeError, match="every one of 2 trials failed"):
-        tune.run(spark, tune_args(prepared, s3_prefix + "/all-bad/", "--learning-rates", "1e12",
-                                  "--hidden-units", "16,32", "--optimizer", "sgd"))
+        tune.run(spark, tune_args(prepared, s3_prefix + "/all-bad/", "--learning-rates", "1e12", "--hidden-units", "16,32", "--optimizer", "sgd"))
     assert storage.head(s3_prefix + "/all-bad/results.json") is not None  # what happened is still written
 
 
@@ -103,9 +117,23 @@ def test_max_parallel_trials_deals_round_robin():
 
 
 def export(results_uri: str, models_uri: str, run: str, *extra: str) -> dict:
-    return export_model.run(export_model.parse_args([
-        "--results-uri", results_uri, "--models-uri", models_uri, "--model-name", "digits", "--source-run", run,
-        "--trained-at", "2026-11-22T03:00:00+00:00", *extra]))
+    return export_model.run(
+        export_model.parse_args(
+            [
+                "--results-uri",
+                results_uri,
+                "--models-uri",
+                models_uri,
+                "--model-name",
+                "digits",
+                "--source-run",
+                run,
+                "--trained-at",
+                "2026-11-22T03:00:00+00:00",
+                *extra,
+            ]
+        )
+    )
 
 
 def test_export_versions_promotes_and_is_idempotent(tuned, s3_prefix, prepared):
@@ -118,8 +146,11 @@ def test_export_versions_promotes_and_is_idempotent(tuned, s3_prefix, prepared):
     assert first["trial_id"] == result["best"]["trial_id"]
     version_dir = registry.version_uri(models, "digits", 1)
     metadata = registry.resolve(models, "digits")
-    for uri in (storage.join_uri(version_dir, "metadata.json"), metadata["model_uri"],
-                storage.join_uri(metadata["saved_model_uri"], "saved_model.pb")):
+    for uri in (
+        storage.join_uri(version_dir, "metadata.json"),
+        metadata["model_uri"],
+        storage.join_uri(metadata["saved_model_uri"], "saved_model.pb"),
+    ):
         assert uri.startswith(version_dir + "/"), uri
         assert storage.head(uri) is not None, uri
     assert metadata["version"] == 1
@@ -195,9 +226,17 @@ def test_a_champion_of_another_shape_and_class_count_is_not_compared_and_nothing
     models = s3_prefix + "/models/"
     path = str(tmp_path / "photos.keras")
     build_model("mlp", (32, 32, 3), 5, hidden_units=4).save(path)
-    other = registry.write_version(models, "digits", model_path=path, metadata={
-        "input_shape": [32, 32, 3], "label_names": list("abcde"), "manifest_sha256": "other-data",
-        "metrics": {"test_accuracy": 0.0, "test_loss": 9.0}})
+    other = registry.write_version(
+        models,
+        "digits",
+        model_path=path,
+        metadata={
+            "input_shape": [32, 32, 3],
+            "label_names": list("abcde"),
+            "manifest_sha256": "other-data",
+            "metrics": {"test_accuracy": 0.0, "test_loss": 9.0},
+        },
+    )
     keras.backend.clear_session()
     assert registry.make_champion(models, "digits", other, reason="test").promoted
     exported = export(out + "results.json", models, "run-1")
@@ -221,12 +260,19 @@ def test_a_champion_tested_on_another_split_is_not_compared(tuned, s3_prefix):
 def old_champion(models: str, model_path: str, first: dict, manifest_sha256: str) -> None:
     """A champion exported before the lineage was recorded: neither its metadata nor its pointer
     name the test split, and the pointer carries no labels or input shape either."""
-    version = registry.write_version(models, "digits", model_path=model_path, metadata={
-        "input_shape": first["input_shape"], "label_names": first["label_names"], "manifest_sha256": manifest_sha256,
-        "metrics": {"test_accuracy": 0.0, "test_loss": 9.0}})
+    version = registry.write_version(
+        models,
+        "digits",
+        model_path=model_path,
+        metadata={
+            "input_shape": first["input_shape"],
+            "label_names": first["label_names"],
+            "manifest_sha256": manifest_sha256,
+            "metrics": {"test_accuracy": 0.0, "test_loss": 9.0},
+        },
+    )
     pointer = registry.champion_pointer(version)
-    registry.set_champion(models, "digits", {k: v for k, v in pointer.items()
-                                             if k not in ("label_names", "input_shape", "test_split_sha256")})
+    registry.set_champion(models, "digits", {k: v for k, v in pointer.items() if k not in ("label_names", "input_shape", "test_split_sha256")})
 
 
 def test_an_old_champion_is_compared_by_its_version_metadata(tuned, s3_prefix, tmp_path):
@@ -285,8 +331,10 @@ def test_the_test_split_identity_follows_the_test_images(spark, bucket, mnist_su
         buffer = io.BytesIO()
         Image.fromarray(images[index]).save(buffer, format="PNG")
         storage.write_bytes(f"{raw}/{labels[index] % 2}/{index:03d}.png", buffer.getvalue(), client)
-    hashes = [dataset.read_manifest(prepare(spark, raw + "/", f"s3://{bucket}/tune/folder-{n}/", "--seed",
-                                            str(seed))["prepared_uri"])["test_split_sha256"] for n, seed in enumerate((1, 2, 1))]
+    hashes = [
+        dataset.read_manifest(prepare(spark, raw + "/", f"s3://{bucket}/tune/folder-{n}/", "--seed", str(seed))["prepared_uri"])["test_split_sha256"]
+        for n, seed in enumerate((1, 2, 1))
+    ]
     assert hashes[0] == hashes[2] != hashes[1]
 
 
@@ -332,14 +380,18 @@ def test_learning_rate_halves_when_validation_stops_improving(s3_prefix, mnist_s
 
     train_x, train_y, _test_x, _test_y = mnist_subset
     keep = train_y[:600] != 9
-    data = {"x_train": train_x[:600][keep][:, :, :, None], "y_train": train_y[:600][keep].astype(np.int32),
-            "x_val": np.zeros((20, 28, 28, 1), np.uint8), "y_val": np.full(20, 9, np.int32),
-            "x_test": train_x[600:700, :, :, None], "y_test": train_y[600:700].astype(np.int32),
-            "input_shape": (28, 28, 1), "num_classes": 10}
-    trial = {"trial_id": "plateau", "params": {"learning_rate": 0.004, "hidden_units": 16, "batch_size": 64,
-                                               "dropout": 0.0, "optimizer": "adam"}}
-    record = trials.train_trial(trial, data, family="mlp", epochs=3, patience=5, trials_uri=s3_prefix, seed=1,
-                                lr_decay_patience=1)
+    data = {
+        "x_train": train_x[:600][keep][:, :, :, None],
+        "y_train": train_y[:600][keep].astype(np.int32),
+        "x_val": np.zeros((20, 28, 28, 1), np.uint8),
+        "y_val": np.full(20, 9, np.int32),
+        "x_test": train_x[600:700, :, :, None],
+        "y_test": train_y[600:700].astype(np.int32),
+        "input_shape": (28, 28, 1),
+        "num_classes": 10,
+    }
+    trial = {"trial_id": "plateau", "params": {"learning_rate": 0.004, "hidden_units": 16, "batch_size": 64, "dropout": 0.0, "optimizer": "adam"}}
+    record = trials.train_trial(trial, data, family="mlp", epochs=3, patience=5, trials_uri=s3_prefix, seed=1, lr_decay_patience=1)
     assert record["status"] == "ok", record
     assert record["history"]["val_accuracy"] == [0.0, 0.0, 0.0]
     # The rate each epoch trained with: epoch 2 did not improve on epoch 1, so epoch 3 runs at half.
@@ -357,15 +409,25 @@ def test_every_setting_that_changes_a_result_changes_the_trial_ids(monkeypatch):
     def ids(*extra: str, manifest_sha256: str = "manifest-1") -> list[str]:
         args = tune.parse_args(["--prepared-uri", "s3://b/p/", "--output-uri", "s3://b/o/", *extra])
         fingerprint = tune.trial_fingerprint(args, {"content_sha256": manifest_sha256})
-        return [t["trial_id"] for t in search.build_trials(
-            tune.search_space(args), fixed={"optimizer": args.optimizer, "augment": args.augment},
-            fingerprint=fingerprint)]
+        return [
+            t["trial_id"]
+            for t in search.build_trials(
+                tune.search_space(args), fixed={"optimizer": args.optimizer, "augment": args.augment}, fingerprint=fingerprint
+            )
+        ]
 
     reference = ids()
     assert reference == ids()
     assert ids("--max-parallel-trials", "2") == reference
-    for extra in (["--model-family", "mlp"], ["--epochs", "9"], ["--patience", "3"], ["--lr-decay-patience", "0"],
-                  ["--augment", "0.2"], ["--seed", "7"], ["--optimizer", "sgd"]):
+    for extra in (
+        ["--model-family", "mlp"],
+        ["--epochs", "9"],
+        ["--patience", "3"],
+        ["--lr-decay-patience", "0"],
+        ["--augment", "0.2"],
+        ["--seed", "7"],
+        ["--optimizer", "sgd"],
+    ):
         assert set(ids(*extra)).isdisjoint(reference), extra
     assert set(ids(manifest_sha256="manifest-2")).isdisjoint(reference)
     monkeypatch.setenv(sparktf.CODE_SHA256_ENV, "f" * 64)
@@ -375,12 +437,11 @@ def test_every_setting_that_changes_a_result_changes_the_trial_ids(monkeypatch):
 def test_re_preparing_other_data_into_the_same_run_trains_new_trials(spark, mnist_subset, s3_prefix):
     train_x, train_y, test_x, test_y = mnist_subset
     prepared_uri, out = s3_prefix + "/prepared/", s3_prefix + "/tuning/"
-    args = tune_args(prepared_uri, out, "--learning-rates", "0.05", "--hidden-units", "32", "--optimizer", "sgd",
-                     "--epochs", "1")
+    args = tune_args(prepared_uri, out, "--learning-rates", "0.05", "--hidden-units", "32", "--optimizer", "sgd", "--epochs", "1")
     runs = []
     for start in (0, 400):  # the same run prepared twice, from different images
         raw = f"{s3_prefix}/raw-{start}"
-        upload_mnist(raw, (train_x[start:start + 400], train_y[start:start + 400], test_x[:100], test_y[:100]))
+        upload_mnist(raw, (train_x[start : start + 400], train_y[start : start + 400], test_x[:100], test_y[:100]))
         manifest_sha256 = prepare(spark, raw, prepared_uri)["content_sha256"]
         tune.run(spark, args)
         runs.append((manifest_sha256, storage.read_json(out + "results.json")))
@@ -408,14 +469,41 @@ def test_a_trial_whose_process_is_killed_is_recorded_as_failed_and_the_job_finis
     out = s3_prefix + "/crash/"
     zip_path, _sha = package_zip()
     plugins = str(Path(sparktf.__file__).resolve().parents[1])
-    env = {**os.environ, trials.CRASH_TEST_ENV: '"hidden_units": 48', "PYSPARK_PYTHON": sys.executable,
-           "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
-    command = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2,2]",
-               "--conf", "spark.ui.enabled=false", "--py-files", zip_path, str(ROOT / "jobs" / "tune.py"),
-               "--prepared-uri", prepared, "--output-uri", out, "--model-family", "mlp", "--epochs", "1",
-               "--patience", "1", "--batch-sizes", "32", "--learning-rates", "0.05", "--hidden-units", "32,48",
-               "--result-uri", out + "result.json"]
+    env = {
+        **os.environ,
+        trials.CRASH_TEST_ENV: '"hidden_units": 48',
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
+    }
+    command = [
+        str(Path(sys.executable).with_name("spark-submit")),
+        "--master",
+        "local[2,2]",
+        "--conf",
+        "spark.ui.enabled=false",
+        "--py-files",
+        zip_path,
+        str(ROOT / "jobs" / "tune.py"),
+        "--prepared-uri",
+        prepared,
+        "--output-uri",
+        out,
+        "--model-family",
+        "mlp",
+        "--epochs",
+        "1",
+        "--patience",
+        "1",
+        "--batch-sizes",
+        "32",
+        "--learning-rates",
+        "0.05",
+        "--hidden-units",
+        "32,48",
+        "--result-uri",
+        out + "result.json",
+    ]
     job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
     assert "Python worker exited unexpectedly" in job.stderr  # Spark saw the process die

@@ -39,8 +39,10 @@ def parse_problem(conn_id: str) -> str | None:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as error:
-        return (f"{name} is not valid JSON ({error.msg} at character {error.pos} of {len(value)}); "
-                "unset it and source scripts/env.sh again, or fix the value")
+        return (
+            f"{name} is not valid JSON ({error.msg} at character {error.pos} of {len(value)}); "
+            "unset it and source scripts/env.sh again, or fix the value"
+        )
     if not isinstance(parsed, dict) or not parsed.get("conn_type"):
         return f"{name} is not a JSON object with a conn_type"
     return None
@@ -51,8 +53,10 @@ def unusable_message(conn_id: str) -> str:
     problem = parse_problem(conn_id)
     if problem:
         return f"connection {conn_id!r} cannot be read: {problem}"
-    return (f"connection {conn_id!r} is not defined: define it in Airflow (Admin > Connections, "
-            f"`airflow connections add`) or as {env_variable(conn_id)} (scripts/env.sh does)")
+    return (
+        f"connection {conn_id!r} is not defined: define it in Airflow (Admin > Connections, "
+        f"`airflow connections add`) or as {env_variable(conn_id)} (scripts/env.sh does)"
+    )
 
 
 def storage_settings(conn_id: str = "aws_default") -> storage.StorageSettings:

@@ -68,8 +68,7 @@ class LocalAirflow:
         settings: extra ``AIRFLOW__*`` settings; they win over the defaults set here.
     """
 
-    def __init__(self, state_dir: str | Path, port: int = 8080, env: dict[str, str] | None = None,
-                 settings: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: str | Path, port: int = 8080, env: dict[str, str] | None = None, settings: dict[str, str] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.port = int(port)
         self.base_url = f"http://{LOOPBACK}:{self.port}"
@@ -135,10 +134,16 @@ class LocalAirflow:
             for name in COMPONENTS:
                 with open(self.state_dir / f"airflow-{name}.log", "ab") as log:
                     self.processes[name] = subprocess.Popen(
-                        [self.airflow, *component_command(name, self.port)], env=env, stdout=log,
-                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            self.pid_file.write_text(json.dumps({"port": self.port, "base_url": self.base_url,
-                                                 "pids": {n: p.pid for n, p in self.processes.items()}}))
+                        [self.airflow, *component_command(name, self.port)],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+            self.pid_file.write_text(
+                json.dumps({"port": self.port, "base_url": self.base_url, "pids": {n: p.pid for n, p in self.processes.items()}})
+            )
             self.wait_healthy(timeout)
         except BaseException:
             self.stop()
@@ -153,8 +158,7 @@ class LocalAirflow:
             if self.healthy():
                 return
             time.sleep(1.0)
-        raise TimeoutError(f"Airflow UI not healthy within {timeout:.0f} s: {self.health()}; "
-                           f"logs in {self.state_dir}")
+        raise TimeoutError(f"Airflow UI not healthy within {timeout:.0f} s: {self.health()}; logs in {self.state_dir}")
 
     def stop(self, timeout: float = 30.0) -> list[str]:
         """SIGTERM each component's process group, SIGKILL what is left after ``timeout``."""

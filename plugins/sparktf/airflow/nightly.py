@@ -13,9 +13,23 @@ from typing import Any
 
 # Keys of the job's result that the predictions Asset event carries (downstream DAGs read them).
 # The job's result keys the run summary (``publish`` XCom) keeps, under the job's own names.
-SUMMARY_KEYS = ("date", "listed", "scored", "set_aside", "reasons", "markers_skipped", "storage_retries",
-                "label_histogram", "model_version", "output_uri", "success_uri", "images_per_second", "seconds",
-                "tasks", "failure_ratio_exceeded")
+SUMMARY_KEYS = (
+    "date",
+    "listed",
+    "scored",
+    "set_aside",
+    "reasons",
+    "markers_skipped",
+    "storage_retries",
+    "label_histogram",
+    "model_version",
+    "output_uri",
+    "success_uri",
+    "images_per_second",
+    "seconds",
+    "tasks",
+    "failure_ratio_exceeded",
+)
 ASSET_EXTRA_KEYS = ("date", "output_uri", "success_uri", "model_name", "model_version", "scored", "set_aside")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -47,17 +61,30 @@ def partition_date(params: dict[str, Any], data_interval_start: dt.datetime | No
     if params.get("date"):
         return str(params["date"]), "param"
     if data_interval_start is None:
-        raise failure("this run has no data interval (triggered without a logical date): "
-                    "set the 'date' Param to the partition to score")
+        raise failure("this run has no data interval (triggered without a logical date): set the 'date' Param to the partition to score")
     return data_interval_start.astimezone(dt.UTC).date().isoformat(), "data_interval"
 
 
-def found_summary(*, date: str, source: str, incoming_uri: str, objects: list[dict[str, Any]], markers: int,
-                  max_image_bytes: int, data_interval: list[str], processed_at: dt.datetime) -> dict[str, Any]:
+def found_summary(
+    *,
+    date: str,
+    source: str,
+    incoming_uri: str,
+    objects: list[dict[str, Any]],
+    markers: int,
+    max_image_bytes: int,
+    data_interval: list[str],
+    processed_at: dt.datetime,
+) -> dict[str, Any]:
     """What ``find_new_images`` found; with no images, ``skipped_reason`` says why nothing runs."""
     summary: dict[str, Any] = {
-        "date": date, "date_from": source, "data_interval": data_interval, "incoming_uri": incoming_uri,
-        "images": len(objects), "bytes": sum(o["size"] for o in objects), "markers_skipped": markers,
+        "date": date,
+        "date_from": source,
+        "data_interval": data_interval,
+        "incoming_uri": incoming_uri,
+        "images": len(objects),
+        "bytes": sum(o["size"] for o in objects),
+        "markers_skipped": markers,
         "over_max_image_bytes": sum(1 for o in objects if o["size"] > max_image_bytes),
         "processed_at": processed_at.astimezone(dt.UTC).isoformat(),
     }
@@ -70,20 +97,25 @@ def model_refusal(model_name: str, requested: str, reason: str, *, tampered: boo
     """Why the model cannot be used and what to do: missing (``tampered=False``) or changed after registration."""
     head = f"cannot use model {model_name!r} ({requested}): {reason}."
     if tampered:
-        return (f"{head} The artifact was changed after it was registered, so it is not trusted. To fix: "
-                f"re-register the model (run tuning_pipeline again), or trigger with model_version set to "
-                f"another registered version; never edit an artifact in place")
-    return (f"{head} To fix: run tuning_pipeline to register and promote a model, or trigger with "
-            f"model_version set to a registered version")
+        return (
+            f"{head} The artifact was changed after it was registered, so it is not trusted. To fix: "
+            f"re-register the model (run tuning_pipeline again), or trigger with model_version set to "
+            f"another registered version; never edit an artifact in place"
+        )
+    return f"{head} To fix: run tuning_pipeline to register and promote a model, or trigger with model_version set to a registered version"
 
 
 def resolved_summary(params: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
     """The ``resolve_model`` result: the exact version the job must use, and what it checks."""
     return {
-        "model_name": params["model_name"], "version": int(metadata["version"]),
-        "requested": params["model_version"], "model_uri": metadata["model_uri"],
-        "model_sha256": metadata["model_sha256"], "input_shape": metadata["input_shape"],
-        "label_names": metadata["label_names"], "metrics": metadata.get("metrics"),
+        "model_name": params["model_name"],
+        "version": int(metadata["version"]),
+        "requested": params["model_version"],
+        "model_uri": metadata["model_uri"],
+        "model_sha256": metadata["model_sha256"],
+        "input_shape": metadata["input_shape"],
+        "label_names": metadata["label_names"],
+        "metrics": metadata.get("metrics"),
     }
 
 
@@ -92,14 +124,15 @@ def replaced_problem(manifest: dict[str, Any] | None, job: dict[str, Any]) -> st
     if manifest is not None and manifest.get("publish_id") == job["publish_id"]:
         return None
     current = (manifest or {}).get("attempt_id")
-    return (f"{job['output_uri']} no longer holds this run's output (attempt {job['attempt_id']}): a later run "
-            f"(attempt {current}) replaced it; its own run announces it")
+    return (
+        f"{job['output_uri']} no longer holds this run's output (attempt {job['attempt_id']}): a later run "
+        f"(attempt {current}) replaced it; its own run announces it"
+    )
 
 
 def published_summary(job: dict[str, Any], model: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
     """The run's summary: the job's result (:data:`SUMMARY_KEYS`, the job's own names), the model name, the date's origin."""
-    return {**{key: job.get(key) for key in SUMMARY_KEYS}, "model_name": model["model_name"],
-            "date_from": found["date_from"]}
+    return {**{key: job.get(key) for key in SUMMARY_KEYS}, "model_name": model["model_name"], "date_from": found["date_from"]}
 
 
 def asset_extra(summary: dict[str, Any]) -> dict[str, Any]:

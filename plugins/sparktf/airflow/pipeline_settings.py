@@ -56,14 +56,18 @@ def path_safe(value: str) -> str:
 
 def workspace_param_spec(description: str) -> dict[str, Any]:
     """Keyword arguments of the ``workspace_uri`` Param (every DAG has one)."""
-    return {"default": DEFAULT_WORKSPACE_URI, "type": "string", "pattern": r"^s3a?://[^/]+(/.*[^/])?$",
-            "title": "Workspace", "description": description}
+    return {
+        "default": DEFAULT_WORKSPACE_URI,
+        "type": "string",
+        "pattern": r"^s3a?://[^/]+(/.*[^/])?$",
+        "title": "Workspace",
+        "description": description,
+    }
 
 
 def model_name_param_spec(default: str = DEFAULT_MODEL_NAME, description: str | None = None) -> dict[str, Any]:
     """Keyword arguments of a ``model_name`` Param: the registry's name pattern (:data:`sparktf.MODEL_NAME_PATTERN`)."""
-    spec: dict[str, Any] = {"default": default, "type": "string", "pattern": sparktf.MODEL_NAME_PATTERN,
-                            "title": "Model name"}
+    spec: dict[str, Any] = {"default": default, "type": "string", "pattern": sparktf.MODEL_NAME_PATTERN, "title": "Model name"}
     if description:
         spec["description"] = description
     return spec

@@ -101,8 +101,14 @@ def leaderboard_table(facts: dict[str, Any], rows: int) -> list[str]:
     header = ["#", *[run_summary.DIMENSION_LABELS.get(d, d) for d in dims], "val %", "test %", "epochs", "s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "--:|" * len(header)]
     for row in facts["rows"][:rows]:
-        cells = [str(row["rank"]), *[_cell(row.get(d)) for d in dims], _pct(row.get("val_accuracy")),
-                 _pct(row.get("test_accuracy")), str(row.get("epochs_run", "")), _seconds(row.get("train_seconds"))]
+        cells = [
+            str(row["rank"]),
+            *[_cell(row.get(d)) for d in dims],
+            _pct(row.get("val_accuracy")),
+            _pct(row.get("test_accuracy")),
+            str(row.get("epochs_run", "")),
+            _seconds(row.get("train_seconds")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -122,10 +128,11 @@ def default_line(facts: dict[str, Any], short: bool = False) -> str:
     if comparison["best_is_default"]:
         return f"**Default vs tuned:** the {what} was selected itself (test error {comparison['default_error']:.2%})."
     reduction = comparison["reduction"]
-    change = ("n/a" if reduction is None else f"{reduction:.0%} less error" if reduction >= 0
-              else f"{-reduction:.0%} more error")
-    return (f"**Default vs tuned:** test error {comparison['default_error']:.2%} for the {what}, "
-            f"{comparison['tuned_error']:.2%} tuned (rank 1): **{change}**.")
+    change = "n/a" if reduction is None else f"{reduction:.0%} less error" if reduction >= 0 else f"{-reduction:.0%} more error"
+    return (
+        f"**Default vs tuned:** test error {comparison['default_error']:.2%} for the {what}, "
+        f"{comparison['tuned_error']:.2%} tuned (rank 1): **{change}**."
+    )
 
 
 def _cap(text: str, limit: int | None) -> str:
@@ -157,8 +164,7 @@ def fit(build, variants: list[dict[str, Any]]) -> str:
 def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figure: str | None) -> str:
     """The tuning run's note: leaderboard, default vs tuned, champion decision, figure."""
 
-    def build(rows: int, short_default: bool = False, image: str = "linked", brief: bool = False,
-              minimal: bool = False) -> str:
+    def build(rows: int, short_default: bool = False, image: str = "linked", brief: bool = False, minimal: bool = False) -> str:
         lines = [NOTE_MARKER]
         ok, total = facts.get("succeeded"), facts.get("trials")
         failed = facts["failed"] if isinstance(facts["failed"], int) else len(facts["failed"])
@@ -174,8 +180,7 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
             more = len(facts["rows"]) - rows
             if (more > 0 or not facts["rows_complete"]) and not minimal:
                 lines.append(f"\n…{str(more) + ' more ' if more > 0 else ''}(every trial: `tune` XCom, `results.json`)")
-            constant = ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} {_cell(v)}"
-                                 for k, v in facts["constant"].items())
+            constant = ", ".join(f"{run_summary.DIMENSION_LABELS.get(k, k)} {_cell(v)}" for k, v in facts["constant"].items())
             if constant and not minimal:
                 lines.append(f"\nEvery trial: {constant}.")
             lines += ["", default_line(facts, short_default)]
@@ -187,9 +192,14 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
         if champion:
             lines += ["", champion]
         if figure:
-            lines += ["", {"linked": f"[![test error vs learning rate]({figure})]({figure})",
-                           "image": f"![test error vs learning rate]({figure})",
-                           "link": f"[Figure: test error vs learning rate]({figure})"}[image]]
+            lines += [
+                "",
+                {
+                    "linked": f"[![test error vs learning rate]({figure})]({figure})",
+                    "image": f"![test error vs learning rate]({figure})",
+                    "link": f"[Figure: test error vs learning rate]({figure})",
+                }[image],
+            ]
         return "\n".join(lines)
 
     # Within 1,000 characters: as many rows as fit (down to 3); then shorter wording and the
@@ -197,10 +207,12 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
     shown = min(len(facts["rows"]), TABLE_ROWS)
     low = min(shown, 3)
     variants = [{"rows": n} for n in range(shown, low - 1, -1)]
-    variants += [{"rows": low, "short_default": True, "brief": True, "image": "image"},
-                 {"rows": low, "short_default": True, "brief": True, "image": "link"},
-                 {"rows": min(shown, 1), "short_default": True, "brief": True, "image": "link"},
-                 {"rows": min(shown, 1), "short_default": True, "brief": True, "image": "link", "minimal": True}]
+    variants += [
+        {"rows": low, "short_default": True, "brief": True, "image": "image"},
+        {"rows": low, "short_default": True, "brief": True, "image": "link"},
+        {"rows": min(shown, 1), "short_default": True, "brief": True, "image": "link"},
+        {"rows": min(shown, 1), "short_default": True, "brief": True, "image": "link", "minimal": True},
+    ]
     return fit(build, variants)
 
 
@@ -214,18 +226,23 @@ def nightly_note(facts: dict[str, Any], *, state: str, problems: list[str]) -> s
             lines.append(f"\n0 images: {escape_markdown(facts['skipped_reason'])}; nothing to score.")
             return "\n".join(lines)
         if facts["scored"] is not None:
-            model = f"`{escape_markdown(facts['model_name'], code=True)}` v{facts['model_version']}" if facts["model_name"] else \
-                f"v{facts['model_version']}"
-            lines.append(f"\n**{facts['scored']} scored**, **{facts['set_aside']} set aside** of {facts['listed']} "
-                         f"images, with model {model}.")
+            model = (
+                f"`{escape_markdown(facts['model_name'], code=True)}` v{facts['model_version']}"
+                if facts["model_name"]
+                else f"v{facts['model_version']}"
+            )
+            lines.append(f"\n**{facts['scored']} scored**, **{facts['set_aside']} set aside** of {facts['listed']} images, with model {model}.")
             if facts["failure_ratio_exceeded"]:
                 lines.append("\n**More images set aside than `max_failure_ratio` allows**: published, then failed.")
             if facts["reasons"]:
                 lines.append("\nSet aside: " + ", ".join(f"{_cell(k)} {_cell(v)}" for k, v in facts["reasons"].items()) + ".")
             if labels and facts["labels"]:
-                lines += ["", "| label | " + " | ".join(_cell(k) for k in facts["labels"]) + " |",
-                          "|--|" + "--:|" * len(facts["labels"]),
-                          "| images | " + " | ".join(_cell(v) for v in facts["labels"].values()) + " |"]
+                lines += [
+                    "",
+                    "| label | " + " | ".join(_cell(k) for k in facts["labels"]) + " |",
+                    "|--|" + "--:|" * len(facts["labels"]),
+                    "| images | " + " | ".join(_cell(v) for v in facts["labels"].values()) + " |",
+                ]
             if facts["output_uri"]:
                 lines.append(f"\nPredictions: `{escape_markdown(facts['output_uri'], code=True)}` (trust it once `_SUCCESS` is there).")
         elif facts["listed"] is not None:
@@ -263,8 +280,7 @@ def _job_result(params: dict[str, Any], dag_id: str, run_id: str, task_id: str) 
     from sparktf.airflow.pipeline_settings import path_safe
 
     try:
-        return storage.read_json_if_exists(
-            f"{params['workspace_uri']}/runs/{dag_id}/{path_safe(run_id)}/_results/{task_id}.json")
+        return storage.read_json_if_exists(f"{params['workspace_uri']}/runs/{dag_id}/{path_safe(run_id)}/_results/{task_id}.json")
     except Exception:  # noqa: BLE001
         return None
 
@@ -354,16 +370,14 @@ def attach_note(dag_run: Any) -> bool:
     if session is not None:
         return _attach(session, dag_run)
     with create_session() as own:
-        attached = own.scalars(select(DagRun).where(DagRun.dag_id == dag_run.dag_id,
-                                                    DagRun.run_id == dag_run.run_id)).one_or_none()
+        attached = own.scalars(select(DagRun).where(DagRun.dag_id == dag_run.dag_id, DagRun.run_id == dag_run.run_id)).one_or_none()
         return attached is not None and _attach(own, attached)
 
 
 def _attach(session: Any, dag_run: Any) -> bool:
     from airflow.models.xcom import XComModel
 
-    query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=REPORT_TASK_ID,
-                               key=NOTE_XCOM_KEY)
+    query = XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=REPORT_TASK_ID, key=NOTE_XCOM_KEY)
     row = session.scalars(query).first()
     if row is None:
         return False

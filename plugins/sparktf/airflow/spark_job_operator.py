@@ -43,10 +43,14 @@ def package_zip(package_dir: Path = PACKAGE_DIR) -> tuple[str, str]:
         ``(zip_path, sha256 of the sources)``; the zip's name carries the hash, so a changed
         package never reuses a stale zip.
     """
-    sources = sorted(p for p in package_dir.rglob("*")
-                     if p.is_file() and "__pycache__" not in p.parts
-                     and (p.suffix == ".py" or p.relative_to(package_dir).parts[0] == DATA_DIR)
-                     and p.relative_to(package_dir).parts[0] not in EXCLUDED_FROM_ZIP)
+    sources = sorted(
+        p
+        for p in package_dir.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and (p.suffix == ".py" or p.relative_to(package_dir).parts[0] == DATA_DIR)
+        and p.relative_to(package_dir).parts[0] not in EXCLUDED_FROM_ZIP
+    )
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.relative_to(package_dir.parent).as_posix().encode())
@@ -90,8 +94,7 @@ class SparkJobOperator(SparkSubmitOperator):
     # "Spark UI" on the task page, live while the job runs (see sparktf.airflow.spark_ui).
     operator_extra_links = (spark_ui.SparkUILink(),)
 
-    def __init__(self, *, result_uri: str = pipeline_settings.RESULT_URI, aws_conn_id: str = "aws_default",
-                 **kwargs: Any) -> None:
+    def __init__(self, *, result_uri: str = pipeline_settings.RESULT_URI, aws_conn_id: str = "aws_default", **kwargs: Any) -> None:
         kwargs.setdefault("conn_id", "spark_default")
         kwargs.setdefault("name", kwargs.get("task_id"))
         kwargs.setdefault("conf", dict(pipeline_settings.SPARK_CONF))
@@ -125,8 +128,7 @@ class SparkJobOperator(SparkSubmitOperator):
         # str(): an XComArg argument (a model version) renders to its native value.
         self.application_args = [*(str(a) for a in self.application_args or []), "--result-uri", self.result_uri]
         settings = aws_connection.use_connection(self.aws_conn_id)
-        self.env_vars = {**(self.env_vars or {}), **settings.environment(), sparktf.CODE_SHA256_ENV: code_sha,
-                         "PYTHONHASHSEED": "0"}
+        self.env_vars = {**(self.env_vars or {}), **settings.environment(), sparktf.CODE_SHA256_ENV: code_sha, "PYTHONHASHSEED": "0"}
         storage.delete_object(self.result_uri)
         self._hook = None  # rebuild the hook with the arguments set above
 

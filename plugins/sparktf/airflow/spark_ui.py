@@ -27,8 +27,10 @@ from airflow.sdk import BaseOperatorLink
 # The driver's own line, whole: the job skeleton's log format (sparktf.job.configure_logging:
 # "%(asctime)s %(levelname)s %(name)s: %(message)s"), its "sparktf" logger at INFO, and nothing
 # after the URL. A message that merely contains the phrase (an object key, an error) never matches.
-SPARK_UI_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} INFO sparktf: "
-                           r"Spark UI of application (?P<app>[A-Za-z0-9_.-]+): (?P<url>https?://[^\s\"'<>]+)\s*$")
+SPARK_UI_LINE = re.compile(
+    r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} INFO sparktf: "
+    r"Spark UI of application (?P<app>[A-Za-z0-9_.-]+): (?P<url>https?://[^\s\"'<>]+)\s*$"
+)
 
 
 class SparkUILink(BaseOperatorLink):

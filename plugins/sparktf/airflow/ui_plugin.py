@@ -65,8 +65,7 @@ def figure_uri_of(dag_id: str, run_id: str, task_id: str) -> str | None:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        row = session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, task_ids=task_id,
-                                                 key="return_value")).first()
+        row = session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, task_ids=task_id, key="return_value")).first()
         value = XComModel.deserialize_value(row) if row is not None else None
     uri = value.get("figure_uri") if isinstance(value, dict) else None
     return uri if isinstance(uri, str) else None
@@ -107,7 +106,7 @@ def figure_refusal(uri: str, run_folder: str) -> str | None:
         target, folder = storage.parse_uri(uri), storage.parse_uri(run_folder)
     except ValueError:
         return "the recorded figure is not an S3 URI"
-    inside = target.key[len(folder.key):] if target.key.startswith(folder.key) else None
+    inside = target.key[len(folder.key) :] if target.key.startswith(folder.key) else None
     if target.bucket != folder.bucket or not inside:
         return "the recorded figure is not in the run's own folder"
     if any(part in ("", ".", "..") for part in inside.split("/")) or not inside.endswith(".png"):
@@ -170,8 +169,12 @@ def create_figure_app():
 
     app = FastAPI(title="sparktf", description="Figures of sparktf runs (PNG), behind Airflow's login.")
 
-    @app.get("/figure/{dag_id}/{run_id}/{task_id}", dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.XCOM))],
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.get(
+        "/figure/{dag_id}/{run_id}/{task_id}",
+        dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.XCOM))],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     def figure(dag_id: str, run_id: str, task_id: str) -> Response:
         from sparktf import storage
 
@@ -179,12 +182,14 @@ def create_figure_app():
         if uri is None or workspace is None:
             raise HTTPException(404, f"task {task_id!r} of run {run_id!r} of {dag_id!r} recorded no figure")
         try:
-            length, chunks = open_figure(uri, run_folder_uri(workspace, dag_id, run_id),
-                                         storage.client(server_storage_settings()))
+            length, chunks = open_figure(uri, run_folder_uri(workspace, dag_id, run_id), storage.client(server_storage_settings()))
         except FigureRefused as refused:
             raise HTTPException(refused.status, str(refused)) from None
-        return StreamingResponse(chunks, media_type="image/png", headers={
-            "Content-Length": str(length), "Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
+        return StreamingResponse(
+            chunks,
+            media_type="image/png",
+            headers={"Content-Length": str(length), "Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"},
+        )
 
     return app
 

@@ -13,8 +13,7 @@ from typing import Any
 
 from sparktf import knobs
 
-REGISTER_REQUEST_KEYS = ("model_name", "source", "application", "weights_uri", "model_uri", "labels",
-                         "label_map_uri", "resize_policy")
+REGISTER_REQUEST_KEYS = ("model_name", "source", "application", "weights_uri", "model_uri", "labels", "label_map_uri", "resize_policy")
 
 
 def failure(message: str) -> Exception:
@@ -49,21 +48,18 @@ def tuning_problems(params: Mapping[str, Any]) -> tuple[list[str], dict[str, Any
     problems = knobs.validate(values)
     space = knobs.search_space(values)
     if not problems:
-        problems = search.validate_search_space(space, strategy=values["search_strategy"],
-                                                num_samples=values["num_random_trials"])
+        problems = search.validate_search_space(space, strategy=values["search_strategy"], num_samples=values["num_random_trials"])
     trials: list = []
     if not problems:
         # The tuning job's own trial list (random search samples by index: a huge space is never
         # built in memory).
-        trials = search.build_trials(space, strategy=values["search_strategy"],
-                                     num_samples=values["num_random_trials"], seed=values["seed"])
+        trials = search.build_trials(space, strategy=values["search_strategy"], num_samples=values["num_random_trials"], seed=values["seed"])
     for name in ("dataset_uri", "workspace_uri"):
         try:
             storage.parse_uri(params[name])
         except ValueError as err:
             problems.append(f"{name}: {err}")
-    summary = {"dataset_uri": params["dataset_uri"], "trials": len(trials),
-               "search_strategy": values["search_strategy"], "epochs": values["epochs"]}
+    summary = {"dataset_uri": params["dataset_uri"], "trials": len(trials), "search_strategy": values["search_strategy"], "epochs": values["epochs"]}
     return problems, summary
 
 
@@ -74,8 +70,9 @@ def dataset_problems(dataset_uri: str, has_objects: Callable[[str], bool]) -> li
     location = storage.prefix_uri(dataset_uri)
     if has_objects(location):
         return []
-    return [f"dataset_uri {location} holds no objects: upload the data set there "
-            f"(<label>/<image> files or MNIST IDX files) or point dataset_uri at it"]
+    return [
+        f"dataset_uri {location} holds no objects: upload the data set there (<label>/<image> files or MNIST IDX files) or point dataset_uri at it"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,15 +87,13 @@ def registration_request(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def upload_uris(request: Mapping[str, Any]) -> dict[str, str]:
     """Param name -> URI of every upload the request needs (weights or model file, label map)."""
-    uploads = {"weights_uri": request["weights_uri"]} if request["source"] == "keras_application" \
-        else {"model_uri": request["model_uri"]}
+    uploads = {"weights_uri": request["weights_uri"]} if request["source"] == "keras_application" else {"model_uri": request["model_uri"]}
     if request["labels"] == "label_map":
         uploads["label_map_uri"] = request["label_map_uri"]
     return uploads
 
 
-def upload_problems(request: Mapping[str, Any], head: Callable[[str], dict | None],
-                    read_bytes: Callable[[str], bytes]) -> list[str]:
+def upload_problems(request: Mapping[str, Any], head: Callable[[str], dict | None], read_bytes: Callable[[str], bytes]) -> list[str]:
     """Missing uploads, an oversized label map, a label map of the wrong size for a stock network.
 
     Args:
@@ -142,7 +137,7 @@ def parse_memory(value: str) -> int:
     """Bytes in a Spark memory setting: ``2g``, ``512m``, ``1024k``, ``2gb``; a bare number is MiB (as Spark reads it)."""
     text = str(value).strip().lower().removesuffix("b")
     number = text.rstrip("kmgt")
-    unit = text[len(number):]
+    unit = text[len(number) :]
     if not number.isdigit() or unit not in _MEMORY_UNITS:
         raise ValueError(f"not a Spark memory setting: {value!r} (e.g. 2g, 512m)")
     return int(number) * _MEMORY_UNITS[unit]
@@ -163,6 +158,8 @@ def batch_size_problems(batch_size: int, input_shape: list[int] | tuple[int, ...
         return []
     shape = "x".join(str(int(s)) for s in input_shape)
     largest = max(1, available // batch_bytes(1, input_shape))
-    return [f"batch_size {batch_size} needs about {needed / 2**30:.1f} GiB per model call at the model's input "
-            f"size {shape} (float32, x{ACTIVATION_FACTOR} for activations), more than the executor's "
-            f"{executor_memory} (SPARKTF_EXECUTOR_MEMORY): trigger with batch_size <= {largest}"]
+    return [
+        f"batch_size {batch_size} needs about {needed / 2**30:.1f} GiB per model call at the model's input "
+        f"size {shape} (float32, x{ACTIVATION_FACTOR} for activations), more than the executor's "
+        f"{executor_memory} (SPARKTF_EXECUTOR_MEMORY): trigger with batch_size <= {largest}"
+    ]

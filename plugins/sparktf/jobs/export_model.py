@@ -41,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-uri", required=True, help="S3 prefix of the model registry")
     parser.add_argument("--model-name", required=True, help="registered model name")
     parser.add_argument("--source-run", required=True, help="id of the Airflow run that trained it")
-    parser.add_argument("--trained-at", required=True,
-                        help="when the run trained it (ISO 8601, from the caller; recorded in the metadata)")
+    parser.add_argument("--trained-at", required=True, help="when the run trained it (ISO 8601, from the caller; recorded in the metadata)")
     parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
     knobs.add_arguments(parser, "export_model")
     return parser.parse_args(argv)
@@ -51,8 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 NEW_LINEAGE_HINT = "start a new lineage with a new model_name, or trigger with champion_policy 'replace'"
 
 
-def champion_score_on(champion: dict[str, Any], metadata: dict[str, Any], metric: str, *,
-                      models_uri: str, model_name: str) -> tuple[float | None, str]:
+def champion_score_on(
+    champion: dict[str, Any], metadata: dict[str, Any], metric: str, *, models_uri: str, model_name: str
+) -> tuple[float | None, str]:
     """The champion's recorded ``metric`` when it can be compared like for like with this version
     (:func:`sparktf.registry.comparable`), else ``(None, why not, and what to do)``."""
     lineage = registry.champion_lineage(models_uri, model_name, champion)
@@ -69,33 +69,49 @@ def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict
     """Register the best trial's model (sha256-checked on the way) as a new version."""
     manifest = dataset.read_manifest(results["prepared_uri"])
     metadata = {
-        "family": best["family"], "params": best["params"], "trial_id": best["trial_id"],
+        "family": best["family"],
+        "params": best["params"],
+        "trial_id": best["trial_id"],
         "metrics": {k: best[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")},
-        "epochs_run": best["epochs_run"], "input_shape": list(manifest["image_shape"]),
-        "label_names": manifest["label_names"], "manifest_sha256": results["manifest_sha256"],
+        "epochs_run": best["epochs_run"],
+        "input_shape": list(manifest["image_shape"]),
+        "label_names": manifest["label_names"],
+        "manifest_sha256": results["manifest_sha256"],
         "test_split_sha256": manifest.get("test_split_sha256"),
-        "prepared_uri": results["prepared_uri"], "source_run": args.source_run, "results_uri": args.results_uri,
-        "trained_at": args.trained_at, "code_version": sparktf.code_version(),
+        "prepared_uri": results["prepared_uri"],
+        "source_run": args.source_run,
+        "results_uri": args.results_uri,
+        "trained_at": args.trained_at,
+        "code_version": sparktf.code_version(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_path = os.path.join(tmp, "model.keras")
         model = registry.load_verified_model(best["model_uri"], best["model_sha256"], keep_at=model_path)
         saved = os.path.join(tmp, "saved_model")
         model.export(saved, format="tf_saved_model", verbose=False)
-        return registry.write_version(args.models_uri, args.model_name, model_path=model_path,
-                                      metadata=metadata, saved_model_dir=saved)
+        return registry.write_version(args.models_uri, args.model_name, model_path=model_path, metadata=metadata, saved_model_dir=saved)
 
 
 def decide(args: argparse.Namespace, metadata: dict[str, Any]) -> registry.Promotion:
     """Move the champion: by comparison like for like, or (``champion_policy`` replace) without one."""
     if args.champion_policy == "replace":
-        return registry.make_champion(args.models_uri, args.model_name, metadata, source_run=args.source_run,
-                                      reason="champion_policy 'replace': made the champion without comparing")
+        return registry.make_champion(
+            args.models_uri,
+            args.model_name,
+            metadata,
+            source_run=args.source_run,
+            reason="champion_policy 'replace': made the champion without comparing",
+        )
     metric = args.promotion_metric
     return registry.promote(
-        args.models_uri, args.model_name, metadata, metric=metric, min_improvement=args.min_improvement,
-        source_run=args.source_run, score_champion=lambda champion: champion_score_on(
-            champion, metadata, metric, models_uri=args.models_uri, model_name=args.model_name))
+        args.models_uri,
+        args.model_name,
+        metadata,
+        metric=metric,
+        min_improvement=args.min_improvement,
+        source_run=args.source_run,
+        score_champion=lambda champion: champion_score_on(champion, metadata, metric, models_uri=args.models_uri, model_name=args.model_name),
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,15 +132,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metadata = export_version(args, best, results)
 
     decision = decide(args, metadata)
-    log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], decision.promoted,
-             decision.reason)
+    log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], decision.promoted, decision.reason)
     return {
-        "model_name": args.model_name, "version": metadata["version"], "uri": metadata["uri"],
-        "model_uri": metadata["model_uri"], "saved_model_uri": metadata["saved_model_uri"],
-        "trial_id": best["trial_id"], "params": best["params"], "metrics": metadata["metrics"],
-        "promoted": decision.promoted, "promotion_reason": decision.reason,
-        "champion_score": decision.champion_score, "champion_version": decision.champion_version,
-        "promotion_attempts": decision.attempts, "reused_version": reused,
+        "model_name": args.model_name,
+        "version": metadata["version"],
+        "uri": metadata["uri"],
+        "model_uri": metadata["model_uri"],
+        "saved_model_uri": metadata["saved_model_uri"],
+        "trial_id": best["trial_id"],
+        "params": best["params"],
+        "metrics": metadata["metrics"],
+        "promoted": decision.promoted,
+        "promotion_reason": decision.reason,
+        "champion_score": decision.champion_score,
+        "champion_version": decision.champion_version,
+        "promotion_attempts": decision.attempts,
+        "reused_version": reused,
     }
 
 

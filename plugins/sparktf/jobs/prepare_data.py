@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Planning (driver): which objects make up the data set
 # ---------------------------------------------------------------------------------------------
 
+
 def plan_units(input_uri: str, keys: list[str], s3=None) -> tuple[list[dict], list[dict]]:
     """Turn the listed keys into work units for the executors.
 
@@ -75,13 +76,21 @@ def plan_units(input_uri: str, keys: list[str], s3=None) -> tuple[list[dict], li
             skipped.append({"key": labels_key, "reason": f"corrupt_idx: {err}"})
             continue
         for start in range(0, len(labels), IDX_CHUNK):
-            units.append({"kind": "idx", "bucket": bucket, "images_key": images_key, "labels_key": labels_key,
-                          "start": start, "stop": min(len(labels), start + IDX_CHUNK),
-                          "source_split": source_split})
+            units.append(
+                {
+                    "kind": "idx",
+                    "bucket": bucket,
+                    "images_key": images_key,
+                    "labels_key": labels_key,
+                    "start": start,
+                    "stop": min(len(labels), start + IDX_CHUNK),
+                    "source_split": source_split,
+                }
+            )
     for key in keys:
         if idx.is_idx_key(key) or key.endswith("/"):
             continue
-        rel = key[len(prefix):]
+        rel = key[len(prefix) :]
         parts = rel.split("/")
         if len(parts) < 2 or not parts[0]:
             skipped.append({"key": key, "reason": "not_in_label_folder"})
@@ -96,8 +105,8 @@ def plan_units(input_uri: str, keys: list[str], s3=None) -> tuple[list[dict], li
 # Decoding (executors)
 # ---------------------------------------------------------------------------------------------
 
-def decode_units(units: Iterator[dict], *, height: int, width: int, channels: int,
-                 fetch_threads: int, max_pixels: int) -> Iterator[dict]:
+
+def decode_units(units: Iterator[dict], *, height: int, width: int, channels: int, fetch_threads: int, max_pixels: int) -> Iterator[dict]:
     """Decode a partition's units into rows ``{id, label_name, pixels, source_split, error}``."""
     units = list(units)
     s3 = storage.client()
@@ -106,11 +115,15 @@ def decode_units(units: Iterator[dict], *, height: int, width: int, channels: in
     for bucket in sorted({u["bucket"] for u in images}):
         keys = [u["key"] for u in images if u["bucket"] == bucket]
         for key, array, reason, detail in fetch.fetch_decoded(
-                bucket, keys, height=height, width=width, channels=channels, max_pixels=max_pixels,
-                fetch_threads=fetch_threads, s3=s3):
-            yield {"id": key, "label_name": label_of[key], "source_split": None,
-                   "pixels": None if array is None else array.tobytes(),
-                   "error": None if array is not None else (f"{reason}: {detail}" if detail else reason)}
+            bucket, keys, height=height, width=width, channels=channels, max_pixels=max_pixels, fetch_threads=fetch_threads, s3=s3
+        ):
+            yield {
+                "id": key,
+                "label_name": label_of[key],
+                "source_split": None,
+                "pixels": None if array is None else array.tobytes(),
+                "error": None if array is not None else (f"{reason}: {detail}" if detail else reason),
+            }
 
     for unit in (u for u in units if u["kind"] == "idx"):
         yield from _decode_idx_unit(unit, s3, height=height, width=width, channels=channels)
@@ -128,8 +141,9 @@ def read_idx(bucket: str, key: str, s3=None):
     try:
         data = storage.read_bytes(uri, s3)
     except storage.StorageError as err:
-        raise type(err)(f"{uri} could not be read ({err}); a file the store fails to serve is not set aside as "
-                        f"corrupt: check the store and run the job again") from err
+        raise type(err)(
+            f"{uri} could not be read ({err}); a file the store fails to serve is not set aside as corrupt: check the store and run the job again"
+        ) from err
     return idx.parse_idx(data)
 
 
@@ -143,8 +157,7 @@ def _decode_idx_unit(unit: dict, s3, *, height: int, width: int, channels: int) 
         if images.ndim != 3 or len(images) != len(labels):
             raise idx.IdxError(f"images {images.shape} do not match labels {labels.shape}")
     except idx.IdxError as err:  # content only: the whole pair is set aside, with its reason
-        yield {"id": unit["images_key"], "label_name": "", "source_split": None, "pixels": None,
-               "error": f"corrupt_idx: {err}"}
+        yield {"id": unit["images_key"], "label_name": "", "source_split": None, "pixels": None, "error": f"corrupt_idx: {err}"}
         return
     for index in range(unit["start"], unit["stop"]):
         image = images[index]
@@ -152,14 +165,19 @@ def _decode_idx_unit(unit: dict, s3, *, height: int, width: int, channels: int) 
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
         if channels == 3:
             image = np.repeat(image[:, :, None], 3, axis=2)
-        yield {"id": f"{unit['images_key']}#{index:06d}", "label_name": str(int(labels[index])),
-               "source_split": unit["source_split"], "pixels": np.ascontiguousarray(image, np.uint8).tobytes(),
-               "error": None}
+        yield {
+            "id": f"{unit['images_key']}#{index:06d}",
+            "label_name": str(int(labels[index])),
+            "source_split": unit["source_split"],
+            "pixels": np.ascontiguousarray(image, np.uint8).tobytes(),
+            "error": None,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure DataFrame transforms
 # ---------------------------------------------------------------------------------------------
+
 
 def sort_label_names(names: list[str]) -> list[str]:
     """Numeric label names sort as numbers ("2" < "10"), others alphabetically."""
@@ -182,13 +200,10 @@ def transform_split(df, *, validation_fraction: float, test_fraction: float, see
     has_source_test = df.where(F.col("source_split") == "test").limit(1).count() > 0
     pool = df.where(F.col("source_split").isNull() | (F.col("source_split") != "test"))
     window = Window.partitionBy("label").orderBy(F.xxhash64(F.col("id"), F.lit(seed)), F.col("id"))
-    counted = (pool.withColumn("_rank", F.row_number().over(window) - 1)
-               .withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy("label"))))
+    counted = pool.withColumn("_rank", F.row_number().over(window) - 1).withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy("label")))
     test_n = F.lit(0) if has_source_test else F.round(F.col("_n") * F.lit(test_fraction))
     val_n = F.round(F.col("_n") * F.lit(validation_fraction))
-    split = (F.when(F.col("_rank") < test_n, F.lit("test"))
-             .when(F.col("_rank") < test_n + val_n, F.lit("validation"))
-             .otherwise(F.lit("train")))
+    split = F.when(F.col("_rank") < test_n, F.lit("test")).when(F.col("_rank") < test_n + val_n, F.lit("validation")).otherwise(F.lit("train"))
     assigned = counted.withColumn("split", split).drop("_rank", "_n")
     source_test = df.where(F.col("source_split") == "test").withColumn("split", F.lit("test"))
     return assigned.unionByName(source_test)
@@ -208,6 +223,7 @@ def transform_shards(df, shards_per_split: dict[str, int]):
 # Writing (executors write their shards; the driver writes the manifest last)
 # ---------------------------------------------------------------------------------------------
 
+
 def _write_partition(output_uri: str):
     def write(rows: Iterator) -> Iterator[dict]:
         groups: dict[tuple[str, int], list[dict]] = {}
@@ -219,6 +235,7 @@ def _write_partition(output_uri: str):
             name = f"{split}/part-{shard:05d}.parquet"
             storage.write_bytes(storage.join_uri(output_uri, name), dataset.shard_bytes(members), s3)
             yield {"split": split, "shard": name, "count": len(members)}
+
     return write
 
 
@@ -242,26 +259,29 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     s3 = storage.client()
     units, skipped = list_units(args.input_uri, s3)
     rows = decode_rows(spark, units, args).cache()
-    rejected = [{"key": r["id"], "reason": r["error"]} for r in
-                rows.where(F.col("error").isNotNull()).select("id", "error").orderBy("id").collect()]
+    rejected = [{"key": r["id"], "reason": r["error"]} for r in rows.where(F.col("error").isNotNull()).select("id", "error").orderBy("id").collect()]
     valid = rows.where(F.col("error").isNull()).drop("error")
     label_names = sort_label_names([r[0] for r in valid.select("label_name").distinct().collect()])
     if len(label_names) < 2:
         raise ValueError(f"need at least 2 classes, found {label_names} under {args.input_uri}")
     label_index = spark.createDataFrame([(n, i) for i, n in enumerate(label_names)], "label_name string, label int")
     labelled = valid.join(F.broadcast(label_index), "label_name").drop("label_name")
-    split = transform_split(labelled, validation_fraction=args.validation_fraction,
-                            test_fraction=args.test_fraction, seed=args.seed).cache()
+    split = transform_split(labelled, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction, seed=args.seed).cache()
 
     counts = {(r["split"], r["label"]): r["count"] for r in split.groupBy("split", "label").count().collect()}
     split_totals, shards_per_split = plan_shards(counts, args.rows_per_shard)
     storage.delete_prefix(storage.parse_uri(args.output_uri).as_prefix().uri, s3)  # re-runs start clean
-    written = (transform_shards(split, shards_per_split).repartition(sum(shards_per_split.values()), "split", "shard")
-               .rdd.mapPartitions(_write_partition(args.output_uri)).collect())
+    written = (
+        transform_shards(split, shards_per_split)
+        .repartition(sum(shards_per_split.values()), "split", "shard")
+        .rdd.mapPartitions(_write_partition(args.output_uri))
+        .collect()
+    )
     digests = sorted(split.select("id", "label", "split", F.sha1("pixels").alias("d")).collect())
 
-    manifest = build_manifest(args, label_names, counts, split_totals, written, content_sha256(digests),
-                              split_sha256(digests, "test", label_names), rejected, skipped)
+    manifest = build_manifest(
+        args, label_names, counts, split_totals, written, content_sha256(digests), split_sha256(digests, "test", label_names), rejected, skipped
+    )
     manifest_uri = storage.join_uri(args.output_uri, dataset.MANIFEST_NAME)
     storage.write_json(manifest_uri, manifest, s3)
     return job_result(args.output_uri, manifest_uri, manifest)
@@ -274,8 +294,7 @@ def list_units(input_uri: str, s3=None) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"no objects under {input_uri}: upload the raw data set first")
     units, skipped = plan_units(input_uri, keys, s3)
     if not units:
-        raise ValueError(f"nothing usable under {input_uri}: expected <label>/<image> files or "
-                         f"MNIST IDX pairs; skipped {skipped[:5]}")
+        raise ValueError(f"nothing usable under {input_uri}: expected <label>/<image> files or MNIST IDX pairs; skipped {skipped[:5]}")
     log.info("preparing %d work units from %d objects", len(units), len(keys))
     return units, skipped
 
@@ -287,15 +306,25 @@ def decode_rows(spark, units: list[dict], args: argparse.Namespace):
     sc = spark.sparkContext
     num_slices = max(1, min(len(units), sc.defaultParallelism * 4))
     decoded = sc.parallelize(units, num_slices).mapPartitions(
-        lambda part: decode_units(part, height=args.image_height, width=args.image_width,
-                                  channels=args.channels, fetch_threads=args.fetch_threads,
-                                  max_pixels=args.max_pixels))
-    schema = T.StructType([
-        T.StructField("id", T.StringType(), False), T.StructField("label_name", T.StringType(), True),
-        T.StructField("source_split", T.StringType(), True), T.StructField("pixels", T.BinaryType(), True),
-        T.StructField("error", T.StringType(), True)])
-    return spark.createDataFrame(decoded.map(lambda r: (r["id"], r["label_name"], r["source_split"],
-                                                        r["pixels"], r["error"])), schema)
+        lambda part: decode_units(
+            part,
+            height=args.image_height,
+            width=args.image_width,
+            channels=args.channels,
+            fetch_threads=args.fetch_threads,
+            max_pixels=args.max_pixels,
+        )
+    )
+    schema = T.StructType(
+        [
+            T.StructField("id", T.StringType(), False),
+            T.StructField("label_name", T.StringType(), True),
+            T.StructField("source_split", T.StringType(), True),
+            T.StructField("pixels", T.BinaryType(), True),
+            T.StructField("error", T.StringType(), True),
+        ]
+    )
+    return spark.createDataFrame(decoded.map(lambda r: (r["id"], r["label_name"], r["source_split"], r["pixels"], r["error"])), schema)
 
 
 def plan_shards(counts: dict[tuple[str, int], int], rows_per_shard: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -312,9 +341,17 @@ def content_sha256(digests: list) -> str:
     return content.hexdigest()
 
 
-def build_manifest(args: argparse.Namespace, label_names: list[str], counts: dict[tuple[str, int], int],
-                   split_totals: dict[str, int], written: list[dict], content: str, test_split: str,
-                   rejected: list[dict], skipped: list[dict]) -> dict[str, Any]:
+def build_manifest(
+    args: argparse.Namespace,
+    label_names: list[str],
+    counts: dict[tuple[str, int], int],
+    split_totals: dict[str, int],
+    written: list[dict],
+    content: str,
+    test_split: str,
+    rejected: list[dict],
+    skipped: list[dict],
+) -> dict[str, Any]:
     """The prepared data set's manifest (written last, after every shard). ``content`` is
     :func:`content_sha256`, ``test_split`` the test split's :func:`split_sha256`."""
     return {
@@ -326,10 +363,13 @@ def build_manifest(args: argparse.Namespace, label_names: list[str], counts: dic
         "seed": args.seed,
         "fractions": {"validation": args.validation_fraction, "test": args.test_fraction},
         "splits": {
-            s: {"count": split_totals[s],
+            s: {
+                "count": split_totals[s],
                 "per_class": {label_names[label]: c for (sp, label), c in sorted(counts.items()) if sp == s},
-                "shards": sorted(w["shard"] for w in written if w["split"] == s)}
-            for s in dataset.SPLITS},
+                "shards": sorted(w["shard"] for w in written if w["split"] == s),
+            }
+            for s in dataset.SPLITS
+        },
         "content_sha256": content,
         "test_split_sha256": test_split,
         "rejected": rejected,

@@ -52,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-uri", default="", help="S3 URI of a .keras file (source keras_file)")
     parser.add_argument("--labels", default="imagenet", choices=applications.LABEL_SOURCES)
     parser.add_argument("--label-map-uri", default="", help="S3 URI of the label map (labels label_map)")
-    parser.add_argument("--resize-policy", default="center_crop", choices=applications.RESIZE_POLICIES,
-                        help="how inference brings images to the input size (center_crop for photos)")
+    parser.add_argument(
+        "--resize-policy",
+        default="center_crop",
+        choices=applications.RESIZE_POLICIES,
+        help="how inference brings images to the input size (center_crop for photos)",
+    )
     parser.add_argument("--promote", type=job.parse_bool, default=False, help="make the new version the champion (true/false)")
     parser.add_argument("--source-run", default="", help="id of the Airflow run registering it (retries reuse its version)")
     parser.add_argument("--registered-at", default="", help="when (ISO 8601, from the caller; recorded in the metadata)")
@@ -63,9 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def request_of(args: argparse.Namespace) -> dict[str, Any]:
     """The registration request, as :func:`sparktf.applications.check_request` takes it."""
-    return {"model_name": args.model_name, "source": args.source, "application": args.application,
-            "weights_uri": args.weights_uri, "model_uri": args.model_uri, "labels": args.labels,
-            "label_map_uri": args.label_map_uri, "resize_policy": args.resize_policy}
+    return {
+        "model_name": args.model_name,
+        "source": args.source,
+        "application": args.application,
+        "weights_uri": args.weights_uri,
+        "model_uri": args.model_uri,
+        "labels": args.labels,
+        "label_map_uri": args.label_map_uri,
+        "resize_policy": args.resize_policy,
+    }
 
 
 def read_labels(args: argparse.Namespace, s3=None) -> tuple[list[str], dict[str, Any]]:
@@ -76,8 +87,7 @@ def read_labels(args: argparse.Namespace, s3=None) -> tuple[list[str], dict[str,
         data = storage.read_bytes(args.label_map_uri, s3)
     except storage.ObjectNotFound:
         raise RegistrationRefused(f"the label map {args.label_map_uri} does not exist") from None
-    return applications.parse_label_map(data), {"kind": "label_map", "uri": args.label_map_uri,
-                                                "sha256": storage.sha256_hex(data)}
+    return applications.parse_label_map(data), {"kind": "label_map", "uri": args.label_map_uri, "sha256": storage.sha256_hex(data)}
 
 
 def _download(uri: str, path: str, what: str, s3=None) -> str:
@@ -102,10 +112,18 @@ def build_artifact(args: argparse.Namespace, tmp: str, labels: list[str]) -> tup
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         reference = applications.probe(model, spec.input_shape, applications.IMAGENET_CLASSES)
-        source = {"kind": "keras_application", "application": spec.name, "weights_uri": args.weights_uri,
-                  "weights_sha256": weights_sha, "built_with": "keras.applications.%s(weights=None) + load_weights" % spec.name,
-                  "preprocessing": ("Rescaling(1/127.5, offset=-1) layer in front (pixels to [-1, 1])"
-                                    if spec.preprocessing == "inception" else "the network's own layers")}
+        source = {
+            "kind": "keras_application",
+            "application": spec.name,
+            "weights_uri": args.weights_uri,
+            "weights_sha256": weights_sha,
+            "built_with": "keras.applications.%s(weights=None) + load_weights" % spec.name,
+            "preprocessing": (
+                "Rescaling(1/127.5, offset=-1) layer in front (pixels to [-1, 1])"
+                if spec.preprocessing == "inception"
+                else "the network's own layers"
+            ),
+        }
         return path, source, reference
     path = os.path.join(tmp, "model.keras")
     sha = _download(args.model_uri, path, "model file")
@@ -127,12 +145,20 @@ def register(args: argparse.Namespace) -> dict[str, Any]:
         applications.check_labels(labels, num_classes)
         scores = applications.probe(served, input_shape, num_classes)
         if reference is not None and not np.allclose(scores, reference, rtol=1e-4, atol=1e-6):
-            raise RegistrationRefused("the saved model scores differently from the model that was built: "
-                                      "it does not survive a save and a safe-mode load")
+            raise RegistrationRefused(
+                "the saved model scores differently from the model that was built: it does not survive a save and a safe-mode load"
+            )
         metadata = applications.version_metadata(
-            input_shape=input_shape, label_names=labels, resize_policy=args.resize_policy, source=source,
-            labels=labels_source, input_dtype=str(served.inputs[0].dtype), source_run=args.source_run or None,
-            registered_at=args.registered_at or None, code_version=sparktf.code_version())
+            input_shape=input_shape,
+            label_names=labels,
+            resize_policy=args.resize_policy,
+            source=source,
+            labels=labels_source,
+            input_dtype=str(served.inputs[0].dtype),
+            source_run=args.source_run or None,
+            registered_at=args.registered_at or None,
+            code_version=sparktf.code_version(),
+        )
         del served
         return registry.write_version(args.models_uri, args.model_name, model_path=path, metadata=metadata)
 
@@ -146,18 +172,29 @@ def _sha256_or_none(uri: str, s3=None) -> str | None:
 
 def request_fields(source: dict[str, Any], labels: dict[str, Any], resize_policy: str | None) -> dict[str, Any]:
     """What a registration was made from, flat: the model's source, its uploads' sha256s, the labels."""
-    return {"source": source.get("kind"), "application": source.get("application"),
-            "weights_uri": source.get("weights_uri"), "weights_sha256": source.get("weights_sha256"),
-            "model_uri": source.get("model_uri"), "model_sha256": source.get("model_sha256"),
-            "labels": labels.get("kind"), "label_map_uri": labels.get("uri"), "label_map_sha256": labels.get("sha256"),
-            "resize_policy": resize_policy}
+    return {
+        "source": source.get("kind"),
+        "application": source.get("application"),
+        "weights_uri": source.get("weights_uri"),
+        "weights_sha256": source.get("weights_sha256"),
+        "model_uri": source.get("model_uri"),
+        "model_sha256": source.get("model_sha256"),
+        "labels": labels.get("kind"),
+        "label_map_uri": labels.get("uri"),
+        "label_map_sha256": labels.get("sha256"),
+        "resize_policy": resize_policy,
+    }
 
 
 def asked_fields(args: argparse.Namespace, s3=None) -> dict[str, Any]:
     """:func:`request_fields` of this request, with the uploads' current sha256s (streamed)."""
     if args.source == "keras_application":
-        source = {"kind": args.source, "application": args.application, "weights_uri": args.weights_uri,
-                  "weights_sha256": _sha256_or_none(args.weights_uri, s3)}
+        source = {
+            "kind": args.source,
+            "application": args.application,
+            "weights_uri": args.weights_uri,
+            "weights_sha256": _sha256_or_none(args.weights_uri, s3),
+        }
     else:
         source = {"kind": args.source, "model_uri": args.model_uri, "model_sha256": _sha256_or_none(args.model_uri, s3)}
     labels = {"kind": args.labels}
@@ -186,8 +223,13 @@ def reusable_version(args: argparse.Namespace, s3=None) -> dict[str, Any] | None
         if not request_differences(metadata, asked):
             registry.verify_artifact(metadata["model_uri"], metadata["model_sha256"], s3)
             return metadata
-    log.warning("model %s: run %s registered v%s from another request (differs in %s); registering this one anew",
-                args.model_name, args.source_run, mine[-1]["version"], request_differences(mine[-1], asked))
+    log.warning(
+        "model %s: run %s registered v%s from another request (differs in %s); registering this one anew",
+        args.model_name,
+        args.source_run,
+        mine[-1]["version"],
+        request_differences(mine[-1], asked),
+    )
     return None
 
 
@@ -200,21 +242,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             metadata = register(args)
         except RegistrationRefused as refused:
             log.error("model %s not registered: %s", args.model_name, refused)
-            return {"model_name": args.model_name, "registered": False, "refused": str(refused),
-                    "source": args.source, "promoted": False}
+            return {"model_name": args.model_name, "registered": False, "refused": str(refused), "source": args.source, "promoted": False}
     promoted, promotion_reason = False, "not requested (promote=false)"
     if args.promote:
-        decision = registry.make_champion(args.models_uri, args.model_name, metadata,
-                                          reason="registered with promote=true", source_run=args.source_run or None)
+        decision = registry.make_champion(
+            args.models_uri, args.model_name, metadata, reason="registered with promote=true", source_run=args.source_run or None
+        )
         promoted, promotion_reason = decision.promoted, decision.reason
     current = registry.read_champion(args.models_uri, args.model_name)
     log.info("model %s v%s registered (reused=%s, promoted=%s)", args.model_name, metadata["version"], reused, promoted)
     return {
-        "model_name": args.model_name, "registered": True, "version": metadata["version"], "uri": metadata["uri"],
-        "model_uri": metadata["model_uri"], "model_sha256": metadata["model_sha256"],
-        "input_shape": metadata["input_shape"], "resize_policy": metadata.get("resize_policy"),
-        "num_classes": len(metadata["label_names"]), "labels_sample": metadata["label_names"][:5],
-        "source": metadata.get("source"), "promoted": promoted, "promotion_reason": promotion_reason,
+        "model_name": args.model_name,
+        "registered": True,
+        "version": metadata["version"],
+        "uri": metadata["uri"],
+        "model_uri": metadata["model_uri"],
+        "model_sha256": metadata["model_sha256"],
+        "input_shape": metadata["input_shape"],
+        "resize_policy": metadata.get("resize_policy"),
+        "num_classes": len(metadata["label_names"]),
+        "labels_sample": metadata["label_names"][:5],
+        "source": metadata.get("source"),
+        "promoted": promoted,
+        "promotion_reason": promotion_reason,
         "reused_version": reused,
         "champion_version": current["version"] if current else None,
     }

@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-uri", required=True, help="S3 prefix for trials, results and figure")
     parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
     knobs.add_arguments(parser, "tune")
-    parser.add_argument("--broadcast-max-mb", type=float, default=512.0,
-                        help="broadcast the data when it is at most this large, else read shards per worker")
+    parser.add_argument(
+        "--broadcast-max-mb", type=float, default=512.0, help="broadcast the data when it is at most this large, else read shards per worker"
+    )
     return parser.parse_args(argv)
 
 
@@ -59,9 +60,16 @@ def search_space(args: argparse.Namespace) -> dict[str, list]:
 
 def trial_fingerprint(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
     """Everything besides the hyperparameters that changes a trial's result (part of its id)."""
-    return {"model_family": args.model_family, "epochs": args.epochs, "patience": args.patience,
-            "lr_decay_patience": args.lr_decay_patience, "augment": args.augment, "seed": args.seed,
-            "manifest_sha256": manifest["content_sha256"], "code_version": sparktf.code_version()}
+    return {
+        "model_family": args.model_family,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "lr_decay_patience": args.lr_decay_patience,
+        "augment": args.augment,
+        "seed": args.seed,
+        "manifest_sha256": manifest["content_sha256"],
+        "code_version": sparktf.code_version(),
+    }
 
 
 def assign_partitions(trial_list: list[dict], max_parallel: int) -> list[list[dict]]:
@@ -71,9 +79,21 @@ def assign_partitions(trial_list: list[dict], max_parallel: int) -> list[list[di
     return [trial_list[i::max_parallel] for i in range(max_parallel)]
 
 
-def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epochs: int, patience: int,
-               trials_uri: str, seed: int, max_parallel: int, lr_decay_patience: int = 0,
-               fingerprint: dict[str, Any] | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
+def run_trials(
+    spark,
+    trial_list: list[dict],
+    *,
+    data_source,
+    family: str,
+    epochs: int,
+    patience: int,
+    trials_uri: str,
+    seed: int,
+    max_parallel: int,
+    lr_decay_patience: int = 0,
+    fingerprint: dict[str, Any] | None = None,
+    job_id: str | None = None,
+) -> list[dict[str, Any]]:
     """Run every trial as Spark tasks; returns their records in trial order.
 
     ``job_id`` identifies this run of the job in the trials' attempt markers (default: the Spark
@@ -90,10 +110,19 @@ def run_trials(spark, trial_list: list[dict], *, data_source, family: str, epoch
         data = payload.value if kind == "broadcast" else dataset.cached_arrays(*payload)
         for group in items:
             for trial in group:
-                yield trials.train_trial(trial, data, family=family, epochs=epochs, patience=patience,
-                                         trials_uri=trials_uri, seed=seed, cpus=cpus,
-                                         lr_decay_patience=lr_decay_patience, fingerprint=fingerprint,
-                                         job_id=job_id)
+                yield trials.train_trial(
+                    trial,
+                    data,
+                    family=family,
+                    epochs=epochs,
+                    patience=patience,
+                    trials_uri=trials_uri,
+                    seed=seed,
+                    cpus=cpus,
+                    lr_decay_patience=lr_decay_patience,
+                    fingerprint=fingerprint,
+                    job_id=job_id,
+                )
 
     sc.setJobDescription(f"tune: {len(trial_list)} trials")
     records = sc.parallelize(groups, len(groups)).mapPartitions(run_partition).collect()
@@ -140,8 +169,9 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     space = search_space(args)
     fixed = {"optimizer": args.optimizer, "augment": args.augment}
     fingerprint = trial_fingerprint(args, manifest)
-    trial_list = search.build_trials(space, strategy=args.search_strategy, num_samples=args.num_random_trials,
-                                     seed=args.seed, fixed=fixed, fingerprint=fingerprint)
+    trial_list = search.build_trials(
+        space, strategy=args.search_strategy, num_samples=args.num_random_trials, seed=args.seed, fixed=fixed, fingerprint=fingerprint
+    )
     log.info("tuning %d trials (%s search) on %s", len(trial_list), args.search_strategy, args.prepared_uri)
 
     size_mb = dataset.prepared_size_bytes(manifest) / 1e6
@@ -153,24 +183,42 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
 
     trials_uri = storage.join_uri(args.output_uri, "trials")
     watch = progress.TrialProgress(trials_uri, trial_list, log=log).start()  # a line per finished trial
-    records = run_trials(spark, trial_list, data_source=data_source, family=args.model_family,
-                         epochs=args.epochs, patience=args.patience, trials_uri=trials_uri,
-                         seed=args.seed, max_parallel=args.max_parallel_trials,
-                         lr_decay_patience=args.lr_decay_patience, fingerprint=fingerprint)
+    records = run_trials(
+        spark,
+        trial_list,
+        data_source=data_source,
+        family=args.model_family,
+        epochs=args.epochs,
+        patience=args.patience,
+        trials_uri=trials_uri,
+        seed=args.seed,
+        max_parallel=args.max_parallel_trials,
+        lr_decay_patience=args.lr_decay_patience,
+        fingerprint=fingerprint,
+    )
     watch.stop()
     summary = trials.leaderboard(records)
     results_uri = storage.join_uri(args.output_uri, "results.json")
     figure_uri = storage.join_uri(args.output_uri, "error_vs_learning_rate.png")
     storage.write_bytes(figure_uri, plot_error_vs_learning_rate(records), content_type="image/png")
     results = {
-        "prepared_uri": args.prepared_uri, "manifest_sha256": manifest["content_sha256"],
-        "model_family": args.model_family, "search_space": space, "fixed": fixed,
-        "search_strategy": args.search_strategy, "seed": args.seed, "epochs": args.epochs,
+        "prepared_uri": args.prepared_uri,
+        "manifest_sha256": manifest["content_sha256"],
+        "model_family": args.model_family,
+        "search_space": space,
+        "fixed": fixed,
+        "search_strategy": args.search_strategy,
+        "seed": args.seed,
+        "epochs": args.epochs,
         "fingerprint": fingerprint,
-        "selection_metric": "val_accuracy", "data_transfer": data_source[0],
-        "trials": records, "leaderboard": summary["full_leaderboard"], "failed": summary["failed"],
+        "selection_metric": "val_accuracy",
+        "data_transfer": data_source[0],
+        "trials": records,
+        "leaderboard": summary["full_leaderboard"],
+        "failed": summary["failed"],
         "best_trial_id": summary["best"]["trial_id"] if summary["best"] else None,
-        "figure_uri": figure_uri, "wall_seconds": round(time.perf_counter() - started, 2),
+        "figure_uri": figure_uri,
+        "wall_seconds": round(time.perf_counter() - started, 2),
     }
     storage.write_json(results_uri, results)
     if summary["best"] is None:
@@ -179,14 +227,23 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     best = summary["best"]
     executors = sorted({str(r["executor"].get("executor_id", r["executor"]["host"])) for r in records})
     return {
-        "results_uri": results_uri, "figure_uri": figure_uri, "trials_uri": trials_uri,
-        "trials": len(records), "succeeded": len(records) - len(summary["failed"]),
-        "failed": len(summary["failed"]), "selection_metric": "val_accuracy",
+        "results_uri": results_uri,
+        "figure_uri": figure_uri,
+        "trials_uri": trials_uri,
+        "trials": len(records),
+        "succeeded": len(records) - len(summary["failed"]),
+        "failed": len(summary["failed"]),
+        "selection_metric": "val_accuracy",
         "failed_trials": [{"trial_id": f["trial_id"], "reason": f["reason"]} for f in summary["failed"][:20]],
         "reused": sum(1 for r in records if r.get("reused")),
-        "best": {"trial_id": best["trial_id"], "params": best["params"],
-                 "val_accuracy": round(best["val_accuracy"], 5), "test_accuracy": round(best["test_accuracy"], 5)},
-        "leaderboard": summary["leaderboard"], "executors": executors,
+        "best": {
+            "trial_id": best["trial_id"],
+            "params": best["params"],
+            "val_accuracy": round(best["val_accuracy"], 5),
+            "test_accuracy": round(best["test_accuracy"], 5),
+        },
+        "leaderboard": summary["leaderboard"],
+        "executors": executors,
         "wall_seconds": results["wall_seconds"],
     }
 
