@@ -8,6 +8,7 @@ reason, so callers can set the image aside and go on with the rest.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -27,6 +28,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_POLICIES = ("resize", "center_crop")
 DEFAULT_RESIZE_POLICY = "resize"
 _ALPHA_BACKGROUND = {"resize": 0, "center_crop": 255}
+# Pillow's bomb guard reads a module global (and warns through the process-wide warnings
+# filters): the fetch threads of one task open images concurrently, so the limit is set, used
+# and restored under this lock, around the header read that Pillow checks it in.
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 class ImageRejected(Exception):
@@ -73,38 +78,42 @@ def decode_image(
         raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {resize_policy!r}")
     if not data:
         raise ImageRejected("empty", "zero bytes")
-    previous_limit = Image.MAX_IMAGE_PIXELS
     try:
+        return _open_and_convert(data, height=height, width=width, channels=channels, max_pixels=max_pixels, resize_policy=resize_policy)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected("too_large", str(err)) from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", "content is not a supported image format") from None
+    except (OSError, SyntaxError, EOFError) as err:
+        message = str(err)
+        reason = "truncated" if "truncat" in message.lower() else "corrupt"
+        raise ImageRejected(reason, message) from None
+    except (ValueError, TypeError, IndexError, MemoryError) as err:
+        # Pillow raises plain ValueErrors from several decoders (and its bomb guard).
+        raise ImageRejected("corrupt", f"{type(err).__name__}: {err}") from None
+
+
+def _open_limited(data: bytes, max_pixels: int):
+    """``Image.open`` with the allowed formats and Pillow's bomb guard at ``max_pixels`` (its
+    warning between ``max_pixels`` and twice that an error too), whatever other threads do."""
+    from PIL import Image
+
+    with _PILLOW_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = max_pixels
-        with warnings.catch_warnings():
-            # Pillow only warns between max_pixels and 2 * max_pixels: make that an error too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                array = _open_and_convert(data, height=height, width=width, channels=channels, max_pixels=max_pixels, resize_policy=resize_policy)
-            except ImageRejected:
-                raise
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                raise ImageRejected("too_large", str(err)) from None
-            except UnidentifiedImageError:
-                raise ImageRejected("not_an_image", "content is not a supported image format") from None
-            except (OSError, SyntaxError, EOFError) as err:
-                message = str(err)
-                reason = "truncated" if "truncat" in message.lower() else "corrupt"
-                raise ImageRejected(reason, message) from None
-            except (ValueError, TypeError, IndexError, MemoryError) as err:
-                # Pillow raises plain ValueErrors from several decoders (and its bomb guard).
-                raise ImageRejected("corrupt", f"{type(err).__name__}: {err}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
-    return array
+        try:
+            return Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous_limit
 
 
 def _open_and_convert(data: bytes, *, height: int, width: int, channels: int, max_pixels: int, resize_policy: str) -> np.ndarray:
     """Open ``data`` with the allowed formats only, refuse too many pixels before decoding, decode
     (a JPEG at a reduced scale when the target is much smaller) and bring it to the target."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
+    with _open_limited(data, max_pixels) as img:
         if img.width * img.height > max_pixels:
             raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
         if img.format == "JPEG":

@@ -61,6 +61,10 @@ def test_the_proxy_is_deterministic_for_a_seed(s3_server):
 
 def test_every_storage_operation_gets_through_faults(proxy, s3_prefix, s3_server, tmp_path):
     proxy.set_rates(**ISSUE_FAULTS)
+    # The random draws depend on the keys (this test's prefix is random): one of each kind for sure.
+    proxy.add_rule(FaultRule("slowdown", method="PUT", key=r"objects/000\.bin$", times=1))
+    proxy.add_rule(FaultRule("internal", method="GET", key=r"objects/001\.bin$", times=1))
+    proxy.add_rule(FaultRule("reset", method="GET", key=r"objects/002\.bin$", times=1))
     payloads = {f"{s3_prefix}/objects/{i:03d}.bin": np.random.default_rng(i).bytes(50_000 + i) for i in range(40)}
     with through(proxy, s3_server):
         for uri, data in payloads.items():

@@ -99,6 +99,45 @@ def test_decompression_bomb_is_rejected():
     assert err.value.reason == "too_large"
 
 
+def test_a_bomb_is_judged_by_the_callers_limit_while_another_thread_decodes(digit, monkeypatch):
+    """Pillow's limit is a module global, and a task's fetch threads decode at once: a thread
+    that finishes a digit while another opens a bomb must not put Pillow's default back under it
+    (the bomb's reason would then name Pillow's limit, not the job's)."""
+    import threading
+
+    from PIL import Image as pillow
+
+    from sparktf_dev.testing import png_bomb
+
+    digit_png, bomb = encode(pillow.fromarray(digit), "PNG"), png_bomb(width=20_000, height=20_000)
+    digit_inside, bomb_inside, digit_done = threading.Event(), threading.Event(), threading.Event()
+    real_open = pillow.open
+
+    def open_in_lockstep(fp, *args, **kwargs):
+        if fp.getvalue() == bomb:
+            bomb_inside.set()
+            digit_done.wait(timeout=5)
+        else:
+            digit_inside.set()
+            bomb_inside.wait(timeout=1.0)  # unguarded, the bomb's decode is opening by now
+        return real_open(fp, *args, **kwargs)
+
+    def decode_the_digit():
+        decode_image(digit_png)
+        digit_done.set()
+
+    monkeypatch.setattr(pillow, "open", open_in_lockstep)
+    first = threading.Thread(target=decode_the_digit)
+    first.start()
+    assert digit_inside.wait(timeout=5)
+    with pytest.raises(ImageRejected) as err:
+        decode_image(bomb, max_pixels=100_000_000)
+    first.join(timeout=5)
+    assert digit_done.is_set()
+    assert err.value.reason == "too_large"
+    assert "exceeds limit of 200000000 pixels" in err.value.detail  # Pillow's error is at twice the limit
+
+
 def test_unsupported_format_is_rejected(digit):
     with pytest.raises(ImageRejected) as err:
         decode_image(encode(Image.fromarray(digit), "PCX"))
