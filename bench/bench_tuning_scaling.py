@@ -100,10 +100,23 @@ def tune_args(opts: argparse.Namespace, output_uri: str) -> argparse.Namespace:
     )
 
 
+def params_key(params: dict) -> str:
+    """The key that matches one trial across the loop and the Spark runs: its hyperparameters only.
+
+    Trial ids also cover the run's fingerprint (data manifest, code version: see
+    ``sparktf.jobs.tune.trial_fingerprint``), which the plain loop does not build, so ids differ
+    between the variants while the hyperparameters are the same.
+    """
+    from sparktf import search
+
+    return search.trial_id(params)
+
+
 def trial_rows(records: list[dict]) -> list[dict]:
     return [
         {
             "trial_id": r["trial_id"],
+            "params_key": params_key(r["params"]),
             "learning_rate": r["params"]["learning_rate"],
             "status": r["status"],
             "epochs_run": r["epochs_run"],
@@ -232,6 +245,29 @@ def run_round(opts, prepared_uri: str, base: str, index: int) -> dict:
     return results
 
 
+VARIANTS = ("loop", "spark1", "spark2")
+
+
+def matched_trials(res: dict) -> dict[str, dict]:
+    """Each trial's ``train_seconds`` in every variant, matched by hyperparameters (:func:`params_key`).
+
+    Returns:
+        ``params_key -> {"learning_rate", "loop", "spark1", "spark2"}`` in the loop's trial order.
+
+    Raises:
+        ValueError: when a variant lacks a trial of the loop, or has one the loop lacks (the
+            variants did not run the same trials: nothing to compare).
+    """
+    by_key = {name: {t["params_key"]: t for t in res[name]["trials"]} for name in VARIANTS}
+    for name in VARIANTS[1:]:
+        if set(by_key[name]) != set(by_key["loop"]):
+            raise ValueError(f"{name} ran other trials than the loop: {sorted(set(by_key[name]) ^ set(by_key['loop']))}")
+    return {
+        key: {"learning_rate": trial["learning_rate"], **{name: by_key[name][key]["train_seconds"] for name in VARIANTS}}
+        for key, trial in by_key["loop"].items()
+    }
+
+
 def report_round(index: int, res: dict) -> dict:
     t_loop, t1, t2 = res["loop"]["seconds"], res["spark1"]["seconds"], res["spark2"]["seconds"]
     efficiency = t1 / (2 * t2)
@@ -261,15 +297,11 @@ def report_round(index: int, res: dict) -> dict:
     print("  per-trial train_seconds:")
     print("    | learning rate | loop | local[1] | local[2] |")
     print("    |---|---|---|---|")
-    by_id = {name: {t["trial_id"]: t for t in res[name]["trials"]} for name in ("loop", "spark1", "spark2")}
-    for trial in res["loop"]["trials"]:
-        tid = trial["trial_id"]
-        print(
-            f"    | {trial['learning_rate']:g} | {by_id['loop'][tid]['train_seconds']:.1f} "
-            f"| {by_id['spark1'][tid]['train_seconds']:.1f} | {by_id['spark2'][tid]['train_seconds']:.1f} |"
-        )
-    statuses = {t["status"] for name in by_id for t in by_id[name].values()}
-    epochs = {t["epochs_run"] for name in by_id for t in by_id[name].values()}
+    by_key = matched_trials(res)
+    for row in by_key.values():
+        print(f"    | {row['learning_rate']:g} | {row['loop']:.1f} | {row['spark1']:.1f} | {row['spark2']:.1f} |")
+    statuses = {t["status"] for name in VARIANTS for t in res[name]["trials"]}
+    epochs = {t["epochs_run"] for name in VARIANTS for t in res[name]["trials"]}
     print(f"    trial statuses {sorted(statuses)}, epochs run {sorted(epochs)} (all equal: fixed cost)")
     return {"t_loop": t_loop, "t1": t1, "t2": t2, "efficiency": efficiency, "overhead": overhead, "raw": res}
 
