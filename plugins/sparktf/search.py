@@ -15,7 +15,7 @@ from typing import Any
 
 from sparktf import knobs
 
-STRATEGIES = ("grid", "random")
+STRATEGIES = ("grid", "random", "halving")  # halving runs the whole grid through rungs (sparktf.halving)
 MAX_TRIALS = 1000
 
 
@@ -40,7 +40,7 @@ def validate_search_space(space: dict[str, list], *, strategy: str = "grid", num
         problems.append(f"search_strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "random" and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= MAX_TRIALS):
         problems.append(f"random search needs 1 <= num_random_trials <= {MAX_TRIALS}, got {num_samples!r}")
-    if not problems and strategy == "grid" and grid_size(space) > MAX_TRIALS:
+    if not problems and strategy in ("grid", "halving") and grid_size(space) > MAX_TRIALS:
         problems.append(f"the grid has {grid_size(space)} trials, more than {MAX_TRIALS}: use random search or a smaller grid")
     return problems
 

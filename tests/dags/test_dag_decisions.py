@@ -40,6 +40,25 @@ def test_a_bad_tuning_setting_is_named(dag_bag, change, expected):
     assert any(expected in p for p in problems), problems
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"halving_factor": 1}, "halving_factor: must be an integer >= 2"),
+        ({"halving_min_epochs": 16, "epochs": 15}, "halving_min_epochs (16) is above epochs (15)"),
+    ],
+    ids=["factor-below-two", "first-rung-above-epochs"],
+)
+def test_halving_settings_that_make_no_sense_are_refused_before_spark(dag_bag, change, expected):
+    problems, _summary = validation.tuning_problems(tuning_params(dag_bag, search_strategy="halving", **change))
+    assert any(expected in p for p in problems), problems
+
+
+def test_halving_defaults_pass_and_count_the_grid(dag_bag):
+    problems, summary = validation.tuning_problems(tuning_params(dag_bag, search_strategy="halving"))
+    assert problems == []
+    assert (summary["trials"], summary["search_strategy"]) == (4, "halving")
+
+
 def test_an_empty_dataset_location_is_refused():
     seen = []
     assert validation.dataset_problems("s3://b/data", lambda uri: seen.append(uri) or True) == []

@@ -49,6 +49,10 @@ def tuning_problems(params: Mapping[str, Any]) -> tuple[list[str], dict[str, Any
     space = knobs.search_space(values)
     if not problems:
         problems = search.validate_search_space(space, strategy=values["search_strategy"], num_samples=values["num_random_trials"])
+    if not problems and values["search_strategy"] == "halving":
+        from sparktf import halving
+
+        problems = halving.settings_problems(values["halving_min_epochs"], values["halving_factor"], values["epochs"])
     trials: list = []
     if not problems:
         # The tuning job's own trial list (random search samples by index: a huge space is never
