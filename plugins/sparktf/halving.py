@@ -124,6 +124,12 @@ def highest_rungs(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]
     return best
 
 
+def search_epochs(steps: Iterable[dict[str, Any]]) -> int:
+    """The search's cost in trial-epochs, whichever run trained them: each finished step's epochs
+    between its rungs (a step starts from the checkpoint below), and what failed steps trained."""
+    return sum(s["epochs"] - s["from_epochs"] if s["status"] == "ok" else s.get("epochs_trained", 0) for s in steps)
+
+
 def utilisation(busy_seconds: Iterable[float], slots: int, wall_seconds: float) -> float | None:
     """Busy slot-seconds over available slot-seconds (``slots * wall_seconds``); None with no time."""
     available = slots * wall_seconds

@@ -102,5 +102,11 @@ def test_nan_and_failed_steps_rank_last_and_are_never_promoted():
 def test_highest_rungs_and_utilisation():
     records = [fake_record("c0", 0), fake_record("c1", 0), fake_record("c1", 1)]
     assert {c: r["rung"] for c, r in halving.highest_rungs(records).items()} == {"c0": 0, "c1": 1}
+    steps = [
+        {"status": "ok", "epochs": 1, "from_epochs": 0, "epochs_trained": 0},  # reused: counted, trained in an earlier run
+        {"status": "ok", "epochs": 3, "from_epochs": 1, "epochs_trained": 2},
+        {"status": "failed", "epochs": 9, "from_epochs": 3, "epochs_trained": 4},
+    ]
+    assert halving.search_epochs(steps) == 1 + 2 + 4
     assert halving.utilisation([3.0, 5.0], slots=2, wall_seconds=5.0) == 0.8
     assert halving.utilisation([], slots=2, wall_seconds=0.0) is None

@@ -206,6 +206,27 @@ def job_summary(results: dict[str, Any], summary: dict[str, Any], *, results_uri
     }
 
 
+def train_trials(spark, args: argparse.Namespace, trial_list: list[dict], *, data_source, trials_uri: str, fingerprint: dict[str, Any]) -> list[dict]:
+    """Grid or random search: every trial to the end (early stopping aside), with a progress line per finished trial."""
+    watch = progress.TrialProgress(trials_uri, trial_list, log=log).start()
+    try:
+        return run_trials(
+            spark,
+            trial_list,
+            data_source=data_source,
+            family=args.model_family,
+            epochs=args.epochs,
+            patience=args.patience,
+            trials_uri=trials_uri,
+            seed=args.seed,
+            max_parallel=args.max_parallel_trials,
+            lr_decay_patience=args.lr_decay_patience,
+            fingerprint=fingerprint,
+        )
+    finally:
+        watch.stop()
+
+
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     manifest = dataset.read_manifest(args.prepared_uri)
@@ -220,22 +241,17 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     data_source = ship_data(spark, args, manifest)
 
     trials_uri = storage.join_uri(args.output_uri, "trials")
-    watch = progress.TrialProgress(trials_uri, trial_list, log=log).start()  # a line per finished trial
-    records = run_trials(
-        spark,
-        trial_list,
-        data_source=data_source,
-        family=args.model_family,
-        epochs=args.epochs,
-        patience=args.patience,
-        trials_uri=trials_uri,
-        seed=args.seed,
-        max_parallel=args.max_parallel_trials,
-        lr_decay_patience=args.lr_decay_patience,
-        fingerprint=fingerprint,
-    )
-    watch.stop()
-    summary = trials.leaderboard(records)
+    halving_stats = None
+    if args.search_strategy == "halving":
+        from sparktf import halving_driver
+
+        records, halving_stats = halving_driver.run_halving(
+            spark, args, trial_list, data_source=data_source, trials_uri=trials_uri, fingerprint=fingerprint
+        )
+        summary = halving_driver.leaderboard(records)
+    else:
+        records = train_trials(spark, args, trial_list, data_source=data_source, trials_uri=trials_uri, fingerprint=fingerprint)
+        summary = trials.leaderboard(records)
     results_uri = storage.join_uri(args.output_uri, "results.json")
     figure_uri = storage.join_uri(args.output_uri, "error_vs_learning_rate.png")
     storage.write_bytes(figure_uri, plot_error_vs_learning_rate(records), content_type="image/png")
@@ -258,11 +274,13 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "figure_uri": figure_uri,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+    if halving_stats:
+        results["halving"] = halving_stats
     storage.write_json(results_uri, results)
     if summary["best"] is None:
         reasons = "; ".join(f"{f['trial_id']}: {f['reason']}" for f in summary["failed"][:5])
         raise RuntimeError(f"every one of {len(records)} trials failed ({reasons}); see {results_uri}")
-    return job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri)
+    return job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri) | ({"halving": halving_stats} if halving_stats else {})
 
 
 def main(argv: list[str] | None = None) -> int:
