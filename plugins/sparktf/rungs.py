@@ -145,7 +145,8 @@ def _fit_step(record: dict[str, Any], data: dict[str, Any], context: dict[str, A
     started = time.perf_counter()
     try:
         model = _start_model(record, data, context)
-        trials._crash_if_asked(record["trial_id"], record["params"])
+        # The test switch of trials, matched against the rung's folder too ("<trial id>/rungs/<epochs>").
+        trials._crash_if_asked(rung_key(record["trial_id"], record["epochs"]), record["params"])
         history = model.fit(
             data["x_train"],
             data["y_train"],

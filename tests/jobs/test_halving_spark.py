@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from sparktf import halving_driver, rungs, storage
+import sparktf
+from sparktf import halving_driver, rungs, storage, trials
 from sparktf.jobs import prepare_data, tune
-from sparktf_dev.testing import upload_mnist
+from sparktf_dev.testing import ROOT, upload_mnist
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +26,7 @@ def prepared(spark, bucket, mnist_subset):
 
 def halving_args(prepared_uri: str, output_uri: str):
     """4 configurations, rungs at 1 and 2 epochs, factor 2."""
-    return tune.parse_args(
-        [
-            *("--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mlp", "--augment", "0"),
-            *("--learning-rates", "0.01,0.003", "--hidden-units", "16,32", "--batch-sizes", "32"),
-            *("--search-strategy", "halving", "--halving-min-epochs", "1", "--halving-factor", "2", "--epochs", "2"),
-        ]
-    )
+    return tune.parse_args(sys_args(prepared_uri, output_uri))
 
 
 def attempt_records(trials_uri: str) -> list[dict]:
@@ -103,3 +103,55 @@ def test_a_rung_record_is_reused_only_with_its_checkpoint_and_fingerprint(s3_pre
     assert not rungs.reusable(record, {"a": 1}, "job-1")
     assert rungs.reusable({"status": "failed", "fingerprint": {"a": 1}, "job_id": "job-1"}, {"a": 1}, "job-1")
     assert not rungs.reusable({"status": "failed", "fingerprint": {"a": 1}, "job_id": "job-0"}, {"a": 1}, "job-1")
+
+
+def test_a_rung_step_whose_worker_is_killed_ranks_last_and_its_lower_rung_is_not_trained_again(prepared, s3_prefix, tmp_path):
+    """spark-submit in local[2,2] (one task retry): every step to the 2-epoch rung SIGKILLs its Python
+    worker (the test-only switch); the retried task records the crash instead of training again."""
+    from sparktf.airflow.spark_job_operator import package_zip
+
+    out = s3_prefix + "/crash/"
+    zip_path, _sha = package_zip()
+    plugins = str(Path(sparktf.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        trials.CRASH_TEST_ENV: "/rungs/0002",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
+    }
+    args = sys_args(prepared, out)
+    command = [
+        str(Path(sys.executable).with_name("spark-submit")),
+        "--master",
+        "local[2,2]",
+        "--conf",
+        "spark.ui.enabled=false",
+        "--py-files",
+        zip_path,
+    ]
+    command += [str(ROOT / "jobs" / "tune.py"), *args, "--result-uri", out + "result.json"]
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    assert "Python worker exited unexpectedly" in job.stderr
+
+    results = storage.read_json(out + "results.json")
+    crashed = [r for r in results["trials"] if r["status"] == "failed"]
+    assert crashed
+    assert all(r["rung"] == 1 and r["reason"].startswith("crashed: ") and r["attempt"] == 1 for r in crashed)
+    assert all(r["rung_history"][0]["status"] == "ok" for r in crashed)  # recorded with the rung they reached
+    best = next(r for r in results["trials"] if r["trial_id"] == results["best_trial_id"])
+    assert (best["status"], best["rung"]) == ("ok", 0)
+    epochs = {}
+    for record in attempt_records(out + "trials"):
+        epochs[(record["config_id"], record["rung"])] = epochs.get((record["config_id"], record["rung"]), 0) + record["epochs_trained"]
+    assert set(epochs.values()) == {1} | ({0} if crashed else set())  # rung 0 once each; the crashed steps' retries trained nothing
+
+
+def sys_args(prepared_uri: str, output_uri: str) -> list[str]:
+    """:func:`halving_args` as a command line."""
+    return [
+        *("--prepared-uri", prepared_uri, "--output-uri", output_uri, "--model-family", "mlp", "--augment", "0"),
+        *("--learning-rates", "0.01,0.003", "--hidden-units", "16,32", "--batch-sizes", "32"),
+        *("--search-strategy", "halving", "--halving-min-epochs", "1", "--halving-factor", "2", "--epochs", "2"),
+    ]
