@@ -11,7 +11,7 @@ import pytest
 
 import sparktf
 from sparktf import halving_driver, rungs, storage, trials
-from sparktf.jobs import prepare_data, tune
+from sparktf.jobs import export_model, prepare_data, tune
 from sparktf_dev.testing import ROOT, upload_mnist
 
 
@@ -91,6 +91,17 @@ def test_a_cut_run_resumes_from_the_last_completed_rung_and_trains_no_epoch_twic
     assert again["halving"]["trial_epochs"] == stats["trial_epochs"]
     assert again["best"]["trial_id"] == best
     assert len(attempt_records(trials_uri)) == sum(len(r["rung_history"]) for r in results["trials"])
+
+    # The selected configuration's checkpoint at its highest rung is what the export job versions.
+    exported = export_model.run(
+        export_model.parse_args(
+            [
+                *("--results-uri", result["results_uri"], "--models-uri", f"{s3_prefix}/models/", "--model-name", "digits"),
+                *("--source-run", "run-1", "--trained-at", "2026-11-22T03:00:00+00:00"),
+            ]
+        )
+    )
+    assert (exported["version"], exported["trial_id"]) == (1, best)
 
 
 def test_a_rung_record_is_reused_only_with_its_checkpoint_and_fingerprint(s3_prefix):
