@@ -68,6 +68,24 @@ def step_runner(spark, data_source, context: dict[str, Any]):
     return submit
 
 
+def progress_line(record: dict[str, Any], done: int, num_rungs: int) -> None:
+    """One line per finished rung step: which configuration, the rung it reached, its validation accuracy."""
+    params = record["params"]
+    outcome = f"val_accuracy {record['val_accuracy']:.4f}" if record["status"] == "ok" else f"failed: {record['reason']}"
+    log.info(
+        "tuning progress: step %d: %s (lr %g, hidden %s) reached rung %d of %d (%d epochs)%s: %s",
+        done,
+        record["trial_id"],
+        params["learning_rate"],
+        params["hidden_units"],
+        record["rung"] + 1,
+        num_rungs,
+        record["epochs"],
+        ", reused" if record.get("reused") else "",
+        outcome,
+    )
+
+
 def schedule(trial_list: list[dict], records: list[dict], submit, *, slots: int, context: dict[str, Any]) -> list[dict]:
     """Fill ``slots`` with steps until the rule has nothing left; returns the records of the steps run here."""
     by_id = {t["trial_id"]: t for t in trial_list}
@@ -93,14 +111,7 @@ def schedule(trial_list: list[dict], records: list[dict], submit, *, slots: int,
                     hook = TEST_HOOKS.get("after_step")
                     if hook is not None:
                         hook(record=record, done=len(new))
-                    log.info(
-                        "%s reached rung %d (%d epochs): %s val_accuracy %s",
-                        record["trial_id"],
-                        record["rung"],
-                        record["epochs"],
-                        record["status"],
-                        record.get("val_accuracy"),
-                    )
+                    progress_line(record, len(new), num_rungs)
         except BaseException:
             for future in running:
                 future.cancel()
