@@ -85,7 +85,7 @@ def train_rung(step: dict[str, Any], data: dict[str, Any], *, context: dict[str,
         _fit_step(record, data, context, cpus=cpus)
         return publish(record, context["trials_uri"], uri, started)
     except Exception as err:
-        trials._mark_raised(context["trials_uri"], {**record, "trial_id": key}, err)
+        trials.mark_raised(context["trials_uri"], {**record, "trial_id": key}, err)
         raise
 
 
@@ -146,7 +146,7 @@ def _fit_step(record: dict[str, Any], data: dict[str, Any], context: dict[str, A
     try:
         model = _start_model(record, data, context)
         # The test switch of trials, matched against the rung's folder too ("<trial id>/rungs/<epochs>").
-        trials._crash_if_asked(rung_key(record["trial_id"], record["epochs"]), record["params"])
+        trials.crash_if_asked(rung_key(record["trial_id"], record["epochs"]), record["params"])
         history = model.fit(
             data["x_train"],
             data["y_train"],
@@ -171,7 +171,7 @@ def _fit_step(record: dict[str, Any], data: dict[str, Any], context: dict[str, A
         checkpoint_uri = storage.join_uri(
             context["trials_uri"], rung_key(record["trial_id"], record["epochs"]), "attempts", record["attempt_id"], "checkpoint.keras"
         )
-        record.update(status="ok", **metrics, checkpoint_uri=checkpoint_uri, checkpoint_sha256=trials._save_model(model, checkpoint_uri))
+        record.update(status="ok", **metrics, checkpoint_uri=checkpoint_uri, checkpoint_sha256=trials.save_model(model, checkpoint_uri))
     except (tf.errors.ResourceExhaustedError, MemoryError) as err:
         record["reason"] = f"out_of_memory: {type(err).__name__}: {str(err)[:300]}"
     except Exception as err:

@@ -206,7 +206,7 @@ def crashed_attempts(trials_uri: str, trial_id: str, job_id: str, identity: dict
     return crash_verdict(killed_attempts(history, job_id, raised_here(job_id, trial_id)), identity)
 
 
-def _mark_raised(trials_uri: str, record: dict[str, Any], err: BaseException) -> None:
+def mark_raised(trials_uri: str, record: dict[str, Any], err: BaseException) -> None:
     """Say that this attempt raised: a local note (never depends on the store), then the store's
     marker, best effort (the store may be what failed; the error being raised is the one to report)."""
     trial_id, attempt_id = record["trial_id"], record["attempt_id"]
@@ -232,7 +232,7 @@ def _mark_raised(trials_uri: str, record: dict[str, Any], err: BaseException) ->
         log.warning("%s: attempt %s raised %s and its marker could not be stored either (%s)", trial_id, attempt_id, type(err).__name__, marker_err)
 
 
-def _crash_if_asked(trial_id: str, params: dict[str, Any]) -> None:
+def crash_if_asked(trial_id: str, params: dict[str, Any]) -> None:
     """Test-only (see :data:`CRASH_TEST_ENV`): die like a process the OOM killer took."""
     pattern = os.environ.get(CRASH_TEST_ENV)
     if pattern and (pattern in trial_id or pattern in json.dumps(params, sort_keys=True)):
@@ -372,12 +372,12 @@ def _run_attempt(record: dict[str, Any], data: dict[str, Any], trials_uri: str, 
             if outcome is not None:
                 model, metrics = outcome
                 model_uri = attempt_uri(trials_uri, record["trial_id"], record["attempt_id"], "model.keras")
-                record.update(status="ok", **metrics, model_uri=model_uri, model_sha256=_save_model(model, model_uri))
+                record.update(status="ok", **metrics, model_uri=model_uri, model_sha256=save_model(model, model_uri))
         finally:
             keras.backend.clear_session()
         return _publish(record, trials_uri)
     except Exception as err:
-        _mark_raised(trials_uri, record, err)
+        mark_raised(trials_uri, record, err)
         raise
 
 
@@ -415,7 +415,7 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
         hyper = {k: v for k, v in params.items() if k != "batch_size"}
         model = build_model(record["family"], data["input_shape"], data["num_classes"], **hyper)
         callbacks = _callbacks(params, patience=patience, lr_decay_patience=record["lr_decay_patience"])
-        _crash_if_asked(record["trial_id"], params)
+        crash_if_asked(record["trial_id"], params)
         history = model.fit(
             data["x_train"],
             data["y_train"],
@@ -458,7 +458,7 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
     return None
 
 
-def _save_model(model, model_uri: str) -> str:
+def save_model(model, model_uri: str) -> str:
     """Save the model as ``.keras`` to ``model_uri``; returns its sha256 (storage errors raise)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
