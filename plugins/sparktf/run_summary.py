@@ -101,7 +101,8 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
     Returns:
         ``trials``, ``succeeded``, ``failed`` (with reasons), ``rows`` (ranked, best first),
         ``varying`` and ``constant`` dimensions, ``default`` (the comparison, or why there is
-        none), ``champion`` (the decision) and ``figure_uri``.
+        none), ``champion`` (the decision), ``figure_uri`` and ``halving`` (:func:`halving_facts`,
+        None unless the search was successive halving).
     """
     results = results or {}
     tune = tune or {}
@@ -126,6 +127,7 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
         "figure_uri": tune.get("figure_uri") or results.get("figure_uri"),
         "results_uri": tune.get("results_uri"),
         "wall_seconds": tune.get("wall_seconds"),
+        "halving": halving_facts(tune, results),
     }
     default = default_configuration()
     comparison: dict[str, Any] = {"configuration": default, "description": describe_configuration(default)}
@@ -147,6 +149,42 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
     facts["default"] = comparison
     facts["champion"] = champion_decision(export)
     return facts
+
+
+def halving_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A successive-halving run's rungs, slot utilisation and trial-epochs; None for a grid or random search.
+
+    Args:
+        tune: the ``tune`` task's result (XCom): its ``halving`` summary comes first.
+        results: the tuning job's ``results.json`` (the same summary, when the XCom is missing).
+
+    Returns:
+        ``rungs`` (epochs of each rung), ``factor``, ``slots``, ``slot_utilisation`` (0-1 or None),
+        ``epochs_trained_this_run``, ``trial_epochs`` (the search's cost, whichever run trained
+        them) and ``in_full`` (every configuration trained to the last rung; None when unknown).
+    """
+    summary = (tune or {}).get("halving") or (results or {}).get("halving")
+    if not summary:
+        return None
+    rungs = list(summary.get("rungs") or [])
+    configurations = (tune or {}).get("trials") or len((results or {}).get("trials") or [])
+    return {
+        "rungs": rungs,
+        "factor": summary.get("factor"),
+        "slots": summary.get("slots"),
+        "slot_utilisation": summary.get("slot_utilisation"),
+        "epochs_trained_this_run": summary.get("epochs_trained_this_run"),
+        "trial_epochs": summary.get("trial_epochs"),
+        "in_full": configurations * rungs[-1] if configurations and rungs else None,
+    }
+
+
+def rung_reached(row: dict[str, Any], halving: dict[str, Any] | None) -> str:
+    """The rung a configuration reached, counted from 1 (its row holds the rung's index): ``2/4``, or ``""`` without one."""
+    if not isinstance(row.get("rung"), int):
+        return ""
+    total = len(halving["rungs"]) if halving and halving.get("rungs") else None
+    return f"{row['rung'] + 1}/{total}" if total else str(row["rung"] + 1)
 
 
 def champion_decision(export: dict[str, Any] | None) -> dict[str, Any] | None:

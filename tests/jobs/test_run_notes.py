@@ -298,3 +298,67 @@ def test_reasons_and_error_messages_stay_text_in_the_tuning_note():
     assert "<img" not in html
     assert "<a " not in html
     assert "tracker.example/p.png" in html
+
+
+def halving_run() -> tuple[dict, dict]:
+    """Three configurations, rungs 1 and 3 epochs: c0 reached the top rung, c1 stopped at the first, c2 failed there.
+
+    The rows are :mod:`sparktf.halving_driver`'s own (one record per configuration at its highest rung, then its leaderboard).
+    """
+    from sparktf import halving_driver
+
+    def step(config_id: str, lr: float, rung: int, val: float | None) -> dict:
+        epochs, from_epochs = (1, 0) if rung == 0 else (3, 1)
+        record = {"trial_id": config_id, "config_id": config_id, "rung": rung, "epochs": epochs, "from_epochs": from_epochs}
+        record["params"] = {"learning_rate": lr, "hidden_units": 64, "batch_size": 32, "dropout": 0.25}
+        if val is None:
+            return {**record, "status": "failed", "reason": "diverged: training loss became NaN/inf", "epochs_trained": 1, "train_seconds": 2.0}
+        checkpoint = {"checkpoint_uri": f"s3://b/{config_id}/{epochs}.keras", "checkpoint_sha256": "0" * 64}
+        return {**record, **checkpoint, "status": "ok", "val_accuracy": val, "val_loss": 1 - val, "test_accuracy": val - 0.01, "train_seconds": 5.0}
+
+    steps = [step("c0", 0.01, 0, 0.95), step("c1", 0.003, 0, 0.90), step("c2", 0.03, 0, None), step("c0", 0.01, 1, 0.97)]
+    records = halving_driver.config_records([{"trial_id": c} for c in ("c0", "c1", "c2")], steps)
+    summary = halving_driver.leaderboard(records)
+    stats = {"rungs": [1, 3], "factor": 3, "slots": 2, "rung_steps": 3, "rung_steps_reused": 1}
+    stats |= {"trial_epochs": 5, "epochs_trained_this_run": 4, "slot_utilisation": 0.8734, "steps_wall_seconds": 12.0}
+    results = {"trials": records, "leaderboard": summary["full_leaderboard"], "failed": summary["failed"], "halving": stats}
+    results |= {"model_family": "mlp", "fixed": {"optimizer": "adam", "augment": 0.0}}
+    tune_xcom = {"trials": 3, "succeeded": 2, "failed": 1, "leaderboard": summary["leaderboard"], "halving": stats}
+    return tune_xcom, results
+
+
+def test_a_halving_note_shows_the_rung_each_configuration_reached_and_the_runs_compute():
+    tune_xcom, results = halving_run()
+    facts = run_summary.tuning_facts(tune_xcom, results, None)
+    assert facts["halving"] == {
+        "rungs": [1, 3],
+        "factor": 3,
+        "slots": 2,
+        "slot_utilisation": 0.8734,
+        "epochs_trained_this_run": 4,
+        "trial_epochs": 5,
+        "in_full": 9,  # three configurations to the last rung's 3 epochs
+    }
+    assert [run_summary.rung_reached(row, facts["halving"]) for row in facts["rows"]] == ["2/2", "1/2"]
+    note = run_notes.tuning_note(facts, state="succeeded", problems=[], figure=None)
+    assert len(note) <= run_notes.MAX_NOTE_CHARS
+    assert "| # | lr | rung | val % | test % | epochs | s |" in note
+    assert "| 1 | 0.01 | 2/2 | 97.00 | 96.00 | 3 | 10 |" in note  # both of c0's steps, its top rung's metrics
+    assert "| 2 | 0.003 | 1/2 | 90.00 | 89.00 | 1 | 5 |" in note
+    assert (
+        "**Successive halving:** rungs 1, 3 epochs, factor 3; slot utilisation 87 % of 2 slots; "
+        "trial-epochs 4 trained this run / 5 total (9 in full)."
+    ) in note
+    # Only the XCom (results.json unreadable): the same line and column.
+    assert "2/2" in run_notes.tuning_note(run_summary.tuning_facts(tune_xcom, None, None), state="succeeded", problems=[], figure=None)
+
+
+def test_a_grid_note_has_no_rung_column_and_no_halving_line():
+    tune_xcom, results = synthetic_grid(2, 2)
+    facts = run_summary.tuning_facts(tune_xcom, results, None)
+    assert facts["halving"] is None
+    assert run_summary.rung_reached(facts["rows"][0], None) == ""
+    note = run_notes.tuning_note(facts, state="succeeded", problems=[], figure=None)
+    assert "| # | lr | hidden | val % | test % | epochs | s |" in note
+    assert "rung" not in note
+    assert "Successive halving" not in note

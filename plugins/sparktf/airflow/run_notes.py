@@ -96,14 +96,18 @@ def _seconds(value: Any) -> str:
 
 
 def leaderboard_table(facts: dict[str, Any], rows: int) -> list[str]:
-    """Rank, the varying hyperparameters, validation and test accuracy (%), epochs, seconds."""
+    """Rank, the varying hyperparameters, the rung reached (successive halving only), validation and
+    test accuracy (%), epochs, seconds."""
     dims = facts["varying"]
-    header = ["#", *[run_summary.DIMENSION_LABELS.get(d, d) for d in dims], "val %", "test %", "epochs", "s"]
+    # A halving run's rows carry the rung each configuration reached; a grid's have none (no column).
+    rung = [] if facts.get("halving") is None else ["rung"]
+    header = ["#", *[run_summary.DIMENSION_LABELS.get(d, d) for d in dims], *rung, "val %", "test %", "epochs", "s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "--:|" * len(header)]
     for row in facts["rows"][:rows]:
         cells = [
             str(row["rank"]),
             *[_cell(row.get(d)) for d in dims],
+            *([run_summary.rung_reached(row, facts["halving"])] if rung else []),
             _pct(row.get("val_accuracy")),
             _pct(row.get("test_accuracy")),
             str(row.get("epochs_run", "")),
@@ -111,6 +115,18 @@ def leaderboard_table(facts: dict[str, Any], rows: int) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def halving_line(facts: dict[str, Any]) -> str | None:
+    """A halving run's rungs, slot utilisation and trial-epochs (trained this run / the search's total); None for a grid."""
+    halving = facts.get("halving")
+    if halving is None:
+        return None
+    rungs = ", ".join(str(r) for r in halving["rungs"])
+    line = f"**Successive halving:** rungs {rungs} epochs, factor {halving['factor']}; "
+    line += f"slot utilisation {run_summary.format_percent(halving['slot_utilisation'], 0)} of {halving['slots']} slots; "
+    line += f"trial-epochs {halving['epochs_trained_this_run']} trained this run / {halving['trial_epochs']} total"
+    return line + (f" ({halving['in_full']} in full)." if halving["in_full"] else ".")
 
 
 def default_line(facts: dict[str, Any], short: bool = False) -> str:
@@ -184,6 +200,8 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
             if constant and not minimal:
                 lines.append(f"\nEvery trial: {constant}.")
             lines += ["", default_line(facts, short_default)]
+        if halving_line(facts) and not minimal:
+            lines += ["", halving_line(facts)]
         if isinstance(facts["failed"], list) and facts["failed"] and not minimal:
             first = facts["failed"][0]
             reason = escape_markdown(_cap(run_summary.format_value(first.get("reason")), 60 if brief else 120))
