@@ -366,6 +366,16 @@ def trigger_for_approval(server: AirflowServer, tiny_mnist: str, bucket: str, **
         return state == "awaiting_input"
 
     server.wait_for(waiting, f"approve_promotion of {run_id} waiting for a person", 1200)
+    # Airflow 3.3 race: an answer given before the scheduler has processed the parking process's
+    # exit finds the resumed task "queued", and the late exit event marks it up_for_retry. A person
+    # cannot answer that fast; the test waits for the scheduler's record of the parked attempt.
+    parked = f"TaskInstance Finished: dag_id=tuning_pipeline, task_id=approve_promotion, run_id={run_id},"
+    log_file = server.home / "airflow-scheduler.log"
+    server.wait_for(
+        lambda: any(parked in line and "state=awaiting_input" in line for line in log_file.read_text(errors="replace").splitlines()),
+        "the scheduler's record of the parked approval",
+        120,
+    )
     return run_id
 
 
