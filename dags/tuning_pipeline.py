@@ -127,17 +127,7 @@ def tuning_pipeline():
         ],
     )
 
-    # promotion "approve": a person approves the move in the UI first; both skipped otherwise.
-    approve_promotion = approval.PromotionApproval(task_id=approval.APPROVAL_TASK_ID)
-
-    @task(task_id=approval.SETTLE_TASK_ID)
-    def promote_approved() -> dict:
-        """Move the champion on Approve (compared again now), or record why not (reject, timeout)."""
-        from airflow.sdk import get_current_context
-
-        return approval.settle(get_current_context())
-
-    validate_params() >> prepare_data >> tune >> export_best_model >> approve_promotion >> promote_approved()
+    validate_params() >> prepare_data >> tune >> export_best_model >> approval.approval_tasks()  # promotion "approve": a person first
     run_notes.report_task("tuning")  # last: the run's note (leaderboard, champion, figure)
 
 

@@ -441,6 +441,18 @@ def test_a_rejected_version_stays_registered_and_the_champion_stays(airflow_serv
     assert f"`{APPROVAL_MODEL}` v2 **not promoted** (champion stays v1): rejected by " in note
 
 
+def test_no_answer_in_time_counts_as_reject(airflow_server, approved_run, tiny_mnist, bucket):
+    """approval_timeout_hours 0.01 (36 s): nobody answers, the scheduler applies the default, Reject."""
+    from sparktf import registry
+
+    run_id = trigger_for_approval(airflow_server, tiny_mnist, bucket, champion_policy="replace", approval_timeout_hours=0.01)
+    assert airflow_server.wait_for_run("tuning_pipeline", run_id, timeout=300)["state"] == "success"
+    final = airflow_server.xcom("tuning_pipeline", run_id, "promote_approved")
+    assert (final["promoted"], final["approval"]["timed_out"], final["approval"]["responded_by"]) == (False, True, None)
+    assert final["promotion_reason"].startswith(f"no answer within 0.01 h (counted as Reject): v{final['version']} stays registered, not champion")
+    assert registry.read_champion(f"s3://{bucket}/{REST_WORKSPACE}/models/", APPROVAL_MODEL)["version"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # A late night: the nightly deadline alert, fired by the scheduler, called in the triggerer
 # ---------------------------------------------------------------------------------------------

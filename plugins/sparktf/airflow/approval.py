@@ -236,3 +236,19 @@ def settle(context: Any) -> dict[str, Any]:
         pointer_extra={"approved_by": answer.get("responded_by"), "approved_at": answer.get("responded_at")},
     )
     return approved_decision(export, answer, promotion)
+
+
+def approval_tasks() -> PromotionApproval:
+    """Add ``approve_promotion >> promote_approved`` to the DAG being defined; returns the first
+    (put it downstream of ``export_best_model``). Both are skipped unless the export awaits approval."""
+    from airflow.sdk import get_current_context, task
+
+    approve = PromotionApproval(task_id=APPROVAL_TASK_ID)
+
+    @task(task_id=SETTLE_TASK_ID)
+    def promote_approved() -> dict:
+        """Move the champion on Approve (compared again now), or record why not (reject, timeout)."""
+        return settle(get_current_context())
+
+    approve >> promote_approved()
+    return approve
