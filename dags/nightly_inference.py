@@ -31,6 +31,10 @@ retry) after the partition (with its `_errors`) is published, flagged `failure_r
 `_SUCCESS`; no Asset event is emitted for it. An image the store keeps failing to serve fails the
 Spark task (Spark retries it), never becomes a set-aside row. Downstream DAGs schedule on the
 Asset `s3://<default workspace>/predictions` and read the date from the event's extra.
+
+**Late nights:** a run not finished `SPARKTF_NIGHTLY_DEADLINE_MINUTES` (default 240) after its data
+interval ends misses its deadline (Airflow's deadline alerts): the triggerer logs one `late night:` line
+(DAG, run, date, how late) and calls the notifier `SPARKTF_LATE_NIGHT_NOTIFIER` names (`sparktf.airflow.deadlines`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import pendulum
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from sparktf import knobs
-from sparktf.airflow import nightly, run_notes
+from sparktf.airflow import deadlines, nightly, run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_WORKSPACE_URI,
@@ -92,6 +96,8 @@ PARAMS = {
     doc_md=__doc__,
     user_defined_filters={"path_safe": path_safe},
     render_template_as_native_obj=False,
+    # Late night: not finished SPARKTF_NIGHTLY_DEADLINE_MINUTES after the data interval end -> one log line + notifier.
+    deadline=deadlines.nightly_deadline(),
 )
 def nightly_inference():
     @task.short_circuit(retries=2)

@@ -11,7 +11,9 @@ champion on the same test set.
 | `validate_params` | refuses a bad search space or an empty dataset location before Spark starts | the checked settings |
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
 | `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
-| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap | version, URI, promoted and `promotion_reason`, metrics |
+| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap (with `promotion` approve: only whether it would move) | version, URI, promoted and `promotion_reason`, `awaiting_approval`, metrics |
+| `approve_promotion` | `promotion` approve only, and only when the version would become champion: waits for a person's Approve / Reject in the UI (Required Actions), with the leaderboard, the comparison and the figure; no answer within `approval_timeout_hours` = Reject | the answer: approved, by whom, when |
+| `promote_approved` | on Approve, moves the champion by the same compare-and-swap, compared again with the champion of that moment; on Reject / timeout records why not (no Spark) | the final decision (export's keys) |
 
 Everything a run writes is under `<workspace_uri>/runs/tuning_pipeline/<run id>/`; models under
 `<workspace_uri>/models/<model_name>/`. Re-running (clearing) a run overwrites its own outputs and
@@ -24,7 +26,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sparktf import knobs
-from sparktf.airflow import run_notes
+from sparktf.airflow import approval, run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_WORKSPACE_URI,
@@ -125,7 +127,7 @@ def tuning_pipeline():
         ],
     )
 
-    validate_params() >> prepare_data >> tune >> export_best_model
+    validate_params() >> prepare_data >> tune >> export_best_model >> approval.approval_tasks()  # promotion "approve": a person first
     run_notes.report_task("tuning")  # last: the run's note (leaderboard, champion, figure)
 
 
