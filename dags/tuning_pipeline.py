@@ -12,6 +12,7 @@ champion on the same test set.
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
 | `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
 | `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap | version, URI, promoted and `promotion_reason`, metrics |
+| `mlflow` | only with an `mlflow_default` connection (or `MLFLOW_TRACKING_URI`), else skipped: the run, its trials, the model version and the `champion` alias in MLflow (`sparktf.airflow.mlflow_tracking`); MLflow down never fails the run | what was and was not logged |
 
 Everything a run writes is under `<workspace_uri>/runs/tuning_pipeline/<run id>/`; models under
 `<workspace_uri>/models/<model_name>/`. Re-running (clearing) a run overwrites its own outputs and
@@ -125,7 +126,14 @@ def tuning_pipeline():
         ],
     )
 
-    validate_params() >> prepare_data >> tune >> export_best_model
+    @task(task_id="mlflow")
+    def track_in_mlflow() -> dict:
+        """Log the run, its trials, the model version and the champion alias to MLflow when configured (skipped otherwise; never fails)."""
+        from sparktf.airflow import mlflow_tracking
+
+        return mlflow_tracking.run_task("tuning")
+
+    validate_params() >> prepare_data >> tune >> export_best_model >> track_in_mlflow()
     run_notes.report_task("tuning")  # last: the run's note (leaderboard, champion, figure)
 
 
