@@ -67,7 +67,7 @@ def tuning_runs(airflow_env, mlflow_server, workspace, tmp_path_factory) -> list
     summaries = []
     for uri in (f"http://127.0.0.1:{free_port()}", mlflow_server.uri, mlflow_server.uri):
         code, summary, output = run_dag(
-            with_mlflow(airflow_env, uri), tmp_path_factory.mktemp("run"), "tuning_pipeline", workspace["tuning"], TUNING_DATE
+            with_mlflow(airflow_env, uri), tmp_path_factory.mktemp("run"), "tuning_pipeline", workspace["tuning"], TUNING_DATE, run_after=TUNING_DATE
         )
         assert code == 0, output[-6000:]
         summaries.append(summary)
