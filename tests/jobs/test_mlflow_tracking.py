@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
+from sparktf import registry
 from sparktf.airflow import mlflow_tracking
-from sparktf_dev.testing import ROOT, free_port
+from sparktf_dev.testing import ROOT, free_port, register_trial, train_tiny_model
 
 TIMESTAMP = 1_795_000_000_000
 
@@ -98,3 +99,25 @@ def test_without_configuration_nothing_is_configured_or_imported():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+
+
+def test_champion_alias_follows_the_s3_pointer_never_the_other_way(mlflow_server, s3_prefix, mnist_subset):
+    """No alias yet → set; S3's champion moves → the alias moves; an alias moved by hand in MLflow goes back to S3's."""
+    models_uri, name = s3_prefix + "/models/", "alias-digits"
+    record = train_tiny_model(s3_prefix + "/scratch", mnist_subset)
+    client = mlflow_tracking.TrackingClient(mlflow_server.uri)
+    read = (
+        f"versions = {{v.tags['sparktf.version']: v.version for v in client.search_model_versions(\"name = '{name}'\")}}\n"
+        f"result = [versions, client.get_model_version_by_alias('{name}', 'champion').tags['sparktf.version']]\n"
+    )
+    register_trial(models_uri, name, record)
+    assert mlflow_tracking.sync_champion_alias(client, models_uri, name) == "1"
+    assert mlflow_server.read(read)[1] == "1"
+    register_trial(models_uri, name, record)  # version 2 becomes champion in S3
+    assert mlflow_tracking.sync_champion_alias(client, models_uri, name) == "2"
+    versions, champion = mlflow_server.read(read)
+    assert champion == "2"
+    client.call("POST", "registered-models/alias", {"name": name, "alias": "champion", "version": versions["1"]})  # by hand, in MLflow
+    mlflow_tracking.sync_champion_alias(client, models_uri, name)
+    assert mlflow_server.read(read) == [versions, "2"]
+    assert registry.read_champion(models_uri, name)["version"] == 2  # S3 untouched

@@ -413,8 +413,10 @@ def sync_champion_alias(client: TrackingClient, models_uri: str, name: str) -> s
     metadata = registry.resolve(models_uri, name, pointer["version"])
     # A version this run exported is registered (with its run) by the step before; an older one without.
     number = register_version(client, {**metadata, "name": name}, None)
-    current = client.call("GET", "registered-models/alias", {"name": name, "alias": CHAMPION_ALIAS}, missing_ok=True)
-    if current is None or current["model_version"]["version"] != number:
+    # The registered model lists its aliases (asking for a missing alias is a 400, not a 404).
+    model = client.call("GET", "registered-models/get", {"name": name})["registered_model"]
+    current = {a["alias"]: a["version"] for a in model.get("aliases") or []}.get(CHAMPION_ALIAS)
+    if current != number:
         client.call("POST", "registered-models/alias", {"name": name, "alias": CHAMPION_ALIAS, "version": number})
     return str(pointer["version"])
 
