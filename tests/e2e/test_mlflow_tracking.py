@@ -93,7 +93,7 @@ def test_a_later_run_fills_it_in_and_a_retry_adds_nothing(tuning_runs, mlflow_se
     assert again["tasks"]["mlflow"]["xcom"]["not_logged"] == []
     assert "MLflow" not in filled["note"]
     seen = mlflow_server.read(READ_TUNING % (f"{MODEL}/tuning", MODEL, MODEL))
-    assert seen["parents"] == [(filled["run_id"], "FINISHED")]  # one run, not three
+    assert seen["parents"] == [[filled["run_id"], "FINISHED"]]  # one run, not three
     assert len(seen["kids"]) == 2
     assert len(seen["versions"]) == 1
     assert filled["tasks"]["mlflow"]["xcom"]["tuning_run"] == again["tasks"]["mlflow"]["xcom"]["tuning_run"] == seen["parent_run_id"]
