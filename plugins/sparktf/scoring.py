@@ -133,16 +133,12 @@ def score_keys(
         "stats": {...}}``. Every key is in exactly one of the two lists. The model is loaded only
         if there is at least one image to score.
     """
-    import numpy as np
-
     height, width, channels = (int(v) for v in input_shape)
     labels = [str(n) for n in label_names]
-    predictions: list[dict] = []
     errors: list[dict] = []
     stats = {"keys": len(keys), "model_loaded_now": False, "model_seconds": 0.0, "batches": 0, "pid": os.getpid()}
     retries_before = storage.retries_so_far()
     started = time.perf_counter()
-    model = None
     window = int(batch_size) + 2 * max(1, int(fetch_threads))
     decoded = fetch.fetch_decoded(
         bucket,
@@ -157,18 +153,34 @@ def score_keys(
         max_bytes=max_image_bytes,
         resize_policy=resize_policy,
     )
-    for batch_keys, batch_arrays in _batches(decoded, int(batch_size), errors):
-        if model is None:
-            model, stats["model_loaded_now"] = cached_model(model_uri, model_sha256, cpus)
-        t0 = time.perf_counter()
-        probabilities = predict_batch(model, np.stack(batch_arrays))
-        stats["model_seconds"] += time.perf_counter() - t0
-        stats["batches"] += 1
-        predictions.extend(prediction_rows(batch_keys, probabilities, labels, k))
+    predictions = _score_batches(_batches(decoded, int(batch_size), errors), (model_uri, model_sha256, cpus), labels, k, stats)
     stats["seconds"] = time.perf_counter() - started
     stats["model_loads_in_worker"] = model_loads()
     stats["storage_retries"] = storage.retries_so_far() - retries_before
     return {"predictions": predictions, "errors": errors, "stats": stats}
+
+
+def _score_batches(
+    batches: Iterator[tuple[list[str], list]], model_ref: tuple[str, str, int | None], labels: list[str], k: int, stats: dict
+) -> list[dict]:
+    """Top-``k`` rows for every batch: one model call each; the model is loaded at the first batch.
+
+    ``model_ref`` is ``(model_uri, model_sha256, cpus)`` for :func:`cached_model`; ``stats`` gains
+    ``model_loaded_now``, ``model_seconds`` and ``batches``.
+    """
+    import numpy as np
+
+    rows: list[dict] = []
+    model = None
+    for batch_keys, batch_arrays in batches:
+        if model is None:
+            model, stats["model_loaded_now"] = cached_model(*model_ref)
+        t0 = time.perf_counter()
+        probabilities = predict_batch(model, np.stack(batch_arrays))
+        stats["model_seconds"] += time.perf_counter() - t0
+        stats["batches"] += 1
+        rows.extend(prediction_rows(batch_keys, probabilities, labels, k))
+    return rows
 
 
 def _batches(decoded: Iterator[tuple], batch_size: int, errors: list[dict]) -> Iterator[tuple[list[str], list]]:
@@ -249,12 +261,26 @@ def score_partition(
     errors_data = predictions.errors_parquet(scored["errors"], partition_date=partition_date)
     storage.write_bytes(storage.join_uri(staged_uri, name), predictions_data, s3)
     storage.write_bytes(storage.join_uri(staged_uri, error_name), errors_data, s3)
+    return partition_summary(index, (name, len(predictions_data)), (error_name, len(errors_data)), scored, identity)
+
+
+def partition_summary(
+    index: int, part: tuple[str, int], errors_part: tuple[str, int], scored: dict[str, Any], identity: dict[str, Any]
+) -> dict[str, Any]:
+    """What one task reports to the driver: its staged parts (name, size), counts, histograms, a sample of errors.
+
+    Args:
+        index: the group's number.
+        part: the staged predictions part's name and size in bytes; ``errors_part`` the same for its errors twin.
+        scored: :func:`score_keys`'s result.
+        identity: :func:`sparktf.executor.executor_identity` of the task.
+    """
     return {
         "index": index,
-        "file": name,
-        "errors_file": error_name,
-        "file_size": len(predictions_data),
-        "errors_size": len(errors_data),
+        "file": part[0],
+        "errors_file": errors_part[0],
+        "file_size": part[1],
+        "errors_size": errors_part[1],
         "scored": len(scored["predictions"]),
         "set_aside": len(scored["errors"]),
         "labels": dict(Counter(p["predicted_label"] for p in scored["predictions"])),

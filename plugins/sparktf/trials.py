@@ -281,23 +281,11 @@ def train_trial(
     trial_id = trial["trial_id"]
     fingerprint = fingerprint or default_fingerprint(family=family, epochs=epochs, patience=patience, lr_decay_patience=lr_decay_patience, seed=seed)
     record_uri = storage.join_uri(trial_prefix(trials_uri, trial_id), RECORD_NAME)
-    previous, etag = storage.read_json_with_etag(record_uri)
-    retrained_because = None if previous is None else stale_because(previous, fingerprint, job_id)
-    if previous is not None and retrained_because is None:
-        return {**previous, "reused": True}  # a retried task (or a re-run of the same run) reuses the finished trial
-    if retrained_because:
-        log.info("%s: training again: %s", trial_id, retrained_because)
-
+    reusable, etag, retrained_because = published_record(record_uri, fingerprint, job_id)
+    if reusable is not None:
+        return {**reusable, "reused": True}  # a retried task (or a re-run of the same run) reuses the finished trial
     identity = executor.executor_identity()
-    base = {
-        "trial_id": trial_id,
-        "params": trial["params"],
-        "family": family,
-        "fingerprint": fingerprint,
-        "job_id": job_id,
-        "executor": identity,
-        "attempt": int(identity.get("attempt", 0)),
-    }
+    base = attempt_base(trial, family=family, fingerprint=fingerprint, job_id=job_id, identity=identity)
     if job_id and base["attempt"] > 0:
         dead = crashed_attempts(trials_uri, trial_id, job_id, identity)
         if dead is not None:
@@ -311,6 +299,35 @@ def train_trial(
         retrained_because=retrained_because,
     )
     return _run_attempt(record, data, trials_uri, patience=patience, cpus=cpus)
+
+
+def published_record(record_uri: str, fingerprint: dict[str, Any], job_id: str | None) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """The trial's published record if it may be reused, its ETag, and why it is trained again otherwise.
+
+    Returns:
+        ``(record or None, etag or None, reason or None)``: a record only when :func:`stale_because`
+        finds nothing against it; a reason only when a published record exists but is stale.
+    """
+    previous, etag = storage.read_json_with_etag(record_uri)
+    retrained_because = None if previous is None else stale_because(previous, fingerprint, job_id)
+    if previous is not None and retrained_because is None:
+        return previous, etag, None
+    if retrained_because:
+        log.info("%s: training again: %s", record_uri, retrained_because)
+    return None, etag, retrained_because
+
+
+def attempt_base(trial: dict[str, Any], *, family: str, fingerprint: dict[str, Any], job_id: str | None, identity: dict[str, Any]) -> dict[str, Any]:
+    """The fields every record of this attempt starts from: the trial, what it was trained under, where and which attempt."""
+    return {
+        "trial_id": trial["trial_id"],
+        "params": trial["params"],
+        "family": family,
+        "fingerprint": fingerprint,
+        "job_id": job_id,
+        "executor": identity,
+        "attempt": int(identity.get("attempt", 0)),
+    }
 
 
 def attempt_record(

@@ -163,6 +163,49 @@ def plot_error_vs_learning_rate(records: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
+def ship_data(spark, args: argparse.Namespace, manifest: dict[str, Any]) -> tuple[str, Any]:
+    """How the prepared arrays reach trials: ``("broadcast", <Broadcast>)`` when they fit, else ``("shards", (uri, manifest))``."""
+    size_mb = dataset.prepared_size_bytes(manifest) / 1e6
+    if size_mb <= args.broadcast_max_mb:
+        data_source = ("broadcast", spark.sparkContext.broadcast(dataset.load_arrays(args.prepared_uri, manifest)))
+    else:
+        data_source = ("shards", (args.prepared_uri, manifest))
+    log.info("data set %.1f MB: %s to executors", size_mb, data_source[0])
+    return data_source
+
+
+def job_summary(results: dict[str, Any], summary: dict[str, Any], *, results_uri: str, trials_uri: str) -> dict[str, Any]:
+    """The job's small result (what reaches XCom) from its results document and :func:`sparktf.trials.leaderboard`.
+
+    ``results_uri`` is where the results document was written, ``trials_uri`` the trials' folder.
+
+    ``summary["best"]`` must not be None (a run where every trial failed raises before this).
+    """
+    records = results["trials"]
+    best = summary["best"]
+    executors = sorted({str(r["executor"].get("executor_id", r["executor"]["host"])) for r in records})
+    return {
+        "results_uri": results_uri,
+        "figure_uri": results["figure_uri"],
+        "trials_uri": trials_uri,
+        "trials": len(records),
+        "succeeded": len(records) - len(summary["failed"]),
+        "failed": len(summary["failed"]),
+        "selection_metric": "val_accuracy",
+        "failed_trials": [{"trial_id": f["trial_id"], "reason": f["reason"]} for f in summary["failed"][:20]],
+        "reused": sum(1 for r in records if r.get("reused")),
+        "best": {
+            "trial_id": best["trial_id"],
+            "params": best["params"],
+            "val_accuracy": round(best["val_accuracy"], 5),
+            "test_accuracy": round(best["test_accuracy"], 5),
+        },
+        "leaderboard": summary["leaderboard"],
+        "executors": executors,
+        "wall_seconds": results["wall_seconds"],
+    }
+
+
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     manifest = dataset.read_manifest(args.prepared_uri)
@@ -174,12 +217,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     )
     log.info("tuning %d trials (%s search) on %s", len(trial_list), args.search_strategy, args.prepared_uri)
 
-    size_mb = dataset.prepared_size_bytes(manifest) / 1e6
-    if size_mb <= args.broadcast_max_mb:
-        data_source = ("broadcast", spark.sparkContext.broadcast(dataset.load_arrays(args.prepared_uri, manifest)))
-    else:
-        data_source = ("shards", (args.prepared_uri, manifest))
-    log.info("data set %.1f MB: %s to executors", size_mb, data_source[0])
+    data_source = ship_data(spark, args, manifest)
 
     trials_uri = storage.join_uri(args.output_uri, "trials")
     watch = progress.TrialProgress(trials_uri, trial_list, log=log).start()  # a line per finished trial
@@ -224,28 +262,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     if summary["best"] is None:
         reasons = "; ".join(f"{f['trial_id']}: {f['reason']}" for f in summary["failed"][:5])
         raise RuntimeError(f"every one of {len(records)} trials failed ({reasons}); see {results_uri}")
-    best = summary["best"]
-    executors = sorted({str(r["executor"].get("executor_id", r["executor"]["host"])) for r in records})
-    return {
-        "results_uri": results_uri,
-        "figure_uri": figure_uri,
-        "trials_uri": trials_uri,
-        "trials": len(records),
-        "succeeded": len(records) - len(summary["failed"]),
-        "failed": len(summary["failed"]),
-        "selection_metric": "val_accuracy",
-        "failed_trials": [{"trial_id": f["trial_id"], "reason": f["reason"]} for f in summary["failed"][:20]],
-        "reused": sum(1 for r in records if r.get("reused")),
-        "best": {
-            "trial_id": best["trial_id"],
-            "params": best["params"],
-            "val_accuracy": round(best["val_accuracy"], 5),
-            "test_accuracy": round(best["test_accuracy"], 5),
-        },
-        "leaderboard": summary["leaderboard"],
-        "executors": executors,
-        "wall_seconds": results["wall_seconds"],
-    }
+    return job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri)
 
 
 def main(argv: list[str] | None = None) -> int:
