@@ -46,7 +46,7 @@ def test_tuning_run_with_trials_as_children_logged_once(mlflow_server):
     again = mlflow_tracking.outcome(settings, steps)
     assert first["not_logged"] == []
     assert again["not_logged"] == []
-    assert first["tuning_run"] == again["tuning_run"]
+    assert first["ids"]["tuning run"] == again["ids"]["tuning run"]
     seen = mlflow_server.read(
         "exp = client.get_experiment_by_name('digits-a/tuning')\n"
         "runs = client.search_runs([exp.experiment_id])\n"

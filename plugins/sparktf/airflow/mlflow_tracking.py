@@ -439,8 +439,8 @@ def outcome(settings: dict[str, Any], steps: list[tuple[str, Any]]) -> dict[str,
             log.warning("MLflow: %s not logged: %s", ", ".join(result["not_logged"]), err)
             return result
         result["logged"].append(what)
-        if value is not None:
-            result[what.replace(" ", "_")] = value
+        if value is not None:  # the MLflow run id, model version number, aliased version
+            result.setdefault("ids", {})[what] = value
     return result
 
 
