@@ -528,13 +528,21 @@ def prepare(spark, input_uri: str, output_uri: str, *extra_args: str) -> dict[st
 
 
 def run_dag(
-    env: dict[str, str], out_dir: Path, dag_id: str, conf: dict | None = None, logical_date: str | None = None, timeout: int = 1200
+    env: dict[str, str],
+    out_dir: Path,
+    dag_id: str,
+    conf: dict | None = None,
+    logical_date: str | None = None,
+    timeout: int = 1200,
+    run_after: str | None = None,
 ) -> tuple[int, dict | None, str]:
     """Run a DAG with ``scripts/run_dag.py``; returns (exit code, summary or None, combined output)."""
     out_file = Path(out_dir) / f"{dag_id}-summary.json"
     command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf or {}), "--json-out", str(out_file)]
     if logical_date:
         command += ["--logical-date", logical_date]
+    if run_after:  # the same run_after is the same run (its run id), run again
+        command += ["--run-after", run_after]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     summary = json.loads(out_file.read_text()) if out_file.exists() else None
     return proc.returncode, summary, proc.stdout + proc.stderr

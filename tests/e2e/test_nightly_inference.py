@@ -140,6 +140,7 @@ def test_empty_date_short_circuits_with_a_summary(runs):
         "resolve_model": "skipped",
         "batch_inference": "skipped",
         "publish": "skipped",
+        "mlflow": "skipped",
         "report": "success",
     }
     found = summary["tasks"]["find_new_images"]["xcom"]

@@ -238,9 +238,10 @@ def settle(context: Any) -> dict[str, Any]:
     return approved_decision(export, answer, promotion)
 
 
-def approval_tasks() -> PromotionApproval:
-    """Add ``approve_promotion >> promote_approved`` to the DAG being defined; returns the first
-    (put it downstream of ``export_best_model``). Both are skipped unless the export awaits approval."""
+def approval_tasks() -> tuple[PromotionApproval, Any]:
+    """Add ``approve_promotion >> promote_approved`` to the DAG being defined; returns both (put
+    the first downstream of ``export_best_model``, and what follows the promotion after the second).
+    Both are skipped unless the export awaits approval."""
     from airflow.sdk import get_current_context, task
 
     approve = PromotionApproval(task_id=APPROVAL_TASK_ID)
@@ -250,5 +251,6 @@ def approval_tasks() -> PromotionApproval:
         """Move the champion on Approve (compared again now), or record why not (reject, timeout)."""
         return settle(get_current_context())
 
-    approve >> promote_approved()
-    return approve
+    settled = promote_approved()
+    approve >> settled
+    return approve, settled

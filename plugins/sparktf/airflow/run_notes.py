@@ -300,6 +300,9 @@ def render_report(kind: str) -> str:
     ti, params = context["ti"], context["params"]
     states = _task_states(ti)
     state, problems = problems_of(states)
+    from sparktf.airflow import mlflow_tracking
+
+    problems += mlflow_tracking.note_lines(ti.xcom_pull(task_ids=mlflow_tracking.TASK_ID))
     if kind == "tuning":
         tune = ti.xcom_pull(task_ids="tune")
         results = None
