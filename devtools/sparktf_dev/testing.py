@@ -600,6 +600,16 @@ def load_dag(dag_id: str, dags_dir: Path | None = None):
     return bag.dags[dag_id]
 
 
+# Tasks a default run skips: no person's approval asked (promotion auto), no MLflow configured.
+SKIPPED_BY_DEFAULT = frozenset({"approve_promotion", "promote_approved", "mlflow"})
+
+
+def not_green(summary: dict[str, Any]) -> dict[str, str]:
+    """The tasks of a :func:`run_dag` summary that did not succeed, but for those a default run skips."""
+    states = {task: info["state"] for task, info in summary["tasks"].items()}
+    return {task: state for task, state in states.items() if state != "success" and not (task in SKIPPED_BY_DEFAULT and state == "skipped")}
+
+
 def params_with(dag, change: dict[str, Any]):
     """The DAG's Params with some values changed, as a ParamsDict to ``validate()`` (what a trigger checks)."""
     from airflow.sdk import Param
