@@ -1,4 +1,4 @@
-"""Accuracy on full MNIST: the seed's network, the DAG's default Params, and a hand-tuned grid.
+"""Accuracy on full MNIST: the reference network, the DAG's default Params, and a hand-tuned grid.
 
 Prepares MNIST with the prepare_data job (``sparktf.jobs.prepare_data``: 60k training images ->
 stratified train/validation split, the official 10k t10k images as the test set), then runs the
@@ -9,21 +9,21 @@ tune job (``sparktf.jobs.tune``) in one local SparkSession for each of these run
   checks that the DAG's rendered defaults parse to the job's), followed by the export_model job
   into a fresh registry: what the weekly run does with an untouched Trigger form. It runs first
   and alone, since its wall time (prepare + tune + export) is measured against a two-hour budget;
-* ``default``: the seed's configuration alone (mnist_cnn, 1024 hidden units, learning rate 1e-3,
+* ``default``: the reference recipe's configuration alone (mnist_cnn, 1024 hidden units, learning rate 1e-3,
   dropout 0.5, batch 128, adam, no augmentation, constant learning rate, early stopping on
   validation accuracy): the baseline of the error reduction;
-* ``tuned-grid``: a hand-picked grid of the seed's network (learning rates x hidden units with
+* ``tuned-grid``: a hand-picked grid of the reference network (learning rates x hidden units with
   augmentation, more epochs and more patience, ``--lr-decay-patience``).
 
 After ``dag-defaults``, the other runs go at the same time (the default's single task is
 submitted first; the grid's tasks fill the other slot and then every slot), so no slot idles;
 ``--sequential`` runs them one after the other. Selection is by validation accuracy; the test
 accuracy reported is the selected trial's. Prints a table (run, test accuracy, test error, wall
-time), each grid, and the error reduction of each run over the seed's default, and saves each
+time), each grid, and the error reduction of each run over the reference recipe's default, and saves each
 grid's figure (test error vs learning rate) and the full results under ``--out-dir``.
 
 Commands are run from the repository root with the project's venv active
-(``source scripts/env.sh``). DAG defaults and the seed's default (about 1-1.5 hours on 2 cores)::
+(``source scripts/env.sh``). DAG defaults and the reference recipe's default (about 1-1.5 hours on 2 cores)::
 
     mkdir -p bench-results
     nohup python bench/bench_mnist_accuracy.py --out-dir bench-results/mnist \\
@@ -101,7 +101,7 @@ def seed_args(
     seed: int,
     lr_decay_patience: int = 0,
 ) -> argparse.Namespace:
-    """The tune job's arguments for the seed's network (mnist_cnn, dropout 0.5, batch 128, adam)."""
+    """The tune job's arguments for the reference network (mnist_cnn, dropout 0.5, batch 128, adam)."""
     from sparktf.jobs import tune
 
     return tune.parse_args(
@@ -333,7 +333,7 @@ def report(opts, prepared, prepare_seconds, full, walls, exported, tuning_second
             best = next(t for t in res["trials"] if t["trial_id"] == res["best_trial_id"])
             reduction = (seed_best["test_error"] - best["test_error"]) / seed_best["test_error"]
             print(
-                f"{RUNS[key]} vs the seed's default: test error {100 * seed_best['test_error']:.2f}% -> "
+                f"{RUNS[key]} vs the reference recipe's default: test error {100 * seed_best['test_error']:.2f}% -> "
                 f"{100 * best['test_error']:.2f}%: {100 * reduction:.0f}% less error"
             )
     if "dag-defaults" in exported:

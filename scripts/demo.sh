@@ -9,11 +9,11 @@ python scripts/stack.py start
 airflow db migrate >/dev/null
 python scripts/seed_demo.py
 mkdir -p "$SPARKTF_STATE_DIR"
-# A quick grid of the seed's network: mnist_cnn without augmentation, lr 0.001 with 1024 hidden units is the
+# A quick grid of the reference network: mnist_cnn without augmentation, lr 0.001 with 1024 hidden units is the
 # default configuration, and the summary compares it with the tuned trial. (The DAG's own default Params train
 # mnist_cnn_bn with augmentation for up to 15 epochs, made for full MNIST: 67 minutes on 2 cores, see BENCHMARKS.md.)
 DEMO_GRID='{"model_family": "mnist_cnn", "augment": 0, "learning_rates": [0.001, 0.003], "hidden_units": [256, 1024], "epochs": 3, "patience": 2}'
-echo "==> tuning_pipeline (2x2 grid of the seed's network with the default configuration, up to 3 epochs, on the demo MNIST subset)"
+echo "==> tuning_pipeline (2x2 grid of the reference network with the default configuration, up to 3 epochs, on the demo MNIST subset)"
 python scripts/run_dag.py tuning_pipeline --conf "$DEMO_GRID" --json-out "$SPARKTF_STATE_DIR/tuning_pipeline.json" \
   > "$SPARKTF_STATE_DIR/tuning_pipeline.log" 2>&1 || { tail -n 80 "$SPARKTF_STATE_DIR/tuning_pipeline.log"; exit 1; }
 python scripts/print_summary.py "$SPARKTF_STATE_DIR/tuning_pipeline.json"

@@ -22,7 +22,7 @@ def build_mnist_cnn(
     conv_filters: tuple[int, int] = (32, 64),
     kernel_size: int = 5,
 ):
-    """The seed's MNIST network: two 5x5 conv + max-pool blocks, one dense layer, dropout, softmax.
+    """The reference network for MNIST: two 5x5 conv + max-pool blocks, one dense layer, dropout, softmax.
 
     Args:
         input_shape: ``(height, width, channels)`` of the uint8 input.
@@ -65,7 +65,7 @@ def build_mnist_cnn_bn(
 
     Each block is conv → batch norm → ReLU twice, then 2x2 max pooling; the dense layer is batch
     normalised too, followed by dropout and the softmax. With augmentation and learning-rate
-    decay it reached a lower test error on full MNIST than the seed's ``mnist_cnn``, for about
+    decay it reached a lower test error on full MNIST than the reference network ``mnist_cnn``, for about
     twice the compute per image (BENCHMARKS.md has the figures). The moving statistics use
     momentum 0.9 (Keras' default is 0.99), the setting that benchmark measured.
 

@@ -83,7 +83,7 @@ def build_trials(
 ) -> list[dict[str, Any]]:
     """Expand a search space into trials: the full grid, or a random sample of it.
 
-    Random search samples grid points without replacement (the seed's "sparse sample of
+    Random search samples grid points without replacement (the reference recipe's "sparse sample of
     parameters") by index, so the grid product is never built in memory; a sample as large as
     the grid is the grid itself. ``fingerprint`` goes into every trial id (:func:`trial_id`).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sparktf import storage
-from sparktf_dev.testing import run_dag, upload_mnist
+from sparktf_dev.testing import not_green, run_dag, upload_mnist
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +35,7 @@ def test_a_halving_run_trains_rungs_reports_utilisation_and_exports(airflow_env,
     }
     code, summary, output = run_dag(airflow_env, tmp_path, "tuning_pipeline", conf)
     assert code == 0, output[-6000:]
-    assert {task: info["state"] for task, info in summary["tasks"].items()} == dict.fromkeys(
-        ("validate_params", "prepare_data", "tune", "export_best_model", "report"), "success"
-    )
+    assert not_green(summary) == {}
     tune = summary["tasks"]["tune"]["xcom"]
     assert tune["halving"]["rungs"] == [1, 2]
     assert 0 < tune["halving"]["slot_utilisation"] <= 1

@@ -1,4 +1,4 @@
-"""Stock pretrained networks through Airflow, as a user runs the seed's Inception example: weights
+"""Stock pretrained networks through Airflow, as a user runs the reference recipe's Inception example: weights
 files uploaded, register_model DAG runs (InceptionV3 and MobileNetV3Small; a refusal), then
 nightly_inference over a partition of real-world-like photos with each model, side by side.
 

@@ -78,7 +78,7 @@ def test_packaged_imagenet_class_index_is_complete_and_in_output_order():
     assert wnids == sorted(wnids)
     assert len(set(wnids)) == 1000
     labels = applications.imagenet_labels()
-    # the seed's example: coral reef, scuba diver, brain coral, snorkel, promontory
+    # the reference recipe's example: coral reef, scuba diver, brain coral, snorkel, promontory
     assert [labels[i] for i in (973, 983, 109, 801, 976)] == ["coral reef", "scuba diver", "brain coral", "snorkel", "promontory"]
     assert (labels[0], labels[999], index[0][0], index[999][0]) == ("tench", "toilet tissue", "n01440764", "n15075141")
     assert not any("_" in label for label in labels)

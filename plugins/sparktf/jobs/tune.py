@@ -131,7 +131,7 @@ def run_trials(
 
 
 def plot_error_vs_learning_rate(records: list[dict[str, Any]]) -> bytes:
-    """The seed's figure: final test error against learning rate, one line per hidden-unit count.
+    """The reference recipe's figure: final test error against learning rate, one line per hidden-unit count.
 
     Where other dimensions (batch size, dropout) vary too, each point is the trial with the best
     validation accuracy for that (hidden units, learning rate), consistent with selection.
