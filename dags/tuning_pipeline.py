@@ -78,6 +78,8 @@ def tuning_pipeline():
         if not problems:
             aws_connection.use_connection()
             problems = validation.dataset_problems(params["dataset_uri"], storage.has_objects)
+        if not problems:
+            problems = validation.backbone_problems(params["backbone"], params["workspace_uri"] + "/models/")
         validation.refuse(problems, "invalid parameters")
         return summary
 
@@ -89,6 +91,8 @@ def tuning_pipeline():
             "{{ params.dataset_uri }}",
             "--output-uri",
             PREPARED_URI,
+            "--models-uri",
+            "{{ params.workspace_uri }}/models/",
             *knobs.job_arguments("prepare_data"),
         ],
     )
@@ -101,6 +105,10 @@ def tuning_pipeline():
             PREPARED_URI,
             "--output-uri",
             TUNING_URI,
+            "--models-uri",
+            "{{ params.workspace_uri }}/models/",
+            "--features-uri",
+            "{{ params.workspace_uri }}/features/",
             *knobs.job_arguments("tune"),
         ],
         execution_timeout=pendulum.duration(hours=12),

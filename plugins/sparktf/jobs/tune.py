@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import sparktf
-from sparktf import dataset, executor, job, knobs, progress, search, storage, trials
+from sparktf import dataset, executor, features, job, knobs, progress, search, storage, trials
 
 log = job.log
 
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--broadcast-max-mb", type=float, default=512.0, help="broadcast the data when it is at most this large, else read shards per worker"
     )
+    features.add_arguments(parser)  # --models-uri, --features-uri, --featurize-batch-size (with --backbone)
     return parser.parse_args(argv)
 
 
