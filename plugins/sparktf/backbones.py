@@ -105,8 +105,7 @@ def feature_output(model):
     while isinstance(operation, (keras.layers.Activation, keras.layers.Softmax)) and source is not None:
         operation, source = _producer(source)  # a softmax after the classifier layer
     if isinstance(operation, keras.Model) and source is not None:
-        inner = keras.Model(operation.inputs, feature_output(operation), name=f"{operation.name}_features")
-        features = inner(source)
+        features = feature_extractor(operation)(source)
     elif isinstance(operation, keras.layers.Dense) and source is not None:
         features = source
     else:
@@ -126,7 +125,8 @@ def feature_extractor(model):
     """A model from the backbone's input to its features (shares the backbone's layers and weights)."""
     import keras
 
-    return keras.Model(model.inputs, feature_output(model), name=f"{model.name}_features")
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # a single tensor: called with one array, no structure warning
+    return keras.Model(inputs, feature_output(model), name=f"{model.name}_features")
 
 
 def check_backbone(models_uri: str, text: str, s3=None) -> dict[str, Any]:

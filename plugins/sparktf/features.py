@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from sparktf import backbones, dataset, storage
+from sparktf import backbones, dataset, job, storage
+
+log = job.log
 
 MANIFEST_NAME = "features.json"
 MANIFEST_FORMAT = "sparktf.features/v1"
@@ -214,3 +216,84 @@ def cached_features(features_uri: str, found: dict[str, Any]) -> dict[str, Any]:
         _FEATURES_CACHE.clear()
         _FEATURES_CACHE[features_uri] = load_features(features_uri, found)
     return _FEATURES_CACHE[features_uri]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuning job's hooks (jobs/tune.py): nothing changes without --backbone
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_transfer(spark, args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """With ``--backbone``: check it, featurize (or reuse), and make the trials heads on features.
+
+    Sets ``args.model_family`` to :data:`HEAD_FAMILY` and ``args.augment`` to 0 (features are
+    computed once: there is nothing to augment) and records the backbone's sha256 for the trial
+    fingerprint (:func:`fingerprint_fields`).
+
+    Returns:
+        None without a backbone; else ``{backbone, features_uri, featurized, images, feature_dim, data_source}``
+        (``data_source`` as :func:`sparktf.jobs.tune.ship_data`'s: broadcast when it fits, else shards).
+    """
+    if not args.backbone:
+        return None
+    if not args.models_uri or not args.features_uri:
+        raise ValueError("--backbone needs --models-uri (the registry holding it) and --features-uri (where features are kept)")
+    backbone = backbones.check_backbone(args.models_uri, args.backbone)
+    features_uri, found, featurized = featurize(
+        spark,
+        prepared_uri=args.prepared_uri,
+        manifest=manifest,
+        backbone=backbone,
+        features_root=args.features_uri,
+        batch_size=args.featurize_batch_size,
+    )
+    log.info(
+        "backbone %s v%s: %d images featurized now, %d features each at %s",
+        backbone["name"],
+        backbone["version"],
+        featurized,
+        found["feature_dim"],
+        features_uri,
+    )
+    args.model_family, args.augment, args.backbone_sha256 = HEAD_FAMILY, 0.0, backbone["model_sha256"]
+    size_mb = features_size_bytes(found) / 1e6
+    if size_mb <= args.broadcast_max_mb:
+        data_source: tuple[str, Any] = ("broadcast", spark.sparkContext.broadcast(load_features(features_uri, found)))
+    else:
+        data_source = ("feature_shards", (features_uri, found))
+    log.info("features %.1f MB: %s to executors", size_mb, data_source[0])
+    return {
+        "backbone": backbone,
+        "features_uri": features_uri,
+        "featurized": featurized,
+        "images": found["images"],
+        "feature_dim": found["feature_dim"],
+        "data_source": data_source,
+    }
+
+
+def fingerprint_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """What a backbone adds to a trial's fingerprint (nothing without one: from-scratch ids stay)."""
+    sha = getattr(args, "backbone_sha256", None)
+    return {"backbone_sha256": sha} if sha else {}
+
+
+def results_fields(transfer: dict[str, Any] | None) -> dict[str, Any]:
+    """What a backbone run adds to ``results.json`` (what the export composes its model from)."""
+    if transfer is None:
+        return {}
+    features = {k: transfer[k] for k in ("features_uri", "featurized", "images", "feature_dim")}
+    return {"backbone": transfer["backbone"], "features": {**features, "reused": transfer["featurized"] == 0}}
+
+
+def summary_fields(transfer: dict[str, Any] | None) -> dict[str, Any]:
+    """What a backbone run adds to the job's XCom result: the backbone and how many images were featurized now."""
+    if transfer is None:
+        return {}
+    backbone = transfer["backbone"]
+    return {
+        "backbone": f"{backbone['name']}@{backbone['version']}",
+        "featurized": transfer["featurized"],
+        "features_reused": transfer["featurized"] == 0,
+        "features_uri": transfer["features_uri"],
+    }

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 import pytest
 
-from sparktf import applications, backbones, knobs, registry
+from sparktf import applications, backbones, features, knobs, registry
 from sparktf.airflow import validation
 
 INPUT = (16, 16, 3)
@@ -153,3 +154,91 @@ def test_a_backbone_needing_an_input_the_data_cannot_give_is_refused(models_uri)
         backbones.backbone_input({**metadata, "resize_policy": "stretch"})
     with pytest.raises(backbones.BackboneRefused, match="takes string input"):
         backbones.backbone_input({**metadata, "input_dtype": "string"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Point 2: featurize once on Spark, reuse, featurize again for another backbone version
+# ---------------------------------------------------------------------------------------------
+
+CLASSES = {"cat": (200, 60, 40), "dog": (40, 180, 60), "owl": (50, 60, 200)}
+PER_CLASS = 10
+
+
+def photo_bytes(color: tuple[int, int, int], size: tuple[int, int], index: int) -> tuple[str, bytes]:
+    """A noisy photo of one dominant colour, JPEG or PNG by ``index``."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    pixels = np.clip(np.array(color)[None, None, :] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    kind = "JPEG" if index % 2 else "PNG"
+    Image.fromarray(pixels).save(buffer, format=kind)
+    return kind.lower(), buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(spark, bucket):
+    """An ImageFolder of generated RGB photos of 3 classes (sizes 20x16 to 64x48), prepared for the backbone."""
+    import uuid
+
+    from sparktf import storage
+    from sparktf.jobs import prepare_data
+
+    root = f"s3://{bucket}/photos-{uuid.uuid4().hex[:8]}"
+    models = f"{root}/models/"
+    register(models, "photo-backbone", tiny_backbone(seed=0))
+    for label, color in CLASSES.items():
+        for i in range(PER_CLASS):
+            kind, data = photo_bytes(color, (20 + 4 * i, 16 + 3 * i), i + 100 * len(label) + ord(label[0]))
+            storage.write_bytes(f"{root}/raw/{label}/nested/{i:02d}.{kind}", data)
+    prepared = f"{root}/prepared/"
+    argv = ["--input-uri", f"{root}/raw/", "--output-uri", prepared, "--backbone", "photo-backbone", "--models-uri", models]
+    result = prepare_data.run(spark, prepare_data.parse_args([*argv, "--validation-fraction", "0.2", "--test-fraction", "0.2"]))
+    return {"root": root, "models_uri": models, "prepared_uri": prepared, "prepare_result": result}
+
+
+def test_prepare_data_decodes_to_the_backbones_recorded_input(photos):
+    from sparktf import dataset
+
+    manifest = dataset.read_manifest(photos["prepared_uri"])
+    assert manifest["image_shape"] == list(INPUT)
+    assert manifest["resize_policy"] == "center_crop"
+    assert manifest["backbone"]["name"] == "photo-backbone"
+    assert manifest["label_names"] == sorted(CLASSES)
+    assert sum(manifest["splits"][s]["count"] for s in dataset.SPLITS) == len(CLASSES) * PER_CLASS
+
+
+def test_features_are_computed_once_and_again_only_for_another_backbone(spark, photos):
+    from sparktf import dataset
+
+    manifest = dataset.read_manifest(photos["prepared_uri"])
+    features_root = photos["root"] + "/features/"
+
+    def run():
+        backbone = backbones.check_backbone(photos["models_uri"], "photo-backbone")
+        return features.featurize(
+            spark, prepared_uri=photos["prepared_uri"], manifest=manifest, backbone=backbone, features_root=features_root, batch_size=4
+        )
+
+    uri, found, featurized = run()
+    assert featurized == len(CLASSES) * PER_CLASS == found["images"]
+    assert found["feature_dim"] == 12
+    # The shards hold what the backbone's extractor gives in this process, in read_split's order.
+    model = registry.load_version_model(registry.resolve(photos["models_uri"], "photo-backbone"))
+    extractor = backbones.feature_extractor(model)
+    x_test, y_test = dataset.read_split(photos["prepared_uri"], "test", manifest)
+    got_x, got_y = features.read_features_split(uri, "test", found)
+    np.testing.assert_array_equal(got_y, y_test)
+    np.testing.assert_allclose(got_x, np.asarray(extractor(x_test, training=False)), rtol=1e-5, atol=1e-6)
+
+    again_uri, again, featurized_again = run()
+    assert (again_uri, featurized_again) == (uri, 0)
+    assert again == found
+
+    register(photos["models_uri"], "photo-backbone", tiny_backbone(seed=1))  # v2 becomes the champion
+    new_uri, new, featurized_new = run()
+    assert featurized_new == len(CLASSES) * PER_CLASS
+    assert new_uri != uri
+    assert new["backbone"]["version"] == 2

@@ -70,6 +70,7 @@ def trial_fingerprint(args: argparse.Namespace, manifest: dict[str, Any]) -> dic
         "seed": args.seed,
         "manifest_sha256": manifest["content_sha256"],
         "code_version": sparktf.code_version(),
+        **features.fingerprint_fields(args),  # with a backbone: its sha256 (features differ per version)
     }
 
 
@@ -108,7 +109,13 @@ def run_trials(
 
     def run_partition(items: Iterator[list[dict]]) -> Iterator[dict]:
         cpus = executor.task_cpus()
-        data = payload.value if kind == "broadcast" else dataset.cached_arrays(*payload)
+        data = (
+            payload.value
+            if kind == "broadcast"
+            else features.cached_features(*payload)
+            if kind == "feature_shards"
+            else dataset.cached_arrays(*payload)
+        )
         for group in items:
             for trial in group:
                 yield trials.train_trial(
@@ -210,6 +217,7 @@ def job_summary(results: dict[str, Any], summary: dict[str, Any], *, results_uri
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     manifest = dataset.read_manifest(args.prepared_uri)
+    transfer = features.prepare_transfer(spark, args, manifest)  # with --backbone: features computed (or reused), heads trained on them
     space = search_space(args)
     fixed = {"optimizer": args.optimizer, "augment": args.augment}
     fingerprint = trial_fingerprint(args, manifest)
@@ -218,7 +226,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     )
     log.info("tuning %d trials (%s search) on %s", len(trial_list), args.search_strategy, args.prepared_uri)
 
-    data_source = ship_data(spark, args, manifest)
+    data_source = transfer["data_source"] if transfer else ship_data(spark, args, manifest)
 
     trials_uri = storage.join_uri(args.output_uri, "trials")
     watch = progress.TrialProgress(trials_uri, trial_list, log=log).start()  # a line per finished trial
@@ -258,12 +266,13 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "best_trial_id": summary["best"]["trial_id"] if summary["best"] else None,
         "figure_uri": figure_uri,
         "wall_seconds": round(time.perf_counter() - started, 2),
+        **features.results_fields(transfer),
     }
     storage.write_json(results_uri, results)
     if summary["best"] is None:
         reasons = "; ".join(f"{f['trial_id']}: {f['reason']}" for f in summary["failed"][:5])
         raise RuntimeError(f"every one of {len(records)} trials failed ({reasons}); see {results_uri}")
-    return job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri)
+    return {**job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri), **features.summary_fields(transfer)}
 
 
 def main(argv: list[str] | None = None) -> int:
