@@ -190,3 +190,41 @@ def apply_backbone_input(args, s3=None) -> dict[str, Any]:
         wanted["resize_policy"],
     )
     return summary(metadata, wanted)
+
+
+def export_transfer(models_uri: str, model_name: str, best: dict[str, Any], results: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """Register the best head of a backbone run as one ``.keras`` model, backbone + head, taking uint8 pixels.
+
+    The backbone and the head are loaded as any registered artifact (sha256-checked, safe mode);
+    the composed file is checked against the registry's allowlist and loaded in safe mode before
+    it is written. ``metadata`` (the export's, with the ImageFolder's ``label_names``) gains the
+    backbone (name, version, sha256), its input and ``resize_policy``.
+    """
+    import os
+    import tempfile
+
+    from sparktf import applications
+
+    backbone = results["backbone"]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = registry.load_verified_model(backbone["model_uri"], backbone["model_sha256"])
+        head = registry.load_verified_model(best["model_uri"], best["model_sha256"])
+        model = compose(base, head, name="transfer")
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        registry.check_layer_classes(path, f"model {model_name!r} (backbone {backbone['name']} v{backbone['version']} + head)")
+        applications.load_safely(path)  # as inference will load it
+        saved = os.path.join(tmp, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False)
+        full = {
+            **metadata,
+            "family": "transfer",
+            "input_shape": list(backbone["input_shape"]),
+            "channels": int(backbone["input_shape"][2]),
+            "input_dtype": "uint8",
+            "resize_policy": backbone["resize_policy"],
+            "num_classes": len(metadata["label_names"]),
+            "backbone": {k: backbone[k] for k in ("name", "version", "model_uri", "model_sha256")},
+            "head": {"model_uri": best["model_uri"], "model_sha256": best["model_sha256"]},
+        }
+        return registry.write_version(models_uri, model_name, model_path=path, metadata=full, saved_model_dir=saved)

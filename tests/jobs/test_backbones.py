@@ -242,3 +242,102 @@ def test_features_are_computed_once_and_again_only_for_another_backbone(spark, p
     assert featurized_new == len(CLASSES) * PER_CLASS
     assert new_uri != uri
     assert new["backbone"]["version"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Point 3: heads tuned as trials on the features, one exported model backbone + head
+# ---------------------------------------------------------------------------------------------
+
+
+def head_tune_args(photos: dict, output_uri: str):
+    from sparktf.jobs import tune
+
+    return tune.parse_args(
+        [
+            "--prepared-uri",
+            photos["prepared_uri"],
+            "--output-uri",
+            output_uri,
+            "--models-uri",
+            photos["models_uri"],
+            "--features-uri",
+            photos["root"] + "/features-tune/",
+            "--backbone",
+            "photo-backbone@1",
+            "--learning-rates",
+            "0.05",
+            "--hidden-units",
+            "0,8",
+            "--l2-weights",
+            "0,0.001",
+            "--dropouts",
+            "0",
+            "--batch-sizes",
+            "8",
+            "--epochs",
+            "3",
+            "--patience",
+            "3",
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def tuned_heads(spark, photos):
+    from sparktf.jobs import tune
+
+    out = photos["root"] + "/run1/tuning/"
+    first = tune.run(spark, head_tune_args(photos, out))
+    second = tune.run(spark, head_tune_args(photos, out))  # a cleared run: same data, same backbone
+    return out, first, second
+
+
+def test_heads_are_tuned_as_trials_on_features_computed_once(tuned_heads):
+    from sparktf import storage
+
+    out, first, second = tuned_heads
+    assert first["trials"] == 4
+    assert first["succeeded"] == 4
+    assert first["backbone"] == "photo-backbone@1"
+    assert first["featurized"] == len(CLASSES) * PER_CLASS
+    assert (second["featurized"], second["features_reused"], second["reused"]) == (0, True, 4)
+    results = storage.read_json(out + "results.json")
+    assert results["model_family"] == "head"
+    assert results["features"]["feature_dim"] == 12
+    assert sorted({(t["params"]["hidden_units"], t["params"]["l2_weight"]) for t in results["trials"]}) == [
+        (0, 0.0),
+        (0, 0.001),
+        (8, 0.0),
+        (8, 0.001),
+    ]
+    assert {"l2_weight", "hidden_units"} <= set(first["leaderboard"][0])
+
+
+def test_the_export_is_one_model_backbone_and_head_taking_uint8_pixels(spark, photos, tuned_heads):
+    import keras
+
+    from sparktf import dataset, storage
+    from sparktf.jobs import export_model
+
+    out, _first, _second = tuned_heads
+    argv = ["--results-uri", out + "results.json", "--models-uri", photos["models_uri"], "--model-name", "my-photos"]
+    result = export_model.run(export_model.parse_args([*argv, "--source-run", "r1", "--trained-at", "2026-12-07T00:00:00+00:00"]))
+    assert result["promoted"]
+    metadata = registry.resolve(photos["models_uri"], "my-photos")
+    backbone = registry.resolve(photos["models_uri"], "photo-backbone", 1)
+    assert metadata["label_names"] == sorted(CLASSES)
+    assert metadata["backbone"]["name"] == "photo-backbone"
+    assert (metadata["backbone"]["version"], metadata["backbone"]["model_sha256"]) == (1, backbone["model_sha256"])
+    assert (metadata["resize_policy"], metadata["input_shape"], metadata["input_dtype"]) == ("center_crop", list(INPUT), "uint8")
+    assert metadata["model_uri"].endswith(".keras")
+
+    served = registry.load_version_model(metadata)  # sha256-checked, allowlist, safe mode
+    assert served.inputs[0].dtype == "uint8"
+    assert applications.describe_model(served) == (INPUT, len(CLASSES))
+    x_test, _y = dataset.read_split(photos["prepared_uri"], "test")
+    best = {t["trial_id"]: t for t in storage.read_json(out + "results.json")["trials"]}[result["trial_id"]]
+    head = registry.load_verified_model(best["model_uri"], best["model_sha256"])
+    extractor = backbones.feature_extractor(registry.load_version_model(backbone))
+    expected = np.asarray(head(extractor(x_test, training=False), training=False))
+    np.testing.assert_allclose(np.asarray(served(x_test, training=False)), expected, rtol=1e-5, atol=1e-6)
+    assert isinstance(served, keras.Model)
