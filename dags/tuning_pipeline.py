@@ -8,9 +8,9 @@ champion on the same test set.
 
 | task | what it does | XCom |
 |---|---|---|
-| `validate_params` | refuses a bad search space or an empty dataset location before Spark starts | the checked settings |
+| `validate_params` | refuses a bad search space, an empty dataset location or an unusable `backbone` before Spark starts | the checked settings |
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
-| `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
+| `tune` | Spark job `jobs/tune.py` (with a `backbone`: its features computed once per backbone version and data, then heads tuned on them): one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
 | `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap | version, URI, promoted and `promotion_reason`, metrics |
 
 Everything a run writes is under `<workspace_uri>/runs/tuning_pipeline/<run id>/`; models under
@@ -38,6 +38,9 @@ from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
 PREPARED_URI = RUN_URI + "/prepared/"
 TUNING_URI = RUN_URI + "/tuning/"
+# With a backbone: prepare_data decodes to its input (registry), tune keeps its features by backbone and data.
+PREPARE_BACKBONE_ARGS = ["--models-uri", "{{ params.workspace_uri }}/models/"]
+TUNE_BACKBONE_ARGS = [*PREPARE_BACKBONE_ARGS, "--features-uri", "{{ params.workspace_uri }}/features/"]
 
 PARAMS = {
     "dataset_uri": Param(
@@ -78,8 +81,7 @@ def tuning_pipeline():
         if not problems:
             aws_connection.use_connection()
             problems = validation.dataset_problems(params["dataset_uri"], storage.has_objects)
-        if not problems:
-            problems = validation.backbone_problems(params["backbone"], params["workspace_uri"] + "/models/")
+        problems = problems or validation.backbone_problems(params["backbone"], params["workspace_uri"] + "/models/")
         validation.refuse(problems, "invalid parameters")
         return summary
 
@@ -91,8 +93,7 @@ def tuning_pipeline():
             "{{ params.dataset_uri }}",
             "--output-uri",
             PREPARED_URI,
-            "--models-uri",
-            "{{ params.workspace_uri }}/models/",
+            *PREPARE_BACKBONE_ARGS,
             *knobs.job_arguments("prepare_data"),
         ],
     )
@@ -105,10 +106,7 @@ def tuning_pipeline():
             PREPARED_URI,
             "--output-uri",
             TUNING_URI,
-            "--models-uri",
-            "{{ params.workspace_uri }}/models/",
-            "--features-uri",
-            "{{ params.workspace_uri }}/features/",
+            *TUNE_BACKBONE_ARGS,
             *knobs.job_arguments("tune"),
         ],
         execution_timeout=pendulum.duration(hours=12),
