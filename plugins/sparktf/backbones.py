@@ -91,6 +91,19 @@ def _producer(tensor) -> tuple[Any, Any]:
     return operation, (inputs[0] if len(inputs) == 1 else None)
 
 
+def _is_pointwise_classifier(operation, source) -> bool:
+    """A 1x1 ``Conv2D`` on a 1x1 map: a Dense classifier on pooled features in conv form."""
+    import keras
+
+    return (
+        isinstance(operation, keras.layers.Conv2D)
+        and source is not None
+        and tuple(operation.kernel_size) == (1, 1)
+        and tuple(source.shape[1:3]) == (1, 1)
+        and source.shape[3] is not None
+    )
+
+
 def feature_output(model):
     """The feature tensor of ``model`` in its own graph: the input of its last ``Dense`` layer.
 
@@ -102,12 +115,15 @@ def feature_output(model):
     if len(model.outputs) != 1:
         raise BackboneRefused(f"model {model.name!r} has {len(model.outputs)} outputs: a backbone has one classifier output")
     operation, source = _producer(model.outputs[0])
-    while isinstance(operation, (keras.layers.Activation, keras.layers.Softmax)) and source is not None:
-        operation, source = _producer(source)  # a softmax after the classifier layer
+    while isinstance(operation, (keras.layers.Activation, keras.layers.Softmax, keras.layers.Flatten)) and source is not None:
+        operation, source = _producer(source)  # a softmax (and a flatten) after the classifier layer
     if isinstance(operation, keras.Model) and source is not None:
         features = feature_extractor(operation)(source)
     elif isinstance(operation, keras.layers.Dense) and source is not None:
         features = source
+    elif _is_pointwise_classifier(operation, source):
+        # MobileNetV3's top: a 1x1 convolution on the pooled (1, 1, C) map, then a flatten.
+        features = keras.layers.Flatten(name=f"{operation.name}_features")(source)
     else:
         raise BackboneRefused(
             f"model {model.name!r} has no usable feature layer: its output comes from a {type(operation).__name__} layer, "

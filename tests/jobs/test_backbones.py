@@ -341,3 +341,17 @@ def test_the_export_is_one_model_backbone_and_head_taking_uint8_pixels(spark, ph
     expected = np.asarray(head(extractor(x_test, training=False), training=False))
     np.testing.assert_allclose(np.asarray(served(x_test, training=False)), expected, rtol=1e-5, atol=1e-6)
     assert isinstance(served, keras.Model)
+
+
+@pytest.mark.parametrize(("application", "dim"), [("MobileNetV3Small", 1024), ("MobileNetV2", 1280)])
+def test_the_feature_layer_of_stock_networks_is_their_pooled_vector(application, dim):
+    """A stock network wrapped as register_model wraps it: the features are the classifier's input."""
+    import keras
+
+    base = getattr(keras.applications, application)(weights=None, input_shape=(32, 32, 3), classes=5)
+    pixels = keras.Input((32, 32, 3), dtype="uint8", name="pixels")
+    wrapped = keras.Model(pixels, base(keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(pixels)))
+    extractor = backbones.feature_extractor(wrapped)
+    assert tuple(extractor.outputs[0].shape) == (None, dim)
+    batch = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.asarray(extractor(batch, training=False)).shape == (2, dim)
