@@ -355,3 +355,15 @@ def test_the_feature_layer_of_stock_networks_is_their_pooled_vector(application,
     assert tuple(extractor.outputs[0].shape) == (None, dim)
     batch = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert np.asarray(extractor(batch, training=False)).shape == (2, dim)
+
+
+def test_features_too_large_to_broadcast_reach_trials_from_shards(spark, photos, tuned_heads):
+    from sparktf import storage
+    from sparktf.jobs import tune
+
+    out = photos["root"] + "/run-shards/tuning/"
+    args = head_tune_args(photos, out)
+    args.broadcast_max_mb = 0.0
+    result = tune.run(spark, args)
+    assert (result["succeeded"], result["featurized"]) == (4, 0)
+    assert storage.read_json(out + "results.json")["data_transfer"] == "feature_shards"
