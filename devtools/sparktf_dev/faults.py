@@ -9,7 +9,8 @@ the server, except that, for a bounded share of requests, it
   sees the request),
 * forwards the request, then resets the connection half-way through the response body (for a
   response without a body: before any byte of it, an answer lost after the server acted),
-* or adds latency before forwarding.
+* or adds latency before forwarding, or (a :class:`FaultRule` of kind ``hold``) holds a request until
+  the test releases it.
 
 **Deterministic.** Whether a request is faulted depends only on the seed, the request (method,
 path, query, copy source) and how many times that same request was seen before, never on thread
@@ -48,7 +49,7 @@ from xml.sax.saxutils import escape
 
 from sparktf import storage
 
-KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "conflict", "delete_errors", "error")
+KINDS = ("internal", "slowdown", "reset", "latency", "access_denied", "conflict", "delete_errors", "error", "hold")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect", "content-length"}
 _ERRORS = {
     "internal": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
@@ -68,7 +69,10 @@ class FaultRule:
             while another conditional write to the key is in progress) or ``delete_errors`` (a
             DeleteObjects answered 200 with every key in ``Errors``, nothing deleted) or ``error``
             (an S3 error answer with ``code``, ``status`` and ``message``, not forwarded: e.g.
-            ``ExpiredToken`` to make credentials expire part-way through a job).
+            ``ExpiredToken`` to make credentials expire part-way through a job) or ``hold`` (the
+            request, body received, waits until ``released`` is set, then is forwarded, or answered
+            as an ``error`` when the rule has a ``code``: a barrier for a test, e.g. a write still in
+            flight while the job fails).
         method: HTTP method to match (``GET``, ``PUT``, ``POST``, ...), or any.
         key: regular expression searched in the object key (the path after the bucket), or any.
         query: substring of the raw query string (e.g. ``"delete"``, ``"list-type"``), or any.
@@ -89,16 +93,21 @@ class FaultRule:
     code: str | None = None
     status: int = 403
     message: str = "The store refused the request"
+    released: threading.Event | None = None
+    hold_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; one of {KINDS}")
-        if (self.kind == "error") != (self.code is not None):
-            raise ValueError("the error kind needs a code, and only it takes one")
+        takes_code = self.kind in ("error", "hold")  # hold: the error answered once released
+        if (self.code is not None and not takes_code) or (self.kind == "error" and self.code is None):
+            raise ValueError("the error kind needs a code, and only it and hold take one")
+        if (self.kind == "hold") != (self.released is not None):
+            raise ValueError("the hold kind needs a released event, and only it takes one")
 
     def error_answer(self) -> tuple[int, str, str, str]:
         """``(status, reason, code, message)`` of the S3 error answer this rule gives."""
-        if self.kind == "error":
+        if self.code is not None:
             return self.status, http.client.responses.get(self.status, "Error"), str(self.code), self.message
         return _ERRORS[self.kind]
 
@@ -368,7 +377,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         kind = rule.kind if isinstance(rule, FaultRule) else rule
         if delay:
             time.sleep(delay)
-        if kind in _ERRORS or kind == "error":
+        if kind == "hold":
+            rule.released.wait(rule.hold_timeout)
+        if kind in _ERRORS or kind == "error" or (kind == "hold" and rule.code is not None):
             status, reason, code, message = rule.error_answer() if isinstance(rule, FaultRule) else _ERRORS[kind]
             payload = b"" if self.command == "HEAD" else _error_body(code, message, path)
             self._send(status, reason, [("Content-Type", "application/xml")], payload)

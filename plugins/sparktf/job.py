@@ -6,8 +6,11 @@ Driver-side only: code that runs on executors imports :mod:`sparktf.executor` in
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sparktf import storage
@@ -27,6 +30,47 @@ class FinalFailure(RuntimeError):
     def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.result = result or {}
+
+
+@contextlib.contextmanager
+def tasks_settled_on_failure(sc, description: str, *, timeout: float = 120.0) -> Iterator[None]:
+    """Run the block's Spark jobs as one job group; if the block fails, cancel the group and wait
+    (at most ``timeout`` seconds) until none of its tasks is still running, then re-raise.
+
+    A job fails as soon as one task does, while its other tasks may still be writing (a task's
+    Python worker is killed only seconds after the job failed): clean-up that runs after this
+    block cannot race their last writes.
+    """
+    group = f"sparktf-{uuid.uuid4().hex[:12]}"
+    sc.setJobGroup(group, description)
+    try:
+        yield
+    except BaseException:
+        sc.cancelJobGroup(group)
+        started = time.monotonic()
+        running = running_tasks(sc, group)
+        while running and time.monotonic() - started < timeout:
+            time.sleep(0.2)
+            running = running_tasks(sc, group)
+        if running:
+            log.warning("%d tasks of the failed job were still running after %.0f s", running, timeout)
+        else:
+            log.info("every task of the failed job ended (%.1f s after it failed)", time.monotonic() - started)
+        raise
+    finally:
+        sc.setJobGroup(None, None)  # later jobs of this thread are not in the group
+
+
+def running_tasks(sc, group: str) -> int:
+    """Tasks of the job group ``group`` that have started and not ended (Spark's status tracker)."""
+    tracker = sc.statusTracker()
+    running = 0
+    for job_id in tracker.getJobIdsForGroup(group):
+        info = tracker.getJobInfo(job_id)
+        for stage_id in info.stageIds if info else ():
+            stage = tracker.getStageInfo(stage_id)
+            running += stage.numActiveTasks if stage else 0
+    return running
 
 
 def configure_logging() -> None:

@@ -10,11 +10,12 @@ as clean runs do (inference rows; tuning trials and champion decision).
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
 
-from sparktf import job, predictions, storage
+from sparktf import incoming, job, predictions, storage
 from sparktf.jobs import batch_inference, export_model, prepare_data, tune
 from sparktf_dev.faults import FaultProxy, FaultRule, route_storage
 from sparktf_dev.testing import batch_inference_argv, land_partition, train_tiny_model, upload_mnist
@@ -389,6 +390,42 @@ def test_credentials_that_expire_part_way_fail_the_rerun_and_keep_the_published_
     assert rows_of(partition) == rows
     staged = storage.list_keys(f"{ws['ws']}/predictions/digits/_staging/2026-11-20/")
     assert not [key for key in staged if "/expired-" in key]  # this attempt left nothing staged
+
+
+def test_a_task_still_writing_when_the_job_fails_leaves_nothing_staged(spark, ws, proxy, s3_server):
+    """One task fails (the store refuses one of its images) while the other's staged part is
+    still on its way to the store: the clean-up of the failed attempt waits for that task."""
+    import threading
+
+    keys = [o["key"] for o in incoming.scan_partition(ws["ws"] + "/incoming/", "2026-11-20")[0]]
+    refused_key = incoming.assign_keys(keys, 2)[0][0]  # one of the first task's images
+    part_held, part_released = threading.Event(), threading.Event()
+    expired = {"code": "ExpiredToken", "status": 400, "message": "The provided token has expired."}
+    # The first task's image is held until the second task's part is held too, then refused.
+    proxy.add_rule(FaultRule("hold", method="GET", key=f"{re.escape(refused_key)}$", released=part_held, hold_timeout=60, **expired))
+    proxy.add_rule(FaultRule("hold", method="PUT", key=r"_staging/2026-11-20/late-[^/]*/part-", released=part_released, hold_timeout=60))
+
+    def step_through():
+        deadline = time.monotonic() + 60
+        while proxy.faults["hold"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        deletes = proxy.requested[("POST", "")]
+        part_held.set()  # the refusal fails the job now
+        # An unguarded clean-up deletes the staging at once (a DeleteObjects); a guarded one waits
+        # for the held task, so it gets a second (Spark kills a task's Python worker after 2 s).
+        waited = time.monotonic() + 1.0
+        while proxy.requested[("POST", "")] == deletes and time.monotonic() < waited:
+            time.sleep(0.02)
+        part_released.set()
+
+    stepper = threading.Thread(target=step_through, daemon=True)
+    stepper.start()
+    with through(proxy, s3_server, spark), pytest.raises(Exception, match="ExpiredToken"):
+        batch_inference.run(spark, args(ws["ws"], "2026-11-20", "--attempt-id", "late", "--max-keys-per-task", "64"))
+    stepper.join(timeout=60)
+    assert proxy.faults["hold"] == 2  # both held: the refused image and the other task's part
+    staged = storage.list_keys(f"{ws['ws']}/predictions/digits/_staging/2026-11-20/")
+    assert not [key for key in staged if "/late-" in key]
 
 
 # ---------------------------------------------------------------------------------------------

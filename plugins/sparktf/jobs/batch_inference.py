@@ -210,7 +210,6 @@ def plan_groups(objects: list[dict[str, Any]], slots: int, max_keys_per_task: in
 def score_groups(spark, groups: list[tuple], settings: dict[str, Any], staged_uri: str, *, description: str) -> tuple[list[dict[str, Any]], float]:
     """Score every group as one Spark task; ``(the tasks' summaries by index, seconds)``."""
     sc = spark.sparkContext
-    sc.setJobDescription(description)
 
     def score_task(items):
         for index, group, group_sizes in items:
@@ -220,7 +219,9 @@ def score_groups(spark, groups: list[tuple], settings: dict[str, Any], staged_ur
     # A log line per finished task, read from the attempt's staging.
     watch = progress.InferenceProgress(staged_uri, [len(g) for _, g, _ in groups], log=log).start()
     try:
-        task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(), key=lambda r: r["index"])
+        # A failed job's other tasks end before the attempt's staging is removed (see run).
+        with job.tasks_settled_on_failure(sc, description):
+            task_results = sorted(sc.parallelize(groups, len(groups)).mapPartitions(score_task).collect(), key=lambda r: r["index"])
     finally:
         watch.stop()  # also when a task failed: no watcher outlives the attempt
     return task_results, time.perf_counter() - started
