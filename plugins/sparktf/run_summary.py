@@ -101,7 +101,7 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
     Returns:
         ``trials``, ``succeeded``, ``failed`` (with reasons), ``rows`` (ranked, best first),
         ``varying`` and ``constant`` dimensions, ``default`` (the comparison, or why there is
-        none), ``champion`` (the decision) and ``figure_uri``.
+        none), ``champion`` (the decision), ``backbone`` (:func:`backbone_used`) and ``figure_uri``.
     """
     results = results or {}
     tune = tune or {}
@@ -146,7 +146,19 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
         comparison.update(present=False, why="not in this run's grid" if complete else "trial list incomplete")
     facts["default"] = comparison
     facts["champion"] = champion_decision(export)
+    facts["backbone"] = backbone_used(tune)
     return facts
+
+
+def backbone_used(tune: dict[str, Any]) -> dict[str, Any] | None:
+    """The backbone of a head-tuning run (the ``tune`` XCom's ``backbone``, ``name@version``) and
+    how many images its features were computed for now: ``{name, version, featurized}``; None for
+    a from-scratch run."""
+    if not tune.get("backbone"):
+        return None
+    name, _, version = str(tune["backbone"]).rpartition("@")
+    featurized = tune.get("featurized")
+    return {"name": name, "version": version, "featurized": featurized}
 
 
 def champion_decision(export: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -181,6 +181,7 @@ def test_heads_are_tuned_on_features_computed_once(tuned):
     assert tune["features_reused"] is False
     assert sorted((row["hidden_units"], row["l2_weight"]) for row in tune["leaderboard"]) == [(0, 0.0), (0, 0.001), (8, 0.0), (8, 0.001)]
     assert storage.read_json(tune["results_uri"])["model_family"] == "head"
+    assert f"**Backbone:** `{BACKBONE}` v1: featurized {len(CLASSES) * PER_CLASS} images." in summary["note"]
 
 
 def test_the_export_is_one_model_with_the_users_labels(tuned, workspace):
@@ -242,6 +243,7 @@ def test_a_second_grid_over_the_same_data_featurizes_nothing(tuned_again, tuned)
     assert (tune["featurized"], tune["features_reused"]) == (0, True)
     assert tune["features_uri"] == tuned[0]["tasks"]["tune"]["xcom"]["features_uri"]
     assert (tune["trials"], tune["succeeded"]) == (1, 1)
+    assert f"**Backbone:** `{BACKBONE}` v1: features reused (0 featurized)." in tuned_again["note"]
 
 
 def test_a_backbone_that_does_not_exist_is_refused_before_any_spark_job(airflow_env, workspace, registered, tmp_path):
