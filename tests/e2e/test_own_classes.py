@@ -203,6 +203,8 @@ def test_the_nightly_run_labels_new_photos_with_the_users_classes(nightly, tuned
     version = tuned[0]["tasks"]["export_best_model"]["xcom"]["version"]
     assert (published["model_name"], published["model_version"], published["date"]) == ("my-photos", version, NIGHT[1])
     assert (published["scored"], published["set_aside"]) == (len(workspace["new"]), 0)
+    assert set(published["label_histogram"]) <= set(CLASSES)
+    assert f"**{len(workspace['new'])} scored**, **0 set aside** of {len(workspace['new'])} images, with model `my-photos`" in nightly["note"]
     metadata = registry.resolve(workspace["ws"] + "/models/", "my-photos", version)
     # The exported file as it is stored: its bytes are the registered ones, then it loads in safe mode.
     assert storage.stream_sha256(metadata["model_uri"]) == metadata["model_sha256"]
