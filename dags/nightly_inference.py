@@ -19,6 +19,7 @@ on Spark, and publishes one predictions partition per day.
 | `resolve_model` | champion or pinned version; checks the `.keras` artifact against its sha256; missing or tampered, or a `batch_size` too large for the executor's memory at the model's input size → fails with the reason and what to do | version, model URI, sha256, labels |
 | `batch_inference` | Spark job `jobs/batch_inference.py`: concurrent GETs per task, decode, one model call per batch, model loaded once per Python worker; publish (new files, then a conditional `_SUCCESS` switch) | counts, reasons, label histogram, throughput |
 | `publish` | checks the published `_SUCCESS` manifest; emits the predictions **Asset** event (extra: date, URI, counts, model version) | the run summary |
+| `mlflow` | only with an `mlflow_default` connection (or `MLFLOW_TRACKING_URI`), else skipped: the night's counts, reasons and labels in MLflow; MLflow down never fails the run | what was and was not logged |
 
 **Output** — `<workspace_uri>/predictions/<model_name>/<YYYY-MM-DD>/` (each model its own partitions):
 the layout, the publish protocol and the reader contract are described once, in the `sparktf.predictions`
@@ -31,6 +32,10 @@ retry) after the partition (with its `_errors`) is published, flagged `failure_r
 `_SUCCESS`; no Asset event is emitted for it. An image the store keeps failing to serve fails the
 Spark task (Spark retries it), never becomes a set-aside row. Downstream DAGs schedule on the
 Asset `s3://<default workspace>/predictions` and read the date from the event's extra.
+
+**Late nights:** a run not finished `SPARKTF_NIGHTLY_DEADLINE_MINUTES` (default 240) after its data
+interval ends misses its deadline (Airflow's deadline alerts): the triggerer logs one `late night:` line
+(DAG, run, date, how late) and calls the notifier `SPARKTF_LATE_NIGHT_NOTIFIER` names (`sparktf.airflow.deadlines`).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import pendulum
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from sparktf import knobs
-from sparktf.airflow import nightly, run_notes
+from sparktf.airflow import deadlines, nightly, run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_WORKSPACE_URI,
@@ -92,6 +97,8 @@ PARAMS = {
     doc_md=__doc__,
     user_defined_filters={"path_safe": path_safe},
     render_template_as_native_obj=False,
+    # Late night: not finished SPARKTF_NIGHTLY_DEADLINE_MINUTES after the data interval end -> one log line + notifier.
+    deadline=deadlines.nightly_deadline(),
 )
 def nightly_inference():
     @task.short_circuit(retries=2)
@@ -187,7 +194,15 @@ def nightly_inference():
         return summary
 
     found >> resolved >> batch_inference
-    publish(batch_inference.output, resolved, found)
+
+    @task(task_id="mlflow")
+    def track_in_mlflow() -> dict:
+        """Log the night's counts, reasons and labels to MLflow when configured (skipped otherwise; never fails)."""
+        from sparktf.airflow import mlflow_tracking
+
+        return mlflow_tracking.run_task("nightly")
+
+    publish(batch_inference.output, resolved, found) >> track_in_mlflow()
     run_notes.report_task("nightly")  # last: the run's note (counts, reasons, labels, model)
 
 

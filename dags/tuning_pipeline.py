@@ -11,7 +11,10 @@ champion on the same test set.
 | `validate_params` | refuses a bad search space, an empty dataset location or an unusable `backbone` before Spark starts | the checked settings |
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
 | `tune` | Spark job `jobs/tune.py` (with a `backbone`: its features computed once per backbone version and data, then heads tuned on them): one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
-| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap | version, URI, promoted and `promotion_reason`, metrics |
+| `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap (with `promotion` approve: only whether it would move) | version, URI, promoted and `promotion_reason`, `awaiting_approval`, metrics |
+| `approve_promotion` | `promotion` approve only, and only when the version would become champion: waits for a person's Approve / Reject in the UI (Required Actions), with the leaderboard, the comparison and the figure; no answer within `approval_timeout_hours` = Reject | the answer: approved, by whom, when |
+| `promote_approved` | on Approve, moves the champion by the same compare-and-swap, compared again with the champion of that moment; on Reject / timeout records why not (no Spark) | the final decision (export's keys) |
+| `mlflow` | only with an `mlflow_default` connection (or `MLFLOW_TRACKING_URI`), else skipped: the run, its trials, the model version and the `champion` alias in MLflow (`sparktf.airflow.mlflow_tracking`), after the promotion settled; MLflow down never fails the run | what was and was not logged |
 
 Everything a run writes is under `<workspace_uri>/runs/tuning_pipeline/<run id>/`; models under
 `<workspace_uri>/models/<model_name>/`. Re-running (clearing) a run overwrites its own outputs and
@@ -24,7 +27,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 
 from sparktf import knobs
-from sparktf.airflow import run_notes
+from sparktf.airflow import approval, run_notes
 from sparktf.airflow.pipeline_settings import (
     DEFAULT_ARGS,
     DEFAULT_WORKSPACE_URI,
@@ -131,7 +134,16 @@ def tuning_pipeline():
         ],
     )
 
-    validate_params() >> prepare_data >> tune >> export_best_model
+    @task(task_id="mlflow", trigger_rule="none_failed")  # the approval tasks are skipped unless a person decides
+    def track_in_mlflow() -> dict:
+        """Log the run, its trials, the model version and the champion alias to MLflow when configured (skipped otherwise; never fails)."""
+        from sparktf.airflow import mlflow_tracking
+
+        return mlflow_tracking.run_task("tuning")
+
+    approve, settled = approval.approval_tasks()  # promotion "approve": a person first
+    validate_params() >> prepare_data >> tune >> export_best_model >> approve
+    settled >> track_in_mlflow()  # the champion alias follows the promotion as settled
     run_notes.report_task("tuning")  # last: the run's note (leaderboard, champion, figure)
 
 

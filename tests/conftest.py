@@ -102,3 +102,12 @@ def airflow_env(s3_server, tmp_path_factory) -> dict[str, str]:
         env.pop(name, None)
     subprocess.run([os.path.join(venv_bin, "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     return env
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, local artifact folder), from its own venv."""
+    from sparktf_dev.mlflow_server import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

@@ -528,13 +528,21 @@ def prepare(spark, input_uri: str, output_uri: str, *extra_args: str) -> dict[st
 
 
 def run_dag(
-    env: dict[str, str], out_dir: Path, dag_id: str, conf: dict | None = None, logical_date: str | None = None, timeout: int = 1200
+    env: dict[str, str],
+    out_dir: Path,
+    dag_id: str,
+    conf: dict | None = None,
+    logical_date: str | None = None,
+    timeout: int = 1200,
+    run_after: str | None = None,
 ) -> tuple[int, dict | None, str]:
     """Run a DAG with ``scripts/run_dag.py``; returns (exit code, summary or None, combined output)."""
     out_file = Path(out_dir) / f"{dag_id}-summary.json"
     command = [sys.executable, str(ROOT / "scripts" / "run_dag.py"), dag_id, "--conf", json.dumps(conf or {}), "--json-out", str(out_file)]
     if logical_date:
         command += ["--logical-date", logical_date]
+    if run_after:  # the same run_after is the same run (its run id), run again
+        command += ["--run-after", run_after]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     summary = json.loads(out_file.read_text()) if out_file.exists() else None
     return proc.returncode, summary, proc.stdout + proc.stderr
@@ -590,6 +598,16 @@ def load_dag(dag_id: str, dags_dir: Path | None = None):
     if bag.import_errors:
         raise AssertionError(f"{dag_id} does not parse: {bag.import_errors}")
     return bag.dags[dag_id]
+
+
+# Tasks a default run skips: no person's approval asked (promotion auto), no MLflow configured.
+SKIPPED_BY_DEFAULT = frozenset({"approve_promotion", "promote_approved", "mlflow"})
+
+
+def not_green(summary: dict[str, Any]) -> dict[str, str]:
+    """The tasks of a :func:`run_dag` summary that did not succeed, but for those a default run skips."""
+    states = {task: info["state"] for task, info in summary["tasks"].items()}
+    return {task: state for task, state in states.items() if state != "success" and not (task in SKIPPED_BY_DEFAULT and state == "skipped")}
 
 
 def params_with(dag, change: dict[str, Any]):

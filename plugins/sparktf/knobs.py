@@ -26,7 +26,8 @@ class Knob:
 
     Attributes:
         name: Param name in the Trigger form (and key in ``params``).
-        job: the job whose command line takes it (``prepare_data``, ``tune``, ``export_model``).
+        job: the job whose command line takes it (``prepare_data``, ``tune``, ``export_model``), or
+            the task that reads it from the Params (``approve_promotion``).
         kind: ``int``, ``float``, ``str``, ``bool``, ``int_list`` or ``float_list``.
         default: the default, for the form and the job alike.
         title, help: what the form shows.
@@ -243,6 +244,27 @@ KNOBS: tuple[Knob, ...] = (
         "tested on the same test split; replace: make this run's model the champion without comparing "
         "(a new lineage on purpose, e.g. after changing the data).",
         choices=("compare", "replace"),
+    ),
+    Knob(
+        "promotion",
+        "export_model",
+        "str",
+        "auto",
+        "Promotion",
+        "auto: the champion moves as soon as the new model wins the comparison; approve: a person approves "
+        "the move in the Airflow UI first (task approve_promotion; reject or no answer keeps the champion).",
+        choices=("auto", "approve"),
+    ),
+    # approve_promotion (the human-in-the-loop task; no job's command line takes it)
+    Knob(
+        "approval_timeout_hours",
+        "approve_promotion",
+        "float",
+        48.0,
+        "Hours to wait for approval",
+        "With promotion approve: no answer within this time counts as Reject.",
+        exclusive_minimum=0,
+        maximum=24 * 30,
     ),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}

@@ -715,11 +715,13 @@ def _swap_champion(
     score_champion: Callable[[dict[str, Any]], tuple[float | None, str]] | None,
     source_run: str | None,
     max_attempts: int,
+    pointer_extra: dict[str, Any] | None = None,
     s3=None,
 ) -> Promotion:
     """The one compare-and-swap loop: read the pointer and its ETag, decide
     (:func:`decide_promotion`), write only if the pointer is still the one read; on a conflict read
-    it again and decide again, at most ``max_attempts`` rounds."""
+    it again and decide again, at most ``max_attempts`` rounds. ``pointer_extra`` goes into the
+    new pointer (who approved the move)."""
     version = int(metadata["version"])
     new_score = float(metadata["metrics"][rule.metric]) if rule.replace is None else None
     first_seen: Any = "unread"
@@ -734,7 +736,9 @@ def _swap_champion(
         reason = verdict.reason + _conflict_note(conflicts, first_seen, current)
         if not verdict.replace:
             return Promotion(False, reason, current, verdict.champion_score, attempt)
-        new_pointer = champion_pointer(metadata, source_run=source_run, promoted_over=current, promotion_reason=reason, promoted_at=_now())
+        new_pointer = champion_pointer(
+            metadata, source_run=source_run, promoted_over=current, promotion_reason=reason, promoted_at=_now(), **(pointer_extra or {})
+        )
         try:
             set_champion(models_uri, name, new_pointer, s3, if_match=etag, if_none_match=etag is None)
             return Promotion(True, reason, version, verdict.champion_score, attempt)
@@ -806,5 +810,95 @@ def promote(
         score_champion=score_champion,
         source_run=source_run,
         max_attempts=max_attempts,
+        s3=s3,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuning pipeline's champion decision (export_best_model, and promote_approved after a person)
+# ---------------------------------------------------------------------------------------------
+
+NEW_LINEAGE_HINT = "start a new lineage with a new model_name, or trigger with champion_policy 'replace'"
+REPLACE_REASON = "champion_policy 'replace': made the champion without comparing"
+
+
+def recorded_champion_score(
+    champion: dict[str, Any], metadata: dict[str, Any], metric: str, *, models_uri: str, model_name: str, s3=None
+) -> tuple[float | None, str]:
+    """The champion's recorded ``metric`` when it can be compared like for like with this version
+    (:func:`comparable`), else ``(None, why not, and what to do)``."""
+    lineage = champion_lineage(models_uri, model_name, champion, s3)
+    ok, how = comparable(metadata, lineage)
+    recorded = (champion.get("metrics") or {}).get(metric)
+    if ok and recorded is None:
+        ok, how = False, f"the champion v{champion['version']} records no {metric}"
+    if not ok:
+        return None, f"{how}; {NEW_LINEAGE_HINT}"
+    return float(recorded), how
+
+
+def preview_promotion(
+    models_uri: str,
+    name: str,
+    metadata: dict[str, Any],
+    rule: PromotionRule,
+    *,
+    score_champion: Callable[[dict[str, Any]], tuple[float | None, str]] | None = None,
+    s3=None,
+) -> Promotion:
+    """What one compare-and-swap round would decide against the champion now, writing nothing.
+
+    ``promoted`` here means *would be promoted*; ``attempts`` is 0. A person's approval (tuning
+    Param ``promotion`` = ``approve``) is asked for only when it is True, and the move itself
+    decides again when the person approves (:func:`champion_decision`).
+    """
+    pointer = read_champion(models_uri, name, s3)
+    version = int(metadata["version"])
+    new_score = float(metadata["metrics"][rule.metric]) if rule.replace is None else None
+    scored = score_champion(pointer) if score_champion is not None and needs_champion_score(version, pointer, rule) else None
+    verdict = decide_promotion(version, pointer, rule, new_score=new_score, scored=scored)
+    return Promotion(verdict.replace, verdict.reason, pointer["version"] if pointer else None, verdict.champion_score, 0)
+
+
+def champion_decision(
+    models_uri: str,
+    name: str,
+    metadata: dict[str, Any],
+    *,
+    champion_policy: str,
+    metric: str,
+    min_improvement: float,
+    source_run: str | None,
+    dry_run: bool = False,
+    pointer_extra: dict[str, Any] | None = None,
+    s3=None,
+) -> Promotion:
+    """The tuning pipeline's champion move for a version: compared like for like with the champion's
+    recorded score (``champion_policy`` compare), or made the champion without comparing (replace),
+    by the one compare-and-swap (:func:`promote`, :func:`make_champion`).
+
+    Args:
+        dry_run: decide against the champion now and write nothing (:func:`preview_promotion`).
+        pointer_extra: recorded in the new champion pointer (e.g. who approved the move).
+    """
+    if champion_policy == "replace":
+        rule, score = PromotionRule(replace=REPLACE_REASON), None
+    else:
+
+        def score(champion: dict[str, Any]) -> tuple[float | None, str]:
+            return recorded_champion_score(champion, metadata, metric, models_uri=models_uri, model_name=name, s3=s3)
+
+        rule = PromotionRule(metric, min_improvement)
+    if dry_run:
+        return preview_promotion(models_uri, name, metadata, rule, score_champion=score, s3=s3)
+    return _swap_champion(
+        models_uri,
+        name,
+        metadata,
+        rule,
+        score_champion=score,
+        source_run=source_run,
+        max_attempts=MAX_PROMOTION_ATTEMPTS,
+        pointer_extra=pointer_extra,
         s3=s3,
     )

@@ -173,6 +173,7 @@ def champion_decision(export: dict[str, Any] | None) -> dict[str, Any] | None:
         "champion_version": export.get("champion_version"),
         "metrics": export.get("metrics") or {},
         "reused_version": export.get("reused_version"),
+        "awaiting_approval": bool(export.get("awaiting_approval")),
     }
 
 

@@ -30,10 +30,10 @@ def rendered_args(dag, conf: dict | None = None) -> list[str]:
 
 
 def test_shape_schedule_and_asset(dag):
-    assert [t.task_id for t in dag.topological_sort()] == ["find_new_images", "resolve_model", "batch_inference", "publish", "report"]
+    assert [t.task_id for t in dag.topological_sort()] == ["find_new_images", "resolve_model", "batch_inference", "publish", "mlflow", "report"]
     report = dag.get_task("report")  # the run note: a teardown after everything, ignored by the run's state
     assert report.is_teardown
-    assert report.upstream_task_ids == {"publish"}
+    assert report.upstream_task_ids == {"mlflow"}
     from airflow.serialization.encoders import coerce_to_core_timetable
 
     assert coerce_to_core_timetable(dag.timetable).summary == "30 2 * * *"

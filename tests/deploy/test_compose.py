@@ -201,6 +201,7 @@ def test_every_published_port_is_bound_to_loopback(services):
         ("spark-master", 8080): 8081,
         ("minio", 9000): 9000,
         ("minio", 9001): 9001,
+        ("mlflow", 5000): 5000,
     }
 
 
@@ -225,12 +226,16 @@ def test_services_start_in_order(services):
     assert conditions("minio-init") == {**checked, "minio": "service_healthy"}
     for worker in SPARK_WORKERS:
         assert conditions(worker) == {**checked, "spark-master": "service_healthy"}
-    for one_shot in ("airflow-init", "minio-init"):
+    # MLflow: its database and its MinIO user first; Airflow never waits for it (MLflow down fails no run).
+    assert conditions("mlflow-db-init") == {**checked, "postgres": "service_healthy"}
+    assert conditions("mlflow") == {**checked, "mlflow-db-init": "service_completed_successfully", "minio-init": "service_completed_successfully"}
+    assert not [name for name in AIRFLOW_SERVICES if "mlflow" in conditions(name)]
+    for one_shot in ("airflow-init", "minio-init", "mlflow-db-init"):
         assert services[one_shot].get("restart") in (None, "no"), one_shot
 
 
 def test_healthchecks(services):
-    for name in ("postgres", "minio", "spark-master", "api-server", "scheduler", "dag-processor", "triggerer", *SPARK_WORKERS):
+    for name in ("postgres", "minio", "spark-master", "api-server", "scheduler", "dag-processor", "triggerer", "mlflow", *SPARK_WORKERS):
         check = services[name].get("healthcheck") or {}
         assert check.get("test"), f"{name} has no healthcheck"
         assert not check.get("disable"), f"{name} has no healthcheck"
@@ -357,7 +362,7 @@ def test_minio_init_creates_the_dags_default_workspace_bucket(services, monkeypa
         f"mb --ignore-existing local/{bucket}",
         f"version enable local/{bucket}",
     ]
-    for role in ("pipeline", "executor", "registry"):
+    for role in ("pipeline", "executor", "registry", "mlflow"):
         key, secret = env_of(init)[f"S3_{role.upper()}_ACCESS_KEY_ID"], env_of(init)[f"S3_{role.upper()}_SECRET_ACCESS_KEY"]
         assert f"admin policy create local sparktf-{role} {tmp_path / f'sparktf-{role}.json'}" in calls
         assert f"admin user add local {key} {secret}" in calls
@@ -440,6 +445,46 @@ def test_airflow_init_migrates_and_writes_the_admin_password(services, tmp_path)
     assert json.loads(password_file.read_text()) == {example["AIRFLOW_ADMIN_USER"]: example["AIRFLOW_ADMIN_PASSWORD"]}
     assert password_file.stat().st_mode & 0o077 == 0
     assert env_of(init)["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == f"{example['AIRFLOW_ADMIN_USER']}:admin"
+
+
+def test_the_mlflow_role_reaches_only_the_mlflow_artifacts():
+    mlflow = policy("mlflow")
+    assert allowed(mlflow, "s3:PutObject", "mlflow/1/abc/artifacts/leaderboard.json")
+    assert allowed(mlflow, "s3:GetObject", "mlflow/1/abc/artifacts/leaderboard.json")
+    assert allowed(mlflow, "s3:ListBucket", prefix="mlflow/1/")
+    for key in ("models/digits/champion.json", "runs/x/results.json", "incoming/2026-11-20/a.png", "mlflowX/a"):
+        assert not allowed(mlflow, "s3:GetObject", key)
+        assert not allowed(mlflow, "s3:PutObject", key)
+    assert not allowed(mlflow, "s3:ListBucket", prefix="models/")
+
+
+# --- MLflow -------------------------------------------------------------------------------------
+
+
+def test_mlflow_has_its_own_database_on_the_stack_postgres_and_artifacts_on_minio(services):
+    """The server's stores, and the mlflow_default connection every Airflow service gets."""
+    mlflow = services["mlflow"]
+    command = mlflow["command"]
+    store = command[command.index("--backend-store-uri") + 1]
+    parsed = urlparse(store)
+    assert (parsed.scheme, parsed.hostname, parsed.port, parsed.path) == ("postgresql+psycopg2", "postgres", 5432, "/mlflow")
+    assert parsed.path.lstrip("/") != env_of(services["postgres"])["POSTGRES_DB"]  # not Airflow's database
+    assert command[command.index("--artifacts-destination") + 1] == "s3://ml-pipeline/mlflow"
+    assert "--serve-artifacts" in command
+    env = env_of(mlflow)
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["AWS_ACCESS_KEY_ID"] == env_of(services["minio-init"])["S3_MLFLOW_ACCESS_KEY_ID"]
+    init = unescape(services["mlflow-db-init"]["command"][0])
+    assert env_of(services["mlflow-db-init"])["MLFLOW_DB"] == "mlflow"
+    assert "SELECT 1 FROM pg_database WHERE datname = '$MLFLOW_DB'" in init
+    assert 'psql -c "CREATE DATABASE $MLFLOW_DB"' in init
+    for name in AIRFLOW_SERVICES:
+        conn = json.loads(env_of(services[name])["AIRFLOW_CONN_MLFLOW_DEFAULT"])
+        assert conn == {"conn_type": "http", "host": "http://mlflow:5000"}, name
+    assert mlflow["build"]["dockerfile"] == "mlflow.Dockerfile"
+    pins = requirement_specs(ROOT / "docker" / "requirements-mlflow.txt")
+    assert pins["mlflow"].specifier == requirement_specs(ROOT / "requirements-mlflow-server.txt")["mlflow"].specifier
+    assert "pip install --no-cache-dir -r /tmp/requirements-mlflow.txt" in (ROOT / "docker" / "mlflow.Dockerfile").read_text()
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -665,8 +710,8 @@ def allowed(document: dict, action: str, key: str | None = None, prefix: str | N
 
 def test_policies_are_valid_json_with_only_object_actions_on_the_workspace():
     files = sorted(path.name for path in POLICY_DIR.glob("*.json"))
-    assert files == ["sparktf-executor.json", "sparktf-pipeline.json", "sparktf-registry.json"]
-    for role in ("executor", "pipeline", "registry"):
+    assert files == ["sparktf-executor.json", "sparktf-mlflow.json", "sparktf-pipeline.json", "sparktf-registry.json"]
+    for role in ("executor", "pipeline", "registry", "mlflow"):
         document = policy(role)
         assert document["Version"] == "2012-10-17"
         for statement in document["Statement"]:

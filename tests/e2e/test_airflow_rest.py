@@ -112,6 +112,9 @@ class AirflowServer:
         except urllib.error.HTTPError as err:
             return err.code, err.headers.get("Content-Type", ""), err.read()
 
+    def task_state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["state"]
+
     def xcom(self, dag_id: str, run_id: str, task_id: str):
         body = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value")
         value = body["value"]
@@ -123,6 +126,8 @@ def airflow_server(airflow_env, bucket, tmp_path_factory):
     # The deployment's defaults, as an operator would set them for the Airflow services: runs that
     # carry no conf (scheduled runs, backfills) use this workspace and model name.
     env = {**airflow_env, "SPARKTF_WORKSPACE_URI": f"s3://{bucket}/{REST_WORKSPACE}", "SPARKTF_MODEL_NAME": "digits"}
+    # A late night's notifier, as a team points it at its own: print() shows its facts in the triggerer's log.
+    env["SPARKTF_LATE_NIGHT_NOTIFIER"] = "builtins.print"
     server = AirflowServer(env, tmp_path_factory.mktemp("airflow-server"))
     try:
         server.start()
@@ -325,3 +330,152 @@ def test_backfill_of_three_nights_through_the_api(airflow_server, tuning_run, bu
         tasks = [line for line in log.splitlines() if "inference progress: task" in line]
         assert len(tasks) == published["tasks"], log[-4000:]
         assert f"{published['tasks']}/{published['tasks']} tasks, {landed[date]}/{landed[date]} images" in tasks[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Approval before promotion (tuning Param promotion = approve), answered through the REST API
+# ---------------------------------------------------------------------------------------------
+
+APPROVAL_MODEL = "digits-approved"
+
+
+def trigger_for_approval(server: AirflowServer, tiny_mnist: str, bucket: str, **conf) -> str:
+    """A one-trial tuning run with promotion approve; waits until its approval task waits for a person."""
+    server.wait_for_dag("tuning_pipeline")
+    status, _body = server.request("PATCH", "/api/v2/dags/tuning_pipeline", {"is_paused": False})
+    assert status == 200
+    conf = {
+        "dataset_uri": tiny_mnist,
+        "workspace_uri": f"s3://{bucket}/{REST_WORKSPACE}",
+        "model_name": APPROVAL_MODEL,
+        "learning_rates": [0.003],
+        "hidden_units": [32],
+        "epochs": 1,
+        "batch_sizes": [32],
+        "model_family": "mlp",
+        "promotion": "approve",
+        **conf,
+    }
+    status, run = server.request("POST", "/api/v2/dags/tuning_pipeline/dagRuns", {"logical_date": None, "conf": conf})
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+
+    def waiting() -> bool:
+        state = server.task_state("tuning_pipeline", run_id, "approve_promotion")
+        assert state not in ("skipped", "failed", "upstream_failed"), state
+        return state == "awaiting_input"
+
+    server.wait_for(waiting, f"approve_promotion of {run_id} waiting for a person", 1200)
+    # Airflow 3.3 race: an answer given before the scheduler has processed the parking process's
+    # exit finds the resumed task "queued", and the late exit event marks it up_for_retry. A person
+    # cannot answer that fast; the test waits for the scheduler's record of the parked attempt.
+    parked = f"TaskInstance Finished: dag_id=tuning_pipeline, task_id=approve_promotion, run_id={run_id},"
+    log_file = server.home / "airflow-scheduler.log"
+    server.wait_for(
+        lambda: any(parked in line and "state=awaiting_input" in line for line in log_file.read_text(errors="replace").splitlines()),
+        "the scheduler's record of the parked approval",
+        120,
+    )
+    return run_id
+
+
+def answer(server: AirflowServer, run_id: str, option: str) -> dict:
+    """Answer the approval as the UI's Required Actions page does (PATCH .../hitlDetails)."""
+    path = f"/api/v2/dags/tuning_pipeline/dagRuns/{run_id}/taskInstances/approve_promotion/-1/hitlDetails"
+    detail = server.get(path)
+    status, body = server.request("PATCH", path, {"chosen_options": [option]})
+    assert status == 200, body
+    return detail
+
+
+@pytest.fixture(scope="module")
+def approved_run(airflow_server, tiny_mnist, bucket) -> tuple[str, dict]:
+    """No champion yet: the version would become it, so a person is asked, and approves."""
+    run_id = trigger_for_approval(airflow_server, tiny_mnist, bucket)
+    from sparktf import registry
+
+    assert registry.read_champion(f"s3://{bucket}/{REST_WORKSPACE}/models/", APPROVAL_MODEL) is None  # not moved before the answer
+    detail = answer(airflow_server, run_id, "Approve")
+    assert airflow_server.wait_for_run("tuning_pipeline", run_id)["state"] == "success"
+    return run_id, detail
+
+
+def test_an_approved_version_becomes_champion(airflow_server, approved_run, bucket):
+    from sparktf import registry
+
+    run_id, detail = approved_run
+    assert detail["options"] == ["Approve", "Reject"]
+    assert detail["subject"] == f"Make {APPROVAL_MODEL} v1 the champion?"
+    body = detail["body"]
+    assert "would become the champion: no champion yet." in body
+    assert "| # | lr | hidden | val % | test % | epochs | s |" in body  # the leaderboard
+    assert "[Figure: test error vs learning rate](/sparktf/figure/tuning_pipeline/" in body
+    exported = airflow_server.xcom("tuning_pipeline", run_id, "export_best_model")
+    assert (exported["awaiting_approval"], exported["promoted"]) == (True, False)
+    final = airflow_server.xcom("tuning_pipeline", run_id, "promote_approved")
+    assert final["promoted"] is True
+    assert final["promotion_reason"].startswith("approved by ")
+    assert final["promotion_reason"].endswith("; no champion yet")
+    champion = registry.read_champion(f"s3://{bucket}/{REST_WORKSPACE}/models/", APPROVAL_MODEL)
+    assert (champion["version"], champion["source_run"]) == (1, run_id)
+    assert champion["approved_by"] == final["approval"]["responded_by"]
+    note = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{run_id}")["note"]
+    assert f"`{APPROVAL_MODEL}` v1 **promoted to champion**: approved by " in note
+
+
+def test_a_rejected_version_stays_registered_and_the_champion_stays(airflow_server, approved_run, tiny_mnist, bucket):
+    from sparktf import registry
+
+    # champion_policy replace: v2 would replace v1 without comparing, so a person is asked; and rejects.
+    run_id = trigger_for_approval(airflow_server, tiny_mnist, bucket, champion_policy="replace")
+    answer(airflow_server, run_id, "Reject")
+    assert airflow_server.wait_for_run("tuning_pipeline", run_id)["state"] == "success"
+    final = airflow_server.xcom("tuning_pipeline", run_id, "promote_approved")
+    assert (final["version"], final["promoted"], final["champion_version"]) == (2, False, 1)
+    assert final["promotion_reason"].startswith("rejected by ")
+    assert "v2 stays registered, not champion (it would have been: champion_policy 'replace'" in final["promotion_reason"]
+    models = f"s3://{bucket}/{REST_WORKSPACE}/models/"
+    assert registry.read_champion(models, APPROVAL_MODEL)["version"] == 1
+    assert [m["version"] for m in registry.list_versions(models, APPROVAL_MODEL)] == [1, 2]
+    note = airflow_server.get(f"/api/v2/dags/tuning_pipeline/dagRuns/{run_id}")["note"]
+    assert f"`{APPROVAL_MODEL}` v2 **not promoted** (champion stays v1): rejected by " in note
+
+
+def test_no_answer_in_time_counts_as_reject(airflow_server, approved_run, tiny_mnist, bucket):
+    """approval_timeout_hours 0.01 (36 s): nobody answers, the scheduler applies the default, Reject."""
+    from sparktf import registry
+
+    run_id = trigger_for_approval(airflow_server, tiny_mnist, bucket, champion_policy="replace", approval_timeout_hours=0.01)
+    assert airflow_server.wait_for_run("tuning_pipeline", run_id, timeout=300)["state"] == "success"
+    final = airflow_server.xcom("tuning_pipeline", run_id, "promote_approved")
+    assert (final["promoted"], final["approval"]["timed_out"], final["approval"]["responded_by"]) == (False, True, None)
+    assert final["promotion_reason"].startswith(f"no answer within 0.01 h (counted as Reject): v{final['version']} stays registered, not champion")
+    assert registry.read_champion(f"s3://{bucket}/{REST_WORKSPACE}/models/", APPROVAL_MODEL)["version"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A late night: the nightly deadline alert, fired by the scheduler, called in the triggerer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_night_past_its_deadline_logs_one_late_line_and_calls_the_notifier(airflow_server):
+    airflow_server.wait_for_dag("nightly_inference")
+    # A night long past: its deadline (data interval end + 240 min) passed before the run exists.
+    logical = "2026-10-05T02:30:00Z"
+    status, run = airflow_server.request("POST", "/api/v2/dags/nightly_inference/dagRuns", {"logical_date": logical, "conf": {}})
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+    log_file = airflow_server.home / "airflow-triggerer.log"
+    lines: list[str] = []
+
+    def late_line_logged() -> bool:
+        lines[:] = [line for line in log_file.read_text(errors="replace").splitlines() if "late night:" in line and run_id in line]
+        return bool(lines)
+
+    airflow_server.wait_for(late_line_logged, f"the late-night line of {run_id}", 180)
+    assert len(lines) == 1, lines
+    assert f"DAG nightly_inference run {run_id} has not published partition 2026-10-04 by its deadline 2026-10-05T06:30:00+00:00" in lines[0]
+    assert "(240 min after the data interval end; run " in lines[0]
+    assert re.search(r"\): \d+ h \d\d min late", lines[0]), lines[0]
+    # The notifier got the same facts (print: its dict in the same log).
+    airflow_server.wait_for(lambda: f"'run_id': '{run_id}'" in log_file.read_text(errors="replace"), "the notifier's call", 60)

@@ -146,7 +146,10 @@ def champion_line(decision: dict[str, Any] | None, reason_chars: int | None = No
     if decision["promoted"]:
         verdict = f"{name}v{decision['version']} **promoted to champion**"
     else:
-        verdict = f"{name}v{decision['version']} **not promoted** (champion stays v{decision['champion_version']})"
+        stays = f"champion stays v{decision['champion_version']}" if decision.get("champion_version") is not None else "no champion"
+        if decision.get("awaiting_approval"):
+            stays += ", awaiting approval"
+        verdict = f"{name}v{decision['version']} **not promoted** ({stays})"
     return f"**Champion:** {verdict}: {escape_markdown(_cap(str(decision['reason']), reason_chars))}."
 
 
@@ -313,6 +316,9 @@ def render_report(kind: str) -> str:
     ti, params = context["ti"], context["params"]
     states = _task_states(ti)
     state, problems = problems_of(states)
+    from sparktf.airflow import mlflow_tracking
+
+    problems += mlflow_tracking.note_lines(ti.xcom_pull(task_ids=mlflow_tracking.TASK_ID))
     if kind == "tuning":
         tune = ti.xcom_pull(task_ids="tune")
         results = None
@@ -321,7 +327,9 @@ def render_report(kind: str) -> str:
                 results = storage.read_json(tune["results_uri"])
             except storage.StorageError:
                 results = None
-        facts = run_summary.tuning_facts(tune, results, ti.xcom_pull(task_ids="export_best_model"))
+        # After a person's answer (promotion "approve"), promote_approved holds the final decision.
+        decision = ti.xcom_pull(task_ids="promote_approved") or ti.xcom_pull(task_ids="export_best_model")
+        facts = run_summary.tuning_facts(tune, results, decision)
         figure = figure_url(ti.dag_id, ti.run_id) if facts["figure_uri"] else None
         return tuning_note(facts, state=state, problems=problems, figure=figure)
     found = ti.xcom_pull(task_ids="find_new_images")

@@ -8,7 +8,9 @@ compare-and-swap, so two exports at once cannot leave the worse model as champio
 compared with like (:func:`sparktf.registry.comparable`): the same label names, input shape and
 test split (the champion's recorded score is used; it is never re-scored on another split, which
 may hold images it trained on). Otherwise the champion stays and the reason says why and what to
-do; ``--champion-policy replace`` makes the new version the champion without comparing. The result
+do; ``--champion-policy replace`` makes the new version the champion without comparing. With
+``--promotion approve`` the champion is not moved here: the job only says whether it would move
+(``awaiting_approval``), and the DAG's ``approve_promotion`` task asks a person. The result
 says whether the champion moved and why (``promoted``, ``promotion_reason``). Exporting the same
 tuning run again reuses its version (after checking its files), also when an earlier attempt died
 before finishing it.
@@ -24,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -45,24 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--result-uri", default=None, help="S3 URI for the job's JSON summary")
     knobs.add_arguments(parser, "export_model")
     return parser.parse_args(argv)
-
-
-NEW_LINEAGE_HINT = "start a new lineage with a new model_name, or trigger with champion_policy 'replace'"
-
-
-def champion_score_on(
-    champion: dict[str, Any], metadata: dict[str, Any], metric: str, *, models_uri: str, model_name: str
-) -> tuple[float | None, str]:
-    """The champion's recorded ``metric`` when it can be compared like for like with this version
-    (:func:`sparktf.registry.comparable`), else ``(None, why not, and what to do)``."""
-    lineage = registry.champion_lineage(models_uri, model_name, champion)
-    ok, how = registry.comparable(metadata, lineage)
-    recorded = (champion.get("metrics") or {}).get(metric)
-    if ok and recorded is None:
-        ok, how = False, f"the champion v{champion['version']} records no {metric}"
-    if not ok:
-        return None, f"{how}; {NEW_LINEAGE_HINT}"
-    return float(recorded), how
 
 
 def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
@@ -94,26 +79,28 @@ def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict
         return registry.write_version(args.models_uri, args.model_name, model_path=model_path, metadata=metadata, saved_model_dir=saved)
 
 
-def decide(args: argparse.Namespace, metadata: dict[str, Any]) -> registry.Promotion:
-    """Move the champion: by comparison like for like, or (``champion_policy`` replace) without one."""
-    if args.champion_policy == "replace":
-        return registry.make_champion(
-            args.models_uri,
-            args.model_name,
-            metadata,
-            source_run=args.source_run,
-            reason="champion_policy 'replace': made the champion without comparing",
-        )
-    metric = args.promotion_metric
-    return registry.promote(
+def decide(args: argparse.Namespace, metadata: dict[str, Any]) -> tuple[registry.Promotion, bool]:
+    """Move the champion (:func:`sparktf.registry.champion_decision`), or with ``--promotion approve``
+    only decide whether it would move (nothing written: a person approves the move later).
+
+    Returns:
+        ``(the decision, whether a person's approval is awaited)``.
+    """
+    approve = args.promotion == "approve"
+    decision = registry.champion_decision(
         args.models_uri,
         args.model_name,
         metadata,
-        metric=metric,
+        champion_policy=args.champion_policy,
+        metric=args.promotion_metric,
         min_improvement=args.min_improvement,
         source_run=args.source_run,
-        score_champion=lambda champion: champion_score_on(champion, metadata, metric, models_uri=args.models_uri, model_name=args.model_name),
+        dry_run=approve,
     )
+    if approve and decision.promoted:
+        reason = f"awaiting a person's approval (promotion 'approve'): {decision.reason}"
+        return dataclasses.replace(decision, promoted=False, reason=reason), True
+    return decision, False
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         metadata = export_version(args, best, results)
 
-    decision = decide(args, metadata)
+    decision, awaiting = decide(args, metadata)
     log.info("model %s v%s: promoted=%s (%s)", args.model_name, metadata["version"], decision.promoted, decision.reason)
     return {
         "model_name": args.model_name,
@@ -146,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metadata["metrics"],
         "promoted": decision.promoted,
         "promotion_reason": decision.reason,
+        "awaiting_approval": awaiting,
         "champion_score": decision.champion_score,
         "champion_version": decision.champion_version,
         "promotion_attempts": decision.attempts,
