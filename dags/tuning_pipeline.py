@@ -8,9 +8,9 @@ champion on the same test set.
 
 | task | what it does | XCom |
 |---|---|---|
-| `validate_params` | refuses a bad search space or an empty dataset location before Spark starts | the checked settings |
+| `validate_params` | refuses a bad search space, an empty dataset location or an unusable `backbone` before Spark starts | the checked settings |
 | `prepare_data` | Spark job `jobs/prepare_data.py`: decode, normalise, stratified split, Parquet shards + manifest | counts per split, manifest URI |
-| `tune` | Spark job `jobs/tune.py`: one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
+| `tune` | Spark job `jobs/tune.py` (with a `backbone`: its features computed once per backbone version and data, then heads tuned on them): one trial per task, TF threads pinned to the task's cores; a trial whose worker dies is recorded as failed | leaderboard, best trial, failed trials and why, figure URI |
 | `export_best_model` | Spark job `jobs/export_model.py`: versioned `.keras` + SavedModel + metadata, champion pointer moved by compare-and-swap (with `promotion` approve: only whether it would move) | version, URI, promoted and `promotion_reason`, `awaiting_approval`, metrics |
 | `approve_promotion` | `promotion` approve only, and only when the version would become champion: waits for a person's Approve / Reject in the UI (Required Actions), with the leaderboard, the comparison and the figure; no answer within `approval_timeout_hours` = Reject | the answer: approved, by whom, when |
 | `promote_approved` | on Approve, moves the champion by the same compare-and-swap, compared again with the champion of that moment; on Reject / timeout records why not (no Spark) | the final decision (export's keys) |
@@ -41,6 +41,9 @@ from sparktf.airflow.spark_job_operator import SparkJobOperator, job_path
 
 PREPARED_URI = RUN_URI + "/prepared/"
 TUNING_URI = RUN_URI + "/tuning/"
+# With a backbone: prepare_data decodes to its input (registry), tune keeps its features by backbone and data.
+PREPARE_BACKBONE_ARGS = ["--models-uri", "{{ params.workspace_uri }}/models/"]
+TUNE_BACKBONE_ARGS = [*PREPARE_BACKBONE_ARGS, "--features-uri", "{{ params.workspace_uri }}/features/"]
 
 PARAMS = {
     "dataset_uri": Param(
@@ -81,6 +84,7 @@ def tuning_pipeline():
         if not problems:
             aws_connection.use_connection()
             problems = validation.dataset_problems(params["dataset_uri"], storage.has_objects)
+        problems = problems or validation.backbone_problems(params["backbone"], params["workspace_uri"] + "/models/")
         validation.refuse(problems, "invalid parameters")
         return summary
 
@@ -92,6 +96,7 @@ def tuning_pipeline():
             "{{ params.dataset_uri }}",
             "--output-uri",
             PREPARED_URI,
+            *PREPARE_BACKBONE_ARGS,
             *knobs.job_arguments("prepare_data"),
         ],
     )
@@ -104,6 +109,7 @@ def tuning_pipeline():
             PREPARED_URI,
             "--output-uri",
             TUNING_URI,
+            *TUNE_BACKBONE_ARGS,
             *knobs.job_arguments("tune"),
         ],
         execution_timeout=pendulum.duration(hours=12),

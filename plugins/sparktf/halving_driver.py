@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
-from sparktf import dataset, executor, halving, rungs, storage, trials
+from sparktf import executor, features, halving, rungs, storage, trials
 
 log = logging.getLogger("sparktf.halving")
 # Test-only: name -> callable(**info) ("after_step": the driver got a step's record), to cut a run
@@ -55,10 +55,9 @@ def published_steps(trial_list: list[dict], context: dict[str, Any]) -> list[dic
 def step_runner(spark, data_source, context: dict[str, Any]):
     """A function that runs one rung step as a one-task Spark job and returns its record (blocking)."""
     sc = spark.sparkContext
-    kind, payload = data_source
 
     def run_step(step: dict[str, Any]) -> dict[str, Any]:
-        data = payload.value if kind == "broadcast" else dataset.cached_arrays(*payload)
+        data = features.task_data(data_source)
         return rungs.train_rung(step, data, context=context, cpus=executor.task_cpus())
 
     def submit(step: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class Knob:
     exclusive_minimum: float | None = None
     exclusive_maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    backbone_only: bool = False  # a head's dimension: in the search space only with a backbone
 
     @property
     def flag(self) -> str:
@@ -111,9 +112,9 @@ KNOBS: tuple[Knob, ...] = (
         "int_list",
         [128, 512],
         "Hidden units",
-        "Widths of the fully connected layer.",
+        "Widths of the fully connected layer (with a backbone: of the head's hidden layer; 0 = a linear head).",
         dimension="hidden_units",
-        minimum=1,
+        minimum=0,
         maximum=65536,
     ),
     Knob("batch_sizes", "tune", "int_list", [128], "Batch sizes", "Examples per gradient step.", dimension="batch_size", minimum=1, maximum=65536),
@@ -128,7 +129,29 @@ KNOBS: tuple[Knob, ...] = (
         minimum=0,
         exclusive_maximum=1,
     ),
+    Knob(
+        "l2_weights",
+        "tune",
+        "float_list",
+        [0.0],
+        "L2 weights (backbone head)",
+        "L2 penalty on the head's weights (with a backbone only; 0 = none).",
+        dimension="l2_weight",
+        minimum=0,
+        maximum=1,
+        backbone_only=True,
+    ),
     # tune: fixed for every trial of a run
+    Knob(
+        "backbone",
+        "tune",
+        "str",
+        "",
+        "Backbone (your own classes)",
+        "A registered model (name = its champion, or name@<version>), e.g. one imported with register_model: its features are "
+        "computed once and small heads are tuned on them for the data set's own classes (the model family is then not used). "
+        "Empty: train the model family from scratch.",
+    ),
     Knob("optimizer", "tune", "str", "adam", "Optimizer", "adam, or sgd with momentum 0.9.", choices=("adam", "sgd")),
     Knob(
         "augment",
@@ -310,7 +333,7 @@ NIGHTLY_KNOBS: tuple[Knob, ...] = (
 )
 NIGHTLY_BY_NAME = {knob.name: knob for knob in NIGHTLY_KNOBS}
 # The seed as prepare_data reads it too (one value: the split and the trials share it).
-SHARED_WITH_PREPARE = ("seed",)
+SHARED_WITH_PREPARE = ("seed", "backbone")  # the backbone: prepare_data decodes to its input
 
 
 def knobs_of(job: str) -> list[Knob]:
@@ -318,9 +341,13 @@ def knobs_of(job: str) -> list[Knob]:
     return [k for k in (*KNOBS, *NIGHTLY_KNOBS) if k.job == job or (job == "prepare_data" and k.name in SHARED_WITH_PREPARE)]
 
 
-def search_dimensions() -> dict[str, Knob]:
-    """Search-space dimension name -> its list knob, in grid order."""
-    return {k.dimension: k for k in KNOBS if k.dimension}
+def search_dimensions(space: dict[str, Any] | None = None) -> dict[str, Knob]:
+    """Search-space dimension name -> its list knob, in grid order.
+
+    The head's own dimensions (``backbone_only``) are included only for a ``space`` (or a
+    trial's params) that has them: a from-scratch run's space and trial ids stay as they were.
+    """
+    return {k.dimension: k for k in KNOBS if k.dimension and (not k.backbone_only or (space is not None and k.dimension in space))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +439,10 @@ def add_arguments(parser: argparse.ArgumentParser, job: str) -> None:
 
 
 def search_space(values: dict[str, Any]) -> dict[str, list]:
-    """The search space (dimension -> values) from knob values (Params or parsed arguments)."""
-    return {dimension: list(values[knob.name]) for dimension, knob in search_dimensions().items()}
+    """The search space (dimension -> values) from knob values (Params or parsed arguments);
+    the head's dimensions only when a ``backbone`` is set."""
+    head = bool(values.get("backbone"))
+    return {k.dimension: list(values[k.name]) for k in KNOBS if k.dimension and (head or not k.backbone_only)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +516,20 @@ def validate(values: dict[str, Any], table: tuple[Knob, ...] = KNOBS) -> list[st
             problems.append(f"{name}: {why}, got {value!r}")
     if not problems and {"validation_fraction", "test_fraction"} <= set(values) and values["validation_fraction"] + values["test_fraction"] >= 0.9:
         problems.append("validation_fraction + test_fraction must leave at least 10% for training")
+    if not problems and "backbone" in values:
+        problems += head_problems(values)
+    return problems
+
+
+def head_problems(values: dict[str, Any]) -> list[str]:
+    """The head's settings given without a backbone (where they mean nothing)."""
+    if values["backbone"]:
+        return []
+    problems = []
+    if 0 in list(values.get("hidden_units") or []):
+        problems.append("hidden_units: 0 (a linear head) needs a backbone: set backbone, or give widths >= 1 for the model family")
+    if [float(v) for v in values.get("l2_weights") or [0.0]] != [0.0]:
+        problems.append("l2_weights: the L2 weight is a backbone head's setting: set backbone, or leave l2_weights at [0.0]")
     return problems
 
 

@@ -115,6 +115,41 @@ def build_mlp(
     return _classifier(inputs, x, "mlp", num_classes=num_classes, dropout=dropout, optimizer=optimizer, learning_rate=learning_rate)
 
 
+def build_head(
+    input_shape: tuple[int],
+    num_classes: int,
+    *,
+    learning_rate: float = 1e-3,
+    hidden_units: int = 0,
+    dropout: float = 0.0,
+    l2_weight: float = 0.0,
+    optimizer: str = "adam",
+    augment: float = 0.0,
+):
+    """A classifier head on a backbone's features ``(d,)``: optional hidden layer, dropout, softmax.
+
+    Args:
+        hidden_units: width of the hidden layer; 0 = a linear head (dropout, then the softmax).
+        l2_weight: L2 penalty on the head's kernels (0 = none).
+        augment: unused (features are computed once, from the images as they are); accepted so a
+            run's fixed settings reach every family alike.
+    """
+    import keras
+    from keras import layers
+
+    del augment
+    regularizer = keras.regularizers.L2(float(l2_weight)) if l2_weight and l2_weight > 0 else None
+    inputs = keras.Input(shape=tuple(input_shape), name="features")
+    x = inputs
+    if int(hidden_units) > 0:
+        x = layers.Dense(int(hidden_units), activation="relu", kernel_regularizer=regularizer, name="head_hidden")(x)
+    x = layers.Dropout(float(dropout), name="head_dropout")(x)
+    outputs = layers.Dense(int(num_classes), activation="softmax", kernel_regularizer=regularizer, name="head_probabilities")(x)
+    model = keras.Model(inputs, outputs, name="head")
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
 def _pixels_in(input_shape: tuple[int, int, int], augment: float):
     """The uint8 input, rescaled to [0, 1], then augmented (training only): ``(inputs, tensor)``."""
     import keras
@@ -161,7 +196,7 @@ def make_optimizer(name: str, learning_rate: float):
     raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
 
 
-MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mnist_cnn_bn": build_mnist_cnn_bn, "mlp": build_mlp}
+MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mnist_cnn_bn": build_mnist_cnn_bn, "mlp": build_mlp, "head": build_head}
 
 
 def build_model(family: str, input_shape, num_classes: int, **hyperparameters):

@@ -280,6 +280,7 @@ _KERAS_LAYERS = frozenset(
 ALLOWED_CLASSES = frozenset(
     {("keras.layers", name) for name in _KERAS_LAYERS}
     | {("keras.initializers", name) for name in ("Constant", "GlorotUniform", "Ones", "VarianceScaling", "Zeros")}
+    | {("keras.regularizers", "L2")}  # a backbone head's weight penalty (sparktf.models.build_head)
     | {
         ("keras.optimizers", "Adam"),
         ("keras.optimizers", "SGD"),

@@ -101,14 +101,14 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
     Returns:
         ``trials``, ``succeeded``, ``failed`` (with reasons), ``rows`` (ranked, best first),
         ``varying`` and ``constant`` dimensions, ``default`` (the comparison, or why there is
-        none), ``champion`` (the decision), ``figure_uri`` and ``halving`` (:func:`halving_facts`,
-        None unless the search was successive halving).
+        none), ``champion`` (the decision), ``backbone`` (:func:`backbone_used`), ``figure_uri`` and
+        ``halving`` (:func:`halving_facts`, None unless the search was successive halving).
     """
     results = results or {}
     tune = tune or {}
     rows = list(results.get("leaderboard") or tune.get("leaderboard") or [])
     complete = bool(results.get("leaderboard")) or len(rows) == tune.get("succeeded", len(rows))
-    dims = list(knobs.search_dimensions())
+    dims = list(knobs.search_dimensions(rows[0] if rows else None))  # a head run has its own (l2_weight)
     values = {dim: {format_value(r.get(dim)) for r in rows} for dim in dims}
     varying = [d for d in dims if len(values[d]) > 1] or dims[:2]
     constant = {d: rows[0].get(d) for d in dims if d not in varying} if rows else {}
@@ -148,6 +148,7 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
         comparison.update(present=False, why="not in this run's grid" if complete else "trial list incomplete")
     facts["default"] = comparison
     facts["champion"] = champion_decision(export)
+    facts["backbone"] = backbone_used(tune)
     return facts
 
 
@@ -185,6 +186,17 @@ def rung_reached(row: dict[str, Any], halving: dict[str, Any] | None) -> str:
         return ""
     total = len(halving["rungs"]) if halving and halving.get("rungs") else None
     return f"{row['rung'] + 1}/{total}" if total else str(row["rung"] + 1)
+
+
+def backbone_used(tune: dict[str, Any]) -> dict[str, Any] | None:
+    """The backbone of a head-tuning run (the ``tune`` XCom's ``backbone``, ``name@version``) and
+    how many images its features were computed for now: ``{name, version, featurized}``; None for
+    a from-scratch run."""
+    if not tune.get("backbone"):
+        return None
+    name, _, version = str(tune["backbone"]).rpartition("@")
+    featurized = tune.get("featurized")
+    return {"name": name, "version": version, "featurized": featurized}
 
 
 def champion_decision(export: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -24,13 +24,13 @@ class SearchSpaceError(ValueError):
 
 
 def grid_size(space: dict[str, list]) -> int:
-    return math.prod(len(space[name]) for name in knobs.search_dimensions())
+    return math.prod(len(space[name]) for name in knobs.search_dimensions(space))
 
 
 def validate_search_space(space: dict[str, list], *, strategy: str = "grid", num_samples: int | None = None) -> list[str]:
     """Every problem with a search space, as messages that say what to fix (empty if fine)."""
     problems = []
-    dims = knobs.search_dimensions()
+    dims = knobs.search_dimensions(space)
     for name, knob in dims.items():
         problems += knobs.check_list(name, knob, space.get(name))
     unknown = sorted(set(space) - set(dims))
@@ -62,7 +62,7 @@ def trial_id(params: dict[str, Any], fingerprint: dict[str, Any] | None = None) 
 
 def _grid_point(space: dict[str, list], index: int) -> dict[str, Any]:
     """The ``index``-th point of the grid in row-major order (the last dimension varies fastest)."""
-    dims = knobs.search_dimensions()
+    dims = knobs.search_dimensions(space)
     point = {}
     for name in reversed(list(dims)):
         values = space[name]

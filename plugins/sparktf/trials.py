@@ -511,7 +511,7 @@ def leaderboard(records: list[dict[str, Any]], *, top: int = 5) -> dict[str, Any
         {
             "rank": i + 1,
             "trial_id": r["trial_id"],
-            **{k: r["params"][k] for k in knobs.search_dimensions()},
+            **{k: r["params"][k] for k in knobs.search_dimensions(r["params"])},
             "val_accuracy": round(r["val_accuracy"], 5),
             "test_accuracy": round(r["test_accuracy"], 5),
             "epochs_run": r["epochs_run"],

@@ -29,7 +29,7 @@ def test_the_tuning_defaults_pass_and_say_how_many_trials(dag_bag):
     ("change", "expected"),
     [
         ({"learning_rates": []}, "learning_rates: give at least one value"),
-        ({"hidden_units": [0]}, "hidden_units: every value must be an integer >= 1"),
+        ({"hidden_units": [0]}, "hidden_units: 0 (a linear head) needs a backbone"),
         ({"dataset_uri": "/local/path"}, "dataset_uri:"),
         ({"learning_rates": [i / 1000 + 0.001 for i in range(40)], "hidden_units": list(range(1, 31))}, "more than 1000"),
     ],

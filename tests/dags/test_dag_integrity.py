@@ -132,7 +132,7 @@ def test_spark_tasks_use_the_result_operator_with_job_files(dag_bag):
         {"learning_rates": []},
         {"learning_rates": [0.001, 0]},
         {"learning_rates": [-0.1]},
-        {"hidden_units": [0]},
+        {"hidden_units": [-1]},  # 0 passes the schema (a backbone's linear head); validate_params refuses it without a backbone
         {"dropouts": [1.0]},
         {"search_strategy": "bayes"},
         {"epochs": 0},

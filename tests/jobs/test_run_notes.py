@@ -362,3 +362,20 @@ def test_a_grid_note_has_no_rung_column_and_no_halving_line():
     assert "| # | lr | hidden | val % | test % | epochs | s |" in note
     assert "rung" not in note
     assert "Successive halving" not in note
+
+
+@pytest.mark.parametrize(("featurized", "says"), [(30, "featurized 30 images."), (0, "features reused (0 featurized).")])
+@pytest.mark.parametrize(("rates", "widths"), [(1, 2), (10, 10)])
+def test_a_backbone_runs_note_names_the_backbone_and_what_was_featurized(featurized, says, rates, widths):
+    """Issue 17: the note of a head-tuning run says its backbone (name vN) and whether the features
+    were computed now or reused, however long the leaderboard (the line survives every cut)."""
+    tune_xcom, results = synthetic_grid(rates, widths)
+    export = {"model_name": "my-photos", "version": 3, "promoted": True, "champion_version": 3, "promotion_reason": "no champion yet"}
+    plain = run_notes.tuning_note(run_summary.tuning_facts(tune_xcom, results, export), state="succeeded", problems=[], figure=None)
+    assert "Backbone" not in plain  # a from-scratch run: no such line
+    tune_xcom.update(backbone="photo-features@2", featurized=featurized, features_reused=featurized == 0)
+    facts = run_summary.tuning_facts(tune_xcom, results, export)
+    assert facts["backbone"] == {"name": "photo-features", "version": "2", "featurized": featurized}
+    note = run_notes.tuning_note(facts, state="succeeded", problems=[], figure=run_notes.figure_url("tuning_pipeline", "manual__2026-12-07"))
+    assert len(note) <= run_notes.MAX_NOTE_CHARS
+    assert f"**Backbone:** `photo-features` v2: {says}" in note

@@ -33,7 +33,7 @@ def test_random_is_a_seeded_sparse_sample_of_the_grid():
         ({"learning_rate": []}, "learning_rate: give at least one value"),
         ({"learning_rate": [0.01, 0]}, "learning_rate: every value must be a number > 0"),
         ({"learning_rate": [-1e-3]}, "learning_rate"),
-        ({"hidden_units": [64, 1.5]}, "hidden_units: every value must be an integer >= 1"),
+        ({"hidden_units": [64, 1.5]}, "hidden_units: every value must be an integer >= 0"),
         ({"dropout": [1.0]}, "dropout"),
         ({"batch_size": [32, 32]}, "duplicate"),
     ],

@@ -169,6 +169,19 @@ def champion_line(decision: dict[str, Any] | None, reason_chars: int | None = No
     return f"**Champion:** {verdict}: {escape_markdown(_cap(str(decision['reason']), reason_chars))}."
 
 
+def backbone_line(backbone: dict[str, Any] | None) -> str | None:
+    """A head-tuning run's backbone (name vN) and whether its features were computed now or reused."""
+    if backbone is None:
+        return None
+    line = f"**Backbone:** `{escape_markdown(backbone['name'], code=True)}` v{escape_markdown(backbone['version'])}"
+    featurized = backbone.get("featurized")
+    if featurized is None:
+        return line + "."
+    if featurized == 0:
+        return line + ": features reused (0 featurized)."
+    return line + f": featurized {featurized} images."
+
+
 def fit(build, variants: list[dict[str, Any]]) -> str:
     """The first variant whose note fits in Airflow's 1,000 characters (the last, cut, otherwise)."""
     text = ""
@@ -192,6 +205,9 @@ def tuning_note(facts: dict[str, Any], *, state: str, problems: list[str], figur
             head += f": {ok} of {total} trials trained" + (f", {failed} failed" if failed else "")
             head += "; selected by validation accuracy"
         lines.append(head + ".")
+        backbone = backbone_line(facts.get("backbone"))
+        if backbone:
+            lines.append(backbone)
         lines += [f"- {p}" for p in (problems[:2] if minimal else problems)]
         if facts["rows"]:
             lines.append("")

@@ -79,6 +79,23 @@ def dataset_problems(dataset_uri: str, has_objects: Callable[[str], bool]) -> li
     ]
 
 
+def backbone_problems(backbone: str, models_uri: str) -> list[str]:
+    """A ``backbone`` that does not exist, has no usable feature layer or takes an input the data
+    cannot give (checked after :func:`tuning_problems` passed; loads it, sha256-checked, in safe mode).
+
+    Storage errors raise as they are: they are no verdict on the backbone (the task retries).
+    """
+    if not backbone:
+        return []
+    from sparktf import backbones
+
+    try:
+        backbones.check_backbone(models_uri, backbone)
+    except backbones.BackboneRefused as refused:
+        return [f"backbone {backbone!r}: {refused}"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------
 # register_model
 # ---------------------------------------------------------------------------------------------

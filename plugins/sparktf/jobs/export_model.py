@@ -33,7 +33,7 @@ import tempfile
 from typing import Any
 
 import sparktf
-from sparktf import dataset, executor, job, knobs, registry, storage
+from sparktf import backbones, dataset, executor, job, knobs, registry, storage
 
 log = job.log
 
@@ -69,6 +69,8 @@ def export_version(args: argparse.Namespace, best: dict[str, Any], results: dict
         "trained_at": args.trained_at,
         "code_version": sparktf.code_version(),
     }
+    if results.get("backbone"):  # your own classes: one model, the backbone and the trained head
+        return backbones.export_transfer(args.models_uri, args.model_name, best, results, metadata)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = os.path.join(tmp, "model.keras")
         model = registry.load_verified_model(best["model_uri"], best["model_sha256"], keep_at=model_path)

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sparktf import dataset, fetch, idx, job, knobs, storage
+from sparktf import backbones, dataset, fetch, idx, job, knobs, storage
 
 log = job.log
 IDX_CHUNK = 10_000
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows-per-shard", type=int, default=20_000, help="target rows per Parquet shard")
     parser.add_argument("--fetch-threads", type=int, default=16, help="concurrent GETs per task")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb limit per image")
+    parser.add_argument("--resize-policy", default="resize", choices=("resize", "center_crop"), help="how images of another size are brought to it")
+    parser.add_argument("--models-uri", default="", help="S3 prefix of the model registry (with --backbone: decode to its recorded input)")
     return parser.parse_args(argv)
 
 
@@ -106,7 +108,9 @@ def plan_units(input_uri: str, keys: list[str], s3=None) -> tuple[list[dict], li
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_units(units: Iterator[dict], *, height: int, width: int, channels: int, fetch_threads: int, max_pixels: int) -> Iterator[dict]:
+def decode_units(
+    units: Iterator[dict], *, height: int, width: int, channels: int, fetch_threads: int, max_pixels: int, resize_policy: str = "resize"
+) -> Iterator[dict]:
     """Decode a partition's units into rows ``{id, label_name, pixels, source_split, error}``."""
     units = list(units)
     s3 = storage.client()
@@ -115,7 +119,15 @@ def decode_units(units: Iterator[dict], *, height: int, width: int, channels: in
     for bucket in sorted({u["bucket"] for u in images}):
         keys = [u["key"] for u in images if u["bucket"] == bucket]
         for key, array, reason, detail in fetch.fetch_decoded(
-            bucket, keys, height=height, width=width, channels=channels, max_pixels=max_pixels, fetch_threads=fetch_threads, s3=s3
+            bucket,
+            keys,
+            height=height,
+            width=width,
+            channels=channels,
+            max_pixels=max_pixels,
+            fetch_threads=fetch_threads,
+            resize_policy=resize_policy,
+            s3=s3,
         ):
             yield {
                 "id": key,
@@ -257,6 +269,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     s3 = storage.client()
+    backbone = backbones.apply_backbone_input(args, s3) if args.backbone else None  # its input size, channels, resize policy
     units, skipped = list_units(args.input_uri, s3)
     rows = decode_rows(spark, units, args).cache()
     rejected = [{"key": r["id"], "reason": r["error"]} for r in rows.where(F.col("error").isNotNull()).select("id", "error").orderBy("id").collect()]
@@ -282,6 +295,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     manifest = build_manifest(
         args, label_names, counts, split_totals, written, content_sha256(digests), split_sha256(digests, "test", label_names), rejected, skipped
     )
+    manifest.update(resize_policy=args.resize_policy, backbone=backbone)
     manifest_uri = storage.join_uri(args.output_uri, dataset.MANIFEST_NAME)
     storage.write_json(manifest_uri, manifest, s3)
     return job_result(args.output_uri, manifest_uri, manifest)
@@ -313,6 +327,7 @@ def decode_rows(spark, units: list[dict], args: argparse.Namespace):
             channels=args.channels,
             fetch_threads=args.fetch_threads,
             max_pixels=args.max_pixels,
+            resize_policy=args.resize_policy,
         )
     )
     schema = T.StructType(

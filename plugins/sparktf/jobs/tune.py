@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import sparktf
-from sparktf import dataset, executor, job, knobs, progress, search, storage, trials
+from sparktf import dataset, executor, features, job, knobs, progress, search, storage, trials
 
 log = job.log
 
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--broadcast-max-mb", type=float, default=512.0, help="broadcast the data when it is at most this large, else read shards per worker"
     )
+    features.add_arguments(parser)  # --models-uri, --features-uri, --featurize-batch-size (with --backbone)
     return parser.parse_args(argv)
 
 
@@ -69,6 +70,7 @@ def trial_fingerprint(args: argparse.Namespace, manifest: dict[str, Any]) -> dic
         "seed": args.seed,
         "manifest_sha256": manifest["content_sha256"],
         "code_version": sparktf.code_version(),
+        **features.fingerprint_fields(args),  # with a backbone: its sha256 (features differ per version)
     }
 
 
@@ -103,11 +105,10 @@ def run_trials(
     sc = spark.sparkContext
     job_id = job_id or f"{sc.applicationId}-{uuid.uuid4().hex[:8]}"
     groups = assign_partitions(trial_list, max_parallel)
-    kind, payload = data_source
 
     def run_partition(items: Iterator[list[dict]]) -> Iterator[dict]:
         cpus = executor.task_cpus()
-        data = payload.value if kind == "broadcast" else dataset.cached_arrays(*payload)
+        data = features.task_data(data_source)
         for group in items:
             for trial in group:
                 yield trials.train_trial(
@@ -230,6 +231,7 @@ def train_trials(spark, args: argparse.Namespace, trial_list: list[dict], *, dat
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     manifest = dataset.read_manifest(args.prepared_uri)
+    transfer = features.prepare_transfer(spark, args, manifest)  # with --backbone: features computed (or reused), heads trained on them
     space = search_space(args)
     fixed = {"optimizer": args.optimizer, "augment": args.augment}
     fingerprint = trial_fingerprint(args, manifest)
@@ -238,7 +240,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     )
     log.info("tuning %d trials (%s search) on %s", len(trial_list), args.search_strategy, args.prepared_uri)
 
-    data_source = ship_data(spark, args, manifest)
+    data_source = transfer["data_source"] if transfer else ship_data(spark, args, manifest)
 
     trials_uri = storage.join_uri(args.output_uri, "trials")
     halving_stats = None
@@ -273,6 +275,7 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
         "best_trial_id": summary["best"]["trial_id"] if summary["best"] else None,
         "figure_uri": figure_uri,
         "wall_seconds": round(time.perf_counter() - started, 2),
+        **features.results_fields(transfer),
     }
     if halving_stats:
         results["halving"] = halving_stats
@@ -280,7 +283,8 @@ def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     if summary["best"] is None:
         reasons = "; ".join(f"{f['trial_id']}: {f['reason']}" for f in summary["failed"][:5])
         raise RuntimeError(f"every one of {len(records)} trials failed ({reasons}); see {results_uri}")
-    return job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri) | ({"halving": halving_stats} if halving_stats else {})
+    extra = {**features.summary_fields(transfer), **({"halving": halving_stats} if halving_stats else {})}
+    return {**job_summary(results, summary, results_uri=results_uri, trials_uri=trials_uri), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
