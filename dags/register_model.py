@@ -26,6 +26,7 @@ Param).
 | `validate_params` | no Spark, no TensorFlow: refuses inconsistent Params, missing uploads and a label map of the wrong size for a stock network | the checked request |
 | `register_model` | Spark job `jobs/register_model.py`: builds/loads the model, checks it loads in safe mode, takes uint8 pixels, fits its weights and labels, then writes the version (and moves the champion if asked) | version, URI, sha256, input shape, promoted |
 | `check_registered` | fails the run with the reason when the job refused the model (nothing was registered) | the version summary |
+| `mlflow` | only with an `mlflow_default` connection (or `MLFLOW_TRACKING_URI`), else skipped: the version as an MLflow model version and the `champion` alias where the S3 champion is (`sparktf.airflow.mlflow_tracking`); MLflow down never fails the run | what was and was not logged |
 
 The version's `metadata.json` records the input shape, channels, resize policy, label names,
 sha256 of the artifact and of the uploaded files, and where they came from.
@@ -168,8 +169,15 @@ def register_model():
             raise validation.failure(f"model {result.get('model_name')!r} was not registered: {result.get('refused')}")
         return result
 
+    @task(task_id="mlflow")
+    def track_in_mlflow() -> dict:
+        """Register the version in MLflow and sync its champion alias with S3's when configured (skipped otherwise; never fails)."""
+        from sparktf.airflow import mlflow_tracking
+
+        return mlflow_tracking.run_task("register")
+
     validate_params() >> register
-    check_registered(register.output)
+    check_registered(register.output) >> track_in_mlflow()  # after a promote, the alias follows at once
 
 
 register_model()

@@ -21,7 +21,8 @@ def dag(dag_bag):
 def test_shape_manual_trigger_and_form(dag):
     from sparktf.applications import APPLICATIONS
 
-    assert [t.task_id for t in dag.topological_sort()] == ["validate_params", "register_model", "check_registered"]
+    assert [t.task_id for t in dag.topological_sort()] == ["validate_params", "register_model", "check_registered", "mlflow"]
+    assert dag.get_task("mlflow").upstream_task_ids == {"check_registered"}  # the alias follows a promote at once
     assert dag.schedule is None
     assert dag.max_active_runs == 1
     schema = dag.params.get_param("application").schema

@@ -112,7 +112,12 @@ def test_a_label_map_of_the_wrong_size_is_refused_before_spark(airflow_env, work
     }
     code, summary, output = run_dag(airflow_env, tmp_path, "register_model", conf)
     assert code == 1
-    assert states(summary) == {"validate_params": "failed", "register_model": "upstream_failed", "check_registered": "upstream_failed"}
+    assert states(summary) == {
+        "validate_params": "failed",
+        "register_model": "upstream_failed",
+        "check_registered": "upstream_failed",
+        "mlflow": "upstream_failed",
+    }
     assert "has 999 labels but the model has 1000 outputs" in output
     assert storage.list_keys(workspace["ws"] + "/models/wrong-labels/") == []
 

@@ -91,7 +91,7 @@ def test_without_configuration_nothing_is_configured_or_imported():
     """No connection, no MLFLOW_TRACKING_URI: no settings, and the DAG files and the module import no mlflow."""
     code = (
         "import os, sys; os.environ.pop('MLFLOW_TRACKING_URI', None); os.environ.pop('AIRFLOW_CONN_MLFLOW_DEFAULT', None)\n"
-        "import runpy; [runpy.run_path(f'dags/{n}.py') for n in ('tuning_pipeline', 'nightly_inference')]\n"
+        "import runpy; [runpy.run_path(f'dags/{n}.py') for n in ('tuning_pipeline', 'nightly_inference', 'register_model')]\n"
         "from sparktf.airflow import mlflow_tracking\n"
         "assert mlflow_tracking.tracking_settings() is None\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))\n"
@@ -121,3 +121,34 @@ def test_champion_alias_follows_the_s3_pointer_never_the_other_way(mlflow_server
     mlflow_tracking.sync_champion_alias(client, models_uri, name)
     assert mlflow_server.read(read) == [versions, "2"]
     assert registry.read_champion(models_uri, name)["version"] == 2  # S3 untouched
+
+
+def test_register_steps_log_the_imported_version_and_the_alias_follows_a_promote(mlflow_server, s3_prefix, mnist_subset):
+    """register_model's steps: each version registered once; the alias stays without a promote and follows one; down is reported."""
+    models_uri, name = s3_prefix + "/models/", "imported-digits"
+    record = train_tiny_model(s3_prefix + "/scratch", mnist_subset)
+    settings, params = {"uri": mlflow_server.uri, "auth": None}, {"workspace_uri": s3_prefix, "model_name": name}
+    read = (
+        f"versions = {{v.tags['sparktf.version']: v.version for v in client.search_model_versions(\"name = '{name}'\")}}\n"
+        f"result = [versions, client.get_model_version_by_alias('{name}', 'champion').tags['sparktf.version']]\n"
+    )
+
+    def run(version: int) -> dict:
+        return mlflow_tracking.outcome(settings, mlflow_tracking.register_steps(params=params, registered={"registered": True, "version": version}))
+
+    register_trial(models_uri, name, record)  # version 1, champion
+    assert run(1)["logged"] == ["model version 1", "champion alias"]
+    register_trial(models_uri, name, record, champion=False)  # version 2, promote=false
+    assert run(2)["ids"] == {"model version 2": mlflow_server.read(read)[0]["2"], "champion alias": "1"}
+    assert mlflow_server.read(read)[1] == "1"
+    registry.set_champion(models_uri, name, registry.champion_pointer(registry.resolve(models_uri, name, 2)))  # what promote=true does
+    assert run(2)["not_logged"] == []  # the same run again (a retry): nothing created twice
+    versions, champion = mlflow_server.read(read)
+    assert (sorted(versions), champion) == (["1", "2"], "2")
+    refused = mlflow_tracking.register_steps(params=params, registered={"registered": False, "refused": "Lambda layers"})
+    assert [what for what, _ in refused] == ["champion alias"]
+    down = mlflow_tracking.outcome(
+        {"uri": f"http://127.0.0.1:{free_port()}", "auth": None},
+        mlflow_tracking.register_steps(params=params, registered={"registered": True, "version": 2}),
+    )
+    assert down["not_logged"] == ["model version 2", "champion alias"]

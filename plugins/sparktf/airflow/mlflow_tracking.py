@@ -19,6 +19,8 @@ without changing it. Users read the runs with MLflow's UI or client as usual.
 * the exported version as an MLflow model version of the same name (source: the registry's ``.keras``
   in S3, tags ``sparktf.version`` and ``model_sha256``), and the ``champion`` alias set to the version
   the S3 champion pointer names (S3 is the source of truth: the alias follows it, never the other way);
+* a ``register_model`` run: the imported version as an MLflow model version (as above, without a run),
+  and the ``champion`` alias synced the same way (so a ``promote`` moves it at once);
 * a nightly run: MLflow run ``<Airflow run id>`` in experiment ``<model name>/nightly`` with the date,
   the model version, the counts, the set-aside reasons and the label histogram.
 
@@ -475,6 +477,21 @@ def nightly_steps(*, run_id: str, summary: dict[str, Any], timestamp: int) -> li
     return [(f"nightly run {summary.get('date')}", lambda client: log_plan(client, plan, run_id, timestamp))]
 
 
+def register_steps(*, params: dict[str, Any], registered: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The steps of a register_model run's logging: the imported version, then the champion alias (moved or not, S3 decides)."""
+    models_uri, name = params["workspace_uri"] + "/models/", params["model_name"]
+
+    def log_version(client: TrackingClient) -> str:
+        from sparktf import registry
+
+        metadata = registry.resolve(models_uri, name, registered["version"])
+        return register_version(client, {**metadata, "name": name}, None)
+
+    steps = [(f"model version {registered['version']}", log_version)] if registered.get("registered") else []
+    steps.append(("champion alias", lambda client: sync_champion_alias(client, models_uri, name)))
+    return steps
+
+
 def run_task(kind: str) -> dict[str, Any]:
     """The DAGs' ``mlflow`` task: skipped without MLflow configured; never raises for MLflow's sake."""
     from airflow.sdk import get_current_context
@@ -499,6 +516,8 @@ def run_task(kind: str) -> dict[str, Any]:
             export=pull("export_best_model"),
             timestamp=timestamp,
         )
+    elif kind == "register":
+        steps = register_steps(params=dict(context["params"]), registered=ti.xcom_pull(task_ids="check_registered") or {})
     else:
         steps = nightly_steps(run_id=ti.run_id, summary=ti.xcom_pull(task_ids="publish") or {}, timestamp=timestamp)
     result = outcome(settings, steps)
