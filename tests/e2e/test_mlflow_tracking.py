@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparktf import registry
+from sparktf import registry, storage
 from sparktf_dev.testing import free_port, land_partition, run_dag, upload_mnist
 
 pytestmark = pytest.mark.e2e
@@ -149,3 +149,31 @@ def test_a_nightly_run_logs_counts_reasons_and_labels(tuning_runs, airflow_env, 
     }
     assert sum(v for k, v in seen["metrics"].items() if k.startswith("label_")) == published["scored"]
     assert seen["artifacts"] == ["label_histogram.json", "set_aside_reasons.json"]
+
+
+def test_a_register_model_run_with_promote_moves_the_alias_with_the_s3_champion(tuning_runs, airflow_env, mlflow_server, workspace, tmp_path):
+    """Last in this module (it adds version 2): register_model with promote moves S3's champion, and MLflow's alias follows at once."""
+    ws, tuned = workspace["ws"], registry.resolve(workspace["ws"] + "/models/", MODEL)
+    storage.write_bytes(ws + "/uploads/digits.keras", storage.read_bytes(tuned["model_uri"]))  # a user's own .keras upload
+    storage.write_bytes(ws + "/uploads/labels.txt", "\n".join(str(d) for d in range(10)).encode())
+    conf = {
+        "workspace_uri": ws,
+        "model_name": MODEL,
+        "source": "keras_file",
+        "model_uri": ws + "/uploads/digits.keras",
+        "labels": "label_map",
+        "label_map_uri": ws + "/uploads/labels.txt",
+        "resize_policy": "resize",
+        "promote": True,
+    }
+    code, summary, output = run_dag(with_mlflow(airflow_env, mlflow_server.uri), tmp_path, "register_model", conf)
+    assert code == 0, output[-6000:]
+    registered = summary["tasks"]["check_registered"]["xcom"]
+    assert (registered["version"], registered["promoted"]) == (tuned["version"] + 1, True)
+    assert registry.read_champion(ws + "/models/", MODEL)["version"] == registered["version"]
+    assert summary["tasks"]["mlflow"]["xcom"]["not_logged"] == []
+    seen = mlflow_server.read(READ_TUNING % (f"{MODEL}/tuning", MODEL, MODEL))
+    number, source, _version, sha256, run_id = next(v for v in seen["versions"] if v[2] == str(registered["version"]))
+    assert (source, sha256, run_id) == (registered["model_uri"], registered["model_sha256"], "")  # no MLflow run: MLflow's client says ""
+    assert seen["champion"] == [number, str(registered["version"])]
+    assert len(seen["versions"]) == 2
