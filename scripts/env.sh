@@ -2,6 +2,13 @@
 # Override any of these in your shell before running a script.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export ROOT
+# Defaults this file derived from another checkout (sourced there first, e.g. in the same shell) are
+# not overrides: a fresh clone's set-up must not install into the other checkout's venv.
+if [ -n "${SPARKTF_ENV_ROOT:-}" ] && [ "$SPARKTF_ENV_ROOT" != "$ROOT" ]; then
+  if [ "${VENV:-}" = "$SPARKTF_ENV_ROOT/.venv" ]; then unset VENV; fi
+  if [ "${SPARKTF_STATE_DIR:-}" = "$SPARKTF_ENV_ROOT/.stack" ]; then unset SPARKTF_STATE_DIR; fi
+fi
+export SPARKTF_ENV_ROOT="$ROOT"
 export VENV="${VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH"
 export SPARKTF_STATE_DIR="${SPARKTF_STATE_DIR:-$ROOT/.stack}"

@@ -164,7 +164,7 @@ def _fit_step(record: dict[str, Any], data: dict[str, Any], context: dict[str, A
         if len(losses) < record["epochs"] - record["from_epochs"] or any(not math.isfinite(v) for v in losses):
             record["reason"] = "diverged: training loss became NaN/inf"
             return
-        metrics = _evaluate(model, data)
+        metrics = trials.evaluate(model, data)
         if metrics is None:
             record["reason"] = "diverged: evaluation produced NaN/inf"
             return
@@ -181,23 +181,6 @@ def _fit_step(record: dict[str, Any], data: dict[str, Any], context: dict[str, A
     finally:
         record["train_seconds"] = round(time.perf_counter() - started, 3)
         keras.backend.clear_session()
-
-
-def _evaluate(model, data: dict[str, Any]) -> dict[str, float] | None:
-    """Validation (selection) and test (reported only) metrics, or None when one is not finite."""
-    val_loss, val_accuracy = model.evaluate(data["x_val"], data["y_val"], batch_size=512, verbose=0)
-    test_loss, test_accuracy = model.evaluate(data["x_test"], data["y_test"], batch_size=512, verbose=0)
-    values = (val_loss, val_accuracy, test_loss, test_accuracy)
-    if not all(math.isfinite(v) for v in values):
-        return None
-    return {
-        "val_loss": float(val_loss),
-        "val_accuracy": float(val_accuracy),
-        "test_loss": float(test_loss),
-        "test_accuracy": float(test_accuracy),
-        "test_error": 1.0 - float(test_accuracy),
-        "num_parameters": int(model.count_params()),
-    }
 
 
 def publish(record: dict[str, Any], trials_uri: str, uri: str, started: float) -> dict[str, Any]:

@@ -381,6 +381,22 @@ def _run_attempt(record: dict[str, Any], data: dict[str, Any], trials_uri: str, 
         raise
 
 
+def evaluate(model, data: dict[str, Any]) -> dict[str, float] | None:
+    """Validation (selection) and test (reported only) metrics of a trained model, or None when one is not finite."""
+    val_loss, val_accuracy = model.evaluate(data["x_val"], data["y_val"], batch_size=512, verbose=0)
+    test_loss, test_accuracy = model.evaluate(data["x_test"], data["y_test"], batch_size=512, verbose=0)
+    if not all(math.isfinite(v) for v in (val_loss, val_accuracy, test_loss, test_accuracy)):
+        return None
+    return {
+        "val_loss": float(val_loss),
+        "val_accuracy": float(val_accuracy),
+        "test_loss": float(test_loss),
+        "test_accuracy": float(test_accuracy),
+        "test_error": 1.0 - float(test_accuracy),
+        "num_parameters": int(model.count_params()),
+    }
+
+
 def _callbacks(params: dict[str, Any], *, patience: int, lr_decay_patience: int) -> list:
     import keras
 
@@ -434,19 +450,11 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
             bad_epoch = next((i + 1 for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
             record["reason"] = f"diverged: training loss became NaN/inf in epoch {bad_epoch}"
             return None
-        val_loss, val_accuracy = model.evaluate(data["x_val"], data["y_val"], batch_size=512, verbose=0)
-        test_loss, test_accuracy = model.evaluate(data["x_test"], data["y_test"], batch_size=512, verbose=0)
-        if not all(math.isfinite(v) for v in (val_loss, val_accuracy, test_loss, test_accuracy)):
+        metrics = evaluate(model, data)
+        if metrics is None:
             record["reason"] = "diverged: evaluation produced NaN/inf"
             return None
-        return model, {
-            "val_loss": float(val_loss),
-            "val_accuracy": float(val_accuracy),
-            "test_loss": float(test_loss),
-            "test_accuracy": float(test_accuracy),
-            "test_error": 1.0 - float(test_accuracy),
-            "num_parameters": int(model.count_params()),
-        }
+        return model, metrics
     except (tf.errors.ResourceExhaustedError, MemoryError) as err:
         record["reason"] = f"out_of_memory: {type(err).__name__}: {str(err)[:300]}"
     except Exception as err:
