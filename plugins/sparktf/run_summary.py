@@ -128,27 +128,26 @@ def tuning_facts(tune: dict[str, Any] | None, results: dict[str, Any] | None = N
         "results_uri": tune.get("results_uri"),
         "wall_seconds": tune.get("wall_seconds"),
         "halving": halving_facts(tune, results),
+        "backbone": backbone_used(tune),
     }
     default = default_configuration()
     comparison: dict[str, Any] = {"configuration": default, "description": describe_configuration(default)}
     default_row = find_default_row(rows, model_family=results.get("model_family"), fixed=results.get("fixed")) if complete else None
     if default_row is not None and rows:
         best = rows[0]
-        reduction = error_reduction(default_row["test_accuracy"], best["test_accuracy"])
         comparison.update(
             present=True,
             default_row=default_row,
             best_row=best,
             default_error=1.0 - default_row["test_accuracy"],
             tuned_error=1.0 - best["test_accuracy"],
-            reduction=reduction,
+            reduction=error_reduction(default_row["test_accuracy"], best["test_accuracy"]),
             best_is_default=default_row.get("trial_id") == best.get("trial_id"),
         )
     else:
         comparison.update(present=False, why="not in this run's grid" if complete else "trial list incomplete")
     facts["default"] = comparison
     facts["champion"] = champion_decision(export)
-    facts["backbone"] = backbone_used(tune)
     return facts
 
 
