@@ -600,6 +600,22 @@ def load_dag(dag_id: str, dags_dir: Path | None = None):
     return bag.dags[dag_id]
 
 
+def crash_test_env(crash_match: str) -> dict[str, str]:
+    """The environment of a spark-submit test whose matching trial kills its own Python worker
+    (``sparktf.trials.CRASH_TEST_ENV``; test-only): this interpreter for the workers, the package on the path."""
+    import sparktf
+    from sparktf import trials
+
+    plugins = str(Path(sparktf.__file__).resolve().parents[1])
+    return {
+        **os.environ,
+        trials.CRASH_TEST_ENV: crash_match,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
+    }
+
+
 # Tasks a default run skips: no person's approval asked (promotion auto), no MLflow configured.
 SKIPPED_BY_DEFAULT = frozenset({"approve_promotion", "promote_approved", "mlflow"})
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import sparktf
-from sparktf import halving_driver, rungs, storage, trials
+from sparktf import halving_driver, rungs, storage
 from sparktf.jobs import export_model, prepare_data, tune
-from sparktf_dev.testing import ROOT, upload_mnist
+from sparktf_dev.testing import ROOT, crash_test_env, upload_mnist
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +121,7 @@ def test_a_rung_step_whose_worker_is_killed_ranks_last_and_its_lower_rung_is_not
 
     out = s3_prefix + "/crash/"
     zip_path, _sha = package_zip()
-    plugins = str(Path(sparktf.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        trials.CRASH_TEST_ENV: "/rungs/0002",
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
-    }
+    env = crash_test_env("/rungs/0002")
     args = sys_args(prepared, out)
     command = [
         str(Path(sys.executable).with_name("spark-submit")),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from PIL import Image
 import sparktf
 from sparktf import dataset, registry, search, storage, trials
 from sparktf.jobs import export_model, prepare_data, tune
-from sparktf_dev.testing import ROOT, prepare, upload_mnist
+from sparktf_dev.testing import ROOT, crash_test_env, prepare, upload_mnist
 
 
 @pytest.fixture(scope="module")
@@ -468,14 +467,7 @@ def test_a_trial_whose_process_is_killed_is_recorded_as_failed_and_the_job_finis
 
     out = s3_prefix + "/crash/"
     zip_path, _sha = package_zip()
-    plugins = str(Path(sparktf.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        trials.CRASH_TEST_ENV: '"hidden_units": 48',
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
-    }
+    env = crash_test_env('"hidden_units": 48')
     command = [
         str(Path(sys.executable).with_name("spark-submit")),
         "--master",
