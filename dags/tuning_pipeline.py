@@ -84,7 +84,7 @@ def tuning_pipeline():
         if not problems:
             aws_connection.use_connection()
             problems = validation.dataset_problems(params["dataset_uri"], storage.has_objects)
-        problems = problems or validation.backbone_problems(params["backbone"], params["workspace_uri"] + "/models/")
+        problems = problems or validation.backbone_problems(params["backbone"], params["workspace_uri"] + "/models/", params["fine_tune_layers"])
         validation.refuse(problems, "invalid parameters")
         return summary
 

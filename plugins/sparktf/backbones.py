@@ -149,7 +149,8 @@ def check_backbone(models_uri: str, text: str, s3=None) -> dict[str, Any]:
     """Resolve, load (sha256-checked, safe mode) and check a backbone; what the run will use.
 
     Returns:
-        ``{name, version, model_uri, model_sha256, input_shape, resize_policy, feature_dim}``.
+        ``{name, version, model_uri, model_sha256, input_shape, resize_policy, feature_dim, fine_tunable_layers}``
+        (the layers with weights between the pixels and the features, what ``fine_tune_layers`` may unfreeze).
 
     Raises:
         BackboneRefused: with what to do. Storage errors raise as they are (no verdict).
@@ -160,8 +161,14 @@ def check_backbone(models_uri: str, text: str, s3=None) -> dict[str, Any]:
         model = registry.load_version_model(metadata, s3)
     except registry.ModelIntegrityError as err:
         raise BackboneRefused(f"{err}: register the backbone again") from None
-    features = feature_output(model)
-    return {**summary(metadata, wanted), "feature_dim": int(features.shape[1])}
+    from sparktf import finetune
+
+    extractor = feature_extractor(model)
+    return {
+        **summary(metadata, wanted),
+        "feature_dim": int(extractor.outputs[0].shape[1]),
+        "fine_tunable_layers": len(finetune.weighted_layers(extractor)),
+    }
 
 
 def summary(metadata: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
@@ -213,19 +220,23 @@ def export_transfer(models_uri: str, model_name: str, best: dict[str, Any], resu
 
     The backbone and the head are loaded as any registered artifact (sha256-checked, safe mode);
     the composed file is checked against the registry's allowlist and loaded in safe mode before
-    it is written. ``metadata`` (the export's, with the ImageFolder's ``label_names``) gains the
-    backbone (name, version, sha256), its input and ``resize_policy``.
+    it is written. A fine-tuned trial (``takes_pixels`` in its record: :mod:`sparktf.finetune`)
+    saved the composed model itself, with its trained backbone layers: that model is registered.
+    ``metadata`` (the export's, with the ImageFolder's ``label_names``) gains the backbone (name,
+    version, sha256), its input, ``resize_policy`` and the ``fine_tuned_layers`` (empty: frozen).
     """
     import os
     import tempfile
 
     from sparktf import applications
 
-    backbone = results["backbone"]
+    backbone, fine_tune = results["backbone"], best.get("fine_tune") or {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = registry.load_verified_model(backbone["model_uri"], backbone["model_sha256"])
-        head = registry.load_verified_model(best["model_uri"], best["model_sha256"])
-        model = compose(base, head, name="transfer")
+        trained = registry.load_verified_model(best["model_uri"], best["model_sha256"])
+        if best.get("takes_pixels"):
+            model = trained  # fine-tuned: backbone + head already, its top layers trained
+        else:
+            model = compose(registry.load_verified_model(backbone["model_uri"], backbone["model_sha256"]), trained, name="transfer")
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         registry.check_layer_classes(path, f"model {model_name!r} (backbone {backbone['name']} v{backbone['version']} + head)")
@@ -242,5 +253,6 @@ def export_transfer(models_uri: str, model_name: str, best: dict[str, Any], resu
             "num_classes": len(metadata["label_names"]),
             "backbone": {k: backbone[k] for k in ("name", "version", "model_uri", "model_sha256")},
             "head": {"model_uri": best["model_uri"], "model_sha256": best["model_sha256"]},
+            "fine_tuned_layers": fine_tune["layers"] if fine_tune.get("kept") == "fine_tuned" else [],
         }
         return registry.write_version(models_uri, model_name, model_path=path, metadata=full, saved_model_dir=saved)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from sparktf import backbones, dataset, job, storage
+from sparktf import backbones, dataset, job, knobs, storage
 
 log = job.log
 
@@ -218,6 +218,9 @@ def task_data(data_source: tuple[str, Any]) -> dict[str, Any]:
         return payload.value
     if kind == "feature_shards":
         return cached_features(*payload)
+    if kind == "features_and_images":  # fine-tuning trials: the heads' features, the images and the backbone to train through
+        features_source, images_source, backbone = payload
+        return {**task_data(features_source), "images": task_data(images_source), "backbone": backbone}
     return dataset.cached_arrays(*payload)
 
 
@@ -234,21 +237,29 @@ def cached_features(features_uri: str, found: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_transfer(spark, args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any] | None:
+def prepare_transfer(spark, args: argparse.Namespace, manifest: dict[str, Any], ship_images=None) -> dict[str, Any] | None:
     """With ``--backbone``: check it, featurize (or reuse), and make the trials heads on features.
 
     Sets ``args.model_family`` to :data:`HEAD_FAMILY` and ``args.augment`` to 0 (features are
     computed once: there is nothing to augment) and records the backbone's sha256 for the trial
     fingerprint (:func:`fingerprint_fields`).
 
+    Args:
+        ship_images: ``() -> data_source`` of the prepared images (:func:`sparktf.jobs.tune.ship_data`),
+            called only when a trial fine-tunes the backbone (``fine_tune_layers`` > 0).
+
     Returns:
         None without a backbone; else ``{backbone, features_uri, featurized, images, feature_dim, data_source}``
-        (``data_source`` as :func:`sparktf.jobs.tune.ship_data`'s: broadcast when it fits, else shards).
+        (``data_source`` as :func:`sparktf.jobs.tune.ship_data`'s: broadcast when it fits, else shards;
+        ``features_and_images`` when a trial fine-tunes).
     """
     if not args.backbone:
         return None
     if not args.models_uri or not args.features_uri:
         raise ValueError("--backbone needs --models-uri (the registry holding it) and --features-uri (where features are kept)")
+    problems = knobs.head_problems({"backbone": args.backbone, "fine_tune_layers": args.fine_tune_layers, "search_strategy": args.search_strategy})
+    if problems:
+        raise ValueError("; ".join(problems))
     backbone = backbones.check_backbone(args.models_uri, args.backbone)
     features_uri, found, featurized = featurize(
         spark,
@@ -273,6 +284,9 @@ def prepare_transfer(spark, args: argparse.Namespace, manifest: dict[str, Any]) 
     else:
         data_source = ("feature_shards", (features_uri, found))
     log.info("features %.1f MB: %s to executors", size_mb, data_source[0])
+    if any(getattr(args, "fine_tune_layers", None) or []) and ship_images is not None:
+        reference = {k: backbone[k] for k in ("name", "version", "model_uri", "model_sha256")}
+        data_source = ("features_and_images", (data_source, ship_images(), reference))
     return {
         "backbone": backbone,
         "features_uri": features_uri,

@@ -141,6 +141,20 @@ KNOBS: tuple[Knob, ...] = (
         maximum=1,
         backbone_only=True,
     ),
+    Knob(
+        "fine_tune_layers",
+        "tune",
+        "int_list",
+        [0],
+        "Fine-tuned backbone layers (backbone head)",
+        "0 = the backbone stays frozen: heads train on features computed once (seconds per trial). N > 0 = after its head, "
+        "the trial trains the backbone's top N layers with weights together with the head on the images, at a tenth of the "
+        "learning rate (slower: minutes per trial, the images go through the backbone every epoch; grid or random search only).",
+        dimension="fine_tune_layers",
+        minimum=0,
+        maximum=10000,
+        backbone_only=True,
+    ),
     # tune: fixed for every trial of a run
     Knob(
         "backbone",
@@ -522,10 +536,18 @@ def validate(values: dict[str, Any], table: tuple[Knob, ...] = KNOBS) -> list[st
 
 
 def head_problems(values: dict[str, Any]) -> list[str]:
-    """The head's settings given without a backbone (where they mean nothing)."""
+    """The head's settings given without a backbone (where they mean nothing), and fine-tuning with halving."""
+    fine_tuned = [v for v in values.get("fine_tune_layers") or [0] if v]
     if values["backbone"]:
+        if fine_tuned and values.get("search_strategy") == "halving":
+            return [
+                "fine_tune_layers: fine-tuning runs with search_strategy grid or random (halving resumes heads between rungs); "
+                "set search_strategy to grid, or fine_tune_layers to [0]"
+            ]
         return []
     problems = []
+    if fine_tuned:
+        problems.append("fine_tune_layers: fine-tuning is a backbone head's setting: set backbone, or leave fine_tune_layers at [0]")
     if 0 in list(values.get("hidden_units") or []):
         problems.append("hidden_units: 0 (a linear head) needs a backbone: set backbone, or give widths >= 1 for the model family")
     if [float(v) for v in values.get("l2_weights") or [0.0]] != [0.0]:

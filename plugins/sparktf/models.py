@@ -199,6 +199,15 @@ def make_optimizer(name: str, learning_rate: float):
 MODEL_FAMILIES: dict[str, Callable] = {"mnist_cnn": build_mnist_cnn, "mnist_cnn_bn": build_mnist_cnn_bn, "mlp": build_mlp, "head": build_head}
 
 
+# A trial's hyperparameters that are not the model builder's: how it is trained, not what it is.
+TRAINING_ONLY = ("batch_size", "fine_tune_layers")
+
+
+def model_hyperparameters(params: dict) -> dict:
+    """A trial's params without :data:`TRAINING_ONLY` (what :func:`build_model` takes)."""
+    return {k: v for k, v in params.items() if k not in TRAINING_ONLY}
+
+
 def build_model(family: str, input_shape, num_classes: int, **hyperparameters):
     """Build and compile a model of a registered family.
 

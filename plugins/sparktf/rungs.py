@@ -117,12 +117,11 @@ def _start_model(record: dict[str, Any], data: dict[str, Any], context: dict[str
     """The rung below's checkpoint (weights and optimizer state), or a new model at the first rung."""
     import keras
 
-    from sparktf.models import build_model
+    from sparktf.models import build_model, model_hyperparameters
 
     if record["rung"] == 0:
         keras.utils.set_random_seed(context["seed"])
-        hyper = {k: v for k, v in record["params"].items() if k != "batch_size"}
-        return build_model(record["family"], data["input_shape"], data["num_classes"], **hyper)
+        return build_model(record["family"], data["input_shape"], data["num_classes"], **model_hyperparameters(record["params"]))
     below = storage.read_json(record_uri(context["trials_uri"], record["trial_id"], record["from_epochs"]))
     blob = storage.read_bytes(below["checkpoint_uri"])
     if storage.sha256_hex(blob) != below["checkpoint_sha256"]:

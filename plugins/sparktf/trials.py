@@ -422,14 +422,13 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
     import keras
     import tensorflow as tf
 
-    from sparktf.models import build_model
+    from sparktf.models import build_model, model_hyperparameters
 
     params, epochs = record["params"], record["max_epochs"]
     started = time.perf_counter()
     try:
         keras.utils.set_random_seed(record["seed"])
-        hyper = {k: v for k, v in params.items() if k != "batch_size"}
-        model = build_model(record["family"], data["input_shape"], data["num_classes"], **hyper)
+        model = build_model(record["family"], data["input_shape"], data["num_classes"], **model_hyperparameters(params))
         callbacks = _callbacks(params, patience=patience, lr_decay_patience=record["lr_decay_patience"])
         crash_if_asked(record["trial_id"], params)
         history = model.fit(
@@ -454,6 +453,12 @@ def _fit_and_evaluate(record: dict[str, Any], data: dict[str, Any], *, patience:
         if metrics is None:
             record["reason"] = "diverged: evaluation produced NaN/inf"
             return None
+        if params.get("fine_tune_layers"):  # a last phase through the partly unfrozen backbone, on the images
+            from sparktf import finetune
+
+            return finetune.fine_tune(
+                model, data, record, frozen=metrics, callbacks=_callbacks(params, patience=patience, lr_decay_patience=record["lr_decay_patience"])
+            )
         return model, metrics
     except (tf.errors.ResourceExhaustedError, MemoryError) as err:
         record["reason"] = f"out_of_memory: {type(err).__name__}: {str(err)[:300]}"

@@ -257,3 +257,79 @@ def test_a_backbone_that_does_not_exist_is_refused_before_any_spark_job(airflow_
     assert "no-such-network" in output
     assert "register one with the register_model DAG" in output
     assert storage.list_keys(f"{workspace['ws']}/runs/tuning_pipeline/{path_safe(summary['run_id'])}/") == []  # no job wrote anything
+
+
+# ---------------------------------------------------------------------------------------------
+# A Keras Applications backbone (weights this module makes), heads frozen and fine-tuned
+# ---------------------------------------------------------------------------------------------
+
+STOCK_BACKBONE = "stock-features"
+
+
+@pytest.fixture(scope="module")
+def stock_tuned(airflow_env, workspace, registered, tmp_path_factory) -> dict:
+    """MobileNetV3Small registered through the DAG from a weights file, then a grid of a frozen and a fine-tuned head."""
+    from sparktf_dev.testing import application_weights
+
+    path = application_weights("MobileNetV3Small", str(tmp_path_factory.mktemp("stock") / "mobilenet_v3_small.weights.h5"))
+    with open(path, "rb") as fh:
+        storage.write_bytes(workspace["ws"] + "/uploads/mobilenet_v3_small.weights.h5", fh.read())
+    conf = {
+        "workspace_uri": workspace["ws"],
+        "model_name": STOCK_BACKBONE,
+        "source": "keras_application",
+        "application": "MobileNetV3Small",
+        "weights_uri": workspace["ws"] + "/uploads/mobilenet_v3_small.weights.h5",
+        "labels": "imagenet",
+        "promote": True,
+    }
+    code, _summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("register-stock"), "register_model", conf)
+    assert code == 0, output[-6000:]
+    grid = {"backbone": STOCK_BACKBONE, "model_name": "my-photos-stock", "hidden_units": [0], "fine_tune_layers": [0, 1], "epochs": 2, "patience": 2}
+    code, summary, output = run_dag(airflow_env, tmp_path_factory.mktemp("tune-stock"), "tuning_pipeline", head_conf(workspace, **grid))
+    assert code == 0, output[-6000:]
+    return summary
+
+
+def test_a_stock_network_is_a_backbone_and_a_trial_fine_tunes_its_top_layer(stock_tuned, workspace):
+    from sparktf import dataset
+
+    assert not_green(stock_tuned) == {}, states(stock_tuned)
+    tune = stock_tuned["tasks"]["tune"]["xcom"]
+    assert (tune["trials"], tune["succeeded"], tune["backbone"]) == (2, 2, f"{STOCK_BACKBONE}@1")
+    assert tune["featurized"] == len(CLASSES) * PER_CLASS
+    results = storage.read_json(tune["results_uri"])
+    assert results["data_transfer"] == "features_and_images"
+    assert results["backbone"]["input_shape"] == [224, 224, 3]
+    by_layers = {t["params"]["fine_tune_layers"]: t for t in results["trials"]}
+    assert "fine_tune" not in by_layers[0]
+    fine = by_layers[1]["fine_tune"]
+    assert len(fine["layers"]) == 1
+    assert fine["kept"] in ("fine_tuned", "frozen")
+    assert by_layers[1]["takes_pixels"]
+
+    export = stock_tuned["tasks"]["export_best_model"]["xcom"]
+    metadata = registry.resolve(workspace["ws"] + "/models/", "my-photos-stock", export["version"])
+    assert metadata["label_names"] == sorted(CLASSES)
+    assert (metadata["backbone"]["name"], metadata["input_shape"], metadata["input_dtype"]) == (STOCK_BACKBONE, [224, 224, 3], "uint8")
+    best = {t["trial_id"]: t for t in results["trials"]}[export["trial_id"]]
+    fine_tuned = best.get("fine_tune", {}).get("kept") == "fine_tuned"
+    assert metadata["fine_tuned_layers"] == (best["fine_tune"]["layers"] if fine_tuned else [])
+    served = registry.load_version_model(metadata)
+    x_test, _y = dataset.read_split(results["prepared_uri"], "test")
+    trained = registry.load_verified_model(best["model_uri"], best["model_sha256"])
+    if not best.get("takes_pixels"):  # a frozen head: the export composed it with the registered backbone
+        from sparktf import backbones
+
+        stock = registry.resolve(workspace["ws"] + "/models/", STOCK_BACKBONE, 1)
+        trained = backbones.compose(registry.load_version_model(stock), trained)
+    np.testing.assert_allclose(np.asarray(served(x_test, training=False)), np.asarray(trained(x_test, training=False)), rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tuning_more_layers_than_the_backbone_has_is_refused_through_the_dag(airflow_env, workspace, registered, tmp_path):
+    conf = head_conf(workspace, fine_tune_layers=[0, 40])
+    code, summary, output = run_dag(airflow_env, tmp_path, "tuning_pipeline", conf)
+    assert code == 1
+    assert states(summary)["validate_params"] == "failed"
+    assert states(summary)["prepare_data"] == "upstream_failed"
+    assert f"fine_tune_layers: backbone '{BACKBONE}' has 3 layers with weights below its features, fewer than [40]; give at most 3" in output

@@ -367,3 +367,141 @@ def test_features_too_large_to_broadcast_reach_trials_from_shards(spark, photos,
     result = tune.run(spark, args)
     assert (result["succeeded"], result["featurized"]) == (4, 0)
     assert storage.read_json(out + "results.json")["data_transfer"] == "feature_shards"
+
+
+# ---------------------------------------------------------------------------------------------
+# fine_tune_layers: a last phase through the partly unfrozen backbone, on the images
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fine_tuning_is_a_backbone_grid_setting_refused_elsewhere():
+    values = knobs.defaults()
+    assert knobs.search_space({**values, "backbone": "tiny", "fine_tune_layers": [0, 2]})["fine_tune_layers"] == [0, 2]
+    assert "fine_tune_layers" not in knobs.search_space(values)
+    assert knobs.validate({**values, "backbone": "tiny", "fine_tune_layers": [0, 2]}) == []
+    without = knobs.validate({**values, "fine_tune_layers": [2]})
+    assert len(without) == 1
+    assert without[0].startswith("fine_tune_layers: fine-tuning is a backbone head's setting")
+    halving = knobs.validate({**values, "backbone": "tiny", "fine_tune_layers": [1], "search_strategy": "halving"})
+    assert len(halving) == 1
+    assert "search_strategy to grid" in halving[0]
+    assert knobs.validate({**values, "backbone": "tiny", "fine_tune_layers": [0], "search_strategy": "halving"}) == []
+
+
+def test_only_the_top_weighted_layers_are_unfrozen_and_batch_norm_stays_frozen():
+    import keras
+
+    from sparktf import finetune
+
+    extractor = backbones.feature_extractor(tiny_backbone())
+    assert [layer.name for layer in finetune.weighted_layers(extractor)][-1] == "hidden"
+    assert len(finetune.weighted_layers(extractor)) == 2  # the conv and the hidden Dense: not the classifier above the features
+    assert finetune.unfreeze_top(extractor, 1) == ["hidden"]
+    assert [layer.name for layer in extractor.layers if layer.trainable and layer.weights] == ["hidden"]
+    assert finetune.unfreeze_top(extractor, 0) == []
+    assert not [layer for layer in extractor.layers if layer.trainable and layer.weights]
+    with pytest.raises(ValueError, match="more than the 2 layers with weights"):
+        finetune.unfreeze_top(extractor, 3)
+
+    nested = backbones.feature_extractor(tiny_backbone(nested=True))  # as register_model wraps a stock network
+    assert len(finetune.weighted_layers(nested)) == 2
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    bn_net = keras.Model(inputs, keras.layers.Dense(2, name="classifier")(x))
+    bn_extractor = backbones.feature_extractor(bn_net)
+    assert finetune.unfreeze_top(bn_extractor, 1) == ["conv"]
+    assert not bn_extractor.get_layer("bn").trainable
+
+
+def test_fine_tuning_more_layers_than_the_backbone_has_is_refused_before_any_spark_job(models_uri):
+    assert validation.backbone_problems("tiny", models_uri, [0, 2]) == []
+    problems = validation.backbone_problems("tiny", models_uri, [0, 1, 3, 5])
+    assert problems == ["fine_tune_layers: backbone 'tiny' has 2 layers with weights below its features, fewer than [3, 5]; give at most 2"]
+
+
+def weighted_pairs(composed, photos: dict) -> tuple[list, list]:
+    """The weighted layers below the features of a composed model and of the registered backbone it came from, bottom to top."""
+    from sparktf import finetune
+
+    backbone = registry.load_version_model(registry.resolve(photos["models_uri"], "photo-backbone", 1))
+    extractor = composed.get_layer(f"{backbone.name}_features")
+    return finetune.weighted_layers(extractor), finetune.weighted_layers(backbones.feature_extractor(backbone))
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(spark, photos):
+    from sparktf import storage
+    from sparktf.jobs import tune
+
+    out = photos["root"] + "/run-fine-tune/tuning/"
+    args = head_tune_args(photos, out)
+    args.hidden_units, args.l2_weights, args.fine_tune_layers = [8], [0.0], [0, 1]
+    result = tune.run(spark, args)
+    return out, result, storage.read_json(out + "results.json")
+
+
+def test_a_fine_tuning_trial_trains_the_top_layer_through_the_backbone_on_the_images(photos, fine_tuned):
+    from sparktf import dataset
+
+    _out, result, results = fine_tuned
+    assert (result["trials"], result["succeeded"]) == (2, 2)
+    assert results["data_transfer"] == "features_and_images"
+    by_layers = {t["params"]["fine_tune_layers"]: t for t in results["trials"]}
+    frozen, tuned = by_layers[0], by_layers[1]
+    assert "fine_tune" not in frozen
+    assert not frozen.get("takes_pixels")
+    assert tuned["takes_pixels"]
+    assert tuned["fine_tune"]["layers"] == ["hidden"]
+    assert tuned["fine_tune"]["learning_rate"] == pytest.approx(0.05 * 0.1)
+    assert tuned["epochs_run"] == frozen["epochs_run"] + tuned["fine_tune"]["epochs_run"]  # same head phase, then the images
+    assert tuned["fine_tune"]["val_accuracy_head"] == pytest.approx(frozen["val_accuracy"], abs=1e-6)
+
+    model = registry.load_verified_model(tuned["model_uri"], tuned["model_sha256"])
+    assert model.inputs[0].dtype == "uint8"
+    (conv, hidden), (backbone_conv, backbone_hidden) = weighted_pairs(model, photos)
+    # The conv layer was frozen: the backbone's weights. The top one trained unless fine-tuning was worse (then all kept).
+    np.testing.assert_array_equal(conv.get_weights()[0], backbone_conv.get_weights()[0])
+    hidden_moved = not np.array_equal(hidden.get_weights()[0], backbone_hidden.get_weights()[0])
+    assert hidden_moved == (tuned["fine_tune"]["kept"] == "fine_tuned")
+    x_val, y_val = dataset.read_split(photos["prepared_uri"], "validation")
+    accuracy = float(np.mean(np.argmax(np.asarray(model(x_val, training=False)), axis=1) == y_val))
+    assert accuracy == pytest.approx(tuned["val_accuracy"], abs=1e-6)  # the record's metrics are the saved model's, on the images
+
+
+def test_a_fine_tuned_trial_is_exported_as_it_was_trained(photos, fine_tuned):
+    from sparktf import backbones as backbones_module
+    from sparktf import dataset
+
+    _out, _result, results = fine_tuned
+    tuned = next(t for t in results["trials"] if t["params"]["fine_tune_layers"] == 1)
+    metadata = {"label_names": sorted(CLASSES), "source_run": "fine-tune", "trial_id": tuned["trial_id"]}
+    version = backbones_module.export_transfer(photos["models_uri"], "fine-tuned-photos", tuned, results, metadata)
+    expected_layers = ["hidden"] if tuned["fine_tune"]["kept"] == "fine_tuned" else []
+    assert version["fine_tuned_layers"] == expected_layers
+    served = registry.load_version_model(version)
+    trained = registry.load_verified_model(tuned["model_uri"], tuned["model_sha256"])
+    x_test, _y = dataset.read_split(photos["prepared_uri"], "test")
+    np.testing.assert_allclose(np.asarray(served(x_test, training=False)), np.asarray(trained(x_test, training=False)), rtol=1e-6, atol=1e-7)
+
+
+def test_fine_tuning_that_diverges_keeps_the_frozen_weights(photos):
+    import keras
+
+    from sparktf import dataset, finetune, models, trials
+
+    data = {
+        "images": dataset.load_arrays(photos["prepared_uri"]),
+        "backbone": {k: registry.resolve(photos["models_uri"], "photo-backbone", 1)[k] for k in ("model_uri", "model_sha256")},
+    }
+    head = models.build_head((12,), len(CLASSES), hidden_units=0)
+    record = {"params": {"learning_rate": 1e9, "batch_size": 8, "fine_tune_layers": 2, "optimizer": "sgd"}, "max_epochs": 2, "epochs_run": 1}
+    frozen = {"val_accuracy": 0.5, "val_loss": 1.0}
+    keras.utils.set_random_seed(0)
+    model, metrics = finetune.fine_tune(head, data, record, frozen=frozen, callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert record["fine_tune"]["kept"] == "frozen"
+    assert record["fine_tune"]["val_accuracy_fine_tuned"] is None or record["fine_tune"]["val_accuracy_fine_tuned"] <= metrics["val_accuracy"]
+    assert metrics == trials.evaluate(model, data["images"])  # the composed frozen model's own metrics on the images
+    for trained, registered in zip(*weighted_pairs(model, photos), strict=True):
+        np.testing.assert_array_equal(trained.get_weights()[0], registered.get_weights()[0])

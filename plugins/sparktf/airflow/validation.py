@@ -8,7 +8,7 @@ checks that need the object store take its lookups as arguments (``has_objects``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sparktf import knobs
@@ -79,9 +79,10 @@ def dataset_problems(dataset_uri: str, has_objects: Callable[[str], bool]) -> li
     ]
 
 
-def backbone_problems(backbone: str, models_uri: str) -> list[str]:
+def backbone_problems(backbone: str, models_uri: str, fine_tune_layers: Sequence[int] = ()) -> list[str]:
     """A ``backbone`` that does not exist, has no usable feature layer or takes an input the data
-    cannot give (checked after :func:`tuning_problems` passed; loads it, sha256-checked, in safe mode).
+    cannot give, or ``fine_tune_layers`` beyond the layers it has (checked after :func:`tuning_problems`
+    passed; loads it, sha256-checked, in safe mode).
 
     Storage errors raise as they are: they are no verdict on the backbone (the task retries).
     """
@@ -90,9 +91,15 @@ def backbone_problems(backbone: str, models_uri: str) -> list[str]:
     from sparktf import backbones
 
     try:
-        backbones.check_backbone(models_uri, backbone)
+        found = backbones.check_backbone(models_uri, backbone)
     except backbones.BackboneRefused as refused:
         return [f"backbone {backbone!r}: {refused}"]
+    too_many = sorted(n for n in fine_tune_layers if n > found["fine_tunable_layers"])
+    if too_many:
+        return [
+            f"fine_tune_layers: backbone {backbone!r} has {found['fine_tunable_layers']} layers with weights below its features, "
+            f"fewer than {too_many}; give at most {found['fine_tunable_layers']}"
+        ]
     return []
 
 

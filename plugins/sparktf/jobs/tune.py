@@ -231,7 +231,8 @@ def train_trials(spark, args: argparse.Namespace, trial_list: list[dict], *, dat
 def run(spark, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     manifest = dataset.read_manifest(args.prepared_uri)
-    transfer = features.prepare_transfer(spark, args, manifest)  # with --backbone: features computed (or reused), heads trained on them
+    # With --backbone: features computed (or reused), heads trained on them (and the images shipped too when a trial fine-tunes).
+    transfer = features.prepare_transfer(spark, args, manifest, ship_images=lambda: ship_data(spark, args, manifest))
     space = search_space(args)
     fixed = {"optimizer": args.optimizer, "augment": args.augment}
     fingerprint = trial_fingerprint(args, manifest)
