@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dropouts", default="0.0,0.5", help="head grid: dropout rates")
     p.add_argument("--head-l2-weights", default="0.0", help="head grid: L2 weights")
     p.add_argument("--head-batch-sizes", default="64", help="head grid: batch sizes")
+    p.add_argument(
+        "--head-fine-tune-layers", default="0", help="head grid: backbone layers fine-tuned after the head (0 = frozen; > 0 trains on the images)"
+    )
     p.add_argument("--head-epochs", type=int, default=30, help="head grid: maximum epochs")
     p.add_argument("--head-patience", type=int, default=5, help="head grid: early-stopping patience")
     p.add_argument("--scratch-epochs", type=int, default=12, help="from scratch: maximum epochs")
@@ -153,7 +156,8 @@ def labels_per_class(labels, per_class: int | None, seed: int):
 def grid_size(opts: argparse.Namespace) -> int:
     """How many head configurations the grid has (the product of the head dimensions)."""
     size = 1
-    for values in (opts.head_learning_rates, opts.head_hidden_units, opts.head_dropouts, opts.head_l2_weights, opts.head_batch_sizes):
+    dimensions = (opts.head_learning_rates, opts.head_hidden_units, opts.head_dropouts, opts.head_l2_weights, opts.head_batch_sizes)
+    for values in (*dimensions, opts.head_fine_tune_layers):
         size *= len([v for v in values.split(",") if v.strip()])
     return size
 
@@ -291,7 +295,7 @@ def head_args(opts: argparse.Namespace, prepared_uri: str, base: str, budget: st
     where = ["--prepared-uri", prepared_uri, "--output-uri", f"{base}/target-{budget}/heads/", "--features-uri", f"{base}/features/"]
     what = ["--backbone", backbone, "--models-uri", f"{base}/models/", "--optimizer", "adam", "--seed", str(opts.seed)]
     grid = ["--learning-rates", opts.head_learning_rates, "--hidden-units", opts.head_hidden_units, "--dropouts", opts.head_dropouts]
-    grid += ["--l2-weights", opts.head_l2_weights, "--batch-sizes", opts.head_batch_sizes]
+    grid += ["--l2-weights", opts.head_l2_weights, "--batch-sizes", opts.head_batch_sizes, "--fine-tune-layers", opts.head_fine_tune_layers]
     return tune.parse_args([*where, *what, *grid, "--epochs", str(opts.head_epochs), "--patience", str(opts.head_patience)])
 
 
