@@ -106,15 +106,15 @@ def test_model_builders_refuse_a_hyperparameter_they_do_not_use():
 
 def test_every_family_takes_every_hyperparameter_the_tune_job_passes():
     from sparktf import knobs
-    from sparktf.models import MODEL_FAMILIES, build_model
+    from sparktf.models import MODEL_FAMILIES, build_model, model_hyperparameters
 
     # "head" is no choice of the form: a backbone run's trials are heads (sparktf.features).
     assert set(knobs.BY_NAME["model_family"].choices) | {"head"} == set(MODEL_FAMILIES)
     trial = {dimension: knob.default[0] for dimension, knob in knobs.search_dimensions().items()}
-    hyper = {k: v for k, v in trial.items() if k != "batch_size"}  # batch size goes to fit(), not the builder
+    hyper = model_hyperparameters(trial)  # as the trials build: batch size goes to fit(), not the builder
     for family in knobs.BY_NAME["model_family"].choices:
         model = build_model(family, (28, 28, 1), 10, optimizer="adam", augment=0.1, **hyper)
         assert model.output_shape == (None, 10), family
     head_space = knobs.search_space({**knobs.defaults(), "backbone": "b"})
-    head_hyper = {k: v[0] for k, v in head_space.items() if k != "batch_size"}
+    head_hyper = model_hyperparameters({k: v[0] for k, v in head_space.items()})  # fine_tune_layers is the trial's phase, not the head's
     assert build_model("head", (12,), 10, optimizer="adam", augment=0.0, **head_hyper).output_shape == (None, 10)
