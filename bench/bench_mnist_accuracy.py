@@ -93,15 +93,16 @@ def seed_args(
     prepared_uri: str,
     output_uri: str,
     *,
-    learning_rates: str,
-    hidden_units: str,
-    augment: float,
     epochs: int,
     patience: int,
     seed: int,
+    learning_rates: str = "0.001",
+    hidden_units: str = "1024",
+    augment: float = 0.0,
     lr_decay_patience: int = 0,
 ) -> argparse.Namespace:
-    """The tune job's arguments for the reference network (mnist_cnn, dropout 0.5, batch 128, adam)."""
+    """The tune job's arguments for the reference network (mnist_cnn, dropout 0.5, batch 128, adam);
+    by default its own configuration (learning rate 1e-3, 1024 hidden units, no augmentation)."""
     from sparktf.jobs import tune
 
     return tune.parse_args(
@@ -148,9 +149,6 @@ def job_arguments(opts: argparse.Namespace, prepared_uri: str, base: str) -> dic
         "default": lambda: seed_args(
             prepared_uri,
             f"{base}/default/",
-            learning_rates="0.001",
-            hidden_units="1024",
-            augment=0.0,
             epochs=opts.default_epochs,
             patience=opts.default_patience,
             seed=opts.seed,

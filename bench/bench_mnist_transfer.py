@@ -264,9 +264,6 @@ def train_backbone(spark, opts: argparse.Namespace, arrays, base: str) -> dict[s
     source_args = bench_mnist_accuracy.seed_args(
         prepared["prepared_uri"],
         f"{base}/source/tuning/",
-        learning_rates="0.001",
-        hidden_units="1024",
-        augment=0.0,
         epochs=opts.source_epochs,
         patience=opts.source_epochs,
         seed=opts.seed,
@@ -343,9 +340,6 @@ def run_budget(spark, opts: argparse.Namespace, arrays, base: str, per_class: in
         bench_mnist_accuracy.seed_args(
             prepared["prepared_uri"],
             f"{base}/target-{budget}/scratch/",
-            learning_rates="0.001",
-            hidden_units="1024",
-            augment=0.0,
             epochs=opts.scratch_epochs,
             patience=opts.scratch_patience,
             seed=opts.seed,
