@@ -17,12 +17,28 @@ efficiency = T1 / (2 * T2) (goal >= 0.9) and overhead = T1 / T_loop - 1 (goal <=
 each trial's ``train_seconds``. Nothing is asserted: timings on a shared machine are noisy, so
 run it more than once and read the load average it prints.
 
+With ``--search-strategy halving`` the tune job runs successive halving instead
+(``--halving-min-epochs``, ``--halving-factor``, rungs up to ``--epochs``): ``--trials``
+configurations (default 9) whose learning rates are spread geometrically over
+:data:`HALVING_LEARNING_RATES` (1e-4 to 1e-2, the ends included; everything else as above), so
+the first rungs rank them clearly and promotion means something. Only ``spark1`` and ``spark2``
+run: the plain loop has no halving counterpart, so ``T_loop`` and the overhead are "n/a". Per
+variant it prints T, the trial-epochs trained and the slot utilisation (busy slot-seconds over
+available) from the job's ``halving`` statistics, and where the time outside the trials' timers
+goes: outside the rung steps (manifest, broadcast, figure, results), inside the step tasks but
+outside their train timer (TensorFlow import, rung records; the timer covers checkpoint load,
+fit, evaluation and checkpoint save) and idle slots (Spark's job submission per step, a slot
+waiting for a rung to rank, the last rung's single configuration).
+Efficiency T1 / (2 * T2) is only comparable when both variants trained the same trial-epochs (it
+says so when they did not).
+
 Usage (from the repository root, with the project's venv active: ``source scripts/env.sh``)::
 
     python bench/bench_tuning_scaling.py                 # 4 trials, 6,000 images, 2 epochs
     python bench/bench_tuning_scaling.py --repeats 2     # two rounds in one run
     python bench/bench_tuning_scaling.py --json-out bench-results/scaling.json
     python bench/bench_tuning_scaling.py --train-images 1000 --epochs 1 --hidden-units 64  # smoke
+    python bench/bench_tuning_scaling.py --search-strategy halving --epochs 6   # 9 configurations, rungs 1, 3, 6
 """
 
 from __future__ import annotations
@@ -40,11 +56,18 @@ from sparktf_dev import testing
 
 VALIDATION_FRACTION = 0.1
 BUCKET = "sparktf-bench-scaling"
+DEFAULT_TRIALS = {"grid": 4, "halving": 9}
+HALVING_LEARNING_RATES = (1e-4, 1e-2)  # lowest and highest learning rate of the halving configurations
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=4, help="number of equal trials (an even number)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="grid: number of equal trials (an even number, default 4); halving: number of configurations (>= the factor, default 9)",
+    )
     p.add_argument("--train-images", type=int, default=6000, help="training images per trial (after the split)")
     p.add_argument("--test-images", type=int, default=1000, help="test images (from t10k)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (fixed: patience = epochs)")
@@ -53,21 +76,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="rounds of (loop, local[1], local[2])")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json-out", default=None, help="also write every measurement to this JSON file")
+    p.add_argument(
+        "--search-strategy", choices=("grid", "halving"), default="grid", help="the tune job's search: grid (equal trials) or halving (see above)"
+    )
+    p.add_argument("--halving-min-epochs", type=int, default=1, help="halving: the first rung in epochs")
+    p.add_argument("--halving-factor", type=int, default=3, help="halving: only the best 1/factor continue at each rung")
     # Internal: one step in a fresh interpreter.
     p.add_argument("--worker", choices=("prepare", "loop", "spark"), help=argparse.SUPPRESS)
     p.add_argument("--slots", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--input-uri", help=argparse.SUPPRESS)
     p.add_argument("--prepared-uri", help=argparse.SUPPRESS)
     p.add_argument("--output-uri", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    if opts.trials is None:
+        opts.trials = DEFAULT_TRIALS[opts.search_strategy]
+    return opts
+
+
+def option_problems(opts: argparse.Namespace) -> list[str]:
+    """Why these options cannot be benchmarked (empty if fine): checked before anything starts."""
+    from sparktf import halving
+
+    if opts.search_strategy == "grid":
+        return ["--trials must be even (equal work on 2 slots)"] if opts.trials % 2 else []
+    problems = halving.settings_problems(opts.halving_min_epochs, opts.halving_factor, opts.epochs)
+    if opts.trials < opts.halving_factor:
+        problems.append(f"--trials ({opts.trials}) must be at least --halving-factor ({opts.halving_factor}), or no configuration is ever promoted")
+    return problems
+
+
+def learning_rates(opts: argparse.Namespace) -> str:
+    """The trials' learning rates as the tune job takes them.
+
+    grid: 1e-3, 1.1e-3, ... (same cost, close results); halving: geometric from the low to the
+    high end of :data:`HALVING_LEARNING_RATES`, so the rungs rank them and cut the poor ones.
+    """
+    if opts.search_strategy == "grid":
+        return ",".join(f"{0.001 * (1 + 0.1 * i):.5f}" for i in range(opts.trials))
+    low, high = HALVING_LEARNING_RATES
+    steps = max(1, opts.trials - 1)
+    return ",".join(f"{low * (high / low) ** (i / steps):.6g}" for i in range(opts.trials))
 
 
 def tune_args(opts: argparse.Namespace, output_uri: str) -> argparse.Namespace:
-    """The tune job's arguments for the equal trials: learning rates 1e-3, 1.1e-3, ... (same cost),
+    """The tune job's arguments for the trials: learning rates from :func:`learning_rates`,
     constant during training (the job's default halves it on a plateau: switched off here)."""
     from sparktf.jobs import tune
 
-    rates = ",".join(f"{0.001 * (1 + 0.1 * i):.5f}" for i in range(opts.trials))
+    rates = learning_rates(opts)
     return tune.parse_args(
         [
             "--prepared-uri",
@@ -96,8 +152,16 @@ def tune_args(opts: argparse.Namespace, output_uri: str) -> argparse.Namespace:
             "0",
             "--seed",
             str(opts.seed),
+            *halving_argv(opts),
         ]
     )
+
+
+def halving_argv(opts: argparse.Namespace) -> list[str]:
+    """The halving flags, for the tune job and for the workers (none in grid mode: its command lines stay as they were)."""
+    if opts.search_strategy == "grid":
+        return []
+    return ["--search-strategy", "halving", "--halving-min-epochs", str(opts.halving_min_epochs), "--halving-factor", str(opts.halving_factor)]
 
 
 def params_key(params: dict) -> str:
@@ -199,13 +263,16 @@ def worker_spark(opts) -> dict:
         records = storage.read_json(result["results_uri"])["trials"]
     finally:
         spark.stop()
-    return {
+    out = {
         "variant": f"local[{opts.slots}]",
         "seconds": seconds,
         "session_startup_seconds": startup,
         "trials": trial_rows(records),
         "executors": result["executors"],
     }
+    if "halving" in result:
+        out["halving"] = result["halving"]  # trial-epochs, slot utilisation, the steps' wall time
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,13 +293,19 @@ def common_argv(opts) -> list[str]:
         str(opts.batch_size),
         "--seed",
         str(opts.seed),
+        *halving_argv(opts),
     ]
+
+
+def round_steps(strategy: str) -> list[tuple[str, list[str]]]:
+    """The variants of one round and their worker flags: halving has no plain-loop counterpart, so no ``loop``."""
+    steps = [("loop", ["--worker", "loop"]), ("spark1", ["--worker", "spark", "--slots", "1"]), ("spark2", ["--worker", "spark", "--slots", "2"])]
+    return steps if strategy == "grid" else steps[1:]
 
 
 def run_round(opts, prepared_uri: str, base: str, index: int) -> dict:
     results = {}
-    steps = [("loop", ["--worker", "loop"]), ("spark1", ["--worker", "spark", "--slots", "1"]), ("spark2", ["--worker", "spark", "--slots", "2"])]
-    for name, extra in steps:
+    for name, extra in round_steps(opts.search_strategy):
         load_before = _harness.load_average()
         argv = common_argv(opts) + extra + ["--prepared-uri", prepared_uri, "--output-uri", f"{base}/round{index}/{name}/"]
         results[name] = _harness.run_worker(argv, log_path=_harness.log_file(f"scaling-{os.getpid()}-r{index}-{name}"))
@@ -248,23 +321,25 @@ def run_round(opts, prepared_uri: str, base: str, index: int) -> dict:
 VARIANTS = ("loop", "spark1", "spark2")
 
 
-def matched_trials(res: dict) -> dict[str, dict]:
-    """Each trial's ``train_seconds`` in every variant, matched by hyperparameters (:func:`params_key`).
+def matched_trials(res: dict, variants: tuple[str, ...] = VARIANTS, field: str = "train_seconds") -> dict[str, dict]:
+    """Each trial's ``field`` in every variant, matched by hyperparameters (:func:`params_key`).
 
     Returns:
-        ``params_key -> {"learning_rate", "loop", "spark1", "spark2"}`` in the loop's trial order.
+        ``params_key -> {"learning_rate", <variant>: value, ...}`` in the first variant's trial order.
 
     Raises:
-        ValueError: when a variant lacks a trial of the loop, or has one the loop lacks (the
+        ValueError: when a variant lacks a trial of the first, or has one the first lacks (the
             variants did not run the same trials: nothing to compare).
     """
-    by_key = {name: {t["params_key"]: t for t in res[name]["trials"]} for name in VARIANTS}
-    for name in VARIANTS[1:]:
-        if set(by_key[name]) != set(by_key["loop"]):
-            raise ValueError(f"{name} ran other trials than the loop: {sorted(set(by_key[name]) ^ set(by_key['loop']))}")
+    first = variants[0]
+    by_key = {name: {t["params_key"]: t for t in res[name]["trials"]} for name in variants}
+    for name in variants[1:]:
+        if set(by_key[name]) != set(by_key[first]):
+            what = "the loop" if first == "loop" else first
+            raise ValueError(f"{name} ran other trials than {what}: {sorted(set(by_key[name]) ^ set(by_key[first]))}")
     return {
-        key: {"learning_rate": trial["learning_rate"], **{name: by_key[name][key]["train_seconds"] for name in VARIANTS}}
-        for key, trial in by_key["loop"].items()
+        key: {"learning_rate": trial["learning_rate"], **{name: by_key[name][key][field] for name in variants}}
+        for key, trial in by_key[first].items()
     }
 
 
@@ -306,21 +381,122 @@ def report_round(index: int, res: dict) -> dict:
     return {"t_loop": t_loop, "t1": t1, "t2": t2, "efficiency": efficiency, "overhead": overhead, "raw": res}
 
 
+HALVING_VARIANTS = ("spark1", "spark2")
+
+
+def halving_time_split(r: dict) -> dict[str, float]:
+    """Where one halving variant's T goes, in seconds of wall time (they add up to T).
+
+    ``outside_steps``: before and after the rung steps (manifest, data broadcast, figure, results);
+    then the steps' wall time split by slot-seconds over the slots: ``training`` (the steps' train
+    timer: checkpoint load, fit, evaluate, checkpoint save), ``in_tasks_outside_training`` (TensorFlow
+    import, rung records) and ``idle_slots`` (Spark's job submission per step, a slot with nothing
+    promotable yet, the last rung's single configuration).
+    """
+    stats = r["halving"]
+    slots, wall = stats["slots"], stats["steps_wall_seconds"]
+    train = sum(t["train_seconds"] for t in r["trials"])
+    busy = (stats["slot_utilisation"] or 0.0) * slots * wall
+    return {
+        "outside_steps": r["seconds"] - wall,
+        "training": train / slots,
+        "in_tasks_outside_training": (busy - train) / slots,
+        "idle_slots": (slots * wall - busy) / slots,
+    }
+
+
+def print_halving_variant(name: str, r: dict) -> None:
+    stats, split = r["halving"], halving_time_split(r)
+    available = stats["slots"] * stats["steps_wall_seconds"]
+    print(
+        f"  T{name[-1]}     = {r['seconds']:7.1f} s  ({r['variant']}; sum of train_seconds "
+        f"{sum(t['train_seconds'] for t in r['trials']):.1f} s; SparkSession start-up "
+        f"{r['session_startup_seconds']:.1f} s, not included; Python workers {sorted({t['pid'] for t in r['trials']})})"
+    )
+    print(
+        f"           trial-epochs {stats['trial_epochs']} in {stats['rung_steps']} rung steps; slot utilisation "
+        f"{stats['slot_utilisation']} ({(stats['slot_utilisation'] or 0.0) * available:.1f} busy slot-s of {available:.1f} available)"
+    )
+    print(
+        f"           time outside the steps' train timer: outside the rung steps (manifest, data broadcast, figure, results) "
+        f"{split['outside_steps']:.1f} s, in the step tasks outside training (TF import, rung records) ~{split['in_tasks_outside_training']:.1f} s, "
+        f"idle slots (job submission per step, waiting on a rung) ~{split['idle_slots']:.1f} s; training ~{split['training']:.1f} s"
+    )
+
+
+def report_halving_round(index: int, res: dict) -> dict:
+    """:func:`report_round` for ``--search-strategy halving``: spark1 and spark2 only (no plain loop, no overhead)."""
+    t1, t2 = res["spark1"]["seconds"], res["spark2"]["seconds"]
+    efficiency = t1 / (2 * t2)
+    stats = {name: res[name]["halving"] for name in HALVING_VARIANTS}
+    print(f"\nround {index} (halving: rungs {stats['spark1']['rungs']} epochs, factor {stats['spark1']['factor']}):")
+    print("  T_loop = n/a      (halving has no plain-loop counterpart: not run)")
+    for name in HALVING_VARIANTS:
+        print_halving_variant(name, res[name])
+    print(f"  efficiency = T1 / (2*T2) = {efficiency:.3f}   (goal >= 0.9)")
+    print("  overhead   = n/a   (no plain loop)")
+    if stats["spark1"]["trial_epochs"] != stats["spark2"]["trial_epochs"]:
+        print(
+            f"  NOTE: local[1] trained {stats['spark1']['trial_epochs']} trial-epochs, local[2] {stats['spark2']['trial_epochs']}: "
+            "the rungs promoted differently, so the efficiency compares unequal work"
+        )
+    epochs = matched_trials(res, HALVING_VARIANTS, "epochs_run")
+    seconds = matched_trials(res, HALVING_VARIANTS)
+    print("  per-configuration epochs reached and train_seconds:")
+    print("    | learning rate | epochs local[1] | epochs local[2] | local[1] s | local[2] s |")
+    print("    |---|---|---|---|---|")
+    for key, row in epochs.items():
+        print(f"    | {row['learning_rate']:g} | {row['spark1']} | {row['spark2']} | {seconds[key]['spark1']:.1f} | {seconds[key]['spark2']:.1f} |")
+    statuses = {t["status"] for name in HALVING_VARIANTS for t in res[name]["trials"]}
+    print(f"    trial statuses {sorted(statuses)}")
+    return {
+        "t_loop": None,
+        "t1": t1,
+        "t2": t2,
+        "efficiency": efficiency,
+        "overhead": None,
+        **{f"utilisation{name[-1]}": stats[name]["slot_utilisation"] for name in HALVING_VARIANTS},
+        **{f"trial_epochs{name[-1]}": stats[name]["trial_epochs"] for name in HALVING_VARIANTS},
+        "raw": res,
+    }
+
+
+def summary_keys(strategy: str) -> tuple[str, ...]:
+    """The figures the "all rounds" table shows (halving has no ``t_loop`` or overhead)."""
+    return ("t_loop", "t1", "t2", "efficiency", "overhead") if strategy == "grid" else ("t1", "t2", "efficiency", "utilisation1", "utilisation2")
+
+
+def print_header(opts) -> None:
+    print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}", flush=True)
+    if opts.search_strategy == "grid":
+        print(
+            f"trials: {opts.trials} x mnist_cnn (hidden {opts.hidden_units}, batch {opts.batch_size}, "
+            f"{opts.epochs} epochs, patience {opts.epochs}: no early stop), ~{opts.train_images} training images",
+            flush=True,
+        )
+        return
+    from sparktf import halving
+
+    print(
+        f"halving: {opts.trials} configurations of mnist_cnn (hidden {opts.hidden_units}, batch {opts.batch_size}, learning rates "
+        f"{learning_rates(opts)}), rungs {halving.rung_epochs(opts.halving_min_epochs, opts.halving_factor, opts.epochs)} epochs, "
+        f"factor {opts.halving_factor}, ~{opts.train_images} training images; no plain loop",
+        flush=True,
+    )
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     if opts.worker:
         handler = {"prepare": worker_prepare, "loop": worker_loop, "spark": worker_spark}[opts.worker]
         _harness.emit_result(handler(opts))
         return 0
-    if opts.trials % 2:
-        sys.exit("--trials must be even (equal work on 2 slots)")
+    problems = option_problems(opts)
+    if problems:
+        sys.exit("; ".join(problems))
     started = time.perf_counter()
-    print(f"machine: {_harness.machine()}; load average at start: {_harness.load_average()}", flush=True)
-    print(
-        f"trials: {opts.trials} x mnist_cnn (hidden {opts.hidden_units}, batch {opts.batch_size}, "
-        f"{opts.epochs} epochs, patience {opts.epochs}: no early stop), ~{opts.train_images} training images",
-        flush=True,
-    )
+    print_header(opts)
+    report = report_round if opts.search_strategy == "grid" else report_halving_round
     summaries = []
     mnist = testing.read_mnist(_harness.check_mnist())
     with testing.S3Server(log_path=_harness.log_file("scaling-moto")):
@@ -337,10 +513,10 @@ def main(argv=None) -> int:
         )
         print(f"prepared: {prepared['counts']}", flush=True)
         for index in range(1, opts.repeats + 1):
-            summaries.append(report_round(index, run_round(opts, prepared["prepared_uri"], base, index)))
+            summaries.append(report(index, run_round(opts, prepared["prepared_uri"], base, index)))
     if len(summaries) > 1:
         print("\nall rounds:")
-        for key in ("t_loop", "t1", "t2", "efficiency", "overhead"):
+        for key in summary_keys(opts.search_strategy):
             values = [s[key] for s in summaries]
             print(f"  {key:10s} " + "  ".join(f"{v:.3f}" for v in values) + f"   median {statistics.median(values):.3f}")
     if opts.json_out:
