@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from sparktf_dev.testing import ROOT
 
 
-def test_benchmark_json_records_the_commit_and_the_package_versions(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import _harness
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+def test_benchmark_json_records_the_commit_and_the_package_versions(tmp_path, bench_module):
+    _harness = bench_module("_harness")
     out = tmp_path / "nested" / "result.json"
     _harness.write_json(out, {"speedup": 1.9})
     written = json.loads(out.read_text())

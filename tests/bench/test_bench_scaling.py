@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-
-from sparktf_dev.testing import ROOT
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_tuning_scaling
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return bench_tuning_scaling
+def bench(bench_module):
+    return bench_module("bench_tuning_scaling")
 
 
 def _records(prefix: str, seconds: list[float]) -> list[dict]:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
-from sparktf_dev.testing import ROOT
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_mnist_transfer
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return bench_mnist_transfer
+def bench(bench_module):
+    return bench_module("bench_mnist_transfer")
 
 
 def test_budgets_parse_and_refuse_what_is_not_a_count(bench):
