@@ -11,8 +11,8 @@ in every epoch: minutes per trial where a frozen head takes seconds.
 
 Fine-tuning never makes a trial worse as trials are ranked: when the fine-tuned model does not
 beat the composed frozen one on the validation images (accuracy, then loss; :func:`improves`) or
-diverges, the frozen weights are kept and the record says so. Either way the trial's saved model is the composed one (``takes_pixels``
-in the record), which the export registers as it is.
+diverges, the frozen weights are kept and the record says so. Either way the trial's saved model
+is the composed one (``takes_pixels`` in the record), which the export registers as it is.
 """
 
 from __future__ import annotations
